@@ -1,0 +1,76 @@
+// What a MemoryBudget adds to an allocate+free pair, side by side with the bare
+// phantom device and with a mutex-guarded counter (the way RMM's statistics
+// adaptor counts), in one run. Run through scripts/bench, which writes JSON.
+#include <oomguard/oomguard.hpp>
+#include <oomguard/simulated_devices.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <cstddef>
+#include <mutex>
+
+using namespace oomguard;
+
+namespace {
+
+constexpr std::size_t kBytes = 4096;
+
+// A phantom device with no pointer map: the cheapest honest backend.
+SimulatedDevices& device() {
+    static SimulatedDevices d({{std::size_t{80} << 30}}, SimulatedMemory::phantom, false);
+    return d;
+}
+
+void bare_device(benchmark::State& state) {
+    auto& d = device();
+    for (auto _ : state) {
+        void* p = nullptr;
+        d.allocate(&p, kBytes, 0);
+        benchmark::DoNotOptimize(p);
+        d.deallocate(p, kBytes, 0);
+    }
+}
+
+void with_budget(benchmark::State& state) {
+    static MemoryBudget<SimulatedDevices> budget(device(), 0, Limit::fraction(0.9));
+    for (auto _ : state) {
+        void* p = budget.allocate(kBytes);
+        benchmark::DoNotOptimize(p);
+        budget.deallocate(p, kBytes);
+    }
+}
+
+// The mutex-guarded statistics counter of RMM's statistics_resource_adaptor, in spirit:
+// a lock around current/peak/total on both paths.
+struct MutexCounter {
+    std::mutex m;
+    std::size_t current = 0, peak = 0, total = 0;
+};
+
+void with_mutex_counter(benchmark::State& state) {
+    static MutexCounter c;
+    auto& d = device();
+    for (auto _ : state) {
+        void* p = nullptr;
+        d.allocate(&p, kBytes, 0);
+        {
+            std::lock_guard<std::mutex> lock(c.m);
+            c.current += kBytes;
+            c.total += 1;
+            if (c.current > c.peak) c.peak = c.current;
+        }
+        benchmark::DoNotOptimize(p);
+        d.deallocate(p, kBytes, 0);
+        {
+            std::lock_guard<std::mutex> lock(c.m);
+            c.current -= kBytes;
+        }
+    }
+}
+
+}  // namespace
+
+BENCHMARK(bare_device)->Threads(1)->Threads(2);
+BENCHMARK(with_budget)->Threads(1)->Threads(2);
+BENCHMARK(with_mutex_counter)->Threads(1)->Threads(2);
+BENCHMARK_MAIN();

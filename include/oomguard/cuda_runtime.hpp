@@ -1,0 +1,115 @@
+// CudaRuntime: the backend over cudart. The only oomguard header that includes
+// <cuda_runtime_api.h>; link CUDA::cudart (oomguard::oomguard does).
+#pragma once
+
+#include <oomguard/backend.hpp>
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+namespace oomguard {
+
+/// A backend (see backend.hpp) over the CUDA runtime API. Stateless: copies are
+/// free and all refer to the process's one runtime.
+class CudaRuntime {
+public:
+    static constexpr char const* backend_name = "cuda";
+
+    /// Classifies a cudart code. Sticky errors are the ones after which the
+    /// context is unusable (CUDA programming guide, "Error checking").
+    static status classify(cudaError_t e) noexcept {
+        status s;
+        s.code = static_cast<int>(e);
+        s.name = cudaGetErrorName(e);
+        if (s.name == nullptr) s.name = "cudaErrorUnknown";
+        switch (e) {
+            case cudaSuccess: s.kind = status_kind::ok; break;
+            case cudaErrorMemoryAllocation: s.kind = status_kind::out_of_memory; break;
+            case cudaErrorInsufficientDriver:
+            case cudaErrorNoDevice:
+            case cudaErrorStubLibrary:
+            case cudaErrorInitializationError:
+            case cudaErrorSystemDriverMismatch:
+            case cudaErrorCompatNotSupportedOnDevice:
+            case cudaErrorDevicesUnavailable:
+            case cudaErrorCudartUnloading: s.kind = status_kind::no_device; break;
+            case cudaErrorInvalidValue:
+            case cudaErrorInvalidDevice:
+            case cudaErrorInvalidDevicePointer: s.kind = status_kind::invalid_argument; break;
+            case cudaErrorIllegalAddress:
+            case cudaErrorLaunchTimeout:
+            case cudaErrorContextIsDestroyed:
+            case cudaErrorAssert:
+            case cudaErrorHardwareStackError:
+            case cudaErrorIllegalInstruction:
+            case cudaErrorMisalignedAddress:
+            case cudaErrorInvalidAddressSpace:
+            case cudaErrorInvalidPc:
+            case cudaErrorLaunchFailure:
+            case cudaErrorECCUncorrectable: s.kind = status_kind::sticky; break;
+            default: s.kind = status_kind::other; break;
+        }
+        return s;
+    }
+
+    status allocate(void** out, std::size_t bytes, int device) noexcept {
+        return on_device(device, [&] { return cudaMalloc(out, bytes); });
+    }
+
+    status deallocate(void* p, std::size_t /*bytes*/, int device) noexcept {
+        if (p == nullptr) return status::success();
+        return on_device(device, [&] { return cudaFree(p); });
+    }
+
+    /// Note: cudaMemGetInfo creates a CUDA context on `device` if it has none
+    /// (hundreds of MiB). DeviceSelector reads NVML first to avoid that.
+    status memory_info(int device, std::size_t* free, std::size_t* total) noexcept {
+        return on_device(device, [&] { return cudaMemGetInfo(free, total); });
+    }
+
+    status device_count(int* count) noexcept { return checked(cudaGetDeviceCount(count)); }
+    status current_device(int* device) noexcept { return checked(cudaGetDevice(device)); }
+    status set_device(int device) noexcept { return checked(cudaSetDevice(device)); }
+
+    status synchronize(int device) noexcept {
+        return on_device(device, [] { return cudaDeviceSynchronize(); });
+    }
+
+    /// Returns the unused memory of the device's default pool (cudaMallocAsync)
+    /// to the driver, keeping at most `keep_bytes` reserved.
+    status trim_default_pool(int device, std::size_t keep_bytes) noexcept {
+        return on_device(device, [&] {
+            cudaMemPool_t pool = nullptr;
+            cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, device);
+            return e != cudaSuccess ? e : cudaMemPoolTrimTo(pool, keep_bytes);
+        });
+    }
+
+private:
+    /// A failed call leaves its code as the thread's last error; take it off so a
+    /// recovered OOM is not reported again by an unrelated later check. Sticky
+    /// errors stay: cudart keeps them whatever we do.
+    static status checked(cudaError_t e) noexcept {
+        if (e == cudaSuccess) return status::success();
+        (void)cudaGetLastError();
+        return classify(e);
+    }
+
+    /// Runs `f` with `device` current, restoring the caller's device after.
+    template <class F>
+    static status on_device(int device, F&& f) noexcept {
+        int previous = 0;
+        cudaError_t e = cudaGetDevice(&previous);
+        if (e != cudaSuccess) return checked(e);
+        if (previous != device) {
+            e = cudaSetDevice(device);
+            if (e != cudaSuccess) return checked(e);
+        }
+        e = f();
+        if (previous != device) (void)cudaSetDevice(previous);
+        return checked(e);
+    }
+};
+
+}  // namespace oomguard

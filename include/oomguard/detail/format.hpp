@@ -1,0 +1,77 @@
+// Message building for error paths. Error texts are built with snprintf into a
+// fixed buffer rather than with std::string concatenation: every inline function
+// that concatenates strings instantiates templates in each translation unit that
+// includes oomguard, which cost more compile time than the whole of the core.
+#pragma once
+
+#include <cstddef>
+#include <cstdio>
+#include <cstring>
+#include <string_view>
+
+namespace oomguard {
+namespace detail {
+
+/// "80.00 MiB", "79.35 GiB", "512 B": binary units, two decimals, like PyTorch.
+struct ByteText {
+    char text[32];
+    char const* c_str() const noexcept { return text; }
+};
+
+inline ByteText format_bytes(std::size_t bytes) noexcept {
+    static char const* const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    ByteText t;
+    if (bytes < 1024) {
+        std::snprintf(t.text, sizeof t.text, "%zu B", bytes);
+        return t;
+    }
+    double v = static_cast<double>(bytes);
+    int u = 0;
+    while (v >= 1024.0 && u < 6) {
+        v /= 1024.0;
+        ++u;
+    }
+    std::snprintf(t.text, sizeof t.text, "%.2f %s", v, units[u]);
+    return t;
+}
+
+/// A bounded text builder: `Message() << "device " << 3 << " has " << bytes_of(n)`.
+/// Truncates (with "...") rather than fail: it runs while an error is being reported.
+class Message {
+public:
+    Message& operator<<(std::string_view s) noexcept {
+        std::size_t room = sizeof buf_ - 1 - len_;
+        std::size_t n = s.size() < room ? s.size() : room;
+        std::memcpy(buf_ + len_, s.data(), n);
+        len_ += n;
+        buf_[len_] = '\0';
+        if (n < s.size() && len_ >= 3) std::memcpy(buf_ + len_ - 3, "...", 3);
+        return *this;
+    }
+    Message& operator<<(char const* s) noexcept { return *this << std::string_view(s ? s : "(null)"); }
+    Message& operator<<(char c) noexcept { return *this << std::string_view(&c, 1); }
+    Message& operator<<(ByteText const& b) noexcept { return *this << std::string_view(b.text); }
+    Message& operator<<(int v) noexcept { return printf("%d", v); }
+    Message& operator<<(long v) noexcept { return printf("%ld", v); }
+    Message& operator<<(long long v) noexcept { return printf("%lld", v); }
+    Message& operator<<(unsigned v) noexcept { return printf("%u", v); }
+    Message& operator<<(unsigned long v) noexcept { return printf("%lu", v); }
+    Message& operator<<(unsigned long long v) noexcept { return printf("%llu", v); }
+    Message& operator<<(double v) noexcept { return printf("%g", v); }
+
+    char const* c_str() const noexcept { return buf_; }
+    std::string_view view() const noexcept { return std::string_view(buf_, len_); }
+
+private:
+    template <class T>
+    Message& printf(char const* fmt, T v) noexcept {
+        char tmp[48];
+        int n = std::snprintf(tmp, sizeof tmp, fmt, v);
+        return *this << std::string_view(tmp, n > 0 ? static_cast<std::size_t>(n) : 0);
+    }
+    char buf_[1024] = {};
+    std::size_t len_ = 0;
+};
+
+}  // namespace detail
+}  // namespace oomguard

@@ -1,0 +1,82 @@
+// DeviceBuffer: an owning handle to device memory allocated through a budget.
+#pragma once
+
+#include <oomguard/memory_budget.hpp>
+
+#include <cstddef>
+#include <limits>
+#include <stdexcept>
+
+namespace oomguard {
+
+/// Owns `size()` bytes allocated through a MemoryBudget and frees them on
+/// destruction. Move-only, like std::unique_ptr.
+template <class Backend = default_backend>
+class DeviceBuffer {
+public:
+    DeviceBuffer() noexcept = default;
+
+    /// Allocates `bytes` through `budget`; throws out_of_memory when it does not fit.
+    DeviceBuffer(MemoryBudget<Backend>& budget, std::size_t bytes)
+        : budget_(&budget), data_(budget.allocate(bytes)), size_(bytes) {}
+
+    DeviceBuffer(DeviceBuffer&& o) noexcept : budget_(o.budget_), data_(o.data_), size_(o.size_) {
+        o.data_ = nullptr;
+        o.size_ = 0;
+    }
+    DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+        if (this != &o) {
+            reset();
+            budget_ = o.budget_;
+            data_ = o.data_;
+            size_ = o.size_;
+            o.data_ = nullptr;
+            o.size_ = 0;
+        }
+        return *this;
+    }
+    DeviceBuffer(DeviceBuffer const&) = delete;
+    DeviceBuffer& operator=(DeviceBuffer const&) = delete;
+    ~DeviceBuffer() { reset(); }
+
+    void* data() const noexcept { return data_; }
+    std::size_t size() const noexcept { return size_; }
+    bool empty() const noexcept { return size_ == 0; }
+    MemoryBudget<Backend>* budget() const noexcept { return budget_; }
+
+    /// The memory as an array of T; throws std::invalid_argument when the size
+    /// is not a whole number of T.
+    template <class T>
+    T* as() const {
+        if (size_ % sizeof(T) != 0)
+            detail::throw_invalid(detail::Message() << "oomguard: DeviceBuffer::as: " << size_
+                                                    << " bytes is not a multiple of sizeof(T) = "
+                                                    << sizeof(T));
+        return static_cast<T*>(data_);
+    }
+
+    /// Frees now.
+    void reset() noexcept {
+        if (budget_ != nullptr && data_ != nullptr) budget_->deallocate(data_, size_);
+        data_ = nullptr;
+        size_ = 0;
+    }
+
+private:
+    MemoryBudget<Backend>* budget_ = nullptr;
+    void* data_ = nullptr;
+    std::size_t size_ = 0;
+};
+
+/// A buffer of `count` elements of T; throws std::length_error if the byte size overflows.
+template <class T, class Backend>
+DeviceBuffer<Backend> make_device_buffer(MemoryBudget<Backend>& budget, std::size_t count) {
+    if (count > std::numeric_limits<std::size_t>::max() / sizeof(T))
+        throw std::length_error((detail::Message() << "oomguard: make_device_buffer: " << count
+                                                   << " elements of " << sizeof(T)
+                                                   << " bytes overflow size_t")
+                                    .c_str());
+    return DeviceBuffer<Backend>(budget, count * sizeof(T));
+}
+
+}  // namespace oomguard

@@ -1,0 +1,142 @@
+// Typed errors: `out_of_memory` for a device OOM (the only error oomguard retries)
+// and `cuda_error` for every other device failure.
+#pragma once
+
+#include <oomguard/backend.hpp>
+#include <oomguard/detail/format.hpp>
+
+#include <cstddef>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <stdexcept>
+
+namespace oomguard {
+
+/// Why an allocation was refused.
+enum class oom_source : unsigned char {
+    budget,  ///< a MemoryBudget denied it before the device was asked
+    device   ///< the device (cudaMalloc or the simulator) refused it
+};
+
+/// Every figure of PyTorch's "CUDA out of memory" message, typed.
+/// `unknown` marks a figure the backend could not tell (for example when a
+/// memory query itself failed while the error was being built).
+struct oom_info {
+    static constexpr std::size_t unknown = std::numeric_limits<std::size_t>::max();
+
+    int device = -1;
+    std::size_t requested = 0;          ///< bytes the failed call asked for
+    std::size_t total = unknown;        ///< device capacity
+    std::size_t free = unknown;         ///< device bytes free when it failed
+    std::size_t budget_used = unknown;  ///< bytes held under the budget
+    std::size_t budget_limit = unknown; ///< the budget's cap (unknown: no budget)
+    int code = 2;                       ///< backend code (cudaErrorMemoryAllocation = 2)
+    char const* code_name = "cudaErrorMemoryAllocation";
+    char const* backend = "cuda";
+    oom_source source = oom_source::device;
+};
+
+namespace detail {
+inline Message& figure(Message& m, std::size_t b) {
+    return b == oom_info::unknown ? m << "unknown" : m << format_bytes(b);
+}
+
+inline Message describe(oom_info const& i) noexcept {
+    Message m;
+    m << "oomguard: out of memory: tried to allocate " << format_bytes(i.requested) << " on GPU "
+      << i.device;
+    if (std::strcmp(i.backend, "cuda") != 0) m << " (" << i.backend << ')';
+    m << "; ";
+    figure(m, i.total) << " total, ";
+    figure(m, i.free) << " free";
+    if (i.budget_limit != oom_info::unknown) {
+        m << "; ";
+        figure(m, i.budget_used) << " held under this budget of ";
+        figure(m, i.budget_limit);
+    }
+    if (i.source == oom_source::budget) {
+        m << " (denied by the budget before the device was asked). Advice: lower the batch "
+             "(adaptive_batch does it for you) or raise the budget.";
+    } else {
+        m << " (" << i.code_name
+          << "). Advice: release caches (ScopedCacheRelease), lower the batch, use FP16/BF16 "
+             "buffers, or pick a GPU with more free memory (DeviceSelector).";
+    }
+    return m;
+}
+}  // namespace detail
+
+/// A device out-of-memory error. Derives from std::bad_alloc so code that already
+/// catches allocation failures keeps working.
+class out_of_memory : public std::bad_alloc {
+public:
+    explicit out_of_memory(oom_info info) noexcept : info_(info), what_(detail::describe(info_)) {}
+    /// With a message of the caller's (for example one that lists every attempt).
+    out_of_memory(oom_info info, detail::Message const& message) noexcept
+        : info_(info), what_(message) {}
+
+    char const* what() const noexcept override { return what_.c_str(); }
+    oom_info const& info() const noexcept { return info_; }
+    int device() const noexcept { return info_.device; }
+    std::size_t requested() const noexcept { return info_.requested; }
+
+private:
+    oom_info info_;
+    detail::Message what_;
+};
+
+namespace detail {
+inline Message cuda_error_text(status s, char const* context) noexcept {
+    Message m;
+    m << "oomguard: " << context << ": " << s.name << " (code " << s.code << ", "
+      << to_string(s.kind) << ")";
+    return m;
+}
+inline Message no_device_text(status s, char const* context) noexcept {
+    Message m;
+    m << "oomguard: no usable CUDA device (" << context << ": " << s.name << ", code " << s.code
+      << "); check that the NVIDIA driver is installed, a GPU is present and "
+         "CUDA_VISIBLE_DEVICES does not hide it, or use SimulatedDevices";
+    return m;
+}
+}  // namespace detail
+
+/// Any device failure that is not an out-of-memory: carries the backend's code
+/// and kind. A sticky error (kind() == status_kind::sticky) means the context is
+/// corrupted and nothing on this device can be retried.
+class cuda_error : public std::runtime_error {
+public:
+    cuda_error(status s, char const* context)
+        : std::runtime_error(detail::cuda_error_text(s, context).c_str()), status_(s) {}
+
+    int code() const noexcept { return status_.code; }
+    char const* code_name() const noexcept { return status_.name; }
+    status_kind kind() const noexcept { return status_.kind; }
+    bool is_sticky() const noexcept { return status_.kind == status_kind::sticky; }
+
+protected:
+    cuda_error(status s, detail::Message const& text) : std::runtime_error(text.c_str()), status_(s) {}
+
+private:
+    status status_;
+};
+
+/// No usable CUDA device: no driver, no GPU, or CUDA_VISIBLE_DEVICES hides them all.
+/// Never an out-of-memory.
+class no_device_error : public cuda_error {
+public:
+    no_device_error(status s, char const* context) : cuda_error(s, detail::no_device_text(s, context)) {}
+};
+
+namespace detail {
+/// Turns a failed non-OOM status into its typed exception.
+[[noreturn]] inline void throw_status(status s, char const* context) {
+    if (s.kind == status_kind::no_device) throw no_device_error(s, context);
+    throw cuda_error(s, context);
+}
+/// Throws std::invalid_argument with a built message.
+[[noreturn]] inline void throw_invalid(Message const& m) { throw std::invalid_argument(m.c_str()); }
+}  // namespace detail
+
+}  // namespace oomguard

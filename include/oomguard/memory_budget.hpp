@@ -1,0 +1,378 @@
+// MemoryBudget: a cap on the device memory a program allocates through it,
+// checked before the backend is called, so an over-budget request never reaches
+// cudaMalloc. The PyTorch analogue is set_per_process_memory_fraction.
+#pragma once
+
+#include <oomguard/backend.hpp>
+#include <oomguard/errors.hpp>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+
+#ifndef OOMGUARD_HAS_CUDA
+#if defined(__has_include)
+#if __has_include(<cuda_runtime_api.h>)
+#define OOMGUARD_HAS_CUDA 1
+#endif
+#endif
+#endif
+#ifndef OOMGUARD_HAS_CUDA
+#define OOMGUARD_HAS_CUDA 0
+#endif
+
+namespace oomguard {
+
+class CudaRuntime;
+class SimulatedDevices;
+
+/// The backend a plain `MemoryBudget<>` uses: the real GPU when the CUDA toolkit
+/// is visible to the compiler, the simulator otherwise.
+#if OOMGUARD_HAS_CUDA
+using default_backend = CudaRuntime;
+#else
+using default_backend = SimulatedDevices;
+#endif
+
+/// How a budget's cap is given. Resolved against the device's memory when the
+/// budget is built (or `set_limit` is called).
+class Limit {
+public:
+    enum class kind : unsigned char { bytes, fraction, headroom, unlimited };
+
+    /// At most `n` bytes.
+    static Limit bytes(std::size_t n) { return Limit(kind::bytes, n, 0.0); }
+    /// At most `f` of the device's total memory; `f` must be in (0, 1].
+    static Limit fraction(double f) {
+        if (!(f > 0.0 && f <= 1.0))
+            detail::throw_invalid(detail::Message()
+                                  << "oomguard: Limit::fraction(" << f
+                                  << "): a fraction of device memory must be in (0, 1]");
+        return Limit(kind::fraction, 0, f);
+    }
+    /// Everything free on the device when the budget is built, less `n` bytes
+    /// left for other users (cuBLAS workspaces, other processes, the display).
+    static Limit headroom(std::size_t n) { return Limit(kind::headroom, n, 0.0); }
+    /// No cap: the budget only counts.
+    static Limit unlimited() { return Limit(kind::unlimited, 0, 0.0); }
+
+    kind type() const noexcept { return kind_; }
+    std::size_t amount() const noexcept { return bytes_; }
+    double ratio() const noexcept { return fraction_; }
+
+    /// The cap in bytes for a device with `free` and `total` bytes.
+    std::size_t resolve(std::size_t free, std::size_t total) const {
+        switch (kind_) {
+            case kind::bytes: return bytes_;
+            case kind::unlimited: return std::numeric_limits<std::size_t>::max();
+            case kind::fraction: {
+                // The conversion truncates toward zero: the floor of a positive product.
+                double v = static_cast<double>(total) * fraction_;
+                return v >= static_cast<double>(total) ? total : static_cast<std::size_t>(v);
+            }
+            case kind::headroom:
+                if (bytes_ > free)
+                    detail::throw_invalid(detail::Message()
+                                          << "oomguard: Limit::headroom(" << detail::format_bytes(bytes_)
+                                          << ") is more than the " << detail::format_bytes(free)
+                                          << " free on the device; ask for less headroom");
+                return free - bytes_;
+        }
+        return 0;
+    }
+
+private:
+    Limit(kind k, std::size_t b, double f) : kind_(k), bytes_(b), fraction_(f) {}
+    kind kind_;
+    std::size_t bytes_;
+    double fraction_;
+};
+
+template <class Backend>
+class Reservation;
+
+/// A cap on one device's memory, shared by every thread that allocates through it.
+///
+/// The accounting costs one compare-and-swap on the allocation path and one
+/// fetch-sub on the free path; no lock and no virtual call. Two choices keep it
+/// there:
+///  - A CAS rather than a fetch-add rolled back on overshoot: two concurrent
+///    requests can never deny each other spuriously, so an OOM is only reported
+///    when the cap is really reached (a false OOM would make adaptive_batch
+///    shrink for nothing), and the cap is never exceeded, even for an instant.
+///  - The bytes held (low 48 bits) and the allocation count modulo 2^16 (high 16
+///    bits) share one 64-bit word, so the same CAS counts the allocation; the
+///    rare carry out of the count is added to a second counter. A budget
+///    therefore holds at most 256 TiB, more than any device has.
+///
+/// Neither copyable nor movable: reservations and buffers point to it.
+template <class Backend = default_backend>
+class MemoryBudget {
+    static_assert(sizeof(std::size_t) == 8, "oomguard needs a 64-bit size_t");
+
+public:
+    using backend_type = Backend;
+
+    /// The largest cap a budget can hold (256 TiB); larger limits are clamped to it.
+    static constexpr std::size_t max_limit = (std::size_t{1} << 48) - 1;
+
+    /// A budget on `device` of `backend`. Throws std::invalid_argument for a bad
+    /// device, no_device_error when there is no usable device.
+    MemoryBudget(Backend& backend, int device, Limit limit = Limit::unlimited())
+        : backend_(&backend), device_(device), spec_(limit) {
+        static_assert(is_backend_v<Backend>, "MemoryBudget needs a backend (see backend.hpp)");
+        int count = 0;
+        status s = backend.device_count(&count);
+        if (!s.ok()) detail::throw_status(s, "MemoryBudget: counting devices");
+        if (device < 0 || device >= count)
+            detail::throw_invalid(detail::Message() << "oomguard: MemoryBudget: device " << device
+                                                    << " does not exist; valid ordinals are 0.."
+                                                    << count - 1);
+        set_limit(limit);
+    }
+
+    /// A budget of `limit_bytes` bytes on `device`.
+    MemoryBudget(Backend& backend, int device, std::size_t limit_bytes)
+        : MemoryBudget(backend, device, Limit::bytes(limit_bytes)) {}
+
+    MemoryBudget(MemoryBudget const&) = delete;
+    MemoryBudget& operator=(MemoryBudget const&) = delete;
+
+    /// Allocates `bytes` on the device under the cap. Returns nullptr for 0 bytes.
+    /// Throws out_of_memory (the budget or the device said no; every field filled)
+    /// or cuda_error / no_device_error for any other failure, which it never retries.
+    void* allocate(std::size_t bytes) {
+        if (bytes == 0) return nullptr;
+        if (!take(bytes, count_one)) throw out_of_memory(denial(bytes, oom_source::budget, status{}));
+        void* p = nullptr;
+        status s = backend_->allocate(&p, bytes, device_);
+        if (!s.ok()) {
+            give_back(bytes, count_one);
+            if (s.kind == status_kind::out_of_memory) {
+                device_ooms_.fetch_add(1, std::memory_order_relaxed);
+                throw out_of_memory(denial(bytes, oom_source::device, s));
+            }
+            detail::throw_status(s, (detail::Message() << "MemoryBudget::allocate(" << bytes
+                                                       << " bytes) on device " << device_)
+                                        .c_str());
+        }
+        return p;
+    }
+
+    /// Frees what `allocate(bytes)` returned, then gives the bytes back to the cap.
+    /// Never throws: a failed free (a sticky error) is counted in free_failures()
+    /// and the bytes still leave the budget, since that memory is gone with the context.
+    void deallocate(void* p, std::size_t bytes) noexcept {
+        if (p == nullptr) return;
+        status s = backend_->deallocate(p, bytes, device_);
+        if (!s.ok()) free_failures_.fetch_add(1, std::memory_order_relaxed);
+        release(bytes);
+    }
+
+    /// Takes `bytes` of the cap without allocating (memory a caller obtains some
+    /// other way). False, and a denial counted, when it would exceed the cap.
+    bool try_reserve(std::size_t bytes) noexcept { return take(bytes, 0); }
+
+    /// Like try_reserve, but returns an RAII Reservation or throws out_of_memory.
+    Reservation<Backend> reserve(std::size_t bytes);
+
+    /// Gives back bytes taken by try_reserve.
+    void release(std::size_t bytes) noexcept { word_.fetch_sub(bytes, std::memory_order_relaxed); }
+
+    /// Recomputes the cap from `limit` and the device's memory now. Lowering it
+    /// below what is held is allowed: new requests are denied until enough is freed.
+    void set_limit(Limit limit) {
+        std::size_t cap = std::numeric_limits<std::size_t>::max();
+        if (limit.type() == Limit::kind::fraction || limit.type() == Limit::kind::headroom) {
+            std::size_t free = 0, total = 0;
+            status s = backend_->memory_info(device_, &free, &total);
+            if (!s.ok()) detail::throw_status(s, "MemoryBudget: reading device memory");
+            cap = limit.resolve(free, total);
+        } else {
+            cap = limit.resolve(0, 0);
+        }
+        spec_ = limit;
+        limit_.store(cap < max_limit ? cap : max_limit, std::memory_order_relaxed);
+    }
+
+    std::size_t limit() const noexcept { return limit_.load(std::memory_order_relaxed); }
+    Limit const& limit_spec() const noexcept { return spec_; }
+    std::size_t used() const noexcept { return word_.load(std::memory_order_relaxed) & bytes_mask; }
+    /// Bytes still available under the cap (not what the device has free).
+    std::size_t available() const noexcept {
+        std::size_t l = limit(), u = used();
+        return u >= l ? 0 : l - u;
+    }
+    std::size_t peak() const noexcept { return peak_.load(std::memory_order_relaxed); }
+    /// Successful allocations through allocate().
+    std::size_t allocations() const noexcept {
+        std::uint64_t w = word_.load(std::memory_order_relaxed);
+        return (count_wraps_.load(std::memory_order_relaxed) << count_bits) + (w >> count_shift);
+    }
+    /// Requests the cap refused (allocate and try_reserve).
+    std::size_t denials() const noexcept { return denials_.load(std::memory_order_relaxed); }
+    /// Requests within the cap that the device itself refused.
+    std::size_t device_ooms() const noexcept { return device_ooms_.load(std::memory_order_relaxed); }
+    /// Frees the backend reported as failed (sticky errors).
+    std::size_t free_failures() const noexcept { return free_failures_.load(std::memory_order_relaxed); }
+
+    /// Sets the peak to what is held now and returns the old peak.
+    std::size_t reset_peak() noexcept { return peak_.exchange(used(), std::memory_order_relaxed); }
+    /// Raises the peak to at least `value` (used by PeakScope to restore).
+    void raise_peak(std::size_t value) noexcept {
+        std::size_t pk = peak_.load(std::memory_order_relaxed);
+        while (value > pk && !peak_.compare_exchange_weak(pk, value, std::memory_order_relaxed)) {
+        }
+    }
+
+    Backend& backend() const noexcept { return *backend_; }
+    int device() const noexcept { return device_; }
+
+    /// The oom_info a denial of `bytes` would carry now (also used by integrations
+    /// that must turn another library's failure into a typed out_of_memory).
+    oom_info denial(std::size_t bytes, oom_source source, status s) const noexcept {
+        oom_info i;
+        i.device = device_;
+        i.requested = bytes;
+        i.budget_used = used();
+        i.budget_limit = limit();
+        i.backend = Backend::backend_name;
+        i.source = source;
+        if (source == oom_source::budget) {
+            i.code = 0;
+            i.code_name = "oomguard budget";
+        } else {
+            i.code = s.code;
+            i.code_name = s.name;
+        }
+        std::size_t free = 0, total = 0;
+        if (backend_->memory_info(device_, &free, &total).ok()) {
+            i.free = free;
+            i.total = total;
+        }
+        return i;
+    }
+
+private:
+    static constexpr unsigned count_shift = 48;
+    static constexpr unsigned count_bits = 16;
+    static constexpr std::uint64_t bytes_mask = max_limit;
+    static constexpr std::uint64_t count_one = std::uint64_t{1} << count_shift;
+    static constexpr std::uint64_t count_top = (std::uint64_t{1} << count_bits) - 1;
+
+    bool take(std::size_t bytes, std::uint64_t count) noexcept {
+        std::uint64_t lim = limit_.load(std::memory_order_relaxed);
+        std::uint64_t cur = word_.load(std::memory_order_relaxed);
+        std::uint64_t held = 0;
+        do {
+            held = cur & bytes_mask;
+            // Written so that no sum can wrap, even for requests near SIZE_MAX.
+            if (bytes > lim || held > lim - bytes) {
+                denials_.fetch_add(1, std::memory_order_relaxed);
+                return false;
+            }
+        } while (!word_.compare_exchange_weak(cur, cur + bytes + count, std::memory_order_relaxed));
+        if (count != 0 && (cur >> count_shift) == count_top)
+            count_wraps_.fetch_add(1, std::memory_order_relaxed);  // the count carried out
+        std::uint64_t now = held + bytes;
+        std::size_t pk = peak_.load(std::memory_order_relaxed);
+        while (now > pk && !peak_.compare_exchange_weak(pk, now, std::memory_order_relaxed)) {
+        }
+        return true;
+    }
+
+    void give_back(std::size_t bytes, std::uint64_t count) noexcept {
+        std::uint64_t old = word_.fetch_sub(bytes + count, std::memory_order_relaxed);
+        if (count != 0 && (old >> count_shift) == 0)
+            count_wraps_.fetch_sub(1, std::memory_order_relaxed);  // the count borrowed
+    }
+
+    // The words written on every allocation share a cache line with nothing
+    // written by other budgets; the cold counters follow.
+    alignas(64) std::atomic<std::uint64_t> word_{0};
+    std::atomic<std::size_t> peak_{0};
+    std::atomic<std::size_t> limit_{max_limit};
+    alignas(64) std::atomic<std::uint64_t> count_wraps_{0};
+    std::atomic<std::size_t> denials_{0};
+    std::atomic<std::size_t> device_ooms_{0};
+    std::atomic<std::size_t> free_failures_{0};
+    Backend* backend_;
+    int device_;
+    Limit spec_;
+};
+
+/// RAII hold on part of a budget's cap; released on destruction. Move-only.
+template <class Backend>
+class Reservation {
+public:
+    Reservation() noexcept = default;
+    Reservation(MemoryBudget<Backend>& budget, std::size_t bytes) noexcept
+        : budget_(&budget), bytes_(bytes) {}
+    Reservation(Reservation&& o) noexcept : budget_(o.budget_), bytes_(o.bytes_) {
+        o.budget_ = nullptr;
+        o.bytes_ = 0;
+    }
+    Reservation& operator=(Reservation&& o) noexcept {
+        if (this != &o) {
+            reset();
+            budget_ = o.budget_;
+            bytes_ = o.bytes_;
+            o.budget_ = nullptr;
+            o.bytes_ = 0;
+        }
+        return *this;
+    }
+    Reservation(Reservation const&) = delete;
+    Reservation& operator=(Reservation const&) = delete;
+    ~Reservation() { reset(); }
+
+    std::size_t bytes() const noexcept { return bytes_; }
+    explicit operator bool() const noexcept { return budget_ != nullptr; }
+    /// Gives the bytes back now.
+    void reset() noexcept {
+        if (budget_ != nullptr) budget_->release(bytes_);
+        budget_ = nullptr;
+        bytes_ = 0;
+    }
+
+private:
+    MemoryBudget<Backend>* budget_ = nullptr;
+    std::size_t bytes_ = 0;
+};
+
+template <class Backend>
+Reservation<Backend> MemoryBudget<Backend>::reserve(std::size_t bytes) {
+    if (!try_reserve(bytes)) throw out_of_memory(denial(bytes, oom_source::budget, status{}));
+    return Reservation<Backend>(*this, bytes);
+}
+
+/// Measures the peak bytes held under a budget during a scope. Nested scopes
+/// work; scopes on the same budget from different threads see each other's bytes.
+template <class Backend>
+class PeakScope {
+public:
+    explicit PeakScope(MemoryBudget<Backend>& budget) noexcept
+        : budget_(&budget), outer_peak_(budget.reset_peak()), start_(budget.used()) {}
+    PeakScope(PeakScope const&) = delete;
+    PeakScope& operator=(PeakScope const&) = delete;
+    ~PeakScope() { budget_->raise_peak(outer_peak_); }
+
+    /// Highest bytes held since the scope began.
+    std::size_t peak() const noexcept { return budget_->peak(); }
+    /// Bytes held when the scope began.
+    std::size_t start() const noexcept { return start_; }
+    /// Peak growth over the start: what the scope's work needed on top.
+    std::size_t peak_increase() const noexcept {
+        std::size_t p = peak();
+        return p > start_ ? p - start_ : 0;
+    }
+
+private:
+    MemoryBudget<Backend>* budget_;
+    std::size_t outer_peak_;
+    std::size_t start_;
+};
+
+}  // namespace oomguard

@@ -1,0 +1,20 @@
+// The umbrella header: what a training loop on a GPU needs. Kept cheap to
+// compile (scripts/include-cost measures it). Opt-in headers:
+//   <oomguard/simulated_devices.hpp>  simulated GPUs and fault plans for tests
+//                                     (included here only when there is no CUDA
+//                                     toolkit, where it is the default backend)
+//   Thrust, MPI and NCCL integrations have their own headers.
+#pragma once
+
+#include <oomguard/version.hpp>
+#include <oomguard/backend.hpp>
+#include <oomguard/errors.hpp>
+#include <oomguard/classify.hpp>
+#include <oomguard/memory_budget.hpp>
+#include <oomguard/device_buffer.hpp>
+#include <oomguard/config.hpp>
+#if OOMGUARD_HAS_CUDA
+#include <oomguard/cuda_runtime.hpp>
+#else
+#include <oomguard/simulated_devices.hpp>
+#endif

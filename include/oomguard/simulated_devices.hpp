@@ -1,0 +1,439 @@
+// SimulatedDevices: N GPUs in host memory, with fault plans, for testing OOM
+// handling on machines without a GPU (CI, laptops) and for benchmarks that need
+// an 80 GiB card. A public feature: users test their own recovery code with it.
+#pragma once
+
+#include <oomguard/backend.hpp>
+#include <oomguard/detail/format.hpp>
+#include <oomguard/detail/pointer_map.hpp>
+#include <oomguard/detail/random.hpp>
+#include <oomguard/detail/spin_mutex.hpp>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <initializer_list>
+#include <limits>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace oomguard {
+
+/// One simulated GPU.
+struct SimulatedDeviceSpec {
+    SimulatedDeviceSpec() = default;
+    // A constructor (rather than aggregate initialisation) so `{capacity}` and
+    // `{capacity, used_by_others}` stay clean under -Wextra.
+    SimulatedDeviceSpec(std::size_t capacity_bytes, std::size_t others = 0,
+                        std::string device_name = "oomguard simulated GPU",
+                        std::string device_uuid = "", std::string bus_id = "")
+        : capacity(capacity_bytes), used_by_others(others), name(std::move(device_name)),
+          uuid(std::move(device_uuid)), pci_bus_id(std::move(bus_id)) {}
+
+    std::size_t capacity = 0;        ///< total bytes, > 0
+    std::size_t used_by_others = 0;  ///< bytes other processes hold (never freed by us)
+    std::string name = "oomguard simulated GPU";
+    std::string uuid;                ///< "GPU-…"; generated from the ordinal when empty
+    std::string pci_bus_id;          ///< "00000000:XX:00.0"; generated when empty
+};
+
+/// Where allocations live: real host memory (a program can compute on it) or
+/// phantom addresses that are never touched (simulate an 80 GiB card on a laptop).
+enum class SimulatedMemory : unsigned char { host, phantom };
+
+/// Deterministic fault injection for one device. Every field is off by default.
+struct FaultPlan {
+    std::uint64_t fail_nth = 0;      ///< the k-th allocation call (1-based, counted from
+                                     ///< when the plan was set) fails with OOM; 0 = off
+    double probability = 0.0;        ///< each allocation fails with this probability, in [0, 1]
+    std::uint64_t seed = 0;          ///< seed of that random stream (reproducible runs)
+    std::size_t fail_above = std::numeric_limits<std::size_t>::max();  ///< larger requests fail
+    std::uint64_t sticky_after = 0;  ///< the k-th allocation call raises a sticky error
+                                     ///< (illegal address) that poisons the device; 0 = off
+};
+
+namespace detail {
+inline status sim_oom() noexcept {
+    return {status_kind::out_of_memory, 2, "cudaErrorMemoryAllocation"};
+}
+inline status sim_invalid_device() noexcept {
+    return {status_kind::invalid_argument, 101, "cudaErrorInvalidDevice"};
+}
+inline status sim_invalid_value() noexcept {
+    return {status_kind::invalid_argument, 1, "cudaErrorInvalidValue"};
+}
+inline status sim_sticky() noexcept {
+    return {status_kind::sticky, 700, "cudaErrorIllegalAddress"};
+}
+inline status sim_no_device() noexcept { return {status_kind::no_device, 100, "cudaErrorNoDevice"}; }
+}  // namespace detail
+
+/// A backend (see backend.hpp) of simulated GPUs. Thread-safe. Counts live bytes
+/// and allocations per device so a test can prove that nothing leaked.
+class SimulatedDevices {
+public:
+    static constexpr char const* backend_name = "simulated";
+    static constexpr std::size_t alignment = 256;  // cudaMalloc's guarantee
+
+    /// `track_pointers` keeps a map of live allocations so a bad free is caught
+    /// (cudaErrorInvalidValue) and the true size is used; benchmarks turn it off.
+    explicit SimulatedDevices(std::vector<SimulatedDeviceSpec> specs,
+                              SimulatedMemory memory = SimulatedMemory::host,
+                              bool track_pointers = true)
+        : memory_(memory), track_(track_pointers) {
+        for (std::size_t i = 0; i < specs.size(); ++i) {
+            auto& s = specs[i];
+            if (s.capacity == 0)
+                throw std::invalid_argument((detail::Message() << "oomguard: SimulatedDevices: device " << i
+                                                               << " has capacity 0; give a capacity > 0 bytes")
+                                                .c_str());
+            if (s.used_by_others > s.capacity)
+                throw std::invalid_argument((detail::Message()
+                                             << "oomguard: SimulatedDevices: device " << i << " has used_by_others "
+                                             << s.used_by_others << " above its capacity " << s.capacity)
+                                                .c_str());
+            if (s.uuid.empty()) {
+                char buf[64];
+                std::snprintf(buf, sizeof buf, "GPU-%08x-5151-4d4d-8000-%012x",
+                              0x51d00000u + static_cast<unsigned>(i), static_cast<unsigned>(i));
+                s.uuid = buf;
+            }
+            if (s.pci_bus_id.empty()) {
+                char buf[32];
+                std::snprintf(buf, sizeof buf, "00000000:%02X:00.0", static_cast<unsigned>(i + 1));
+                s.pci_bus_id = buf;
+            }
+            devices_.push_back(std::unique_ptr<Device>(new Device(std::move(s), i)));
+        }
+    }
+
+    /// `SimulatedDevices({{80 << 30}, {40 << 30, 10 << 30}})`: one spec per device.
+    SimulatedDevices(std::initializer_list<SimulatedDeviceSpec> specs,
+                     SimulatedMemory memory = SimulatedMemory::host, bool track_pointers = true)
+        : SimulatedDevices(std::vector<SimulatedDeviceSpec>(specs), memory, track_pointers) {}
+
+    /// `count` identical devices of `capacity` bytes each.
+    SimulatedDevices(int count, std::size_t capacity,
+                     SimulatedMemory memory = SimulatedMemory::host, bool track_pointers = true)
+        : SimulatedDevices(make_specs(count, capacity), memory, track_pointers) {}
+
+    SimulatedDevices(SimulatedDevices const&) = delete;
+    SimulatedDevices& operator=(SimulatedDevices const&) = delete;
+
+    ~SimulatedDevices() {
+        // Free what the program leaked so the host does not leak too; the
+        // counters have already told any test that cared.
+        for (auto& d : devices_) {
+            if (memory_ == SimulatedMemory::host)
+                d->live.for_each([](void* p, std::size_t) { ::operator delete(p, std::align_val_t(alignment)); });
+        }
+    }
+
+    // ---- backend concept -------------------------------------------------
+
+    status allocate(void** out, std::size_t bytes, int device) noexcept {
+        if (out == nullptr) return detail::sim_invalid_value();
+        *out = nullptr;
+        Device* d = find(device);
+        if (d == nullptr) return detail::sim_invalid_device();
+        if (d->sticky.load(std::memory_order_relaxed)) return detail::sim_sticky();
+        touch(*d);
+        std::uint64_t call = d->calls.fetch_add(1, std::memory_order_relaxed) + 1;
+        if (d->faults_on.load(std::memory_order_acquire)) {
+            status s = apply_faults(*d, call, bytes);
+            if (!s.ok()) {
+                d->failures.fetch_add(1, std::memory_order_relaxed);
+                return s;
+            }
+        }
+        if (bytes == 0) return status::success();
+        std::size_t cap = d->capacity - d->others.load(std::memory_order_relaxed);
+        std::size_t cur = d->used.load(std::memory_order_relaxed);
+        do {
+            if (bytes > cap || cur > cap - bytes) {
+                d->failures.fetch_add(1, std::memory_order_relaxed);
+                return detail::sim_oom();
+            }
+        } while (!d->used.compare_exchange_weak(cur, cur + bytes, std::memory_order_relaxed));
+
+        void* p = nullptr;
+        if (memory_ == SimulatedMemory::host) {
+            p = ::operator new(bytes, std::align_val_t(alignment), std::nothrow);
+            if (p == nullptr) {  // the host itself ran out: report it as the device would
+                d->used.fetch_sub(bytes, std::memory_order_relaxed);
+                d->failures.fetch_add(1, std::memory_order_relaxed);
+                return detail::sim_oom();
+            }
+        } else {
+            std::size_t rounded = (bytes + alignment - 1) / alignment * alignment;
+            p = reinterpret_cast<void*>(d->next_phantom.fetch_add(rounded, std::memory_order_relaxed));
+        }
+        if (track_) {
+            try {
+                detail::SpinLock lock(d->mutex);
+                d->live.insert(p, bytes);
+            } catch (...) {  // the host could not grow the map: undo, report OOM
+                if (memory_ == SimulatedMemory::host)
+                    ::operator delete(p, std::align_val_t(alignment));
+                d->used.fetch_sub(bytes, std::memory_order_relaxed);
+                return detail::sim_oom();
+            }
+        }
+        d->live_count.fetch_add(1, std::memory_order_relaxed);
+        *out = p;
+        return status::success();
+    }
+
+    status deallocate(void* p, std::size_t bytes, int device) noexcept {
+        Device* d = find(device);
+        if (d == nullptr) return detail::sim_invalid_device();
+        if (p == nullptr) return status::success();
+        if (track_) {
+            detail::SpinLock lock(d->mutex);
+            if (!d->live.erase(p, bytes)) return detail::sim_invalid_value();
+        }
+        release_memory(*d, p, bytes);
+        // A poisoned context still reports its error on free, like cudaFree;
+        // the memory is gone with the context either way.
+        return d->sticky.load(std::memory_order_relaxed) ? detail::sim_sticky() : status::success();
+    }
+
+    status memory_info(int device, std::size_t* free, std::size_t* total) noexcept {
+        Device* d = find(device);
+        if (d == nullptr) return detail::sim_invalid_device();
+        if (free == nullptr || total == nullptr) return detail::sim_invalid_value();
+        if (d->sticky.load(std::memory_order_relaxed)) return detail::sim_sticky();
+        touch(*d);
+        std::size_t held = d->used.load(std::memory_order_relaxed) +
+                           d->others.load(std::memory_order_relaxed);
+        *total = d->capacity;
+        *free = held >= d->capacity ? 0 : d->capacity - held;
+        return status::success();
+    }
+
+    status device_count(int* count) noexcept {
+        if (count == nullptr) return detail::sim_invalid_value();
+        *count = static_cast<int>(devices_.size());
+        return devices_.empty() ? detail::sim_no_device() : status::success();
+    }
+
+    status current_device(int* device) noexcept {
+        if (device == nullptr) return detail::sim_invalid_value();
+        if (devices_.empty()) return detail::sim_no_device();
+        *device = 0;
+        for (auto const& e : current_table())
+            if (e.first == id_) *device = e.second;
+        return status::success();
+    }
+
+    status set_device(int device) noexcept {
+        set_device_calls_.fetch_add(1, std::memory_order_relaxed);
+        Device* d = find(device);
+        if (d == nullptr) return devices_.empty() ? detail::sim_no_device() : detail::sim_invalid_device();
+        touch(*d);
+        auto& table = current_table();
+        for (auto& e : table) {
+            if (e.first == id_) {
+                e.second = device;
+                return status::success();
+            }
+        }
+        try {
+            table.emplace_back(id_, device);
+        } catch (...) {
+            return {status_kind::other, 999, "cudaErrorUnknown"};
+        }
+        return status::success();
+    }
+
+    status synchronize(int device) noexcept {
+        Device* d = find(device);
+        if (d == nullptr) return detail::sim_invalid_device();
+        return d->sticky.load(std::memory_order_relaxed) ? detail::sim_sticky() : status::success();
+    }
+
+    // ---- simulation controls ---------------------------------------------
+
+    int count() const noexcept { return static_cast<int>(devices_.size()); }
+    SimulatedMemory memory() const noexcept { return memory_; }
+    SimulatedDeviceSpec const& spec(int device) const { return at(device).spec; }
+
+    /// Installs a fault plan on a device (replacing any earlier one; counting of
+    /// `fail_nth` and `sticky_after` restarts). Throws std::invalid_argument for a
+    /// bad device or a probability outside [0, 1].
+    void set_faults(int device, FaultPlan const& plan) {
+        Device& d = at(device);
+        if (!(plan.probability >= 0.0 && plan.probability <= 1.0))
+            throw std::invalid_argument((detail::Message() << "oomguard: FaultPlan.probability "
+                                                           << plan.probability << " is outside [0, 1]")
+                                            .c_str());
+        detail::SpinLock lock(d.fault_mutex);
+        d.plan = plan;
+        d.plan_base = d.calls.load(std::memory_order_relaxed);
+        d.rng.seed(plan.seed);
+        update_faults_flag(d);
+    }
+
+    /// Removes the fault plan and any pending `fail_next` of a device.
+    void clear_faults(int device) {
+        Device& d = at(device);
+        detail::SpinLock lock(d.fault_mutex);
+        d.plan = FaultPlan{};
+        d.fail_next = 0;
+        update_faults_flag(d);
+    }
+
+    /// The next `n` allocation calls on `device` fail with OOM.
+    void fail_next(int device, std::uint64_t n = 1) {
+        Device& d = at(device);
+        detail::SpinLock lock(d.fault_mutex);
+        d.fail_next += n;
+        update_faults_flag(d);
+    }
+
+    /// Poisons a device now, as an illegal memory access would: every call on it
+    /// returns cudaErrorIllegalAddress until `clear_sticky`.
+    void inject_sticky(int device) { at(device).sticky.store(true); }
+    void clear_sticky(int device) { at(device).sticky.store(false); }
+
+    /// Changes what "other processes" hold (memory pressure that comes and goes).
+    void set_used_by_others(int device, std::size_t bytes) {
+        Device& d = at(device);
+        if (bytes > d.capacity)
+            throw std::invalid_argument((detail::Message() << "oomguard: set_used_by_others: " << bytes
+                                                           << " bytes is above device " << device
+                                                           << "'s capacity " << d.capacity)
+                                            .c_str());
+        d.others.store(bytes);
+    }
+
+    /// Bytes this process holds on a device through the backend.
+    std::size_t live_bytes(int device) const { return at(device).used.load(); }
+    /// Allocations not yet freed on a device.
+    std::size_t live_allocations(int device) const { return at(device).live_count.load(); }
+    /// Sum of live bytes over every device.
+    std::size_t live_bytes() const noexcept {
+        std::size_t s = 0;
+        for (auto& d : devices_) s += d->used.load();
+        return s;
+    }
+    /// Sum of live allocations over every device.
+    std::size_t live_allocations() const noexcept {
+        std::size_t s = 0;
+        for (auto& d : devices_) s += d->live_count.load();
+        return s;
+    }
+    /// Allocation calls made on a device, and how many of them failed.
+    std::uint64_t allocation_calls(int device) const { return at(device).calls.load(); }
+    std::uint64_t failed_allocations(int device) const { return at(device).failures.load(); }
+    /// Whether anything has touched the device (cudart would have created a context).
+    bool context_created(int device) const { return at(device).context.load(); }
+    /// How often set_device was called.
+    std::uint64_t set_device_calls() const noexcept { return set_device_calls_.load(); }
+
+private:
+    struct Device {
+        Device(SimulatedDeviceSpec s, std::size_t ordinal)
+            : spec(std::move(s)),
+              capacity(spec.capacity),
+              others(spec.used_by_others),
+              next_phantom((std::uintptr_t{0x10} << 40) + (std::uintptr_t{ordinal} << 44)) {}
+        SimulatedDeviceSpec spec;
+        std::size_t const capacity;
+        std::atomic<std::size_t> others;
+        std::atomic<std::size_t> used{0};
+        std::atomic<std::size_t> live_count{0};
+        std::atomic<std::uint64_t> calls{0};
+        std::atomic<std::uint64_t> failures{0};
+        std::atomic<bool> faults_on{false};
+        std::atomic<bool> sticky{false};
+        std::atomic<bool> context{false};
+        std::atomic<std::uintptr_t> next_phantom;
+        detail::SpinMutex mutex;  // guards `live`
+        detail::PointerMap live;
+        detail::SpinMutex fault_mutex;  // guards the plan and its random stream
+        FaultPlan plan;
+        std::uint64_t plan_base = 0;
+        std::uint64_t fail_next = 0;
+        detail::SplitMix64 rng;
+    };
+
+    static std::vector<SimulatedDeviceSpec> make_specs(int count, std::size_t capacity) {
+        if (count < 0)
+            throw std::invalid_argument(
+                (detail::Message() << "oomguard: SimulatedDevices: device count " << count << " is negative")
+                    .c_str());
+        std::vector<SimulatedDeviceSpec> v(static_cast<std::size_t>(count));
+        for (auto& s : v) s.capacity = capacity;
+        return v;
+    }
+
+    Device* find(int device) const noexcept {
+        if (device < 0 || static_cast<std::size_t>(device) >= devices_.size()) return nullptr;
+        return devices_[static_cast<std::size_t>(device)].get();
+    }
+    Device& at(int device) const {
+        Device* d = find(device);
+        if (d == nullptr)
+            throw std::out_of_range((detail::Message() << "oomguard: simulated device " << device
+                                                       << " does not exist; valid ordinals are 0.."
+                                                       << static_cast<long>(devices_.size()) - 1)
+                                        .c_str());
+        return *d;
+    }
+    static void touch(Device& d) noexcept {
+        if (!d.context.load(std::memory_order_relaxed)) d.context.store(true, std::memory_order_relaxed);
+    }
+    static void update_faults_flag(Device& d) noexcept {
+        bool on = d.fail_next > 0 || d.plan.fail_nth > 0 || d.plan.probability > 0.0 ||
+                  d.plan.sticky_after > 0 ||
+                  d.plan.fail_above != std::numeric_limits<std::size_t>::max();
+        d.faults_on.store(on, std::memory_order_release);
+    }
+    static status apply_faults(Device& d, std::uint64_t call, std::size_t bytes) noexcept {
+        detail::SpinLock lock(d.fault_mutex);
+        std::uint64_t k = call - d.plan_base;
+        if (d.plan.sticky_after != 0 && k == d.plan.sticky_after) {
+            d.sticky.store(true);
+            return detail::sim_sticky();
+        }
+        if (d.fail_next > 0) {
+            --d.fail_next;
+            return detail::sim_oom();
+        }
+        if (d.plan.fail_nth != 0 && k == d.plan.fail_nth) return detail::sim_oom();
+        if (bytes > d.plan.fail_above) return detail::sim_oom();
+        if (d.plan.probability > 0.0) {
+            if (d.rng.uniform() < d.plan.probability) return detail::sim_oom();
+        }
+        return status::success();
+    }
+    void release_memory(Device& d, void* p, std::size_t bytes) noexcept {
+        if (memory_ == SimulatedMemory::host) ::operator delete(p, std::align_val_t(alignment));
+        d.used.fetch_sub(bytes, std::memory_order_relaxed);
+        d.live_count.fetch_sub(1, std::memory_order_relaxed);
+    }
+
+    SimulatedMemory memory_;
+    bool track_;
+    std::vector<std::unique_ptr<Device>> devices_;
+    std::atomic<std::uint64_t> set_device_calls_{0};
+    // The current device is per thread, as in cudart, and per simulator: each
+    // thread keeps a small table keyed by a simulator id that is never reused.
+    static std::vector<std::pair<std::uint64_t, int>>& current_table() noexcept {
+        static thread_local std::vector<std::pair<std::uint64_t, int>> table;
+        return table;
+    }
+    static std::uint64_t next_id() noexcept {
+        static std::atomic<std::uint64_t> counter{0};
+        return counter.fetch_add(1, std::memory_order_relaxed) + 1;
+    }
+    std::uint64_t id_ = next_id();
+};
+
+}  // namespace oomguard

@@ -1,0 +1,226 @@
+// See fake_cudart.hpp. Implements the cudart entry points oomguard uses with
+// the same C signatures as <cuda_runtime_api.h>, so CudaRuntime compiles
+// unchanged and links here instead of libcudart.
+#include "fake_cudart.hpp"
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+
+namespace {
+
+struct State {
+    std::mutex m;
+    std::vector<std::size_t> capacity;
+    std::vector<std::size_t> used;
+    std::map<void*, std::pair<int, std::size_t>> live;
+    cudaError_t driver_error = cudaSuccess;
+    cudaError_t sticky = cudaSuccess;
+    int fail_mallocs = 0;
+    cudaError_t fail_code = cudaErrorMemoryAllocation;
+    int set_device_calls = 0, malloc_calls = 0, mem_get_info_calls = 0, trim_calls = 0;
+    int pool_tag[64] = {};
+};
+
+State& state() {
+    static State s;
+    return s;
+}
+
+thread_local int current_device = 0;
+thread_local cudaError_t last_error = cudaSuccess;
+
+cudaError_t fail(cudaError_t e) {
+    last_error = e;
+    return e;
+}
+
+// The checks every call makes first, in cudart's order: driver, then sticky.
+cudaError_t gate(State& s) {
+    if (s.driver_error != cudaSuccess) return fail(s.driver_error);
+    if (s.sticky != cudaSuccess) return fail(s.sticky);
+    if (s.capacity.empty()) return fail(cudaErrorNoDevice);
+    return cudaSuccess;
+}
+
+}  // namespace
+
+namespace fake_cudart {
+
+void reset(std::vector<std::size_t> const& capacities) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    for (auto& kv : s.live) std::free(kv.first);
+    s.live.clear();
+    s.capacity = capacities;
+    s.used.assign(capacities.size(), 0);
+    s.driver_error = cudaSuccess;
+    s.sticky = cudaSuccess;
+    s.fail_mallocs = 0;
+    s.set_device_calls = s.malloc_calls = s.mem_get_info_calls = s.trim_calls = 0;
+    current_device = 0;
+    last_error = cudaSuccess;
+}
+void set_driver_error(cudaError_t e) {
+    std::lock_guard<std::mutex> lock(state().m);
+    state().driver_error = e;
+}
+void fail_next_mallocs(int n, cudaError_t e) {
+    std::lock_guard<std::mutex> lock(state().m);
+    state().fail_mallocs = n;
+    state().fail_code = e;
+}
+void set_sticky(cudaError_t e) {
+    std::lock_guard<std::mutex> lock(state().m);
+    state().sticky = e;
+}
+std::size_t live_bytes(int device) {
+    std::lock_guard<std::mutex> lock(state().m);
+    return state().used.at(static_cast<std::size_t>(device));
+}
+std::size_t live_allocations() {
+    std::lock_guard<std::mutex> lock(state().m);
+    return state().live.size();
+}
+int set_device_calls() { return state().set_device_calls; }
+int malloc_calls() { return state().malloc_calls; }
+int mem_get_info_calls() { return state().mem_get_info_calls; }
+int trim_calls() { return state().trim_calls; }
+cudaError_t pending_error() { return last_error; }
+
+}  // namespace fake_cudart
+
+extern "C" {
+
+cudaError_t CUDARTAPI cudaGetDeviceCount(int* count) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    if (count == nullptr) return fail(cudaErrorInvalidValue);
+    *count = 0;
+    if (cudaError_t e = gate(s)) return e;
+    *count = static_cast<int>(s.capacity.size());
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaGetDevice(int* device) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    if (cudaError_t e = gate(s)) return e;
+    if (device == nullptr) return fail(cudaErrorInvalidValue);
+    *device = current_device;
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaSetDevice(int device) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    ++s.set_device_calls;
+    if (cudaError_t e = gate(s)) return e;
+    if (device < 0 || static_cast<std::size_t>(device) >= s.capacity.size())
+        return fail(cudaErrorInvalidDevice);
+    current_device = device;
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaMalloc(void** p, size_t size) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    ++s.malloc_calls;
+    if (cudaError_t e = gate(s)) return e;
+    if (p == nullptr) return fail(cudaErrorInvalidValue);
+    *p = nullptr;
+    if (s.fail_mallocs > 0) {
+        --s.fail_mallocs;
+        return fail(s.fail_code);
+    }
+    auto d = static_cast<std::size_t>(current_device);
+    if (size > s.capacity[d] - s.used[d]) return fail(cudaErrorMemoryAllocation);
+    void* q = std::malloc(size == 0 ? 1 : size);
+    if (q == nullptr) return fail(cudaErrorMemoryAllocation);
+    s.used[d] += size;
+    s.live[q] = {current_device, size};
+    *p = q;
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaFree(void* p) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    if (cudaError_t e = gate(s)) return e;
+    if (p == nullptr) return cudaSuccess;
+    auto it = s.live.find(p);
+    if (it == s.live.end()) return fail(cudaErrorInvalidValue);
+    s.used[static_cast<std::size_t>(it->second.first)] -= it->second.second;
+    std::free(p);
+    s.live.erase(it);
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaMemGetInfo(size_t* free, size_t* total) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    ++s.mem_get_info_calls;
+    if (cudaError_t e = gate(s)) return e;
+    if (free == nullptr || total == nullptr) return fail(cudaErrorInvalidValue);
+    auto d = static_cast<std::size_t>(current_device);
+    *total = s.capacity[d];
+    *free = s.capacity[d] - s.used[d];
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaDeviceSynchronize(void) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    return gate(s);
+}
+
+cudaError_t CUDARTAPI cudaGetLastError(void) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    if (s.sticky != cudaSuccess) return s.sticky;
+    cudaError_t e = last_error;
+    last_error = cudaSuccess;
+    return e;
+}
+
+cudaError_t CUDARTAPI cudaPeekAtLastError(void) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    return s.sticky != cudaSuccess ? s.sticky : last_error;
+}
+
+cudaError_t CUDARTAPI cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    if (cudaError_t e = gate(s)) return e;
+    if (pool == nullptr) return fail(cudaErrorInvalidValue);
+    if (device < 0 || static_cast<std::size_t>(device) >= s.capacity.size() || device >= 64)
+        return fail(cudaErrorInvalidDevice);
+    *pool = reinterpret_cast<cudaMemPool_t>(&s.pool_tag[device]);
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaMemPoolTrimTo(cudaMemPool_t /*pool*/, size_t /*keep*/) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    ++s.trim_calls;
+    return gate(s);
+}
+
+const char* CUDARTAPI cudaGetErrorName(cudaError_t e) {
+    switch (e) {
+        case cudaSuccess: return "cudaSuccess";
+        case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+        case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+        case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
+        case cudaErrorNoDevice: return "cudaErrorNoDevice";
+        case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+        case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
+        case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+        default: return "cudaErrorUnknown";
+    }
+}
+
+const char* CUDARTAPI cudaGetErrorString(cudaError_t e) { return cudaGetErrorName(e); }
+
+}  // extern "C"

@@ -1,0 +1,32 @@
+// A fake libcudart for tests: host memory, capacities set by the test. Tests
+// that link it instead of libcudart run every cudart call of CudaRuntime —
+// error codes, last-error clearing, device switching — on a machine without a GPU.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <vector>
+
+namespace fake_cudart {
+
+/// Resets the fake to `capacities.size()` devices (none: cudaErrorNoDevice),
+/// frees everything, clears errors and counters. Device 0 becomes current.
+void reset(std::vector<std::size_t> const& capacities);
+/// Every call answers `e` (for example cudaErrorInsufficientDriver); cudaSuccess undoes it.
+void set_driver_error(cudaError_t e);
+/// The next `n` cudaMalloc calls fail with `e` (default: out of memory).
+void fail_next_mallocs(int n, cudaError_t e = cudaErrorMemoryAllocation);
+/// Puts a sticky error on the context: every later call returns it.
+void set_sticky(cudaError_t e);
+
+std::size_t live_bytes(int device);
+std::size_t live_allocations();
+int set_device_calls();
+int malloc_calls();
+int mem_get_info_calls();
+int trim_calls();
+/// The calling thread's pending last error, without clearing it.
+cudaError_t pending_error();
+
+}  // namespace fake_cudart

@@ -1,0 +1,76 @@
+#include <oomguard/classify.hpp>
+
+#include <doctest/doctest.h>
+
+#include <new>
+#include <stdexcept>
+#include <system_error>
+#include <vector>
+
+using namespace oomguard;
+
+namespace {
+// Stands in for libtorch's c10::OutOfMemoryError, which oomguard cannot know.
+struct TorchLikeOom : std::runtime_error {
+    TorchLikeOom() : std::runtime_error("CUDA OOM (torch)") {}
+};
+// Mimics thrust::system::detail::bad_alloc, which keeps only a string.
+struct ThrustLikeBadAlloc : std::bad_alloc {
+    char const* what() const noexcept override {
+        return "std::bad_alloc: cudaErrorMemoryAllocation: out of memory";
+    }
+};
+}  // namespace
+
+TEST_CASE("oomguard's own types") {
+    CHECK(is_device_oom(out_of_memory(oom_info{})));
+    CHECK_FALSE(is_device_oom(cuda_error(status{status_kind::sticky, 700, "cudaErrorIllegalAddress"}, "x")));
+    CHECK_FALSE(is_device_oom(no_device_error(status{status_kind::no_device, 35, "cudaErrorInsufficientDriver"}, "x")));
+    // Even a cuda_error whose text mentions memory is not an OOM: the type decides.
+    CHECK_FALSE(is_device_oom(cuda_error(status{status_kind::other, 2, "out of memory"}, "x")));
+}
+
+TEST_CASE("text-only errors from Thrust and cudart wrappers") {
+    CHECK(is_device_oom(ThrustLikeBadAlloc{}));
+    CHECK(is_device_oom(std::runtime_error("transform: failed: cudaErrorMemoryAllocation: out of memory")));
+    CHECK_FALSE(is_device_oom(std::bad_alloc{}));  // a host `new` failure
+    CHECK_FALSE(is_device_oom(std::runtime_error("cudaErrorIllegalAddress: an illegal memory access")));
+    CHECK_FALSE(is_device_oom(std::logic_error("out of memory")));  // not a runtime/alloc error
+    CHECK_FALSE(is_device_oom(std::invalid_argument("bad batch")));
+}
+
+TEST_CASE("user rules, registered and unregistered") {
+    CHECK_FALSE(is_device_oom(TorchLikeOom{}));
+    {
+        auto reg = register_oom_rule(
+            [](std::exception const& e) { return dynamic_cast<TorchLikeOom const*>(&e) != nullptr; });
+        CHECK(is_device_oom(TorchLikeOom{}));
+        CHECK_FALSE(is_device_oom(std::runtime_error("other")));
+        auto moved = std::move(reg);
+        CHECK(is_device_oom(TorchLikeOom{}));
+    }
+    CHECK_FALSE(is_device_oom(TorchLikeOom{}));
+}
+
+TEST_CASE("a rule that throws does not recognise the exception") {
+    auto reg = register_oom_rule([](std::exception const&) -> bool { throw std::runtime_error("rule bug"); });
+    CHECK_FALSE(is_device_oom(std::runtime_error("x")));
+}
+
+TEST_CASE("rule slots are bounded and a null rule is refused") {
+    CHECK_THROWS_AS((void)register_oom_rule(nullptr), std::invalid_argument);
+    std::vector<OomRuleRegistration> regs;
+    auto rule = [](std::exception const&) { return false; };
+    for (std::size_t i = 0; i < detail::max_oom_rules; ++i) regs.push_back(register_oom_rule(rule));
+    CHECK_THROWS_AS((void)register_oom_rule(rule), std::length_error);
+    regs.pop_back();
+    CHECK_NOTHROW(regs.push_back(register_oom_rule(rule)));
+}
+
+TEST_CASE("exception_ptr and status overloads") {
+    CHECK(is_device_oom(std::make_exception_ptr(out_of_memory(oom_info{}))));
+    CHECK_FALSE(is_device_oom(std::make_exception_ptr(42)));
+    CHECK_FALSE(is_device_oom(std::exception_ptr{}));
+    CHECK(is_device_oom(status{status_kind::out_of_memory, 2, "cudaErrorMemoryAllocation"}));
+    CHECK_FALSE(is_device_oom(status::success()));
+}

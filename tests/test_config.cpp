@@ -1,0 +1,87 @@
+#include <oomguard/config.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cstdlib>
+#include <string>
+
+using namespace oomguard;
+
+TEST_CASE("valid settings") {
+    Config c = parse_config("budget=0.9,min_batch=1");
+    REQUIRE(c.budget);
+    CHECK(c.budget->type() == Limit::kind::fraction);
+    CHECK(c.budget->ratio() == doctest::Approx(0.9));
+    CHECK(*c.min_batch == 1);
+    CHECK_FALSE(c.max_attempts);
+
+    c = parse_config("  budget = 70GiB ,\tmax_attempts=8 ");
+    CHECK(c.budget->type() == Limit::kind::bytes);
+    CHECK(c.budget->amount() == (70ull << 30));
+    CHECK(*c.max_attempts == 8);
+
+    CHECK(parse_config("budget=90%").budget->ratio() == doctest::Approx(0.9));
+    CHECK(parse_config("budget=1").budget->ratio() == doctest::Approx(1.0));
+    CHECK(parse_config("budget=1.5GB").budget->amount() == 1500000000ull);
+    CHECK(parse_config("budget=512 MiB").budget->amount() == (512ull << 20));
+    CHECK(parse_config("headroom=2GiB").budget->type() == Limit::kind::headroom);
+    CHECK(parse_config("headroom=0").budget->amount() == 0);
+    CHECK(parse_config("headroom=4096").budget->amount() == 4096);
+    CHECK_FALSE(parse_config("").budget);
+    CHECK_FALSE(parse_config("   ").min_batch);
+}
+
+TEST_CASE("every bad entry names itself and what is valid") {
+    struct Case {
+        char const* text;
+        char const* key;
+        char const* says;
+    };
+    Case const cases[] = {
+        {"budgt=0.9", "budgt", "unknown key 'budgt'; valid keys: budget, headroom, min_batch, max_attempts"},
+        {"budget=0", "budget", "bad value '0' for budget"},
+        {"budget=1.2", "budget", "fraction of device memory in (0, 1]"},
+        {"budget=5", "budget", "bad value '5'"},
+        {"budget=-0.5", "budget", "bad value '-0.5'"},
+        {"budget=nan", "budget", "bad value 'nan'"},
+        {"budget=1e9", "budget", "bad value '1e9'"},
+        {"budget=150%", "budget", "bad value '150%'"},
+        {"budget=0%", "budget", "bad value '0%'"},
+        {"budget=10XB", "budget", "bad value '10XB'"},
+        {"budget=0GiB", "budget", "bad value '0GiB'"},
+        {"budget=99999999999TiB", "budget", "bad value '99999999999TiB'"},
+        {"budget=", "budget", "bad value ''"},
+        {"headroom=lots", "headroom", "bad value 'lots' for headroom"},
+        {"min_batch=0", "min_batch", "bad value '0' for min_batch: give a whole number >= 1"},
+        {"min_batch=2.5", "min_batch", "bad value '2.5'"},
+        {"min_batch=-1", "min_batch", "bad value '-1'"},
+        {"min_batch=99999999999999999999999", "min_batch", "bad value '99999999999999999999999'"},
+        {"max_attempts=0", "max_attempts", "[1, 1000]"},
+        {"max_attempts=1001", "max_attempts", "bad value '1001'"},
+        {"min_batch=1,min_batch=2", "min_batch", "given twice"},
+        {"budget=0.5,headroom=1GiB", "headroom", "both given"},
+        {"budget", "budget", "has no '='"},
+        {"budget=0.9,", "", "empty entry"},
+        {",budget=0.9", "", "empty entry"},
+        {"budget=0.9,,min_batch=1", "", "empty entry"},
+    };
+    for (auto const& c : cases) {
+        CAPTURE(c.text);
+        try {
+            parse_config(c.text);
+            FAIL("expected config_error");
+        } catch (config_error const& e) {
+            CHECK(e.key() == c.key);
+            CHECK(std::string(e.what()).find(c.says) != std::string::npos);
+        }
+    }
+}
+
+TEST_CASE("config_from_env reads OOMGUARD_CONF") {
+    ::setenv("OOMGUARD_TEST_CONF", "min_batch=4", 1);
+    CHECK(*config_from_env("OOMGUARD_TEST_CONF").min_batch == 4);
+    ::setenv("OOMGUARD_TEST_CONF", "min_batch=x", 1);
+    CHECK_THROWS_AS(config_from_env("OOMGUARD_TEST_CONF"), config_error);
+    ::unsetenv("OOMGUARD_TEST_CONF");
+    CHECK_FALSE(config_from_env("OOMGUARD_TEST_CONF").min_batch);
+}

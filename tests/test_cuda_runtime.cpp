@@ -1,0 +1,138 @@
+// CudaRuntime's real code, linked against the fake cudart in support/.
+#include <oomguard/cuda_runtime.hpp>
+#include <oomguard/classify.hpp>
+#include <oomguard/device_buffer.hpp>
+
+#include "fake_cudart.hpp"
+
+#include <doctest/doctest.h>
+
+#include <string>
+
+using namespace oomguard;
+using Budget = MemoryBudget<CudaRuntime>;
+constexpr std::size_t MiB = 1 << 20;
+
+static_assert(is_backend_v<CudaRuntime>, "CudaRuntime models the backend concept");
+
+TEST_CASE("allocate, free and memory info go through cudart") {
+    fake_cudart::reset({100 * MiB, 50 * MiB});
+    CudaRuntime cuda;
+    int n = 0;
+    REQUIRE(cuda.device_count(&n).ok());
+    CHECK(n == 2);
+    void* p = nullptr;
+    REQUIRE(cuda.allocate(&p, 10 * MiB, 1).ok());
+    CHECK(fake_cudart::live_bytes(1) == 10 * MiB);
+    int d = -1;
+    cuda.current_device(&d);
+    CHECK(d == 0);  // the caller's device was restored
+    std::size_t free = 0, total = 0;
+    REQUIRE(cuda.memory_info(1, &free, &total).ok());
+    CHECK(total == 50 * MiB);
+    CHECK(free == 40 * MiB);
+    CHECK(cuda.deallocate(p, 10 * MiB, 1).ok());
+    CHECK(fake_cudart::live_allocations() == 0);
+}
+
+TEST_CASE("no switch when the device is already current") {
+    fake_cudart::reset({100 * MiB, 100 * MiB});
+    CudaRuntime cuda;
+    void* p = nullptr;
+    REQUIRE(cuda.allocate(&p, MiB, 0).ok());
+    cuda.deallocate(p, MiB, 0);
+    CHECK(fake_cudart::set_device_calls() == 0);
+    REQUIRE(cuda.allocate(&p, MiB, 1).ok());
+    CHECK(fake_cudart::set_device_calls() == 2);  // there and back
+    cuda.deallocate(p, MiB, 1);
+}
+
+TEST_CASE("a failed cudaMalloc is a typed OOM and the last error is cleared") {
+    fake_cudart::reset({100 * MiB});
+    CudaRuntime cuda;
+    Budget budget(cuda, 0, Limit::unlimited());
+    fake_cudart::fail_next_mallocs(1);
+    try {
+        budget.allocate(80 * MiB);
+        FAIL("expected out_of_memory");
+    } catch (out_of_memory const& e) {
+        CHECK(e.info().code == cudaErrorMemoryAllocation);
+        CHECK(std::string(e.info().code_name) == "cudaErrorMemoryAllocation");
+        CHECK(e.info().total == 100 * MiB);
+        CHECK(std::string(e.what()).find("tried to allocate 80.00 MiB on GPU 0;") != std::string::npos);
+        CHECK(is_device_oom(e));
+    }
+    CHECK(fake_cudart::pending_error() == cudaSuccess);
+    CHECK(cudaGetLastError() == cudaSuccess);
+    CHECK(budget.used() == 0);
+    // Capacity exhausted for real.
+    CHECK_THROWS_AS(budget.allocate(101 * MiB), out_of_memory);
+    CHECK(cudaPeekAtLastError() == cudaSuccess);
+}
+
+TEST_CASE("no driver: no_device_error, never an OOM") {
+    fake_cudart::reset({100 * MiB});
+    fake_cudart::set_driver_error(cudaErrorInsufficientDriver);
+    CudaRuntime cuda;
+    try {
+        Budget budget(cuda, 0, MiB);
+        FAIL("expected no_device_error");
+    } catch (no_device_error const& e) {
+        CHECK(std::string(e.what()).find("no usable CUDA device") != std::string::npos);
+        CHECK(e.code() == cudaErrorInsufficientDriver);
+        CHECK_FALSE(is_device_oom(e));
+    }
+    fake_cudart::reset({});
+    CHECK_THROWS_AS(Budget(cuda, 0, MiB), no_device_error);
+}
+
+TEST_CASE("a sticky error passes through untouched") {
+    fake_cudart::reset({100 * MiB});
+    CudaRuntime cuda;
+    Budget budget(cuda, 0, 50 * MiB);
+    void* p = budget.allocate(MiB);
+    fake_cudart::set_sticky(cudaErrorIllegalAddress);
+    try {
+        budget.allocate(MiB);
+        FAIL("expected cuda_error");
+    } catch (cuda_error const& e) {
+        CHECK(e.is_sticky());
+        CHECK(e.code() == cudaErrorIllegalAddress);
+        CHECK_FALSE(is_device_oom(e));
+    }
+    CHECK(cudaGetLastError() == cudaErrorIllegalAddress);  // sticky: still there
+    budget.deallocate(p, MiB);
+    CHECK(budget.free_failures() == 1);
+    CHECK(budget.used() == 0);
+}
+
+TEST_CASE("classify maps cudart codes") {
+    CHECK(CudaRuntime::classify(cudaErrorMemoryAllocation).kind == status_kind::out_of_memory);
+    CHECK(CudaRuntime::classify(cudaErrorInsufficientDriver).kind == status_kind::no_device);
+    CHECK(CudaRuntime::classify(cudaErrorNoDevice).kind == status_kind::no_device);
+    CHECK(CudaRuntime::classify(cudaErrorIllegalAddress).kind == status_kind::sticky);
+    CHECK(CudaRuntime::classify(cudaErrorLaunchFailure).kind == status_kind::sticky);
+    CHECK(CudaRuntime::classify(cudaErrorInvalidDevice).kind == status_kind::invalid_argument);
+    CHECK(CudaRuntime::classify(cudaErrorNotReady).kind == status_kind::other);
+}
+
+TEST_CASE("trimming the default pool") {
+    fake_cudart::reset({100 * MiB});
+    CudaRuntime cuda;
+    CHECK(cuda.trim_default_pool(0, 0).ok());
+    CHECK(fake_cudart::trim_calls() == 1);
+    CHECK(cuda.trim_default_pool(3, 0).kind == status_kind::invalid_argument);
+}
+
+TEST_CASE("a device buffer over the real backend code") {
+    fake_cudart::reset({100 * MiB});
+    CudaRuntime cuda;
+    Budget budget(cuda, 0, Limit::fraction(0.5));
+    CHECK(budget.limit() == 50 * MiB);
+    {
+        DeviceBuffer<CudaRuntime> b(budget, 30 * MiB);
+        CHECK(fake_cudart::live_bytes(0) == 30 * MiB);
+        CHECK_THROWS_AS(DeviceBuffer<CudaRuntime>(budget, 30 * MiB), out_of_memory);
+    }
+    CHECK(fake_cudart::live_allocations() == 0);
+}

@@ -1,0 +1,76 @@
+#include <oomguard/errors.hpp>
+
+#include <doctest/doctest.h>
+
+#include <string>
+
+using namespace oomguard;
+
+TEST_CASE("out_of_memory carries every figure of PyTorch's message") {
+    oom_info i;
+    i.device = 0;
+    i.requested = 80ull << 20;
+    i.total = static_cast<std::size_t>(79.35 * (1ull << 30));
+    i.free = static_cast<std::size_t>(37.19 * (1ull << 20));
+    i.budget_used = static_cast<std::size_t>(76.70 * (1ull << 30));
+    i.budget_limit = 78ull << 30;
+    out_of_memory e(i);
+    std::string w = e.what();
+    CHECK(w.find("tried to allocate 80.00 MiB on GPU 0") != std::string::npos);
+    CHECK(w.find("79.35 GiB total") != std::string::npos);
+    CHECK(w.find("37.19 MiB free") != std::string::npos);
+    CHECK(w.find("76.70 GiB held under this budget of 78.00 GiB") != std::string::npos);
+    CHECK(w.find("cudaErrorMemoryAllocation") != std::string::npos);
+    CHECK(w.find("Advice:") != std::string::npos);
+    CHECK(e.requested() == (80ull << 20));
+    CHECK(e.device() == 0);
+    std::bad_alloc const& base = e;  // catchable as std::bad_alloc
+    CHECK(std::string(base.what()) == w);
+}
+
+TEST_CASE("a budget denial says so, and unknown figures are named unknown") {
+    oom_info i;
+    i.device = 3;
+    i.requested = 1000;
+    i.backend = "simulated";
+    i.source = oom_source::budget;
+    std::string w = out_of_memory(i).what();
+    CHECK(w.find("GPU 3 (simulated)") != std::string::npos);
+    CHECK(w.find("unknown total, unknown free") != std::string::npos);
+    CHECK(w.find("denied by the budget") != std::string::npos);
+    CHECK(w.find("held under this budget") == std::string::npos);  // no budget limit known
+}
+
+TEST_CASE("cuda_error and no_device_error name the code") {
+    cuda_error e(status{status_kind::sticky, 700, "cudaErrorIllegalAddress"}, "synchronize");
+    CHECK(e.is_sticky());
+    CHECK(e.code() == 700);
+    CHECK(std::string(e.what()).find("cudaErrorIllegalAddress (code 700, sticky)") != std::string::npos);
+
+    no_device_error n(status{status_kind::no_device, 35, "cudaErrorInsufficientDriver"}, "counting devices");
+    CHECK(std::string(n.what()).find("no usable CUDA device") != std::string::npos);
+    CHECK(std::string(n.what()).find("cudaErrorInsufficientDriver") != std::string::npos);
+    CHECK(n.kind() == status_kind::no_device);
+    CHECK_THROWS_AS(detail::throw_status(status{status_kind::no_device, 100, "cudaErrorNoDevice"}, "x"),
+                    no_device_error);
+    CHECK_THROWS_AS(detail::throw_status(status{status_kind::other, 999, "cudaErrorUnknown"}, "x"), cuda_error);
+}
+
+TEST_CASE("format_bytes uses binary units with two decimals") {
+    CHECK(std::string(detail::format_bytes(0).c_str()) == "0 B");
+    CHECK(std::string(detail::format_bytes(1023).c_str()) == "1023 B");
+    CHECK(std::string(detail::format_bytes(1024).c_str()) == "1.00 KiB");
+    CHECK(std::string(detail::format_bytes(80ull << 20).c_str()) == "80.00 MiB");
+    CHECK(std::string(detail::format_bytes(~std::size_t{0}).c_str()) == "16.00 EiB");
+}
+
+TEST_CASE("Message truncates long texts instead of overflowing") {
+    detail::Message m;
+    std::string big(5000, 'x');
+    m << big << 42;
+    CHECK(m.view().size() == 1023);
+    CHECK(m.view().substr(1020) == "...");
+    detail::Message n;
+    n << "a" << 1 << ' ' << -2L << ' ' << 3ull << ' ' << 0.5 << ' ' << static_cast<char const*>(nullptr);
+    CHECK(std::string(n.c_str()) == "a1 -2 3 0.5 (null)");
+}

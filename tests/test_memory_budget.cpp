@@ -1,0 +1,233 @@
+#include <oomguard/memory_budget.hpp>
+#include <oomguard/simulated_devices.hpp>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace oomguard;
+using Budget = MemoryBudget<SimulatedDevices>;
+
+constexpr std::size_t MiB = 1 << 20;
+
+TEST_CASE("a request over the cap never reaches the device") {
+    SimulatedDevices gpus(1, 1024 * MiB);
+    Budget budget(gpus, 0, 100 * MiB);
+    void* a = budget.allocate(60 * MiB);
+    CHECK(budget.used() == 60 * MiB);
+    std::uint64_t calls = gpus.allocation_calls(0);
+    try {
+        budget.allocate(50 * MiB);
+        FAIL("expected out_of_memory");
+    } catch (out_of_memory const& e) {
+        CHECK(e.info().source == oom_source::budget);
+        CHECK(e.info().requested == 50 * MiB);
+        CHECK(e.info().budget_used == 60 * MiB);
+        CHECK(e.info().budget_limit == 100 * MiB);
+        CHECK(e.info().total == 1024 * MiB);
+        CHECK(e.info().free == 964 * MiB);
+        CHECK(std::string(e.what()).find("held under this budget of 100.00 MiB") != std::string::npos);
+    }
+    CHECK(gpus.allocation_calls(0) == calls);  // the device was not asked
+    CHECK(budget.denials() == 1);
+    budget.deallocate(a, 60 * MiB);
+    CHECK(budget.used() == 0);
+    CHECK(budget.peak() == 60 * MiB);
+    CHECK(budget.allocations() == 1);
+    CHECK(gpus.live_bytes() == 0);
+}
+
+TEST_CASE("a device refusal rolls the reservation back and reports the device's figures") {
+    SimulatedDevices gpus({{100 * MiB, 70 * MiB}});
+    Budget budget(gpus, 0, Limit::unlimited());
+    try {
+        budget.allocate(40 * MiB);
+        FAIL("expected out_of_memory");
+    } catch (out_of_memory const& e) {
+        CHECK(e.info().source == oom_source::device);
+        CHECK(e.info().code == 2);
+        CHECK(std::string(e.info().code_name) == "cudaErrorMemoryAllocation");
+        CHECK(e.info().free == 30 * MiB);
+        CHECK(std::string(e.what()).find("GPU 0 (simulated)") != std::string::npos);
+    }
+    CHECK(budget.used() == 0);
+    CHECK(budget.device_ooms() == 1);
+}
+
+TEST_CASE("a sticky error passes through as cuda_error and is never an OOM") {
+    SimulatedDevices gpus(1, 100 * MiB);
+    Budget budget(gpus, 0, 50 * MiB);
+    gpus.inject_sticky(0);
+    CHECK_THROWS_AS(budget.allocate(MiB), cuda_error);
+    CHECK(budget.used() == 0);
+    gpus.clear_sticky(0);
+    void* p = budget.allocate(MiB);
+    gpus.inject_sticky(0);
+    budget.deallocate(p, MiB);  // noexcept; the failure is counted
+    CHECK(budget.free_failures() == 1);
+    CHECK(budget.used() == 0);
+    CHECK(gpus.live_bytes() == 0);
+}
+
+TEST_CASE("caps as fraction and headroom resolve against the device") {
+    SimulatedDevices gpus({{1000 * MiB, 100 * MiB}});
+    Budget f(gpus, 0, Limit::fraction(0.5));
+    CHECK(f.limit() == 500 * MiB);
+    Budget h(gpus, 0, Limit::headroom(200 * MiB));
+    CHECK(h.limit() == 700 * MiB);  // 900 free - 200
+    Budget one(gpus, 0, Limit::fraction(1.0));
+    CHECK(one.limit() == 1000 * MiB);
+    CHECK_THROWS_AS(Limit::fraction(0.0), std::invalid_argument);
+    CHECK_THROWS_AS(Limit::fraction(1.01), std::invalid_argument);
+    CHECK_THROWS_AS(Limit::fraction(-0.5), std::invalid_argument);
+    CHECK_THROWS_AS(Limit::fraction(std::nan("")), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(Budget(gpus, 0, Limit::headroom(2000 * MiB)),
+                         doctest::Contains("more than the 900.00 MiB free"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(Budget(gpus, 1, 10), doctest::Contains("device 1 does not exist"),
+                         std::invalid_argument);
+    CHECK_THROWS_WITH_AS(Budget(gpus, -1, 10), doctest::Contains("valid ordinals are 0..0"),
+                         std::invalid_argument);
+}
+
+TEST_CASE("no device: a clear no_device_error, not an OOM") {
+    SimulatedDevices none(0, 1);
+    CHECK_THROWS_AS(Budget(none, 0, 10), no_device_error);
+}
+
+TEST_CASE("overflow-safe near SIZE_MAX") {
+    SimulatedDevices gpus(1, 100 * MiB);
+    constexpr std::size_t max = std::numeric_limits<std::size_t>::max();
+    Budget unlimited(gpus, 0, Limit::unlimited());
+    void* p = unlimited.allocate(MiB);
+    CHECK_THROWS_AS(unlimited.allocate(max), out_of_memory);  // no wrap: the device refuses
+    CHECK_THROWS_AS(unlimited.allocate(max - MiB + 1), out_of_memory);
+    CHECK(unlimited.used() == MiB);
+    unlimited.deallocate(p, MiB);
+    Budget capped(gpus, 0, max - 1);  // clamped to the largest cap a budget holds
+    CHECK(capped.limit() == Budget::max_limit);
+    CHECK(capped.try_reserve(Budget::max_limit - 1));
+    CHECK_FALSE(capped.try_reserve(2));
+    CHECK_FALSE(capped.try_reserve(max));
+    capped.release(Budget::max_limit - 1);
+    CHECK(capped.used() == 0);
+    CHECK(capped.allocations() == 0);
+}
+
+TEST_CASE("the allocation count stays exact across its 16-bit carry, with failures around it") {
+    SimulatedDevices gpus({{std::size_t{1} << 30}}, SimulatedMemory::phantom, false);
+    Budget budget(gpus, 0, Limit::unlimited());
+    std::size_t ok = 0;
+    for (int i = 0; i < 200000; ++i) {
+        if (i % 65536 == 0 || i % 65536 == 65535) gpus.fail_next(0);  // a rollback at the edge
+        try {
+            budget.deallocate(budget.allocate(512), 512);
+            ++ok;
+        } catch (out_of_memory const&) {
+        }
+    }
+    CHECK(budget.allocations() == ok);
+    CHECK(ok == 200000 - 7);  // i = 0, 65535, 65536, 131071, 131072, 196607, 196608
+    CHECK(budget.used() == 0);
+}
+
+TEST_CASE("zero bytes allocates nothing") {
+    SimulatedDevices gpus(1, MiB);
+    Budget budget(gpus, 0, MiB);
+    CHECK(budget.allocate(0) == nullptr);
+    budget.deallocate(nullptr, 0);
+    CHECK(budget.used() == 0);
+    CHECK(budget.allocations() == 0);
+}
+
+TEST_CASE("lowering the limit below what is held denies new requests until freed") {
+    SimulatedDevices gpus(1, 100 * MiB);
+    Budget budget(gpus, 0, 50 * MiB);
+    void* p = budget.allocate(40 * MiB);
+    budget.set_limit(Limit::bytes(30 * MiB));
+    CHECK(budget.available() == 0);
+    CHECK_THROWS_AS(budget.allocate(1), out_of_memory);
+    budget.deallocate(p, 40 * MiB);
+    CHECK_NOTHROW(budget.deallocate(budget.allocate(30 * MiB), 30 * MiB));
+}
+
+TEST_CASE("RAII reservations") {
+    SimulatedDevices gpus(1, 100 * MiB);
+    Budget budget(gpus, 0, 10 * MiB);
+    {
+        auto r = budget.reserve(6 * MiB);
+        CHECK(r.bytes() == 6 * MiB);
+        CHECK(budget.used() == 6 * MiB);
+        CHECK_THROWS_AS(budget.reserve(5 * MiB), out_of_memory);
+        auto moved = std::move(r);
+        CHECK(budget.used() == 6 * MiB);
+        CHECK_FALSE(r);
+    }
+    CHECK(budget.used() == 0);
+}
+
+TEST_CASE("PeakScope measures the peak of a scope, nested, and restores the outer peak") {
+    SimulatedDevices gpus(1, 100 * MiB);
+    Budget budget(gpus, 0, 100 * MiB);
+    void* big = budget.allocate(50 * MiB);
+    budget.deallocate(big, 50 * MiB);
+    void* base = budget.allocate(10 * MiB);
+    {
+        PeakScope<SimulatedDevices> outer(budget);
+        CHECK(outer.peak() == 10 * MiB);
+        void* a = budget.allocate(20 * MiB);
+        {
+            PeakScope<SimulatedDevices> inner(budget);
+            budget.deallocate(a, 20 * MiB);
+            void* b = budget.allocate(5 * MiB);
+            CHECK(inner.peak() == 30 * MiB);  // held when the inner scope began
+            budget.deallocate(b, 5 * MiB);
+        }
+        CHECK(outer.peak() == 30 * MiB);
+        CHECK(outer.peak_increase() == 20 * MiB);
+    }
+    CHECK(budget.peak() == 50 * MiB);
+    budget.deallocate(base, 10 * MiB);
+}
+
+TEST_CASE("4 threads x 100000 random allocate/free pairs: the cap holds and all returns to 0") {
+    constexpr std::size_t cap = 64 * 1024;
+    SimulatedDevices gpus({{cap * 4}}, SimulatedMemory::phantom, /*track_pointers=*/false);
+    Budget budget(gpus, 0, cap);
+    std::atomic<bool> exceeded{false};
+    std::atomic<std::size_t> denied{0};
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < 4; ++t) {
+        threads.emplace_back([&, t] {
+            std::mt19937 rng(1234 + t);
+            std::uniform_int_distribution<std::size_t> size(1, cap / 3);
+            for (int i = 0; i < 100000; ++i) {
+                std::size_t n = size(rng);
+                void* p = nullptr;
+                try {
+                    p = budget.allocate(n);
+                } catch (out_of_memory const&) {
+                    denied.fetch_add(1);
+                    continue;
+                }
+                if (budget.used() > cap || gpus.live_bytes(0) > cap) exceeded = true;
+                budget.deallocate(p, n);
+            }
+        });
+    }
+    for (auto& th : threads) th.join();
+    CHECK_FALSE(exceeded.load());
+    CHECK(budget.peak() <= cap);
+    CHECK(budget.used() == 0);
+    CHECK(gpus.live_bytes() == 0);
+    CHECK(gpus.live_allocations() == 0);
+    CHECK(budget.allocations() + denied.load() == 400000);
+    CHECK(budget.denials() == denied.load());
+    MESSAGE("allocations " << budget.allocations() << ", denials " << budget.denials() << ", peak "
+                           << budget.peak() << " of cap " << cap);
+}

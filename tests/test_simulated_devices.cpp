@@ -1,0 +1,172 @@
+#include <oomguard/simulated_devices.hpp>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+using namespace oomguard;
+
+static_assert(is_backend_v<SimulatedDevices>, "SimulatedDevices models the backend concept");
+
+TEST_CASE("allocations count against capacity and other processes") {
+    SimulatedDevices gpus({{1000, 200}, {500}});
+    void* p = nullptr;
+    REQUIRE(gpus.allocate(&p, 600, 0).ok());
+    std::memset(p, 0xab, 600);  // host memory: usable
+    void* q = nullptr;
+    status s = gpus.allocate(&q, 300, 0);  // 200 + 600 + 300 > 1000
+    CHECK(s.kind == status_kind::out_of_memory);
+    CHECK(s.code == 2);
+    CHECK(q == nullptr);
+    std::size_t free = 0, total = 0;
+    REQUIRE(gpus.memory_info(0, &free, &total).ok());
+    CHECK(total == 1000);
+    CHECK(free == 200);
+    CHECK(gpus.live_bytes(0) == 600);
+    CHECK(gpus.live_allocations(0) == 1);
+    CHECK(gpus.deallocate(p, 600, 0).ok());
+    CHECK(gpus.live_bytes() == 0);
+    CHECK(gpus.live_allocations() == 0);
+    CHECK(gpus.failed_allocations(0) == 1);
+    CHECK(gpus.allocation_calls(0) == 2);
+}
+
+TEST_CASE("bad arguments are answered with codes, never a crash") {
+    SimulatedDevices gpus(2, 1000);
+    void* p = nullptr;
+    CHECK(gpus.allocate(&p, 10, 2).code == 101);
+    CHECK(gpus.allocate(&p, 10, -1).code == 101);
+    CHECK(gpus.allocate(nullptr, 10, 0).code == 1);
+    int x = 0;
+    CHECK(gpus.deallocate(&x, 4, 0).code == 1);  // not ours
+    CHECK(gpus.deallocate(nullptr, 4, 0).ok());
+    CHECK(gpus.allocate(&p, ~std::size_t{0}, 0).kind == status_kind::out_of_memory);
+    CHECK_THROWS_AS(SimulatedDevices({{0}}), std::invalid_argument);
+    CHECK_THROWS_AS(SimulatedDevices({{100, 101}}), std::invalid_argument);
+    CHECK_THROWS_AS(SimulatedDevices(-1, 100), std::invalid_argument);
+    CHECK_THROWS_AS(gpus.set_faults(0, FaultPlan{0, 1.5}), std::invalid_argument);
+    CHECK_THROWS_AS(gpus.set_faults(7, FaultPlan{}), std::out_of_range);
+    CHECK_THROWS_AS(gpus.set_used_by_others(0, 1001), std::invalid_argument);
+}
+
+TEST_CASE("no devices reads as no_device") {
+    SimulatedDevices none(0, 1);
+    int n = 5;
+    CHECK(none.device_count(&n).kind == status_kind::no_device);
+    CHECK(n == 0);
+}
+
+TEST_CASE("fault plans: k-th call, size threshold, fail_next, sticky") {
+    SimulatedDevices gpus(1, 1 << 20);
+    void* p = nullptr;
+    gpus.set_faults(0, FaultPlan{3});
+    CHECK(gpus.allocate(&p, 8, 0).ok());
+    gpus.deallocate(p, 8, 0);
+    CHECK(gpus.allocate(&p, 8, 0).ok());
+    gpus.deallocate(p, 8, 0);
+    CHECK(gpus.allocate(&p, 8, 0).kind == status_kind::out_of_memory);
+    CHECK(gpus.allocate(&p, 8, 0).ok());
+    gpus.deallocate(p, 8, 0);
+
+    FaultPlan big;
+    big.fail_above = 100;
+    gpus.set_faults(0, big);
+    CHECK(gpus.allocate(&p, 101, 0).kind == status_kind::out_of_memory);
+    CHECK(gpus.allocate(&p, 100, 0).ok());
+    gpus.deallocate(p, 100, 0);
+
+    gpus.clear_faults(0);
+    gpus.fail_next(0, 2);
+    CHECK(gpus.allocate(&p, 1, 0).kind == status_kind::out_of_memory);
+    CHECK(gpus.allocate(&p, 1, 0).kind == status_kind::out_of_memory);
+    CHECK(gpus.allocate(&p, 1, 0).ok());
+    gpus.deallocate(p, 1, 0);
+
+    FaultPlan sticky;
+    sticky.sticky_after = 2;
+    gpus.set_faults(0, sticky);
+    void* q = nullptr;
+    CHECK(gpus.allocate(&q, 4, 0).ok());
+    CHECK(gpus.allocate(&p, 4, 0).kind == status_kind::sticky);
+    CHECK(gpus.synchronize(0).kind == status_kind::sticky);
+    CHECK(gpus.deallocate(q, 4, 0).kind == status_kind::sticky);  // reported, memory still freed
+    CHECK(gpus.live_bytes() == 0);
+    gpus.clear_sticky(0);
+    CHECK(gpus.synchronize(0).ok());
+}
+
+TEST_CASE("a seeded probability reproduces the same failures") {
+    auto run = [](std::uint64_t seed) {
+        SimulatedDevices gpus(1, 1 << 20);
+        FaultPlan f;
+        f.probability = 0.3;
+        f.seed = seed;
+        gpus.set_faults(0, f);
+        std::vector<int> pattern;
+        for (int i = 0; i < 200; ++i) {
+            void* p = nullptr;
+            bool ok = gpus.allocate(&p, 16, 0).ok();
+            pattern.push_back(ok);
+            if (ok) gpus.deallocate(p, 16, 0);
+        }
+        return pattern;
+    };
+    auto a = run(7), b = run(7), c = run(8);
+    CHECK(a == b);
+    CHECK(a != c);
+    long fails = std::count(a.begin(), a.end(), 0);
+    CHECK(fails > 30);  // about 60 expected
+    CHECK(fails < 100);
+}
+
+TEST_CASE("phantom memory simulates a card larger than the host") {
+    SimulatedDevices gpus({{80ull << 30}}, SimulatedMemory::phantom);
+    void* a = nullptr;
+    void* b = nullptr;
+    REQUIRE(gpus.allocate(&a, 40ull << 30, 0).ok());
+    REQUIRE(gpus.allocate(&b, 39ull << 30, 0).ok());
+    CHECK(a != b);
+    CHECK(reinterpret_cast<std::uintptr_t>(a) % SimulatedDevices::alignment == 0);
+    void* c = nullptr;
+    CHECK(gpus.allocate(&c, 2ull << 30, 0).kind == status_kind::out_of_memory);
+    gpus.deallocate(a, 40ull << 30, 0);
+    gpus.deallocate(b, 39ull << 30, 0);
+    CHECK(gpus.live_bytes() == 0);
+}
+
+TEST_CASE("current device is per thread, and contexts are only made when touched") {
+    SimulatedDevices gpus(3, 1000);
+    CHECK_FALSE(gpus.context_created(1));
+    REQUIRE(gpus.set_device(1).ok());
+    int d = -1;
+    gpus.current_device(&d);
+    CHECK(d == 1);
+    std::thread([&] {
+        int e = -1;
+        gpus.current_device(&e);
+        CHECK(e == 0);
+    }).join();
+    CHECK(gpus.context_created(1));
+    CHECK_FALSE(gpus.context_created(2));
+    CHECK(gpus.set_device_calls() == 1);
+    CHECK(gpus.set_device(3).code == 101);
+}
+
+TEST_CASE("thread-safe: concurrent allocate/free keeps exact counts") {
+    SimulatedDevices gpus(1, 1 << 20);
+    std::vector<std::thread> ts;
+    for (int t = 0; t < 4; ++t)
+        ts.emplace_back([&] {
+            for (int i = 0; i < 5000; ++i) {
+                void* p = nullptr;
+                if (gpus.allocate(&p, 64 + (i % 7) * 64, 0).ok()) gpus.deallocate(p, 0, 0);
+            }
+        });
+    for (auto& t : ts) t.join();
+    CHECK(gpus.live_bytes() == 0);
+    CHECK(gpus.live_allocations() == 0);
+    CHECK(gpus.allocation_calls(0) == 20000);
+}
