@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdint>
 
 namespace oomguard {
 
@@ -83,6 +84,31 @@ public:
             cudaMemPool_t pool = nullptr;
             cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, device);
             return e != cudaSuccess ? e : cudaMemPoolTrimTo(pool, keep_bytes);
+        });
+    }
+
+    /// Bytes the default pool holds from the driver, and how many of them are in use.
+    status default_pool_usage(int device, std::size_t* reserved, std::size_t* used) noexcept {
+        return on_device(device, [&] {
+            cudaMemPool_t pool = nullptr;
+            cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, device);
+            std::uint64_t r = 0, u = 0;
+            if (e == cudaSuccess) e = cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &r);
+            if (e == cudaSuccess) e = cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemCurrent, &u);
+            *reserved = static_cast<std::size_t>(r);
+            *used = static_cast<std::size_t>(u);
+            return e;
+        });
+    }
+
+    /// How much freed memory the default pool keeps at a synchronization instead
+    /// of returning it to the driver (cudaMemPoolAttrReleaseThreshold).
+    status set_default_pool_release_threshold(int device, std::size_t bytes) noexcept {
+        return on_device(device, [&] {
+            cudaMemPool_t pool = nullptr;
+            cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, device);
+            std::uint64_t v = bytes;
+            return e != cudaSuccess ? e : cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &v);
         });
     }
 

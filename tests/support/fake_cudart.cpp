@@ -3,6 +3,7 @@
 // unchanged and links here instead of libcudart.
 #include "fake_cudart.hpp"
 
+#include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -20,6 +21,7 @@ struct State {
     cudaError_t fail_code = cudaErrorMemoryAllocation;
     int set_device_calls = 0, malloc_calls = 0, mem_get_info_calls = 0, trim_calls = 0;
     int pool_tag[64] = {};
+    std::size_t pool_reserved[64] = {}, pool_used[64] = {}, pool_threshold[64] = {};
 };
 
 State& state() {
@@ -58,6 +60,7 @@ void reset(std::vector<std::size_t> const& capacities) {
     s.sticky = cudaSuccess;
     s.fail_mallocs = 0;
     s.set_device_calls = s.malloc_calls = s.mem_get_info_calls = s.trim_calls = 0;
+    for (int i = 0; i < 64; ++i) s.pool_reserved[i] = s.pool_used[i] = s.pool_threshold[i] = 0;
     current_device = 0;
     last_error = cudaSuccess;
 }
@@ -73,6 +76,19 @@ void fail_next_mallocs(int n, cudaError_t e) {
 void set_sticky(cudaError_t e) {
     std::lock_guard<std::mutex> lock(state().m);
     state().sticky = e;
+}
+void set_pool(int device, std::size_t reserved, std::size_t used) {
+    std::lock_guard<std::mutex> lock(state().m);
+    state().pool_reserved[device] = reserved;
+    state().pool_used[device] = used;
+}
+std::size_t pool_reserved(int device) {
+    std::lock_guard<std::mutex> lock(state().m);
+    return state().pool_reserved[device];
+}
+std::size_t pool_release_threshold(int device) {
+    std::lock_guard<std::mutex> lock(state().m);
+    return state().pool_threshold[device];
 }
 std::size_t live_bytes(int device) {
     std::lock_guard<std::mutex> lock(state().m);
@@ -200,11 +216,44 @@ cudaError_t CUDARTAPI cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int devic
     return cudaSuccess;
 }
 
-cudaError_t CUDARTAPI cudaMemPoolTrimTo(cudaMemPool_t /*pool*/, size_t /*keep*/) {
+namespace {
+int pool_device(State& s, cudaMemPool_t pool) {
+    return static_cast<int>(reinterpret_cast<int*>(pool) - s.pool_tag);
+}
+}  // namespace
+
+cudaError_t CUDARTAPI cudaMemPoolTrimTo(cudaMemPool_t pool, size_t keep) {
     State& s = state();
     std::lock_guard<std::mutex> lock(s.m);
     ++s.trim_calls;
-    return gate(s);
+    if (cudaError_t e = gate(s)) return e;
+    int d = pool_device(s, pool);
+    std::size_t floor = s.pool_used[d] > keep ? s.pool_used[d] : keep;
+    if (s.pool_reserved[d] > floor) s.pool_reserved[d] = floor;
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaMemPoolGetAttribute(cudaMemPool_t pool, enum cudaMemPoolAttr attr, void* value) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    if (cudaError_t e = gate(s)) return e;
+    int d = pool_device(s, pool);
+    auto* out = static_cast<std::uint64_t*>(value);
+    switch (attr) {
+        case cudaMemPoolAttrReservedMemCurrent: *out = s.pool_reserved[d]; return cudaSuccess;
+        case cudaMemPoolAttrUsedMemCurrent: *out = s.pool_used[d]; return cudaSuccess;
+        case cudaMemPoolAttrReleaseThreshold: *out = s.pool_threshold[d]; return cudaSuccess;
+        default: return fail(cudaErrorInvalidValue);
+    }
+}
+
+cudaError_t CUDARTAPI cudaMemPoolSetAttribute(cudaMemPool_t pool, enum cudaMemPoolAttr attr, void* value) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    if (cudaError_t e = gate(s)) return e;
+    if (attr != cudaMemPoolAttrReleaseThreshold) return fail(cudaErrorInvalidValue);
+    s.pool_threshold[pool_device(s, pool)] = static_cast<std::size_t>(*static_cast<std::uint64_t*>(value));
+    return cudaSuccess;
 }
 
 const char* CUDARTAPI cudaGetErrorName(cudaError_t e) {

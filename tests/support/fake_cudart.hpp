@@ -20,6 +20,12 @@ void fail_next_mallocs(int n, cudaError_t e = cudaErrorMemoryAllocation);
 /// Puts a sticky error on the context: every later call returns it.
 void set_sticky(cudaError_t e);
 
+/// What the default pool of `device` holds from the driver and uses; trimming
+/// lowers `reserved` to max(used, keep).
+void set_pool(int device, std::size_t reserved, std::size_t used);
+std::size_t pool_reserved(int device);
+std::size_t pool_release_threshold(int device);
+
 std::size_t live_bytes(int device);
 std::size_t live_allocations();
 int set_device_calls();

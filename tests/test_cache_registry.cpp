@@ -1,0 +1,147 @@
+#include <oomguard/cache_registry.hpp>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace oomguard;
+
+namespace {
+struct Pool {
+    std::size_t cached;
+    std::vector<std::string>* log;
+    std::string name;
+    std::size_t releasable_bytes() const { return cached; }
+    std::size_t release() {
+        log->push_back(name);
+        std::size_t b = cached;
+        cached = 0;
+        return b;
+    }
+};
+}  // namespace
+
+TEST_CASE("releases run cheapest-first and report per-cache bytes") {
+    CacheRegistry reg;
+    std::vector<std::string> log;
+    Pool kv{300, &log, "kv"}, work{100, &log, "workspace"}, act{200, &log, "activations"};
+    auto a = reg.add("kv-cache", 10, kv);
+    auto b = reg.add("workspace", 0, work);
+    auto c = reg.add("activations", 5, act);
+    auto d = reg.add("also-0", 0, [] { return std::size_t{7}; }, [&] {
+        log.push_back("also-0");
+        return std::size_t{7};
+    });
+    CHECK(reg.size() == 4);
+    CHECK(reg.releasable_bytes() == 607);
+    ReleaseReport r = reg.release_all();
+    CHECK(log == std::vector<std::string>{"workspace", "also-0", "activations", "kv"});
+    REQUIRE(r.caches.size() == 4);
+    CHECK(r.caches[0].name == "workspace");
+    CHECK(r.caches[0].bytes == 100);
+    CHECK(r.caches[3].name == "kv-cache");
+    CHECK(r.caches[3].bytes == 300);
+    CHECK(r.bytes() == 607);
+    CHECK(r.failures() == 0);
+    CHECK(reg.releasable_bytes() == 7);
+}
+
+TEST_CASE("a throwing cache does not stop the others and its failure is reported") {
+    CacheRegistry reg;
+    std::vector<std::string> log;
+    Pool p1{10, &log, "p1"}, p2{20, &log, "p2"};
+    auto a = reg.add("p1", 0, p1);
+    auto bad = reg.add("broken", 1, [] { return std::size_t{5}; },
+                       []() -> std::size_t { throw std::runtime_error("driver said no"); });
+    auto weird = reg.add("weird", 2, [] { return std::size_t{0}; }, []() -> std::size_t { throw 42; });
+    auto b = reg.add("p2", 3, p2);
+    ReleaseReport r = reg.release_all();
+    REQUIRE(r.caches.size() == 4);
+    CHECK(r.caches[1].failed);
+    CHECK(r.caches[1].error == "driver said no");
+    CHECK(r.caches[2].error == "unknown exception");
+    CHECK(r.failures() == 2);
+    CHECK(r.bytes() == 30);
+    CHECK(log == std::vector<std::string>{"p1", "p2"});
+}
+
+TEST_CASE("RAII: a registration unregisters, and moves keep one owner") {
+    CacheRegistry reg;
+    std::vector<std::string> log;
+    Pool p{1, &log, "p"};
+    {
+        auto r1 = reg.add("p", 0, p);
+        CHECK(reg.size() == 1);
+        CacheRegistration r2 = std::move(r1);
+        CHECK_FALSE(r1);
+        CHECK(reg.size() == 1);
+    }
+    CHECK(reg.size() == 0);
+    CHECK(reg.release_all().caches.empty());
+    CHECK_THROWS_AS((void)reg.add("", 0, p), std::invalid_argument);
+}
+
+TEST_CASE("a cache unregistered mid-release: a running one finishes first, a pending one is skipped") {
+    CacheRegistry reg;
+    std::atomic<bool> first_started{false}, go_on{false}, second_ran{false};
+    std::atomic<bool> first_finished{false};
+    auto first = reg.add("first", 0, [] { return std::size_t{1}; }, [&] {
+        first_started = true;
+        while (!go_on) std::this_thread::yield();
+        first_finished = true;
+        return std::size_t{1};
+    });
+    auto second = std::make_unique<CacheRegistration>(reg.add("second", 1, [] { return std::size_t{2}; }, [&] {
+        second_ran = true;
+        return std::size_t{2};
+    }));
+    ReleaseReport report;
+    std::thread releaser([&] { report = reg.release_all(); });
+    while (!first_started) std::this_thread::yield();
+    second.reset();  // not started yet: skipped
+    std::atomic<bool> unregistered{false};
+    std::thread unregister_first([&] {
+        first.reset();  // running: waits for it
+        unregistered = true;
+    });
+    for (int i = 0; i < 1000; ++i) std::this_thread::yield();
+    CHECK_FALSE(unregistered.load());
+    go_on = true;
+    unregister_first.join();
+    releaser.join();
+    CHECK(first_finished.load());
+    CHECK(unregistered.load());
+    CHECK_FALSE(second_ran.load());
+    REQUIRE(report.caches.size() == 1);
+    CHECK(report.caches[0].name == "first");
+    CHECK(reg.size() == 0);
+}
+
+TEST_CASE("4 threads registering, unregistering and releasing") {
+    CacheRegistry reg;
+    std::atomic<std::size_t> released{0};
+    std::vector<std::thread> ts;
+    for (int t = 0; t < 4; ++t) {
+        ts.emplace_back([&, t] {
+            for (int i = 0; i < 2000; ++i) {
+                auto r = reg.add("c" + std::to_string(t), i % 3, [] { return std::size_t{1}; }, [&] {
+                    released.fetch_add(1);
+                    return std::size_t{1};
+                });
+                if (i % 2 == 0) {
+                    ReleaseReport rep = reg.release_all();
+                    CHECK(rep.bytes() == rep.caches.size());
+                }
+                (void)reg.releasable_bytes();
+            }
+        });
+    }
+    for (auto& th : ts) th.join();
+    CHECK(reg.size() == 0);
+    CHECK(released.load() > 0);
+}
