@@ -52,6 +52,12 @@ TEST_CASE("bad arguments are answered with codes, never a crash") {
     CHECK_THROWS_AS(gpus.set_used_by_others(0, 1001), std::invalid_argument);
 }
 
+TEST_CASE("braces build `count` devices, never a device per number") {
+    SimulatedDevices gpus{2, 1000};
+    CHECK(gpus.count() == 2);
+    CHECK(gpus.spec(1).capacity == 1000);
+}
+
 TEST_CASE("no devices reads as no_device") {
     SimulatedDevices none(0, 1);
     int n = 5;

@@ -44,8 +44,12 @@ inline Message& figure(Message& m, std::size_t b) {
 
 inline Message describe(oom_info const& i) noexcept {
     Message m;
-    m << "oomguard: out of memory: tried to allocate " << format_bytes(i.requested) << " on GPU "
-      << i.device;
+    m << "oomguard: out of memory: tried to allocate ";
+    if (i.requested == oom_info::unknown)
+        m << "an unknown size";
+    else
+        m << format_bytes(i.requested);
+    m << " on GPU " << i.device;
     if (std::strcmp(i.backend, "cuda") != 0) m << " (" << i.backend << ')';
     m << "; ";
     figure(m, i.total) << " total, ";

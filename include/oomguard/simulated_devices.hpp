@@ -24,22 +24,15 @@
 
 namespace oomguard {
 
-/// One simulated GPU.
+/// One simulated GPU. An aggregate whose members all have defaults, so
+/// `{capacity}` and `{capacity, used_by_others}` stay clean under -Wextra, and
+/// a bare number never converts to a spec (see SimulatedDevices' constructors).
 struct SimulatedDeviceSpec {
-    SimulatedDeviceSpec() = default;
-    // A constructor (rather than aggregate initialisation) so `{capacity}` and
-    // `{capacity, used_by_others}` stay clean under -Wextra.
-    SimulatedDeviceSpec(std::size_t capacity_bytes, std::size_t others = 0,
-                        std::string device_name = "oomguard simulated GPU",
-                        std::string device_uuid = "", std::string bus_id = "")
-        : capacity(capacity_bytes), used_by_others(others), name(std::move(device_name)),
-          uuid(std::move(device_uuid)), pci_bus_id(std::move(bus_id)) {}
-
     std::size_t capacity = 0;        ///< total bytes, > 0
     std::size_t used_by_others = 0;  ///< bytes other processes hold (never freed by us)
     std::string name = "oomguard simulated GPU";
-    std::string uuid;                ///< "GPU-…"; generated from the ordinal when empty
-    std::string pci_bus_id;          ///< "00000000:XX:00.0"; generated when empty
+    std::string uuid{};              ///< "GPU-…"; generated from the ordinal when empty
+    std::string pci_bus_id{};        ///< "00000000:XX:00.0"; generated when empty
 };
 
 /// Where allocations live: real host memory (a program can compute on it) or
@@ -80,7 +73,7 @@ public:
     static constexpr char const* backend_name = "simulated";
     static constexpr std::size_t alignment = 256;  // cudaMalloc's guarantee
 
-    /// `track_pointers` keeps a map of live allocations so a bad free is caught
+    /// One spec per device. `track_pointers` keeps a map of live allocations so a bad free is caught
     /// (cudaErrorInvalidValue) and the true size is used; benchmarks turn it off.
     explicit SimulatedDevices(std::vector<SimulatedDeviceSpec> specs,
                               SimulatedMemory memory = SimulatedMemory::host,
@@ -112,7 +105,9 @@ public:
         }
     }
 
-    /// `SimulatedDevices({{80 << 30}, {40 << 30, 10 << 30}})`: one spec per device.
+    /// `SimulatedDevices({{80ull << 30}, {40ull << 30, 10ull << 30}})`. Since a
+    /// spec is an aggregate, `SimulatedDevices gpus{2, capacity}` still means two
+    /// devices of `capacity` bytes (the constructor below), never two specs.
     SimulatedDevices(std::initializer_list<SimulatedDeviceSpec> specs,
                      SimulatedMemory memory = SimulatedMemory::host, bool track_pointers = true)
         : SimulatedDevices(std::vector<SimulatedDeviceSpec>(specs), memory, track_pointers) {}

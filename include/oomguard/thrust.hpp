@@ -1,0 +1,186 @@
+// Thrust through a MemoryBudget (opt-in; not in the umbrella header).
+//
+//   oomguard::thrust_vector<float, Backend> v(n, oomguard::ThrustAllocator<float, Backend>(budget));
+//   thrust::sort(oomguard::thrust_policy(budget), v.begin(), v.end());   // temporaries too
+//
+// Storage and algorithm temporaries are allocated through the budget, so an
+// over-budget request never reaches the device and every failure is a typed
+// oomguard::out_of_memory with the requested size. The same sources build with
+// nvcc on CUDA (over CudaRuntime) and with a host compiler on Thrust's CPP device
+// system (-DTHRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_CPP, over SimulatedDevices
+// with host memory), which is how CI tests them.
+#pragma once
+
+#include <oomguard/classify.hpp>
+#include <oomguard/errors.hpp>
+#include <oomguard/memory_budget.hpp>
+
+#include <thrust/device_ptr.h>
+#include <thrust/device_reference.h>
+#include <thrust/device_vector.h>
+#include <thrust/execution_policy.h>
+#include <thrust/mr/memory_resource.h>
+#include <thrust/system/detail/bad_alloc.h>
+#include <thrust/system_error.h>
+
+#include <cstddef>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+
+namespace oomguard {
+
+/// A Thrust allocator for `thrust::device_vector` storage through a budget.
+template <class T, class Backend = default_backend>
+class ThrustAllocator {
+public:
+    using value_type = T;
+    using pointer = thrust::device_ptr<T>;
+    using const_pointer = thrust::device_ptr<T const>;
+    using reference = thrust::device_reference<T>;
+    using const_reference = thrust::device_reference<T const>;
+    using size_type = std::size_t;
+    using difference_type = std::ptrdiff_t;
+    template <class U>
+    struct rebind {
+        using other = ThrustAllocator<U, Backend>;
+    };
+
+    /// Thrust default-constructs allocators in a few places; such a copy cannot
+    /// allocate until it is assigned one bound to a budget.
+    ThrustAllocator() noexcept = default;
+    explicit ThrustAllocator(MemoryBudget<Backend>& budget) noexcept : budget_(&budget) {}
+    template <class U>
+    ThrustAllocator(ThrustAllocator<U, Backend> const& o) noexcept : budget_(o.budget()) {}
+
+    pointer allocate(size_type n) {
+        if (budget_ == nullptr)
+            throw std::logic_error("oomguard: ThrustAllocator::allocate: this allocator is not bound to a "
+                                   "MemoryBudget; construct it with ThrustAllocator(budget)");
+        if (n > std::numeric_limits<size_type>::max() / sizeof(T))
+            throw out_of_memory(budget_->denial(std::numeric_limits<size_type>::max(), oom_source::budget, status{}));
+        return pointer(static_cast<T*>(budget_->allocate(n * sizeof(T))));
+    }
+    void deallocate(pointer p, size_type n) noexcept {
+        if (budget_ != nullptr) budget_->deallocate(thrust::raw_pointer_cast(p), n * sizeof(T));
+    }
+
+    MemoryBudget<Backend>* budget() const noexcept { return budget_; }
+    friend bool operator==(ThrustAllocator const& a, ThrustAllocator const& b) noexcept {
+        return a.budget_ == b.budget_;
+    }
+    friend bool operator!=(ThrustAllocator const& a, ThrustAllocator const& b) noexcept { return !(a == b); }
+
+private:
+    MemoryBudget<Backend>* budget_ = nullptr;
+};
+
+/// A device_vector whose storage goes through a budget.
+template <class T, class Backend = default_backend>
+using thrust_vector = thrust::device_vector<T, ThrustAllocator<T, Backend>>;
+
+/// The allocator Thrust uses for algorithm temporaries (`thrust::sort`'s
+/// buffers, CUB's temp storage) when given `thrust_policy(budget)`.
+template <class Backend = default_backend>
+class ThrustTemporaryAllocator {
+public:
+    using value_type = char;
+
+    explicit ThrustTemporaryAllocator(MemoryBudget<Backend>& budget) noexcept : budget_(&budget) {}
+
+    char* allocate(std::ptrdiff_t n) {
+        if (n < 0)
+            throw std::invalid_argument((detail::Message() << "oomguard: ThrustTemporaryAllocator::allocate("
+                                                           << static_cast<long long>(n)
+                                                           << "): a negative size")
+                                            .c_str());
+        return static_cast<char*>(budget_->allocate(static_cast<std::size_t>(n)));
+    }
+    void deallocate(char* p, std::size_t n) noexcept { budget_->deallocate(p, n); }
+
+    MemoryBudget<Backend>& budget() const noexcept { return *budget_; }
+
+private:
+    MemoryBudget<Backend>* budget_;
+};
+
+/// An execution policy whose temporaries are allocated through `budget`:
+/// `thrust::sort(oomguard::thrust_policy(budget), first, last)`. For a stream,
+/// use `thrust::cuda::par(ThrustTemporaryAllocator<CudaRuntime>(budget)).on(s)`.
+template <class Backend>
+auto thrust_policy(MemoryBudget<Backend>& budget) {
+    return thrust::device(ThrustTemporaryAllocator<Backend>(budget));
+}
+
+/// A Thrust memory resource over a budget: the upstream of a Thrust `mr` pool
+/// (`thrust::mr::unsynchronized_pool_resource<ThrustBudgetResource<B>>`).
+template <class Backend = default_backend>
+class ThrustBudgetResource : public thrust::mr::memory_resource<thrust::device_ptr<void>> {
+public:
+    using pointer = thrust::device_ptr<void>;
+    explicit ThrustBudgetResource(MemoryBudget<Backend>& budget) noexcept : budget_(&budget) {}
+
+    pointer do_allocate(std::size_t bytes, std::size_t /*alignment*/) override {
+        // Device allocations are 256-byte aligned, more than any pool asks for.
+        return pointer(budget_->allocate(bytes));
+    }
+    void do_deallocate(pointer p, std::size_t bytes, std::size_t /*alignment*/) override {
+        budget_->deallocate(thrust::raw_pointer_cast(p), bytes);
+    }
+    MemoryBudget<Backend>& budget() const noexcept { return *budget_; }
+
+private:
+    MemoryBudget<Backend>* budget_;
+};
+
+/// A Thrust `mr` pool as a releasable cache: release() returns its cached
+/// blocks to the budget and reports the bytes the budget got back.
+template <class Pool, class Backend = default_backend>
+class ThrustPoolCache {
+public:
+    ThrustPoolCache(Pool& pool, MemoryBudget<Backend>& upstream_budget) noexcept
+        : pool_(&pool), budget_(&upstream_budget) {}
+    /// A Thrust pool does not say what it caches; the registry's estimate is 0.
+    std::size_t releasable_bytes() const noexcept { return 0; }
+    std::size_t release() {
+        std::size_t before = budget_->used();
+        pool_->release();
+        std::size_t after = budget_->used();
+        return before > after ? before - after : 0;
+    }
+
+private:
+    Pool* pool_;
+    MemoryBudget<Backend>* budget_;
+};
+
+/// Runs `f` and turns Thrust's own OOM errors (thrust::system::detail::bad_alloc
+/// and a system_error carrying cudaErrorMemoryAllocation, which keep nothing but
+/// text) into oomguard::out_of_memory with the budget's and device's figures.
+/// Thrust does not say how much it asked for: `requested` is oom_info::unknown.
+/// Every other exception passes through unchanged.
+template <class Backend, class F>
+decltype(auto) translate_thrust_oom(MemoryBudget<Backend>& budget, F&& f) {
+    auto rethrow = [&](char const* what) {
+        oom_info i = budget.denial(oom_info::unknown, oom_source::device,
+                                   status{status_kind::out_of_memory, 2, "cudaErrorMemoryAllocation"});
+        detail::Message m = detail::describe(i);
+        m << " Thrust said: " << what;
+        throw out_of_memory(i, m);
+    };
+    try {
+        return std::forward<F>(f)();
+    } catch (out_of_memory const&) {
+        throw;
+    } catch (thrust::system::detail::bad_alloc const& e) {
+        rethrow(e.what());
+    } catch (thrust::system_error const& e) {
+        if (!is_device_oom(e)) throw;
+        rethrow(e.what());
+    }
+    throw std::logic_error("oomguard: translate_thrust_oom: unreachable");
+}
+
+}  // namespace oomguard
