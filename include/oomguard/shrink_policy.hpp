@@ -1,0 +1,246 @@
+// How adaptive_batch picks the next micro-batch size after an OOM.
+//
+//   halve       m -> m/2: few failures, lands near 0.75 of the best size
+//   geometric   m -> floor(m*f): accelerate's x0.9; close to the best, many failures
+//   bisect      search between the largest success and the smallest failure,
+//               probing upward on successes: the best size, after ~log2 failures
+//   predictive  fit bytes(m) = a + b*m to the peaks the budget measured (two
+//               small calibration steps when nothing is known) and jump to the
+//               largest m that fits under the limit less a safety margin;
+//               bisect if that still fails
+//   custom      your function
+#pragma once
+
+#include <oomguard/detail/format.hpp>
+
+#include <cstddef>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+namespace oomguard {
+
+/// What a policy knows when a micro-batch of `failed` samples ran out of memory.
+struct ShrinkContext {
+    std::size_t failed = 0;           ///< the size that just failed
+    std::size_t minimum = 1;          ///< the smallest size allowed (>= 1)
+    std::size_t requested = 0;        ///< the size the user asked for
+    std::size_t last_good = 0;        ///< the largest size known to fit (0: none)
+    unsigned attempt = 0;             ///< failed attempts so far in this global batch
+    std::size_t peak_bytes = 0;       ///< peak the budget measured in the failed attempt (0: unknown)
+    std::size_t available_bytes = 0;  ///< bytes a step may use (0: unknown)
+};
+
+/// A shrink policy: a value type with the search state it needs.
+class ShrinkPolicy {
+public:
+    enum class Kind : unsigned char { halve, geometric, bisect, predictive, custom };
+    using CustomFn = std::size_t (*)(ShrinkContext const&, void* user);
+
+    /// m -> m/2.
+    static ShrinkPolicy halve() { return ShrinkPolicy(Kind::halve); }
+
+    /// m -> floor(m*f), strictly decreasing; `f` must be in (0, 1).
+    static ShrinkPolicy geometric(double f) {
+        if (!(f > 0.0 && f < 1.0))
+            throw std::invalid_argument((detail::Message() << "oomguard: ShrinkPolicy::geometric(" << f
+                                                           << "): the factor must be in (0, 1), for example 0.9")
+                                            .c_str());
+        ShrinkPolicy p(Kind::geometric);
+        p.factor_ = f;
+        return p;
+    }
+
+    /// Bisection between the largest success and the smallest failure.
+    static ShrinkPolicy bisect() { return ShrinkPolicy(Kind::bisect); }
+
+    /// Fit-and-jump; `margin` (in [0, 0.5)) is the share of the available bytes
+    /// kept free to absorb what the linear model misses.
+    static ShrinkPolicy predictive(double margin = 0.02) {
+        if (!(margin >= 0.0 && margin < 0.5))
+            throw std::invalid_argument((detail::Message() << "oomguard: ShrinkPolicy::predictive(" << margin
+                                                           << "): the safety margin must be in [0, 0.5)")
+                                            .c_str());
+        ShrinkPolicy p(Kind::predictive);
+        p.margin_ = margin;
+        return p;
+    }
+
+    /// Your function; it must return a size in [ctx.minimum, ctx.failed).
+    static ShrinkPolicy custom(CustomFn fn, void* user = nullptr, char const* name = "custom") {
+        if (fn == nullptr)
+            throw std::invalid_argument("oomguard: ShrinkPolicy::custom: the function is a null pointer");
+        ShrinkPolicy p(Kind::custom);
+        p.fn_ = fn;
+        p.user_ = user;
+        p.name_ = name;
+        return p;
+    }
+
+    Kind kind() const noexcept { return kind_; }
+    char const* name() const noexcept {
+        switch (kind_) {
+            case Kind::halve: return "halve";
+            case Kind::geometric: return "geometric";
+            case Kind::bisect: return "bisect";
+            case Kind::predictive: return "predictive";
+            case Kind::custom: return name_;
+        }
+        return "unknown";
+    }
+    double factor() const noexcept { return factor_; }
+    double margin() const noexcept { return margin_; }
+
+    /// The next size after `ctx.failed` failed: in [ctx.minimum, ctx.failed).
+    /// Requires ctx.failed > ctx.minimum.
+    std::size_t on_failure(ShrinkContext const& ctx) {
+        note_failure(ctx.failed);
+        std::size_t next = 0;
+        switch (kind_) {
+            case Kind::halve: next = ctx.failed / 2; break;
+            case Kind::geometric: {
+                next = static_cast<std::size_t>(static_cast<double>(ctx.failed) * factor_);
+                if (next >= ctx.failed) next = ctx.failed - 1;
+                break;
+            }
+            case Kind::bisect: next = bisect_point(ctx); break;
+            case Kind::predictive: {
+                std::size_t predicted = 0;
+                if (!predicted_failed_ && predict(ctx, predicted)) {
+                    next = predicted;
+                    predicted_ = true;
+                } else {
+                    next = bisect_point(ctx);
+                }
+                break;
+            }
+            case Kind::custom: {
+                next = fn_(ctx, user_);
+                if (next < ctx.minimum || next >= ctx.failed)
+                    throw std::logic_error((detail::Message() << "oomguard: shrink policy '" << name_ << "' returned "
+                                                              << next << " after " << ctx.failed
+                                                              << " failed; it must return a size in ["
+                                                              << ctx.minimum << ", " << ctx.failed << ")")
+                                               .c_str());
+                return next;
+            }
+        }
+        if (next < ctx.minimum) next = ctx.minimum;
+        return next;
+    }
+
+    /// After a micro-batch of `m` samples fit (needing `bytes`, 0 if unknown):
+    /// the size to use for the next micro-batch. Bisection probes upward while
+    /// the gap to the smallest known failure is open; the others keep `m`.
+    std::size_t on_success(std::size_t m, std::size_t bytes, std::size_t requested) {
+        if (m > low_) low_ = m;
+        if (bytes != 0) observe(m, bytes);
+        if (predicted_) {
+            predicted_ = false;  // the jump held
+        }
+        bool searching = kind_ == Kind::bisect || (kind_ == Kind::predictive && predicted_failed_);
+        if (searching && high_ > m + 1) {
+            std::size_t mid = m + (high_ - m) / 2;
+            return mid < requested ? mid : requested;
+        }
+        return m;
+    }
+
+    /// Whether the policy wants calibration steps before it can decide, and at
+    /// which sizes (predictive with fewer than two measured sizes).
+    bool wants_calibration(ShrinkContext const& ctx, std::size_t& c1, std::size_t& c2) const {
+        if (kind_ != Kind::predictive || distinct_sizes() >= 2 || ctx.available_bytes == 0) return false;
+        c1 = ctx.failed / 8 > ctx.minimum ? ctx.failed / 8 : ctx.minimum;
+        c2 = ctx.failed / 4 > c1 ? ctx.failed / 4 : c1 + 1;
+        return c2 < ctx.failed;
+    }
+
+    /// Records what a size needed (from a step or a calibration step).
+    void observe(std::size_t m, std::size_t bytes) {
+        for (auto& o : obs_) {
+            if (o.first == m) {
+                if (bytes > o.second) o.second = bytes;  // keep the worst seen
+                return;
+            }
+        }
+        if (obs_.size() >= 64) obs_.erase(obs_.begin());
+        obs_.emplace_back(m, bytes);
+    }
+
+    /// Forgets the search bounds (memory conditions changed: a grow-back, a new device).
+    void forget_bounds() noexcept {
+        low_ = 0;
+        high_ = 0;
+        predicted_ = predicted_failed_ = false;
+    }
+    /// Forgets everything, measurements too.
+    void reset() noexcept {
+        forget_bounds();
+        obs_.clear();
+    }
+    std::size_t smallest_failure() const noexcept { return high_; }
+    std::size_t largest_success() const noexcept { return low_; }
+
+private:
+    explicit ShrinkPolicy(Kind k) : kind_(k) {}
+
+    void note_failure(std::size_t m) noexcept {
+        if (high_ == 0 || m < high_) high_ = m;
+        if (low_ >= high_) low_ = 0;  // conditions changed: the old success no longer holds
+        if (predicted_) {
+            predicted_ = false;
+            predicted_failed_ = true;
+        }
+    }
+
+    std::size_t bisect_point(ShrinkContext const& ctx) const noexcept {
+        std::size_t lo = low_ != 0 && low_ < ctx.failed ? low_ : 0;
+        if (lo == 0) return ctx.failed / 2;  // nothing known to fit: halve until something does
+        std::size_t mid = lo + (ctx.failed - lo) / 2;
+        return mid > lo ? mid : lo;
+    }
+
+    std::size_t distinct_sizes() const noexcept { return obs_.size(); }
+
+    bool predict(ShrinkContext const& ctx, std::size_t& out) const noexcept {
+        if (obs_.size() < 2 || ctx.available_bytes == 0) return false;
+        // Least squares for bytes = a + b*m.
+        double n = static_cast<double>(obs_.size()), sx = 0, sy = 0, sxx = 0, sxy = 0;
+        for (auto const& o : obs_) {
+            double x = static_cast<double>(o.first), y = static_cast<double>(o.second);
+            sx += x;
+            sy += y;
+            sxx += x * x;
+            sxy += x * y;
+        }
+        double den = n * sxx - sx * sx;
+        if (den <= 0.0) return false;
+        double b = (n * sxy - sx * sy) / den;
+        double a = (sy - b * sx) / n;
+        if (!(b > 0.0)) return false;
+        double room = static_cast<double>(ctx.available_bytes) * (1.0 - margin_) - a;
+        if (room <= 0.0) {
+            out = ctx.minimum;
+            return true;
+        }
+        double m = room / b;
+        std::size_t pick = m >= static_cast<double>(ctx.failed) ? ctx.failed - 1 : static_cast<std::size_t>(m);
+        if (low_ != 0 && pick < low_ && low_ < ctx.failed) pick = low_;
+        out = pick < ctx.minimum ? ctx.minimum : pick;
+        return true;
+    }
+
+    Kind kind_;
+    double factor_ = 0.5;
+    double margin_ = 0.02;
+    CustomFn fn_ = nullptr;
+    void* user_ = nullptr;
+    char const* name_ = "custom";
+    std::size_t low_ = 0;   // largest size known to fit
+    std::size_t high_ = 0;  // smallest size known to fail
+    bool predicted_ = false;         // the current size came from a prediction
+    bool predicted_failed_ = false;  // a prediction failed: bisect from now on
+    std::vector<std::pair<std::size_t, std::size_t>> obs_;
+};
+
+}  // namespace oomguard

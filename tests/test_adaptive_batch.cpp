@@ -1,0 +1,477 @@
+#include <oomguard/adaptive_batch.hpp>
+#include <oomguard/device_buffer.hpp>
+#include <oomguard/simulated_devices.hpp>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace oomguard;
+using Budget = MemoryBudget<SimulatedDevices>;
+using Buffer = DeviceBuffer<SimulatedDevices>;
+constexpr std::size_t KiB = 1024;
+
+namespace {
+// A step that needs fixed + per_sample * m bytes (per_sample scales with precision).
+struct Workload {
+    SimulatedDevices gpus;
+    Budget budget;
+    std::size_t fixed, per_sample;
+    Workload(std::size_t capacity, std::size_t fixed_bytes, std::size_t per_sample_fp32)
+        : gpus(1, capacity), budget(gpus, 0, Limit::unlimited()), fixed(fixed_bytes), per_sample(per_sample_fp32) {}
+    std::size_t bytes(std::size_t m, Precision p) const { return fixed + per_sample * m * bytes_per_element(p) / 4; }
+    void step(MicroBatch const& mb) { Buffer act(budget, bytes(mb.size, mb.precision)); }
+};
+}  // namespace
+
+TEST_CASE("bad arguments name the value") {
+    auto opts = [] {
+        BatchOptions o;
+        o.global_batch = 64;
+        return o;
+    };
+    BatchOptions o = opts();
+    o.global_batch = 0;
+    CHECK_THROWS_WITH_AS(AdaptiveBatch{o}, doctest::Contains("global_batch is 0"), std::invalid_argument);
+    o = opts();
+    o.micro_batch = 65;
+    CHECK_THROWS_WITH_AS(AdaptiveBatch{o}, doctest::Contains("micro_batch 65 is above global_batch 64"),
+                         std::invalid_argument);
+    o = opts();
+    o.micro_batch = 8;
+    o.min_micro_batch = 16;
+    CHECK_THROWS_WITH_AS(AdaptiveBatch{o}, doctest::Contains("min_micro_batch 16 is above the starting micro_batch 8"),
+                         std::invalid_argument);
+    o = opts();
+    o.min_micro_batch = 0;
+    CHECK_THROWS_AS(AdaptiveBatch{o}, std::invalid_argument);
+    o = opts();
+    o.precisions.clear();
+    CHECK_THROWS_WITH_AS(AdaptiveBatch{o}, doctest::Contains("precisions is empty"), std::invalid_argument);
+    o = opts();
+    o.precisions = {Precision::fp32, Precision::bf16, Precision::fp32};
+    CHECK_THROWS_WITH_AS(AdaptiveBatch{o}, doctest::Contains("lists fp32 twice"), std::invalid_argument);
+    o = opts();
+    o.max_attempts = 0;
+    CHECK_THROWS_AS(AdaptiveBatch{o}, std::invalid_argument);
+    CHECK_THROWS_WITH_AS(ShrinkPolicy::geometric(1.0), doctest::Contains("geometric(1)"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(ShrinkPolicy::geometric(0.0), doctest::Contains("must be in (0, 1)"), std::invalid_argument);
+    CHECK_THROWS_AS(ShrinkPolicy::geometric(-0.5), std::invalid_argument);
+    CHECK_THROWS_AS(ShrinkPolicy::geometric(std::nan("")), std::invalid_argument);
+    CHECK_THROWS_AS(ShrinkPolicy::predictive(0.6), std::invalid_argument);
+    CHECK_THROWS_AS(ShrinkPolicy::custom(nullptr), std::invalid_argument);
+
+    AdaptiveBatch a(opts());
+    void (*null_step)(MicroBatch const&) = nullptr;
+    CHECK_THROWS_WITH_AS(a.run(null_step), doctest::Contains("the step is empty"), std::invalid_argument);
+    std::function<void(MicroBatch const&)> empty;
+    CHECK_THROWS_AS(a.run(empty), std::invalid_argument);
+    std::function<void()> no_commit;
+    CHECK_THROWS_WITH_AS(a.run([](MicroBatch const&) {}, no_commit, [] {}), doctest::Contains("the commit is empty"),
+                         std::invalid_argument);
+}
+
+TEST_CASE("micro-batches cover the global batch once, with weights summing to 1") {
+    BatchOptions o;
+    o.global_batch = 10;
+    o.micro_batch = 4;
+    AdaptiveBatch a(o);
+    std::vector<std::size_t> sizes;
+    double w = 0;
+    std::size_t next = 0;
+    int commits = 0;
+    a.run(
+        [&](MicroBatch const& mb) {
+            CHECK(mb.offset == next);
+            next += mb.size;
+            sizes.push_back(mb.size);
+            w += mb.weight;
+        },
+        [&] { ++commits; }, [] { FAIL("no rollback expected"); });
+    CHECK(sizes == std::vector<std::size_t>{4, 4, 2});
+    CHECK(w == doctest::Approx(1.0));
+    CHECK(commits == 1);
+}
+
+TEST_CASE("an OOM shrinks the micro-batch, rolls back, and retries the same samples") {
+    Workload w(1024 * KiB, 64 * KiB, 16 * KiB);  // fits m <= 60
+    BatchOptions o;
+    o.global_batch = 256;
+    AdaptiveBatch a(o);
+    int rollbacks = 0, commits = 0;
+    std::vector<std::size_t> first_offsets;
+    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); }, [&] { ++commits; }, [&] { ++rollbacks; });
+    CHECK(r.plan.micro_batch == 32);  // 256 -> 128 -> 64 -> 32
+    CHECK(r.attempts == 4);
+    CHECK(rollbacks == 3);
+    CHECK(commits == 1);
+    CHECK(a.counters().ooms == 3);
+    CHECK(a.counters().shrinks == 3);
+    CHECK(w.gpus.live_bytes() == 0);
+    CHECK(w.budget.used() == 0);
+    // The plan is remembered: the next global batch starts at 32 and does not fail.
+    r = a.run([&](MicroBatch const& mb) { w.step(mb); }, [&] { ++commits; }, [&] { ++rollbacks; });
+    CHECK(r.attempts == 1);
+    CHECK(a.plan().micro_batch == 32);
+    a.reset();
+    CHECK(a.plan().micro_batch == 256);
+}
+
+TEST_CASE("a non-OOM exception passes through unchanged at once, without rollback") {
+    BatchOptions o;
+    o.global_batch = 8;
+    AdaptiveBatch a(o);
+    struct UserError {
+        int code;
+    };
+    int rollbacks = 0;
+    try {
+        a.run([](MicroBatch const&) { throw UserError{42}; }, [] {}, [&] { ++rollbacks; });
+        FAIL("expected UserError");
+    } catch (UserError const& e) {
+        CHECK(e.code == 42);
+    }
+    CHECK_THROWS_WITH_AS(a.run([](MicroBatch const&) { throw std::runtime_error("bad data"); }), "bad data",
+                         std::runtime_error);
+    CHECK_THROWS_AS(a.run([](MicroBatch const&) { throw std::bad_alloc(); }), std::bad_alloc);  // host OOM
+    CHECK(rollbacks == 0);
+    CHECK(a.counters().ooms == 0);
+}
+
+TEST_CASE("a sticky error is never retried") {
+    Workload w(1024 * KiB, 0, KiB);
+    BatchOptions o;
+    o.global_batch = 8;
+    AdaptiveBatch a(o);
+    int calls = 0;
+    w.gpus.inject_sticky(0);
+    try {
+        a.run([&](MicroBatch const& mb) {
+            ++calls;
+            w.step(mb);
+        });
+        FAIL("expected cuda_error");
+    } catch (cuda_error const& e) {
+        CHECK(e.is_sticky());
+    }
+    CHECK(calls == 1);
+}
+
+TEST_CASE("at the minimum size the precision ladder is next, then a full report") {
+    Workload w(100 * KiB, 0, 24 * KiB);  // fp32: 24 KiB/sample, fits 4; bf16: 12 KiB, fits 8; fp8: fits 16
+    BatchOptions o;
+    o.global_batch = 64;
+    o.micro_batch = 32;
+    o.min_micro_batch = 8;
+    o.precisions = {Precision::fp32, Precision::bf16};
+    AdaptiveBatch a(o);
+    std::vector<BatchEventKind> events;
+    a.observe([](BatchEvent const& e, void* u) { static_cast<std::vector<BatchEventKind>*>(u)->push_back(e.kind); },
+              &events);
+    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(r.plan.micro_batch == 8);
+    CHECK(r.plan.precision == Precision::bf16);
+    CHECK(a.counters().precision_changes == 1);
+    CHECK(events.back() == BatchEventKind::commit);
+
+    Workload tight(50 * KiB, 0, 24 * KiB);
+    AdaptiveBatch b(o);
+    try {
+        b.run([&](MicroBatch const& mb) { tight.step(mb); });
+        FAIL("expected recovery_failed");
+    } catch (recovery_failed const& e) {
+        CHECK(is_device_oom(e));
+        CHECK(e.attempts().size() == 4);  // 32, 16, 8 fp32, 8 bf16
+        CHECK(e.attempts().back().plan.precision == Precision::bf16);
+        std::string w = e.what();
+        CHECK(w.find("gave up on a global batch of 64 after 4 attempts") != std::string::npos);
+        CHECK(w.find("[m=32 fp32 GPU 0, failed at 32 after 0 samples]") != std::string::npos);
+        CHECK(w.find("last error: oomguard: out of memory") != std::string::npos);
+        CHECK(e.info().requested == 8 * 12 * KiB);
+    }
+    CHECK(b.counters().give_ups == 1);
+    CHECK(tight.gpus.live_bytes() == 0);
+}
+
+TEST_CASE("one retry at the same size when releasing caches freed memory") {
+    Workload w(256 * KiB, 0, 4 * KiB);  // 64 samples fit on an empty device
+    CacheRegistry reg;
+    std::vector<void*> cached;
+    for (int i = 0; i < 4; ++i) cached.push_back(w.budget.allocate(32 * KiB));  // a cache holds 128 KiB
+    auto r = reg.add("cache", 0, [&] { return cached.size() * 32 * KiB; }, [&] {
+        std::size_t b = cached.size() * 32 * KiB;
+        for (void* p : cached) w.budget.deallocate(p, 32 * KiB);
+        cached.clear();
+        return b;
+    });
+    BatchOptions o;
+    o.global_batch = 64;
+    o.caches = &reg;
+    AdaptiveBatch a(o);
+    BatchResult res = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(res.plan.micro_batch == 64);  // nothing shrank
+    CHECK(res.attempts == 2);
+    CHECK(a.counters().retries_same == 1);
+    CHECK(a.counters().bytes_released == 128 * KiB);
+}
+
+TEST_CASE("policies: halve, geometric, bisect, predictive, custom") {
+    auto run_with = [](ShrinkPolicy p, std::size_t& failures) {
+        Workload w(1000 * KiB, 100 * KiB, 10 * KiB);  // fits m <= 90
+        BatchOptions o;
+        o.global_batch = 256;
+        o.policy = p;
+        AdaptiveBatch a(o);
+        a.measure_with(w.budget);
+        for (int i = 0; i < 12; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); });
+        failures = a.counters().ooms;
+        CHECK(w.gpus.live_bytes() == 0);
+        return a.plan().micro_batch;
+    };
+    std::size_t f = 0;
+    CHECK(run_with(ShrinkPolicy::halve(), f) == 64);
+    CHECK(f == 2);
+    CHECK(run_with(ShrinkPolicy::geometric(0.9), f) == 87);  // 256, 230, 207, 186, 167, 150, 135, 121, 108, 97, 87
+    CHECK(f == 10);
+    CHECK(run_with(ShrinkPolicy::bisect(), f) == 90);
+    CHECK(f <= 9);
+    std::size_t m = run_with(ShrinkPolicy::predictive(0.02), f);
+    CHECK(m >= 81);  // within 10 % of the best, 90
+    CHECK(m <= 90);
+    CHECK(f <= 2);
+    auto third = ShrinkPolicy::custom([](ShrinkContext const& c, void*) { return c.failed / 3; }, nullptr, "third");
+    CHECK(run_with(third, f) == 85);
+    auto broken = ShrinkPolicy::custom([](ShrinkContext const& c, void*) { return c.failed; }, nullptr, "broken");
+    CHECK_THROWS_WITH_AS(run_with(broken, f), doctest::Contains("policy 'broken' returned 256"), std::logic_error);
+}
+
+TEST_CASE("geometric is strictly decreasing even when the factor rounds to the same size") {
+    ShrinkPolicy p = ShrinkPolicy::geometric(0.99);
+    ShrinkContext c;
+    c.failed = 50;
+    c.minimum = 1;
+    CHECK(p.on_failure(c) == 49);
+    c.failed = 2;
+    CHECK(p.on_failure(c) == 1);
+}
+
+TEST_CASE("grow back after clean batches, never above the requested size") {
+    Workload w(1000 * KiB, 0, 10 * KiB);
+    BatchOptions o;
+    o.global_batch = 128;
+    o.micro_batch = 128;
+    o.grow_after = 3;
+    AdaptiveBatch a(o);
+    w.gpus.set_used_by_others(0, 600 * KiB);  // another process: fits 40
+    for (int i = 0; i < 3; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(a.plan().micro_batch == 32);
+    w.gpus.set_used_by_others(0, 0);  // it went away
+    for (int i = 0; i < 40; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(a.plan().micro_batch == 100);  // the largest that fits: grows bisect below the ones that failed
+    CHECK(a.counters().grow_backs >= 2);
+    CHECK(a.plan().micro_batch <= 128);
+    CHECK(w.gpus.live_bytes() == 0);
+}
+
+TEST_CASE("failover proposes another device when nothing fits") {
+    SimulatedDevices gpus({{64 * KiB}, {1024 * KiB}});
+    Budget b0(gpus, 0, Limit::unlimited()), b1(gpus, 1, Limit::unlimited());
+    Budget* budgets[] = {&b0, &b1};
+    BatchOptions o;
+    o.global_batch = 32;
+    o.min_micro_batch = 16;
+    AdaptiveBatch a(o);
+    a.failover([](void*, FailoverRequest const& r) { return r.plan.device == 0 ? 1 : -1; });
+    BatchResult r = a.run([&](MicroBatch const& mb) { Buffer buf(*budgets[mb.device], mb.size * 8 * KiB); });
+    CHECK(r.plan.device == 1);
+    CHECK(r.plan.micro_batch == 32);
+    CHECK(a.counters().failovers == 1);
+}
+
+namespace {
+// Two in-process "ranks" that meet at a barrier for each collective.
+struct ThreadConsensus {
+    std::mutex m;
+    std::condition_variable cv;
+    int arrived = 0, generation = 0;
+    bool any = false;
+    std::size_t mb = ~std::size_t{0}, pi = 0;
+    bool out_any = false;
+    std::size_t out_mb = 0, out_pi = 0;
+    template <class F, class G>
+    void collective(F contribute, G read) {
+        std::unique_lock<std::mutex> lock(m);
+        contribute();
+        int gen = generation;
+        if (++arrived == 2) {
+            out_any = any;
+            out_mb = mb;
+            out_pi = pi;
+            any = false;
+            mb = ~std::size_t{0};
+            pi = 0;
+            arrived = 0;
+            ++generation;
+            cv.notify_all();
+        } else {
+            cv.wait(lock, [&] { return generation != gen; });
+        }
+        read();
+    }
+    Consensus hook() {
+        Consensus c;
+        c.context = this;
+        c.any_failed = [](void* ctx, bool mine) {
+            auto* t = static_cast<ThreadConsensus*>(ctx);
+            bool r = false;
+            t->collective([&] { t->any = t->any || mine; }, [&] { r = t->out_any; });
+            return r;
+        };
+        c.agree = [](void* ctx, std::size_t* m, std::size_t* p) {
+            auto* t = static_cast<ThreadConsensus*>(ctx);
+            t->collective(
+                [&] {
+                    if (*m < t->mb) t->mb = *m;
+                    if (*p > t->pi) t->pi = *p;
+                },
+                [&] {
+                    *m = t->out_mb;
+                    *p = t->out_pi;
+                });
+        };
+        return c;
+    }
+};
+}  // namespace
+
+TEST_CASE("consensus: an OOM on one rank moves every rank to the same plan") {
+    ThreadConsensus tc;
+    Plan plans[2];
+    std::size_t commits[2] = {0, 0};
+    auto rank = [&](int r, std::size_t capacity) {
+        Workload w(capacity, 0, 10 * KiB);
+        BatchOptions o;
+        o.global_batch = 64;
+        AdaptiveBatch a(o);
+        a.consensus(tc.hook());
+        for (int i = 0; i < 4; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); }, [&] { ++commits[r]; }, [] {});
+        plans[r] = a.plan();
+    };
+    std::thread r0(rank, 0, 1000 * KiB);  // fits 100: would keep 64
+    std::thread r1(rank, 1, 500 * KiB);   // fits 50: needs 32
+    r0.join();
+    r1.join();
+    CHECK(plans[0].micro_batch == 32);
+    CHECK(plans[1].micro_batch == 32);
+    CHECK(commits[0] == 4);
+    CHECK(commits[1] == 4);
+}
+
+namespace {
+// Linear regression trained with SGD; the step allocates its activations
+// through the budget, so the batch size decides whether it fits.
+struct Trainer {
+    static constexpr int D = 8;
+    std::size_t N;
+    std::vector<float> X, y;
+    float w[D] = {};
+    float grad[D] = {};
+    std::vector<int> seen;          // commits per sample in this epoch
+    std::vector<std::size_t> pending;
+    explicit Trainer(std::size_t n) : N(n), X(n * D), y(n), seen(n, 0) {
+        std::uint64_t s = 12345;
+        auto rnd = [&] {
+            s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+            return static_cast<float>((s >> 40) % 2001) / 1000.0f - 1.0f;
+        };
+        float truth[D];
+        for (float& t : truth) t = rnd();
+        for (std::size_t i = 0; i < n; ++i) {
+            float acc = 0;
+            for (int d = 0; d < D; ++d) {
+                X[i * D + d] = rnd();
+                acc += truth[d] * X[i * D + d];
+            }
+            y[i] = acc + 0.01f * rnd();
+        }
+    }
+    template <class B>
+    void step(B& budget, std::size_t base, MicroBatch const& mb) {
+        DeviceBuffer<SimulatedDevices> act(budget, 4096 + mb.size * 1024);  // what the micro-batch needs
+        float g[D] = {};
+        for (std::size_t k = 0; k < mb.size; ++k) {
+            std::size_t i = base + mb.offset + k;
+            float pred = 0;
+            for (int d = 0; d < D; ++d) pred += w[d] * X[i * D + d];
+            float err = pred - y[i];
+            for (int d = 0; d < D; ++d) g[d] += err * X[i * D + d];
+            pending.push_back(i);
+        }
+        for (int d = 0; d < D; ++d) grad[d] += static_cast<float>(mb.weight) * g[d] / static_cast<float>(mb.size);
+    }
+    void commit() {
+        for (int d = 0; d < D; ++d) {
+            w[d] -= 0.1f * grad[d];
+            grad[d] = 0;
+        }
+        for (auto i : pending) ++seen[i];
+        pending.clear();
+    }
+    void rollback() {
+        for (float& g : grad) g = 0;
+        pending.clear();
+    }
+};
+
+std::vector<float> train(std::size_t capacity, ShrinkPolicy policy, std::size_t& ooms, double fault_rate = 0.0) {
+    SimulatedDevices gpus(1, capacity);
+    if (fault_rate > 0) {
+        FaultPlan f;
+        f.probability = fault_rate;
+        f.seed = 99;
+        gpus.set_faults(0, f);
+    }
+    MemoryBudget<SimulatedDevices> budget(gpus, 0, Limit::unlimited());
+    Trainer t(512);
+    BatchOptions o;
+    o.global_batch = 128;
+    o.policy = policy;
+    o.max_attempts = 1000;
+    AdaptiveBatch a(o);
+    a.measure_with(budget);
+    for (int epoch = 0; epoch < 5; ++epoch) {
+        for (std::size_t base = 0; base < t.N; base += o.global_batch)
+            a.run([&](MicroBatch const& mb) { t.step(budget, base, mb); }, [&] { t.commit(); }, [&] { t.rollback(); });
+        for (int c : t.seen) REQUIRE(c == 1);  // every sample committed exactly once this epoch
+        std::fill(t.seen.begin(), t.seen.end(), 0);
+    }
+    ooms = a.counters().ooms;
+    CHECK(gpus.live_bytes() == 0);
+    CHECK(gpus.live_allocations() == 0);
+    return std::vector<float>(t.w, t.w + Trainer::D);
+}
+}  // namespace
+
+TEST_CASE("a run whose full batch cannot fit ends with the same weights as one that fits") {
+    std::size_t ooms_big = 0, ooms = 0;
+    auto reference = train(std::size_t{1} << 30, ShrinkPolicy::halve(), ooms_big);
+    CHECK(ooms_big == 0);
+    for (auto policy : {ShrinkPolicy::halve(), ShrinkPolicy::geometric(0.9), ShrinkPolicy::bisect(),
+                        ShrinkPolicy::predictive()}) {
+        CAPTURE(policy.name());
+        auto w = train(40 * 1024, policy, ooms);  // fits about 35 of 128 samples
+        CHECK(ooms > 0);
+        for (int d = 0; d < Trainer::D; ++d) CHECK(w[d] == doctest::Approx(reference[d]).epsilon(1e-5));
+    }
+    auto w = train(std::size_t{1} << 30, ShrinkPolicy::halve(), ooms, 0.05);  // 5 % random faults
+    CHECK(ooms > 0);
+    for (int d = 0; d < Trainer::D; ++d) CHECK(w[d] == doctest::Approx(reference[d]).epsilon(1e-5));
+}
