@@ -230,6 +230,7 @@ public:
                 failed = true;
                 capture(std::current_exception(), info, what);
             }
+            if (failed) note_failure_bytes(failed_size, info);
             bool any = failed;
             if (consensus_.any_failed != nullptr) any = consensus_.any_failed(consensus_.context, failed);
             if (!any) {
@@ -355,6 +356,7 @@ private:
         }
         std::size_t outer_peak = meter_.peak(meter_.object);
         std::size_t base = meter_.start(meter_.object);
+        last_base_ = base;
         struct Restore {
             Meter& m;
             std::size_t v;
@@ -363,6 +365,16 @@ private:
         step(mb);
         std::size_t pk = meter_.peak(meter_.object);
         return pk > base ? pk - base : 0;
+    }
+
+    // What the failed micro-batch needed at least: what it held when the
+    // allocation failed, plus that allocation. For a step whose largest buffer
+    // fails this is exact, and it anchors the predictive fit at the far end.
+    void note_failure_bytes(std::size_t size, oom_info const& info) {
+        if (meter_.object == nullptr || info.requested == oom_info::unknown ||
+            info.budget_used == oom_info::unknown || info.budget_used < last_base_)
+            return;
+        opt_.policy.observe(size, info.budget_used - last_base_ + info.requested);
     }
 
     static void capture(std::exception_ptr const& ep, oom_info& info, detail::Message& what) {
@@ -530,6 +542,7 @@ private:
     void* observer_user_ = nullptr;
     int (*failover_)(void*, FailoverRequest const&) = nullptr;
     void* failover_user_ = nullptr;
+    std::size_t last_base_ = 0;  // bytes held when the last measured step began
     std::size_t clean_batches_ = 0;
     std::size_t grow_wait_ = 0;
     std::size_t grow_ceiling_ = 0;  // smallest grow-back size that failed (0: none)

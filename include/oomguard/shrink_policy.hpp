@@ -56,7 +56,7 @@ public:
 
     /// Fit-and-jump; `margin` (in [0, 0.5)) is the share of the available bytes
     /// kept free to absorb what the linear model misses.
-    static ShrinkPolicy predictive(double margin = 0.02) {
+    static ShrinkPolicy predictive(double margin = 0.01) {
         if (!(margin >= 0.0 && margin < 0.5))
             throw std::invalid_argument((detail::Message() << "oomguard: ShrinkPolicy::predictive(" << margin
                                                            << "): the safety margin must be in [0, 0.5)")
@@ -106,6 +106,7 @@ public:
             case Kind::bisect: next = bisect_point(ctx); break;
             case Kind::predictive: {
                 std::size_t predicted = 0;
+                if (ctx.available_bytes != 0) available_ = ctx.available_bytes;
                 if (!predicted_failed_ && predict(ctx, predicted)) {
                     next = predicted;
                     predicted_ = true;
@@ -136,7 +137,18 @@ public:
         if (m > low_) low_ = m;
         if (bytes != 0) observe(m, bytes);
         if (predicted_) {
-            predicted_ = false;  // the jump held
+            // The jump held, and it measured a point near the answer: refit and
+            // jump again while that promises more than half a percent.
+            predicted_ = false;
+            ShrinkContext ctx;
+            ctx.failed = high_ != 0 ? high_ : requested + 1;
+            ctx.minimum = m;
+            ctx.available_bytes = available_;
+            std::size_t again = 0;
+            if (bytes != 0 && predict(ctx, again) && again > m + m / 200 && again <= requested) {
+                predicted_ = true;
+                return again;
+            }
         }
         bool searching = kind_ == Kind::bisect || (kind_ == Kind::predictive && predicted_failed_);
         if (searching && high_ > m + 1) {
@@ -150,8 +162,9 @@ public:
     /// which sizes (predictive with fewer than two measured sizes).
     bool wants_calibration(ShrinkContext const& ctx, std::size_t& c1, std::size_t& c2) const {
         if (kind_ != Kind::predictive || distinct_sizes() >= 2 || ctx.available_bytes == 0) return false;
-        c1 = ctx.failed / 8 > ctx.minimum ? ctx.failed / 8 : ctx.minimum;
-        c2 = ctx.failed / 4 > c1 ? ctx.failed / 4 : c1 + 1;
+        // Small enough to fit even when the first size was far too big.
+        c1 = ctx.failed / 16 > ctx.minimum ? ctx.failed / 16 : ctx.minimum;
+        c2 = ctx.failed / 8 > c1 ? ctx.failed / 8 : c1 + 1;
         return c2 < ctx.failed;
     }
 
@@ -171,6 +184,7 @@ public:
     void forget_bounds() noexcept {
         low_ = 0;
         high_ = 0;
+        available_ = 0;
         predicted_ = predicted_failed_ = false;
     }
     /// Forgets everything, measurements too.
@@ -240,6 +254,7 @@ private:
     std::size_t high_ = 0;  // smallest size known to fail
     bool predicted_ = false;         // the current size came from a prediction
     bool predicted_failed_ = false;  // a prediction failed: bisect from now on
+    std::size_t available_ = 0;      // bytes a step could use at the last failure
     std::vector<std::pair<std::size_t, std::size_t>> obs_;
 };
 

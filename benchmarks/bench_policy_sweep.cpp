@@ -1,0 +1,115 @@
+// How well each shrink policy recovers, over 1000 seeded workloads on phantom
+// simulated GPUs. A workload needs bytes(m) = a + b*m*(1 + noise(m)) for a
+// micro-batch of m samples (noise: a fixed +-2 % per size, as allocator rounding
+// and workspace choices give), on a card of random capacity, starting from a
+// random size that does not fit. Per policy it reports, as Google Benchmark
+// counters (and so in the JSON):
+//   ratio_mean, ratio_worst   final m / the largest m that fits
+//   failures_mean             failed attempts after the OOM that started the recovery
+//   wasted_mean               samples processed and thrown away, per global batch
+#include <oomguard/adaptive_batch.hpp>
+#include <oomguard/device_buffer.hpp>
+#include <oomguard/simulated_devices.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdint>
+
+using namespace oomguard;
+
+namespace {
+
+constexpr int kWorkloads = 1000;
+constexpr int kGlobalBatches = 12;
+constexpr std::size_t MiB = std::size_t{1} << 20;
+
+std::uint64_t mix(std::uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+double unit(std::uint64_t x) { return static_cast<double>(mix(x) >> 11) / 9007199254740992.0; }
+
+struct Workload {
+    std::uint64_t seed;
+    std::size_t a, b, capacity, start, best;
+    std::size_t bytes(std::size_t m) const {
+        double noise = 0.02 * (2.0 * unit(seed * 1000003u + m) - 1.0);
+        return a + static_cast<std::size_t>(static_cast<double>(b) * static_cast<double>(m) * (1.0 + noise));
+    }
+    static Workload make(std::uint64_t seed) {
+        Workload w{seed, 0, 0, 0, 0, 0};
+        w.a = static_cast<std::size_t>((64 + 1984 * unit(seed * 4 + 1)) * static_cast<double>(MiB));
+        w.b = static_cast<std::size_t>((1 + 63 * unit(seed * 4 + 2)) * static_cast<double>(MiB));
+        w.capacity = static_cast<std::size_t>((8 + 72 * unit(seed * 4 + 3)) * 1024.0 * static_cast<double>(MiB));
+        std::size_t guess = (w.capacity - w.a) / w.b;  // about the best size
+        for (std::size_t m = 2 * guess + 2; m >= 1; --m) {
+            if (w.bytes(m) <= w.capacity) {
+                w.best = m;
+                break;
+            }
+        }
+        // Start above the best, up to 8x it: the first step always runs out of memory.
+        w.start = w.best + 1 + static_cast<std::size_t>(unit(seed * 4 + 4) * 7.0 * static_cast<double>(w.best));
+        return w;
+    }
+};
+
+struct Outcome {
+    double ratio;
+    std::size_t failures, wasted;
+};
+
+Outcome recover(Workload const& w, ShrinkPolicy policy) {
+    SimulatedDevices gpu({{w.capacity}}, SimulatedMemory::phantom, false);
+    MemoryBudget<SimulatedDevices> budget(gpu, 0, Limit::unlimited());
+    BatchOptions o;
+    o.global_batch = w.start;
+    o.policy = policy;
+    o.release_caches = false;
+    o.max_attempts = 200;
+    AdaptiveBatch a(o);
+    a.measure_with(budget);
+    std::size_t largest = 0;
+    for (int i = 0; i < kGlobalBatches; ++i) {
+        largest = 0;
+        a.run([&](MicroBatch const& mb) {
+            DeviceBuffer<SimulatedDevices> act(budget, w.bytes(mb.size));
+            if (mb.size > largest) largest = mb.size;
+        });
+    }
+    auto const& c = a.counters();
+    return Outcome{static_cast<double>(largest) / static_cast<double>(w.best), c.ooms > 0 ? c.ooms - 1 : 0,
+                   c.wasted_samples};
+}
+
+void sweep(benchmark::State& state, ShrinkPolicy policy) {
+    double ratio_sum = 0, ratio_worst = 1e9, fail_sum = 0, waste_sum = 0;
+    for (auto _ : state) {
+        ratio_sum = fail_sum = waste_sum = 0;
+        ratio_worst = 1e9;
+        for (int i = 0; i < kWorkloads; ++i) {
+            Workload w = Workload::make(static_cast<std::uint64_t>(i) + 1);
+            Outcome out = recover(w, policy);
+            ratio_sum += out.ratio;
+            ratio_worst = std::min(ratio_worst, out.ratio);
+            fail_sum += static_cast<double>(out.failures);
+            waste_sum += static_cast<double>(out.wasted) / static_cast<double>(w.start);
+        }
+    }
+    state.counters["ratio_mean"] = ratio_sum / kWorkloads;
+    state.counters["ratio_worst"] = ratio_worst;
+    state.counters["failures_mean"] = fail_sum / kWorkloads;
+    state.counters["wasted_mean"] = waste_sum / kWorkloads;
+    state.counters["workloads"] = kWorkloads;
+}
+
+}  // namespace
+
+BENCHMARK_CAPTURE(sweep, halve, ShrinkPolicy::halve())->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(sweep, geometric_0_9, ShrinkPolicy::geometric(0.9))->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(sweep, bisect, ShrinkPolicy::bisect())->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(sweep, predictive, ShrinkPolicy::predictive())->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_MAIN();
