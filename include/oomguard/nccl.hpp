@@ -1,0 +1,77 @@
+// Consensus over NCCL for GPU data-parallel jobs (opt-in; needs <nccl.h>,
+// libnccl and cudart). The same protocol as MpiConsensus, as two tiny
+// all-reduces on a stream. The device buffer they use is allocated when the
+// consensus is built, not during an OOM recovery.
+//
+//   oomguard::NcclConsensus nccl(comm, stream);
+//   adaptive.consensus(nccl.hook());
+#pragma once
+
+#include <oomguard/adaptive_batch.hpp>
+#include <oomguard/cuda_runtime.hpp>
+#include <oomguard/errors.hpp>
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+
+namespace oomguard {
+
+class NcclConsensus {
+public:
+    /// Allocates 16 bytes on the current device; throws cuda_error if it cannot.
+    NcclConsensus(ncclComm_t comm, cudaStream_t stream) : comm_(comm), stream_(stream) {
+        cuda(cudaMalloc(reinterpret_cast<void**>(&buffer_), 2 * sizeof(std::uint64_t)), "cudaMalloc");
+    }
+    NcclConsensus(NcclConsensus const&) = delete;
+    NcclConsensus& operator=(NcclConsensus const&) = delete;
+    ~NcclConsensus() { (void)cudaFree(buffer_); }
+
+    /// The hook for AdaptiveBatch::consensus. This object must outlive its use.
+    Consensus hook() noexcept {
+        Consensus c;
+        c.context = this;
+        c.any_failed = [](void* ctx, bool mine) -> bool {
+            auto* self = static_cast<NcclConsensus*>(ctx);
+            std::uint64_t v = mine ? 1 : 0;
+            self->reduce(&v, 1, ncclMax);
+            return v != 0;
+        };
+        c.agree = [](void* ctx, std::size_t* micro_batch, std::size_t* precision_index) {
+            auto* self = static_cast<NcclConsensus*>(ctx);
+            std::uint64_t v[2] = {*micro_batch, std::numeric_limits<std::uint64_t>::max() - *precision_index};
+            self->reduce(v, 2, ncclMin);
+            *micro_batch = static_cast<std::size_t>(v[0]);
+            *precision_index = static_cast<std::size_t>(std::numeric_limits<std::uint64_t>::max() - v[1]);
+        };
+        return c;
+    }
+
+private:
+    void reduce(std::uint64_t* host, std::size_t n, ncclRedOp_t op) {
+        cuda(cudaMemcpyAsync(buffer_, host, n * sizeof(std::uint64_t), cudaMemcpyHostToDevice, stream_),
+             "cudaMemcpyAsync");
+        ncclResult_t r = ncclAllReduce(buffer_, buffer_, n, ncclUint64, op, comm_, stream_);
+        if (r != ncclSuccess)
+            throw std::runtime_error((detail::Message() << "oomguard: ncclAllReduce failed: " << ncclGetErrorString(r))
+                                         .c_str());
+        cuda(cudaMemcpyAsync(host, buffer_, n * sizeof(std::uint64_t), cudaMemcpyDeviceToHost, stream_),
+             "cudaMemcpyAsync");
+        cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    }
+    static void cuda(cudaError_t e, char const* what) {
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            detail::throw_status(CudaRuntime::classify(e), (detail::Message() << "NcclConsensus: " << what).c_str());
+        }
+    }
+    ncclComm_t comm_;
+    cudaStream_t stream_;
+    std::uint64_t* buffer_ = nullptr;
+};
+
+}  // namespace oomguard
