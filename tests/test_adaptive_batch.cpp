@@ -475,3 +475,16 @@ TEST_CASE("a run whose full batch cannot fit ends with the same weights as one t
     CHECK(ooms > 0);
     for (int d = 0; d < Trainer::D; ++d) CHECK(w[d] == doctest::Approx(reference[d]).epsilon(1e-5));
 }
+
+TEST_CASE("OOMGUARD_CONF settings apply to BatchOptions") {
+    BatchOptions o;
+    o.global_batch = 64;
+    o.apply(parse_config("min_batch=4,max_attempts=9,policy=bisect,grow_after=5,precision=fp32>fp16"));
+    CHECK(o.min_micro_batch == 4);
+    CHECK(o.max_attempts == 9);
+    CHECK(o.policy.kind() == ShrinkPolicy::Kind::bisect);
+    CHECK(o.grow_after == 5);
+    CHECK(o.precisions.size() == 2);
+    AdaptiveBatch a(o);
+    CHECK(a.plan().micro_batch == 64);
+}

@@ -38,7 +38,7 @@ TEST_CASE("every bad entry names itself and what is valid") {
         char const* says;
     };
     Case const cases[] = {
-        {"budgt=0.9", "budgt", "unknown key 'budgt'; valid keys: budget, headroom, min_batch, max_attempts"},
+        {"budgt=0.9", "budgt", "unknown key 'budgt'; valid keys: budget, headroom, min_batch, max_attempts, policy"},
         {"budget=0", "budget", "bad value '0' for budget"},
         {"budget=1.2", "budget", "fraction of device memory in (0, 1]"},
         {"budget=5", "budget", "bad value '5'"},
@@ -84,4 +84,36 @@ TEST_CASE("config_from_env reads OOMGUARD_CONF") {
     CHECK_THROWS_AS(config_from_env("OOMGUARD_TEST_CONF"), config_error);
     ::unsetenv("OOMGUARD_TEST_CONF");
     CHECK_FALSE(config_from_env("OOMGUARD_TEST_CONF").min_batch);
+}
+
+TEST_CASE("adaptive_batch keys") {
+    Config c = parse_config("policy=geometric, factor=0.8, grow_after=10, precision=fp32>bf16>fp16, min_batch=4");
+    REQUIRE(c.policy);
+    CHECK(c.policy->kind() == ShrinkPolicy::Kind::geometric);
+    CHECK(c.policy->factor() == doctest::Approx(0.8));
+    CHECK(*c.grow_after == 10);
+    CHECK(c.precisions == std::vector<Precision>{Precision::fp32, Precision::bf16, Precision::fp16});
+    CHECK(parse_config("policy=predictive").policy->kind() == ShrinkPolicy::Kind::predictive);
+    CHECK(parse_config("policy=geometric").policy->factor() == doctest::Approx(0.9));
+
+    struct Case {
+        char const* text;
+        char const* says;
+    };
+    Case const bad[] = {
+        {"policy=shrink", "give halve, geometric, bisect or predictive"},
+        {"factor=0.9", "factor is only for policy=geometric"},
+        {"policy=halve,factor=0.5", "factor is only for policy=geometric"},
+        {"policy=geometric,factor=1", "bad value '1' for factor"},
+        {"policy=geometric,factor=0", "bad value '0' for factor"},
+        {"grow_after=-1", "bad value '-1' for grow_after"},
+        {"precision=fp32>fp64", "bad value 'fp32>fp64' for precision"},
+        {"precision=fp32>>bf16", "bad value 'fp32>>bf16'"},
+        {"precision=fp16>fp16", "appears twice"},
+        {"precision=", "bad value ''"},
+    };
+    for (auto const& b : bad) {
+        CAPTURE(b.text);
+        CHECK_THROWS_WITH_AS(parse_config(b.text), doctest::Contains(b.says), config_error);
+    }
 }

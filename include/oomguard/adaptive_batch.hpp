@@ -8,6 +8,7 @@
 
 #include <oomguard/cache_registry.hpp>
 #include <oomguard/classify.hpp>
+#include <oomguard/config.hpp>
 #include <oomguard/errors.hpp>
 #include <oomguard/memory_budget.hpp>
 #include <oomguard/precision.hpp>
@@ -33,6 +34,17 @@ struct BatchOptions {
     bool release_caches = true;        ///< release the cache registry before each retry
     ShrinkPolicy policy = ShrinkPolicy::halve();
     CacheRegistry* caches = nullptr;   ///< nullptr: CacheRegistry::global()
+
+    /// Applies the adaptive_batch settings of an OOMGUARD_CONF (min_batch,
+    /// max_attempts, policy, factor, grow_after, precision) over these.
+    BatchOptions& apply(Config const& c) {
+        if (c.min_batch) min_micro_batch = *c.min_batch;
+        if (c.max_attempts) max_attempts = *c.max_attempts;
+        if (c.policy) policy = *c.policy;
+        if (c.grow_after) grow_after = *c.grow_after;
+        if (!c.precisions.empty()) precisions = c.precisions;
+        return *this;
+    }
 };
 
 /// One micro-batch handed to the step.

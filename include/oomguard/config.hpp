@@ -8,6 +8,8 @@
 #pragma once
 
 #include <oomguard/memory_budget.hpp>
+#include <oomguard/precision.hpp>
+#include <oomguard/shrink_policy.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -17,6 +19,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace oomguard {
 
@@ -39,10 +42,14 @@ struct Config {
     std::optional<Limit> budget;           ///< budget= (fraction, percent or bytes) or headroom=
     std::optional<std::size_t> min_batch;  ///< smallest micro-batch adaptive_batch may use, >= 1
     std::optional<unsigned> max_attempts;  ///< attempts per global batch, in [1, 1000]
+    std::optional<ShrinkPolicy> policy;    ///< policy=halve|bisect|predictive|geometric (factor= sets f)
+    std::optional<std::size_t> grow_after; ///< clean global batches before growing back, >= 0
+    std::vector<Precision> precisions;     ///< precision=fp32>bf16>fp16 (empty: not given)
 };
 
 /// The keys parse_config accepts, for error messages and documentation.
-inline constexpr char const* config_keys = "budget, headroom, min_batch, max_attempts";
+inline constexpr char const* config_keys =
+    "budget, headroom, min_batch, max_attempts, policy, factor, grow_after, precision";
 
 namespace detail {
 
@@ -160,7 +167,9 @@ inline Limit parse_budget(std::string_view v) {
 /// Throws config_error naming the key or value at fault.
 inline Config parse_config(std::string_view text) {
     Config c;
-    bool seen_budget = false, seen_headroom = false;
+    bool seen_budget = false, seen_headroom = false, seen_policy = false, seen_factor = false;
+    ShrinkPolicy::Kind policy_kind = ShrinkPolicy::Kind::halve;
+    double factor = 0.0;
     if (detail::trim(text).empty()) return c;
     std::size_t pos = 0;
     while (pos <= text.size()) {
@@ -205,6 +214,46 @@ inline Config parse_config(std::string_view text) {
             if (!detail::parse_unsigned(value, n) || n == 0 || n > 1000)
                 detail::bad_value(key, value, "give a whole number in [1, 1000]");
             c.max_attempts = static_cast<unsigned>(n);
+        } else if (key == "policy") {
+            once(seen_policy);
+            seen_policy = true;
+            if (value == "halve") policy_kind = ShrinkPolicy::Kind::halve;
+            else if (value == "geometric") policy_kind = ShrinkPolicy::Kind::geometric;
+            else if (value == "bisect") policy_kind = ShrinkPolicy::Kind::bisect;
+            else if (value == "predictive") policy_kind = ShrinkPolicy::Kind::predictive;
+            else detail::bad_value(key, value, "give halve, geometric, bisect or predictive");
+        } else if (key == "factor") {
+            once(seen_factor);
+            seen_factor = true;
+            bool integral = false;
+            if (!detail::parse_decimal(value, factor, integral) || !(factor > 0.0 && factor < 1.0))
+                detail::bad_value(key, value, "give the geometric policy's factor in (0, 1), for example 0.9");
+        } else if (key == "grow_after") {
+            once(c.grow_after.has_value());
+            std::uint64_t n = 0;
+            if (!detail::parse_unsigned(value, n) || n > 1000000)
+                detail::bad_value(key, value, "give a whole number of global batches in [0, 1000000] (0: never)");
+            c.grow_after = static_cast<std::size_t>(n);
+        } else if (key == "precision") {
+            once(!c.precisions.empty());
+            std::size_t p = 0;
+            while (true) {
+                std::size_t gt = value.find('>', p);
+                std::string_view name = detail::trim(value.substr(p, gt == std::string_view::npos ? gt : gt - p));
+                Precision pr = Precision::fp32;
+                if (name == "fp32") pr = Precision::fp32;
+                else if (name == "tf32") pr = Precision::tf32;
+                else if (name == "bf16") pr = Precision::bf16;
+                else if (name == "fp16") pr = Precision::fp16;
+                else if (name == "fp8") pr = Precision::fp8;
+                else detail::bad_value(key, value, "give a ladder of fp32, tf32, bf16, fp16, fp8 joined by '>', "
+                                                   "for example fp32>bf16>fp16");
+                for (Precision q : c.precisions)
+                    if (q == pr) detail::bad_value(key, value, "a precision appears twice in the ladder");
+                c.precisions.push_back(pr);
+                if (gt == std::string_view::npos) break;
+                p = gt + 1;
+            }
         } else {
             throw config_error(key, value, detail::Message() << "unknown key '" << key
                                                              << "'; valid keys: " << config_keys);
@@ -215,6 +264,17 @@ inline Config parse_config(std::string_view text) {
                                                     "cap, give one");
         if (comma == std::string_view::npos) break;
         pos = comma + 1;
+    }
+    if (seen_factor && (!seen_policy || policy_kind != ShrinkPolicy::Kind::geometric))
+        throw config_error("factor", "", detail::Message() << "factor is only for policy=geometric; "
+                                                              "add policy=geometric or drop factor");
+    if (seen_policy) {
+        switch (policy_kind) {
+            case ShrinkPolicy::Kind::halve: c.policy = ShrinkPolicy::halve(); break;
+            case ShrinkPolicy::Kind::geometric: c.policy = ShrinkPolicy::geometric(seen_factor ? factor : 0.9); break;
+            case ShrinkPolicy::Kind::bisect: c.policy = ShrinkPolicy::bisect(); break;
+            default: c.policy = ShrinkPolicy::predictive(); break;
+        }
     }
     return c;
 }

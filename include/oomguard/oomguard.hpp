@@ -13,6 +13,11 @@
 #include <oomguard/memory_budget.hpp>
 #include <oomguard/device_buffer.hpp>
 #include <oomguard/config.hpp>
+#include <oomguard/precision.hpp>
+#include <oomguard/shrink_policy.hpp>
+#include <oomguard/cache_registry.hpp>
+#include <oomguard/scoped_cache_release.hpp>
+#include <oomguard/adaptive_batch.hpp>
 #if OOMGUARD_HAS_CUDA
 #include <oomguard/cuda_runtime.hpp>
 #else
