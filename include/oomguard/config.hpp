@@ -53,12 +53,6 @@ inline constexpr char const* config_keys =
 
 namespace detail {
 
-inline std::string_view trim(std::string_view s) noexcept {
-    while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-    while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
-    return s;
-}
-
 /// Parses "123" or "12.5" (no sign, exponent, hex, inf or nan). Sets `digits_only`.
 inline bool parse_decimal(std::string_view s, double& out, bool& digits_only) noexcept {
     if (s.empty()) return false;

@@ -237,7 +237,8 @@ public:
         i.device = device_;
         i.requested = bytes;
         i.budget_used = used();
-        i.budget_limit = limit();
+        // An uncapped budget only counts: its "limit" is no figure for a person.
+        i.budget_limit = limit() == max_limit ? oom_info::unknown : limit();
         i.backend = Backend::backend_name;
         i.source = source;
         if (source == oom_source::budget) {

@@ -211,6 +211,17 @@ public:
         return status::success();
     }
 
+    /// What NVML would read: free and total without touching the device (no
+    /// simulated context). DeviceSelector's tests use it as their fake NVML.
+    status peek_memory(int device, std::size_t* free, std::size_t* total) const noexcept {
+        Device* d = find(device);
+        if (d == nullptr) return detail::sim_invalid_device();
+        std::size_t held = d->used.load(std::memory_order_relaxed) + d->others.load(std::memory_order_relaxed);
+        *total = d->capacity;
+        *free = held >= d->capacity ? 0 : d->capacity - held;
+        return status::success();
+    }
+
     status device_count(int* count) noexcept {
         if (count == nullptr) return detail::sim_invalid_value();
         *count = static_cast<int>(devices_.size());

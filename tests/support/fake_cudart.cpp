@@ -90,6 +90,11 @@ std::size_t pool_release_threshold(int device) {
     std::lock_guard<std::mutex> lock(state().m);
     return state().pool_threshold[device];
 }
+std::size_t peek_free(int device) {
+    std::lock_guard<std::mutex> lock(state().m);
+    auto d = static_cast<std::size_t>(device);
+    return state().capacity.at(d) - state().used.at(d);
+}
 std::size_t live_bytes(int device) {
     std::lock_guard<std::mutex> lock(state().m);
     return state().used.at(static_cast<std::size_t>(device));

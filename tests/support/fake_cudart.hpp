@@ -27,6 +27,8 @@ std::size_t pool_reserved(int device);
 std::size_t pool_release_threshold(int device);
 
 std::size_t live_bytes(int device);
+/// Free bytes of a device, read without counting as a cudart call.
+std::size_t peek_free(int device);
 std::size_t live_allocations();
 int set_device_calls();
 int malloc_calls();

@@ -35,6 +35,13 @@ inline ByteText format_bytes(std::size_t bytes) noexcept {
     return t;
 }
 
+/// `s` without the spaces and tabs around it.
+inline std::string_view trim(std::string_view s) noexcept {
+    while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+    return s;
+}
+
 /// A bounded text builder: `Message() << "device " << 3 << " has " << bytes_of(n)`.
 /// Truncates (with "...") rather than fail: it runs while an error is being reported.
 class Message {

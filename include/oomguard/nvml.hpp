@@ -1,0 +1,163 @@
+// NVML, loaded at run time with dlopen("libnvidia-ml.so.1"): device memory and
+// identity without creating a CUDA context (cudaMemGetInfo creates one, hundreds
+// of MiB, on every GPU it asks about). The few entry points oomguard needs are
+// declared here, so neither NVML's header nor its library is needed to build.
+#pragma once
+
+#include <oomguard/visible_devices.hpp>
+
+#include <cstddef>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
+
+namespace oomguard {
+
+/// The NVML entry points oomguard calls, as function pointers. `Nvml` fills
+/// them from the driver's library; tests fill them with fakes.
+struct NvmlApi {
+    using Device = void*;  // nvmlDevice_t
+    struct Memory {        // nvmlMemory_t
+        unsigned long long total, free, used;
+    };
+    int (*init)() = nullptr;                                           // nvmlInit_v2
+    int (*shutdown)() = nullptr;                                       // nvmlShutdown
+    int (*count)(unsigned*) = nullptr;                                 // nvmlDeviceGetCount_v2
+    int (*handle_by_index)(unsigned, Device*) = nullptr;               // nvmlDeviceGetHandleByIndex_v2
+    int (*uuid)(Device, char*, unsigned) = nullptr;                    // nvmlDeviceGetUUID
+    int (*name)(Device, char*, unsigned) = nullptr;                    // nvmlDeviceGetName
+    int (*memory)(Device, Memory*) = nullptr;                          // nvmlDeviceGetMemoryInfo
+    int (*pci_bus_id)(Device, char*, unsigned) = nullptr;              // via nvmlDeviceGetPciInfo_v3
+};
+
+/// A loaded NVML (or none). Moves only; shuts NVML down on destruction.
+class Nvml {
+public:
+    /// Tries libnvidia-ml.so.1; `available()` tells whether it worked.
+    static Nvml system() {
+        Nvml n;
+#if defined(__unix__) || defined(__APPLE__)
+        void* lib = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (lib == nullptr) return n;
+        n.lib_ = lib;
+        auto sym = [&](char const* s) { return dlsym(lib, s); };
+        n.api_.init = reinterpret_cast<int (*)()>(sym("nvmlInit_v2"));
+        n.api_.shutdown = reinterpret_cast<int (*)()>(sym("nvmlShutdown"));
+        n.api_.count = reinterpret_cast<int (*)(unsigned*)>(sym("nvmlDeviceGetCount_v2"));
+        n.api_.handle_by_index =
+            reinterpret_cast<int (*)(unsigned, NvmlApi::Device*)>(sym("nvmlDeviceGetHandleByIndex_v2"));
+        n.api_.uuid = reinterpret_cast<int (*)(NvmlApi::Device, char*, unsigned)>(sym("nvmlDeviceGetUUID"));
+        n.api_.name = reinterpret_cast<int (*)(NvmlApi::Device, char*, unsigned)>(sym("nvmlDeviceGetName"));
+        n.api_.memory =
+            reinterpret_cast<int (*)(NvmlApi::Device, NvmlApi::Memory*)>(sym("nvmlDeviceGetMemoryInfo"));
+        pci_info_v3() = reinterpret_cast<int (*)(NvmlApi::Device, PciInfo*)>(sym("nvmlDeviceGetPciInfo_v3"));
+        if (pci_info_v3() != nullptr) n.api_.pci_bus_id = &pci_from_info;
+        n.start();
+#endif
+        return n;
+    }
+
+    /// NVML through a table of your own (tests, or a statically linked NVML).
+    static Nvml from(NvmlApi const& api) {
+        Nvml n;
+        n.api_ = api;
+        n.start();
+        return n;
+    }
+
+    /// No NVML: callers fall back to the CUDA runtime.
+    static Nvml none() noexcept { return Nvml(); }
+
+    Nvml(Nvml&& o) noexcept : api_(o.api_), lib_(o.lib_), ok_(o.ok_) {
+        o.lib_ = nullptr;
+        o.ok_ = false;
+    }
+    Nvml& operator=(Nvml&& o) noexcept {
+        if (this != &o) {
+            close();
+            api_ = o.api_;
+            lib_ = o.lib_;
+            ok_ = o.ok_;
+            o.lib_ = nullptr;
+            o.ok_ = false;
+        }
+        return *this;
+    }
+    Nvml(Nvml const&) = delete;
+    Nvml& operator=(Nvml const&) = delete;
+    ~Nvml() { close(); }
+
+    bool available() const noexcept { return ok_; }
+
+    /// Every GPU of the machine, in NVML (PCI) order. Empty when unavailable.
+    std::vector<PhysicalDevice> physical_devices() const {
+        std::vector<PhysicalDevice> out;
+        unsigned n = 0;
+        if (!ok_ || api_.count(&n) != 0) return out;
+        for (unsigned i = 0; i < n; ++i) {
+            NvmlApi::Device d = nullptr;
+            if (api_.handle_by_index(i, &d) != 0) continue;
+            PhysicalDevice p;
+            p.index = static_cast<int>(i);
+            char buf[96];
+            if (api_.uuid != nullptr && api_.uuid(d, buf, sizeof buf) == 0) p.uuid = buf;
+            if (api_.name != nullptr && api_.name(d, buf, sizeof buf) == 0) p.name = buf;
+            if (api_.pci_bus_id != nullptr && api_.pci_bus_id(d, buf, sizeof buf) == 0) p.pci_bus_id = buf;
+            out.push_back(std::move(p));
+        }
+        return out;
+    }
+
+    /// Free and total bytes of physical device `index`; false when unreadable.
+    bool memory(int index, std::size_t& free, std::size_t& total) const noexcept {
+        if (!ok_ || index < 0) return false;
+        NvmlApi::Device d = nullptr;
+        NvmlApi::Memory m{};
+        if (api_.handle_by_index(static_cast<unsigned>(index), &d) != 0 || api_.memory(d, &m) != 0) return false;
+        free = static_cast<std::size_t>(m.free);
+        total = static_cast<std::size_t>(m.total);
+        return true;
+    }
+
+private:
+    struct PciInfo {  // nvmlPciInfo_t (v3): busIdLegacy[16], domain, bus, device, pciDeviceId, pciSubSystemId, busId[32]
+        char bus_id_legacy[16];
+        unsigned domain, bus, device, pci_device_id, pci_subsystem_id;
+        char bus_id[32];
+    };
+    static int (*&pci_info_v3())(NvmlApi::Device, PciInfo*) {
+        static int (*f)(NvmlApi::Device, PciInfo*) = nullptr;
+        return f;
+    }
+    static int pci_from_info(NvmlApi::Device d, char* buf, unsigned len) {
+        PciInfo info{};
+        int r = pci_info_v3()(d, &info);
+        if (r != 0) return r;
+        std::snprintf(buf, len, "%s", info.bus_id);
+        return 0;
+    }
+
+    Nvml() noexcept = default;
+    void start() noexcept {
+        ok_ = api_.init != nullptr && api_.count != nullptr && api_.handle_by_index != nullptr &&
+              api_.memory != nullptr && api_.init() == 0;
+    }
+    void close() noexcept {
+        if (ok_ && api_.shutdown != nullptr) api_.shutdown();
+        ok_ = false;
+#if defined(__unix__) || defined(__APPLE__)
+        if (lib_ != nullptr) dlclose(lib_);
+#endif
+        lib_ = nullptr;
+    }
+
+    NvmlApi api_;
+    void* lib_ = nullptr;
+    bool ok_ = false;
+};
+
+}  // namespace oomguard

@@ -1,0 +1,191 @@
+// CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER, read by CUDA's own rules, so a
+// program can say which physical GPU each CUDA ordinal is -- and what a typo
+// in the variable silently hid.
+//
+// The rules (CUDA C Programming Guide, "CUDA Environment Variables"):
+//  - unset: every device, in the driver's order;
+//  - set but empty: no device;
+//  - a comma-separated list of indices, `GPU-<uuid>` (a unique prefix is
+//    enough) or `MIG-<uuid>` entries; CUDA ordinals follow the list's order;
+//  - the list is cut at the first invalid entry: "0,2,-1,1" shows 0 and 2 only.
+// oomguard also cuts at an index past the last device, an ambiguous UUID
+// prefix, and a device listed twice, and says so in `warnings`. Spaces and
+// tabs around an entry are ignored.
+#pragma once
+
+#include <oomguard/detail/format.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace oomguard {
+
+/// A GPU as the machine has it, before CUDA_VISIBLE_DEVICES.
+struct PhysicalDevice {
+    int index = 0;                   ///< NVML / nvidia-smi index (PCI order)
+    std::string uuid{};              ///< "GPU-xxxxxxxx-..."
+    std::string pci_bus_id{};        ///< "00000000:3B:00.0"
+    std::string name{};
+    std::vector<std::string> mig{};  ///< "MIG-..." UUIDs of its MIG instances
+};
+
+/// CUDA_DEVICE_ORDER.
+enum class DeviceOrder : unsigned char { fastest_first, pci_bus_id };
+
+/// One CUDA ordinal and the physical device behind it.
+struct VisibleDevice {
+    int ordinal = 0;
+    int physical = 0;      ///< index into the physical list (NVML index)
+    std::string uuid{};
+    std::string pci_bus_id{};
+    std::string name{};
+    std::string mig{};     ///< the MIG instance, when the entry named one
+};
+
+/// The mapping, and what was dropped and why.
+struct VisibleDevices {
+    std::vector<VisibleDevice> devices;
+    std::vector<std::string> warnings;
+    DeviceOrder order = DeviceOrder::fastest_first;
+
+    /// The visible device with this CUDA ordinal, or nullptr.
+    VisibleDevice const* find(int ordinal) const noexcept {
+        for (auto const& d : devices)
+            if (d.ordinal == ordinal) return &d;
+        return nullptr;
+    }
+};
+
+namespace detail {
+inline bool starts_with_nocase(std::string_view s, std::string_view prefix) noexcept {
+    if (prefix.size() > s.size()) return false;
+    for (std::size_t i = 0; i < prefix.size(); ++i) {
+        char a = s[i], b = prefix[i];
+        if (a >= 'A' && a <= 'Z') a = static_cast<char>(a - 'A' + 'a');
+        if (b >= 'A' && b <= 'Z') b = static_cast<char>(b - 'A' + 'a');
+        if (a != b) return false;
+    }
+    return true;
+}
+}  // namespace detail
+
+/// Reads CUDA_DEVICE_ORDER's value (nullptr: unset). An unknown value falls
+/// back to FASTEST_FIRST, as CUDA does, with a warning.
+inline DeviceOrder parse_device_order(char const* value, std::vector<std::string>* warnings = nullptr) {
+    if (value == nullptr || std::string_view(value) == "FASTEST_FIRST") return DeviceOrder::fastest_first;
+    if (std::string_view(value) == "PCI_BUS_ID") return DeviceOrder::pci_bus_id;
+    if (warnings != nullptr)
+        warnings->push_back(std::string("CUDA_DEVICE_ORDER='") + value +
+                            "' is not FASTEST_FIRST or PCI_BUS_ID; CUDA uses FASTEST_FIRST");
+    return DeviceOrder::fastest_first;
+}
+
+/// Maps CUDA ordinals to physical devices. `value` is CUDA_VISIBLE_DEVICES
+/// (nullptr: unset). `physical` is the machine's devices in NVML order; with
+/// FASTEST_FIRST their order is taken as the driver's (true for identical
+/// GPUs; on a mixed machine set CUDA_DEVICE_ORDER=PCI_BUS_ID to be sure).
+inline VisibleDevices parse_visible_devices(char const* value, std::vector<PhysicalDevice> const& physical,
+                                            DeviceOrder order = DeviceOrder::fastest_first) {
+    VisibleDevices out;
+    out.order = order;
+    // The driver's enumeration: PCI order when asked, else the given order.
+    std::vector<std::size_t> enumeration(physical.size());
+    for (std::size_t i = 0; i < physical.size(); ++i) enumeration[i] = i;
+    if (order == DeviceOrder::pci_bus_id)
+        std::stable_sort(enumeration.begin(), enumeration.end(), [&](std::size_t a, std::size_t b) {
+            return physical[a].pci_bus_id < physical[b].pci_bus_id;
+        });
+    auto add = [&](std::size_t p, std::string mig) {
+        VisibleDevice v;
+        v.ordinal = static_cast<int>(out.devices.size());
+        v.physical = static_cast<int>(p);
+        v.uuid = physical[p].uuid;
+        v.pci_bus_id = physical[p].pci_bus_id;
+        v.name = physical[p].name;
+        v.mig = std::move(mig);
+        out.devices.push_back(std::move(v));
+    };
+    if (value == nullptr) {
+        for (std::size_t p : enumeration) add(p, "");
+        return out;
+    }
+    std::string_view text(value);
+    if (detail::trim(text).empty()) {
+        out.warnings.push_back("CUDA_VISIBLE_DEVICES is set but empty: no device is visible");
+        return out;
+    }
+    std::size_t pos = 0, entry_no = 0;
+    while (pos <= text.size()) {
+        std::size_t comma = text.find(',', pos);
+        std::string_view raw = text.substr(pos, comma == std::string_view::npos ? std::string_view::npos : comma - pos);
+        std::string_view e = detail::trim(raw);
+        ++entry_no;
+        std::string why;
+        std::size_t hit = physical.size();
+        std::string mig;
+        if (e.empty()) {
+            why = "is empty";
+        } else if (e.find_first_not_of("0123456789") == std::string_view::npos) {
+            std::size_t idx = 0;
+            bool overflow = false;
+            for (char c : e) {
+                if (idx > 100000) overflow = true;
+                idx = idx * 10 + static_cast<std::size_t>(c - '0');
+            }
+            if (overflow || idx >= enumeration.size())
+                why = "is past the last device (the machine has " + std::to_string(physical.size()) + ")";
+            else
+                hit = enumeration[idx];
+        } else if (detail::starts_with_nocase(e, "GPU-")) {
+            std::size_t matches = 0;
+            for (std::size_t p = 0; p < physical.size(); ++p)
+                if (detail::starts_with_nocase(physical[p].uuid, e)) {
+                    ++matches;
+                    hit = p;
+                }
+            if (matches == 0) why = "matches no GPU's UUID";
+            if (matches > 1) {
+                why = "is a prefix of " + std::to_string(matches) + " GPUs' UUIDs (ambiguous)";
+                hit = physical.size();
+            }
+        } else if (detail::starts_with_nocase(e, "MIG-")) {
+            std::size_t matches = 0;
+            for (std::size_t p = 0; p < physical.size(); ++p)
+                for (auto const& m : physical[p].mig)
+                    if (detail::starts_with_nocase(m, e)) {
+                        ++matches;
+                        hit = p;
+                        mig = m;
+                    }
+            if (matches == 0) why = "matches no MIG instance";
+            if (matches > 1) {
+                why = "is a prefix of " + std::to_string(matches) + " MIG instances (ambiguous)";
+                hit = physical.size();
+            }
+        } else {
+            why = "is not an index, a GPU-<uuid> or a MIG-<uuid>";
+        }
+        if (why.empty()) {
+            for (auto const& v : out.devices)
+                if (v.physical == static_cast<int>(hit) && v.mig == mig) why = "names a device already listed";
+        }
+        if (!why.empty()) {
+            std::string rest = comma == std::string_view::npos ? std::string() : std::string(text.substr(comma + 1));
+            std::string w = "CUDA_VISIBLE_DEVICES entry " + std::to_string(entry_no) + " '" + std::string(e) + "' " +
+                            why + "; CUDA ignores it";
+            w += rest.empty() ? std::string(" (it was the last entry)")
+                              : " and every entry after it ('" + rest + "')";
+            out.warnings.push_back(std::move(w));
+            break;
+        }
+        add(hit, mig);
+        if (comma == std::string_view::npos) break;
+        pos = comma + 1;
+    }
+    return out;
+}
+
+}  // namespace oomguard

@@ -1,0 +1,96 @@
+#include <oomguard/visible_devices.hpp>
+
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+using namespace oomguard;
+
+namespace {
+std::vector<PhysicalDevice> machine() {
+    return {
+        {0, "GPU-aaaa1111-0000-0000-0000-000000000000", "00000000:3B:00.0", "H100", {}},
+        {1, "GPU-aaaa2222-0000-0000-0000-000000000000", "00000000:18:00.0", "H100", {}},
+        {2, "GPU-bbbb3333-0000-0000-0000-000000000000", "00000000:86:00.0", "A100",
+         {"MIG-cccc1111-0000-0000-0000-000000000000", "MIG-cccc2222-0000-0000-0000-000000000000"}},
+        {3, "GPU-bbbb4444-0000-0000-0000-000000000000", "00000000:AF:00.0", "A100", {}},
+    };
+}
+std::vector<int> physical_of(VisibleDevices const& v) {
+    std::vector<int> out;
+    for (auto const& d : v.devices) out.push_back(d.physical);
+    return out;
+}
+}  // namespace
+
+TEST_CASE("CUDA_VISIBLE_DEVICES by CUDA's rules") {
+    struct Case {
+        char const* value;  // nullptr: unset
+        DeviceOrder order;
+        std::vector<int> expect;
+        char const* warning;  // "" : none expected
+    };
+    auto F = DeviceOrder::fastest_first;
+    auto P = DeviceOrder::pci_bus_id;
+    Case const cases[] = {
+        {nullptr, F, {0, 1, 2, 3}, ""},                                        // unset: all
+        {"", F, {}, "set but empty"},                                          // empty: none
+        {"  ", F, {}, "set but empty"},                                        // blank: none
+        {"0,2,-1,1", F, {0, 2}, "entry 3 '-1' is not an index"},               // the guide's example
+        {"2,1", F, {2, 1}, ""},                                                // order preserved
+        {"3,2,1,0", F, {3, 2, 1, 0}, ""},
+        {" 1 , 3 ", F, {1, 3}, ""},                                            // spaces ignored
+        {"1,1", F, {1}, "'1' names a device already listed"},                  // duplicates
+        {"0,7", F, {0}, "'7' is past the last device (the machine has 4)"},
+        {"99999999999999999999", F, {}, "is past the last device"},
+        {"0,,1", F, {0}, "entry 2 '' is empty"},
+        {"0,", F, {0}, "(it was the last entry)"},
+        {"abc", F, {}, "'abc' is not an index, a GPU-<uuid> or a MIG-<uuid>"},
+        {"1x,0", F, {}, "and every entry after it ('0')"},
+        {"GPU-aaaa2", F, {1}, ""},                                             // unique UUID prefix
+        {"GPU-bbbb4444-0000-0000-0000-000000000000,0", F, {3, 0}, ""},         // full UUID, mixed
+        {"GPU-aaaa", F, {}, "is a prefix of 2 GPUs' UUIDs (ambiguous)"},
+        {"GPU-cafe", F, {}, "matches no GPU's UUID"},
+        {"MIG-cccc2", F, {2}, ""},
+        {"MIG-cccc", F, {}, "is a prefix of 2 MIG instances (ambiguous)"},
+        {nullptr, P, {1, 0, 2, 3}, ""},                                        // PCI order: 18 < 3B < 86 < AF
+        {"0,1", P, {1, 0}, ""},                                                // indices follow that order
+    };
+    int n = 0;
+    for (auto const& c : cases) {
+        CAPTURE(c.value ? c.value : "(unset)");
+        VisibleDevices v = parse_visible_devices(c.value, machine(), c.order);
+        CHECK(physical_of(v) == c.expect);
+        if (std::string(c.warning).empty()) {
+            CHECK(v.warnings.empty());
+        } else {
+            REQUIRE(v.warnings.size() == 1);
+            CHECK(v.warnings[0].find(c.warning) != std::string::npos);
+        }
+        for (std::size_t i = 0; i < v.devices.size(); ++i) CHECK(v.devices[i].ordinal == static_cast<int>(i));
+        ++n;
+    }
+    CHECK(n >= 15);
+}
+
+TEST_CASE("the mapping carries identity, and MIG entries name their instance") {
+    VisibleDevices v = parse_visible_devices("3,MIG-cccc1", machine());
+    REQUIRE(v.devices.size() == 2);
+    CHECK(v.devices[0].uuid == "GPU-bbbb4444-0000-0000-0000-000000000000");
+    CHECK(v.devices[0].pci_bus_id == "00000000:AF:00.0");
+    CHECK(v.devices[1].mig == "MIG-cccc1111-0000-0000-0000-000000000000");
+    CHECK(v.find(1)->physical == 2);
+    CHECK(v.find(2) == nullptr);
+}
+
+TEST_CASE("CUDA_DEVICE_ORDER") {
+    std::vector<std::string> w;
+    CHECK(parse_device_order(nullptr, &w) == DeviceOrder::fastest_first);
+    CHECK(parse_device_order("PCI_BUS_ID", &w) == DeviceOrder::pci_bus_id);
+    CHECK(parse_device_order("FASTEST_FIRST", &w) == DeviceOrder::fastest_first);
+    CHECK(w.empty());
+    CHECK(parse_device_order("pci", &w) == DeviceOrder::fastest_first);
+    REQUIRE(w.size() == 1);
+    CHECK(w[0].find("CUDA_DEVICE_ORDER='pci'") != std::string::npos);
+}
