@@ -106,6 +106,7 @@ struct BatchEvent {
     std::size_t bytes = 0;          ///< released bytes, or the failed request
     unsigned attempt = 0;
     char const* what = "";          ///< the OOM's message for oom_caught and give_up
+    ReleaseReport const* release = nullptr;  ///< per-cache bytes, for `released`
 };
 
 /// One failed attempt, kept for the give-up report.
@@ -178,10 +179,11 @@ public:
         return *this;
     }
 
-    /// Calls `fn(event, user)` for every decision.
-    AdaptiveBatch& observe(void (*fn)(BatchEvent const&, void*), void* user = nullptr) noexcept {
-        observer_ = fn;
-        observer_user_ = user;
+    /// Adds an observer: `fn(event, user)` is called for every decision, in the
+    /// order observers were added (a report and a trace can both listen).
+    AdaptiveBatch& observe(void (*fn)(BatchEvent const&, void*), void* user = nullptr) {
+        if (fn == nullptr) throw std::invalid_argument("oomguard: AdaptiveBatch::observe: the observer is a null function");
+        observers_.push_back(Observer{fn, user});
         return *this;
     }
 
@@ -409,7 +411,7 @@ private:
         ReleaseReport r = reg.release_all();
         ++counters_.releases;
         counters_.bytes_released += r.bytes();
-        emit(BatchEventKind::released, plan_, plan_, r.bytes(), attempt, "");
+        emit(BatchEventKind::released, plan_, plan_, r.bytes(), attempt, "", &r);
         return r.bytes();
     }
 
@@ -540,8 +542,10 @@ private:
     }
 
     void emit(BatchEventKind k, Plan const& from, Plan const& to, std::size_t bytes, unsigned attempt,
-              char const* what) {
-        if (observer_ != nullptr) observer_(BatchEvent{k, from, to, bytes, attempt, what}, observer_user_);
+              char const* what, ReleaseReport const* release = nullptr) {
+        if (observers_.empty()) return;
+        BatchEvent e{k, from, to, bytes, attempt, what, release};
+        for (auto const& o : observers_) o.fn(e, o.user);
     }
 
     BatchOptions opt_;
@@ -550,8 +554,11 @@ private:
     BatchCounters counters_;
     Meter meter_;
     Consensus consensus_;
-    void (*observer_)(BatchEvent const&, void*) = nullptr;
-    void* observer_user_ = nullptr;
+    struct Observer {
+        void (*fn)(BatchEvent const&, void*);
+        void* user;
+    };
+    std::vector<Observer> observers_;
     int (*failover_)(void*, FailoverRequest const&) = nullptr;
     void* failover_user_ = nullptr;
     std::size_t last_base_ = 0;  // bytes held when the last measured step began
