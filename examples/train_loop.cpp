@@ -8,17 +8,12 @@
 //
 //   train_loop --bs 1024 --device-memory 1MiB      (scripts/demo)
 //   train_loop --help
+#include "mlp.hpp"
+
 #include <oomguard/oomguard.hpp>
 #include <oomguard/report.hpp>
 #include <oomguard/thrust.hpp>
 #include <oomguard/trace.hpp>
-
-#include <thrust/copy.h>
-#include <thrust/fill.h>
-#include <thrust/for_each.h>
-#include <thrust/iterator/counting_iterator.h>
-#include <thrust/transform.h>
-#include <thrust/transform_reduce.h>
 
 #include <cmath>
 #include <cstdint>
@@ -33,11 +28,9 @@
 #endif
 
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
-#define HD __host__ __device__
 using Backend = oomguard::CudaRuntime;
 constexpr bool on_gpu = true;
 #else
-#define HD
 #include <oomguard/simulated_devices.hpp>
 using Backend = oomguard::SimulatedDevices;
 constexpr bool on_gpu = false;
@@ -45,8 +38,6 @@ constexpr bool on_gpu = false;
 
 using namespace oomguard;
 using Budget = MemoryBudget<Backend>;
-template <class T>
-using dvec = thrust_vector<T, Backend>;
 
 namespace {
 
@@ -119,103 +110,6 @@ Args parse(int argc, char** argv) {
     return a;
 }
 
-// bf16 storage: the upper half of an IEEE float, rounded to nearest even.
-HD inline std::uint16_t to_bf16(float f) {
-    std::uint32_t u;
-    std::memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<std::uint16_t>(u >> 16);
-}
-HD inline float from_bf16(std::uint16_t h) {
-    std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-struct Dims {
-    int D, H;
-    int P() const { return H * D + 2 * H + 1; }  // W1[H*D] b1[H] W2[H] b2
-};
-
-// hidden[s*H + h] = tanh(b1[h] + W1[h] . x[s]), stored at fp32 or bf16.
-struct Forward {
-    float const* X;
-    float const* p;
-    float* h32;
-    std::uint16_t* h16;
-    std::size_t first;
-    int D, H;
-    HD void operator()(std::size_t k) const {
-        std::size_t s = k / static_cast<std::size_t>(H);
-        int h = static_cast<int>(k % static_cast<std::size_t>(H));
-        float acc = p[H * D + h];
-        for (int d = 0; d < D; ++d) acc += p[h * D + d] * X[(first + s) * static_cast<std::size_t>(D) + d];
-        float v = tanhf(acc);
-        if (h32 != nullptr) h32[k] = v; else h16[k] = to_bf16(v);
-    }
-};
-
-struct Hidden {
-    float const* h32;
-    std::uint16_t const* h16;
-    HD float operator()(std::size_t k) const { return h32 != nullptr ? h32[k] : from_bf16(h16[k]); }
-};
-
-// err[s] = prediction - target.
-struct Error {
-    Hidden hid;
-    float const* p;
-    float const* y;
-    std::size_t first;
-    int D, H;
-    HD float operator()(std::size_t s) const {
-        float out = p[H * D + 2 * H];
-        for (int h = 0; h < H; ++h) out += p[H * D + H + h] * hid(s * static_cast<std::size_t>(H) + h);
-        return out - y[first + s];
-    }
-};
-
-struct Square {
-    HD float operator()(float e) const { return e * e; }
-};
-
-// grad[j] += scale * d(sum of squared errors)/d(param j) over the micro-batch.
-struct Gradient {
-    Hidden hid;
-    float const* X;
-    float const* err;
-    float const* p;
-    float* grad;
-    std::size_t first, size;
-    int D, H;
-    float scale;
-    HD void operator()(int j) const {
-        float g = 0;
-        if (j < H * D + H) {  // W1[h, d] or b1[h]
-            int h = j < H * D ? j / D : j - H * D;
-            int d = j < H * D ? j % D : -1;
-            float w2 = p[H * D + H + h];
-            for (std::size_t s = 0; s < size; ++s) {
-                float a = hid(s * static_cast<std::size_t>(H) + h);
-                float back = err[s] * w2 * (1.0f - a * a);
-                g += d >= 0 ? back * X[(first + s) * static_cast<std::size_t>(D) + d] : back;
-            }
-        } else if (j < H * D + 2 * H) {  // W2[h]
-            int h = j - H * D - H;
-            for (std::size_t s = 0; s < size; ++s) g += err[s] * hid(s * static_cast<std::size_t>(H) + h);
-        } else {  // b2
-            for (std::size_t s = 0; s < size; ++s) g += err[s];
-        }
-        grad[j] += scale * g;
-    }
-};
-
-struct SgdUpdate {
-    float lr;
-    HD float operator()(float w, float g) const { return w - lr * g; }
-};
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -244,62 +138,15 @@ int main(int argc, char** argv) {
     }
 #endif
     Budget budget(backend, 0, *conf.budget);
-    Dims dims{16, static_cast<int>(args.hidden)};
     std::size_t const N = args.samples, NE = N / 8 > 0 ? N / 8 : 1;
-
-    // Synthetic regression data: y = sin(w . x) + noise, from the seed.
-    std::vector<float> hx((N + NE) * static_cast<std::size_t>(dims.D)), hy(N + NE), hp(static_cast<std::size_t>(dims.P()));
-    std::uint64_t s = args.seed * 0x9e3779b97f4a7c15ULL + 1;
-    auto rnd = [&] {
-        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-        return static_cast<float>((s >> 40) & 0xffffff) / 16777216.0f * 2.0f - 1.0f;
-    };
-    std::vector<float> truth(static_cast<std::size_t>(dims.D));
-    for (float& t : truth) t = rnd();
-    for (std::size_t i = 0; i < N + NE; ++i) {
-        float dot = 0;
-        for (int d = 0; d < dims.D; ++d) {
-            hx[i * static_cast<std::size_t>(dims.D) + d] = rnd();
-            dot += truth[static_cast<std::size_t>(d)] * hx[i * static_cast<std::size_t>(dims.D) + d];
-        }
-        hy[i] = std::sin(dot) + 0.01f * rnd();
-    }
-    for (float& p : hp) p = 0.3f * rnd();
+    // Synthetic data: the first N samples train, the next NE evaluate.
+    mlp::Data data(N + NE, 16, static_cast<int>(args.hidden), args.seed);
 
     int status_code = 0;
     try {
-        ThrustAllocator<float, Backend> falloc(budget);
-        dvec<float> X(hx.begin(), hx.end(), falloc), Y(hy.begin(), hy.end(), falloc);
-        dvec<float> params(hp.begin(), hp.end(), falloc), grad(hp.size(), 0.0f, falloc);
-        auto policy = thrust_policy(budget);
-        float const* Xp = thrust::raw_pointer_cast(X.data());
-        float const* Yp = thrust::raw_pointer_cast(Y.data());
-
-        // One micro-batch of the samples starting at `first`: forward, loss, and
-        // (when training) the weighted gradient into `grad`.
-        double pending_loss = 0;
-        auto step = [&](std::size_t first, MicroBatch const& mb, bool train) {
-            std::size_t n = mb.size, cells = n * static_cast<std::size_t>(dims.H);
-            dvec<float> h32(mb.precision == Precision::fp32 ? cells : 0, falloc);
-            dvec<std::uint16_t> h16(mb.precision == Precision::fp32 ? 0 : cells,
-                                    ThrustAllocator<std::uint16_t, Backend>(budget));
-            dvec<float> err(n, falloc);
-            float* h32p = h32.empty() ? nullptr : thrust::raw_pointer_cast(h32.data());
-            std::uint16_t* h16p = h16.empty() ? nullptr : thrust::raw_pointer_cast(h16.data());
-            float const* pp = thrust::raw_pointer_cast(params.data());
-            thrust::for_each(policy, thrust::counting_iterator<std::size_t>(0), thrust::counting_iterator<std::size_t>(cells),
-                             Forward{Xp, pp, h32p, h16p, first + mb.offset, dims.D, dims.H});
-            Hidden hid{h32p, h16p};
-            thrust::transform(policy, thrust::counting_iterator<std::size_t>(0), thrust::counting_iterator<std::size_t>(n),
-                              err.begin(), Error{hid, pp, Yp, first + mb.offset, dims.D, dims.H});
-            pending_loss += static_cast<double>(thrust::transform_reduce(policy, err.begin(), err.end(), Square{}, 0.0f,
-                                                                         thrust::plus<float>()));
-            if (train)
-                thrust::for_each(policy, thrust::counting_iterator<int>(0), thrust::counting_iterator<int>(dims.P()),
-                                 Gradient{hid, Xp, thrust::raw_pointer_cast(err.data()), pp,
-                                          thrust::raw_pointer_cast(grad.data()), first + mb.offset, n, dims.D, dims.H,
-                                          2.0f * static_cast<float>(mb.weight) / static_cast<float>(n)});
-        };
+        mlp::Model<Backend> model(budget, data);
+        double& pending_loss = model.pending_loss;
+        auto step = [&](std::size_t first, MicroBatch const& mb, bool train) { model.step(first, mb, train); };
 
         auto options = [&](std::size_t bs) {
             BatchOptions o;
@@ -346,13 +193,11 @@ int main(int argc, char** argv) {
                 pending_loss = 0;
                 runner->run([&](MicroBatch const& mb) { step(first, mb, true); },
                             [&] {
-                                thrust::transform(policy, params.begin(), params.end(), grad.begin(), params.begin(),
-                                                  SgdUpdate{static_cast<float>(args.lr)});
-                                thrust::fill(grad.begin(), grad.end(), 0.0f);
+                                model.commit(static_cast<float>(args.lr));
                                 loss_sum += pending_loss;
                             },
                             [&] {
-                                thrust::fill(grad.begin(), grad.end(), 0.0f);
+                                model.rollback();
                                 pending_loss = 0;
                             });
                 if (trace) trace->sample();

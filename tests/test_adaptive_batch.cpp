@@ -488,3 +488,21 @@ TEST_CASE("OOMGUARD_CONF settings apply to BatchOptions") {
     AdaptiveBatch a(o);
     CHECK(a.plan().micro_batch == 64);
 }
+
+TEST_CASE("a transient OOM at a size that has fit is retried, not shrunk") {
+    Workload w(1024 * KiB, 0, 10 * KiB);  // fits 102
+    BatchOptions o;
+    o.global_batch = 64;
+    AdaptiveBatch a(o);
+    a.run([&](MicroBatch const& mb) { w.step(mb); });
+    w.gpus.fail_next(0, 2);  // another process's burst
+    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(r.attempts == 3);
+    CHECK(r.plan.micro_batch == 64);
+    CHECK(a.counters().retries_same == 2);
+    CHECK(a.counters().shrinks == 0);
+    w.gpus.fail_next(0, 4);  // it keeps failing: after three retries the plan shrinks
+    r = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(r.plan.micro_batch == 32);
+    CHECK(a.counters().shrinks == 1);
+}

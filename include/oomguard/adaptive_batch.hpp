@@ -76,7 +76,7 @@ struct BatchResult {
 struct BatchCounters {
     std::size_t global_batches = 0, micro_batches = 0, ooms = 0, releases = 0, bytes_released = 0,
                 retries_same = 0, shrinks = 0, precision_changes = 0, failovers = 0, grow_backs = 0,
-                calibrations = 0, give_ups = 0, wasted_samples = 0;
+                calibrations = 0, give_ups = 0, wasted_samples = 0, rollback_retries = 0;
 };
 
 enum class BatchEventKind : unsigned char {
@@ -230,6 +230,7 @@ public:
                                                                   static_cast<double>(n) / static_cast<double>(G),
                                                                   plan_.device, false});
                     offset += n;
+                    if (n > proven_) proven_ = n;
                     ++micro_batches;
                     ++counters_.micro_batches;
                     if (n == m)
@@ -255,8 +256,10 @@ public:
                 set_precision(next_p);
                 if (growing_) grow_wait_ = opt_.grow_after;  // it held: the next grow comes as soon
                 last_good_ = plan_;
+                has_good_ = true;
                 growing_ = false;
                 retried_same_ = false;
+                transient_retries_ = 0;
                 ++clean_batches_;
                 ++counters_.global_batches;
                 emit(BatchEventKind::commit, tried, plan_, 0, attempt, "");
@@ -264,7 +267,7 @@ public:
             }
 
             counters_.wasted_samples += offset;
-            rollback();
+            roll_back(rollback, attempt);
             clean_batches_ = 0;
             if (failed) {
                 ++counters_.ooms;
@@ -299,12 +302,15 @@ public:
     void reset() noexcept {
         plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, plan_.device};
         last_good_ = plan_;
+        has_good_ = false;
+        proven_ = 0;
         opt_.policy.reset();
         clean_batches_ = 0;
         grow_wait_ = opt_.grow_after;
         grow_ceiling_ = 0;
         growing_ = false;
         retried_same_ = false;
+        transient_retries_ = 0;
     }
 
     /// Throws std::invalid_argument naming the first bad option.
@@ -404,6 +410,25 @@ private:
         }
     }
 
+    // Rollback must happen for the retry to be exact. If it runs out of memory
+    // itself (zeroing through a temporary, say), release caches and try again,
+    // a few times; anything else, or a rollback that never fits, propagates.
+    template <class Rollback>
+    void roll_back(Rollback& rollback, unsigned attempt) {
+        for (int tries = 1;; ++tries) {
+            bool oom = false;
+            try {
+                rollback();
+            } catch (...) {
+                if (tries >= 4 || !is_device_oom(std::current_exception())) throw;
+                oom = true;
+            }
+            if (!oom) return;
+            ++counters_.rollback_retries;
+            release_caches(attempt);
+        }
+    }
+
     std::size_t release_caches(unsigned attempt) {
         if (!opt_.release_caches) return 0;
         CacheRegistry& reg = opt_.caches != nullptr ? *opt_.caches : CacheRegistry::global();
@@ -437,6 +462,18 @@ private:
             return;
         }
         retried_same_ = false;
+        // A size that has fit under this plan before failed: most likely a
+        // transient OOM (another process's burst, fragmentation), and shrinking
+        // would only add micro-batches, each one more chance to fail. Retry it a
+        // few times -- at the minimum, as long as attempts remain -- before shrinking.
+        if (failed_size <= proven_ && (transient_retries_ < 3 || failed_size <= opt_.min_micro_batch)) {
+            ++transient_retries_;
+            ++counters_.retries_same;
+            emit(BatchEventKind::retry_same, from, plan_, 0, attempt, "");
+            return;
+        }
+        if (transient_retries_ > 0) proven_ = 0;  // it kept failing: conditions changed
+        transient_retries_ = 0;
         if (failed_size > opt_.min_micro_batch) {
             ShrinkContext ctx;
             ctx.failed = failed_size;
@@ -459,6 +496,7 @@ private:
             set_precision(plan_.precision_index + 1);
             opt_.policy.reset();  // bytes per sample changed: old measurements mislead
             grow_ceiling_ = 0;
+            proven_ = 0;
             ++counters_.precision_changes;
             emit(BatchEventKind::precision_change, from, plan_, 0, attempt, "");
             return;
@@ -468,6 +506,7 @@ private:
             if (next >= 0 && next != plan_.device) {
                 plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, next};
                 opt_.policy.reset();
+                proven_ = 0;
                 ++counters_.failovers;
                 emit(BatchEventKind::failover, from, plan_, 0, attempt, "");
                 return;
@@ -490,7 +529,7 @@ private:
             if (!is_device_oom(std::current_exception())) throw;
             oom = true;
         }
-        rollback();
+        roll_back(rollback, attempt);
         ++counters_.calibrations;
         counters_.wasted_samples += size;
         if (!oom && bytes != 0) opt_.policy.observe(size, bytes);
@@ -509,6 +548,7 @@ private:
             set_precision(plan_.precision_index - 1);
             opt_.policy.reset();
             grow_ceiling_ = 0;
+            proven_ = 0;
         } else if (plan_.micro_batch < cap) {
             plan_.micro_batch += (cap - plan_.micro_batch + 1) / 2;
             opt_.policy.forget_bounds();
@@ -567,6 +607,9 @@ private:
     std::size_t grow_ceiling_ = 0;  // smallest grow-back size that failed (0: none)
     bool growing_ = false;
     bool retried_same_ = false;
+    unsigned transient_retries_ = 0;  // same-size retries of a size known to fit, this batch
+    bool has_good_ = false;           // last_good_ has committed at least once
+    std::size_t proven_ = 0;          // largest micro-batch that completed at this precision and device
 };
 
 /// One global batch, with no memory of past plans (use AdaptiveBatch for that).
