@@ -391,7 +391,7 @@ private:
     // allocation failed, plus that allocation. For a step whose largest buffer
     // fails this is exact, and it anchors the predictive fit at the far end.
     void note_failure_bytes(std::size_t size, oom_info const& info) {
-        if (meter_.object == nullptr || info.requested == oom_info::unknown ||
+        if (meter_.object == nullptr || !info.requested_known || info.requested == oom_info::unknown ||
             info.budget_used == oom_info::unknown || info.budget_used < last_base_)
             return;
         opt_.policy.observe(size, info.budget_used - last_base_ + info.requested);

@@ -151,7 +151,7 @@ public:
         auto* s = static_cast<DeviceSelector*>(self);
         Exclude ex;
         ex.ordinals.push_back(r.plan.device);
-        std::size_t need = r.last.requested == oom_info::unknown ? 0 : r.last.requested;
+        std::size_t need = r.last.requested_known ? r.last.requested : 0;
         try {
             int best = s->pick(need, 0.0, ex, true);
             return best;

@@ -27,6 +27,7 @@ struct oom_info {
 
     int device = -1;
     std::size_t requested = 0;          ///< bytes the failed call asked for
+    bool requested_known = true;        ///< false when the failing library did not say (Thrust)
     std::size_t total = unknown;        ///< device capacity
     std::size_t free = unknown;         ///< device bytes free when it failed
     std::size_t budget_used = unknown;  ///< bytes held under the budget
@@ -45,7 +46,7 @@ inline Message& figure(Message& m, std::size_t b) {
 inline Message describe(oom_info const& i) noexcept {
     Message m;
     m << "oomguard: out of memory: tried to allocate ";
-    if (i.requested == oom_info::unknown)
+    if (!i.requested_known)
         m << "an unknown size";
     else
         m << format_bytes(i.requested);

@@ -159,13 +159,14 @@ private:
 /// Runs `f` and turns Thrust's own OOM errors (thrust::system::detail::bad_alloc
 /// and a system_error carrying cudaErrorMemoryAllocation, which keep nothing but
 /// text) into oomguard::out_of_memory with the budget's and device's figures.
-/// Thrust does not say how much it asked for: `requested` is oom_info::unknown.
+/// Thrust does not say how much it asked for: `requested_known` is false.
 /// Every other exception passes through unchanged.
 template <class Backend, class F>
 decltype(auto) translate_thrust_oom(MemoryBudget<Backend>& budget, F&& f) {
     auto rethrow = [&](char const* what) {
-        oom_info i = budget.denial(oom_info::unknown, oom_source::device,
+        oom_info i = budget.denial(0, oom_source::device,
                                    status{status_kind::out_of_memory, 2, "cudaErrorMemoryAllocation"});
+        i.requested_known = false;
         detail::Message m = detail::describe(i);
         m << " Thrust said: " << what;
         throw out_of_memory(i, m);

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -50,6 +51,12 @@ struct VisibleDevices {
     std::vector<VisibleDevice> devices;
     std::vector<std::string> warnings;
     DeviceOrder order = DeviceOrder::fastest_first;
+
+    /// For programs that want a typo to stop them: throws std::invalid_argument
+    /// with the first warning (the entry, why it was dropped, what else went with it).
+    void require_all_valid() const {
+        if (!warnings.empty()) throw std::invalid_argument("oomguard: " + warnings.front());
+    }
 
     /// The visible device with this CUDA ordinal, or nullptr.
     VisibleDevice const* find(int ordinal) const noexcept {

@@ -1,0 +1,143 @@
+// Every public entry point against bad input: each answer is a typed error
+// whose message names the bad value; nothing crashes and (under ASan) nothing leaks.
+#include <oomguard/oomguard.hpp>
+#include <oomguard/device_selector.hpp>
+#include <oomguard/simulated_devices.hpp>
+#include <oomguard/trace.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+using namespace oomguard;
+using Sim = SimulatedDevices;
+
+namespace {
+enum class Kind { invalid_argument, config, oom, no_device, length, out_of_range, runtime, logic };
+
+bool is(Kind k, std::exception const& e) {
+    switch (k) {
+        case Kind::invalid_argument: return dynamic_cast<std::invalid_argument const*>(&e) != nullptr;
+        case Kind::config: return dynamic_cast<config_error const*>(&e) != nullptr;
+        case Kind::oom: return dynamic_cast<out_of_memory const*>(&e) != nullptr;
+        case Kind::no_device: return dynamic_cast<no_device_error const*>(&e) != nullptr;
+        case Kind::length: return dynamic_cast<std::length_error const*>(&e) != nullptr;
+        case Kind::out_of_range: return dynamic_cast<std::out_of_range const*>(&e) != nullptr;
+        case Kind::runtime: return dynamic_cast<std::runtime_error const*>(&e) != nullptr;
+        case Kind::logic: return dynamic_cast<std::logic_error const*>(&e) != nullptr;
+    }
+    return false;
+}
+
+struct Case {
+    char const* entry;
+    Kind kind;
+    char const* names;  // the message must contain this
+    std::function<void()> call;
+};
+
+BatchOptions batch(std::size_t g) {
+    BatchOptions o;
+    o.global_batch = g;
+    return o;
+}
+}  // namespace
+
+TEST_CASE("hostile inputs: a typed error naming the value, every time") {
+    Sim gpus(2, 1 << 20);
+    Sim none(0, 1);
+    MemoryBudget<Sim> budget(gpus, 0, std::size_t{1} << 16);
+    constexpr std::size_t max = std::numeric_limits<std::size_t>::max();
+    std::vector<PhysicalDevice> machine = {{0, "GPU-aa11", "00000000:01:00.0", "x", {}},
+                                           {1, "GPU-aa22", "00000000:02:00.0", "x", {}}};
+    std::vector<Case> cases = {
+        {"Limit::fraction", Kind::invalid_argument, "Limit::fraction(0)", [] { Limit::fraction(0.0); }},
+        {"Limit::fraction", Kind::invalid_argument, "Limit::fraction(1.5)", [] { Limit::fraction(1.5); }},
+        {"Limit::fraction", Kind::invalid_argument, "nan", [] { Limit::fraction(std::nan("")); }},
+        {"Limit::headroom", Kind::invalid_argument, "Limit::headroom(2.00 MiB)",
+         [&] { MemoryBudget<Sim> b(gpus, 0, Limit::headroom(2 << 20)); }},
+        {"MemoryBudget device", Kind::invalid_argument, "device -1", [&] { MemoryBudget<Sim> b(gpus, -1, 10); }},
+        {"MemoryBudget device", Kind::invalid_argument, "device 9", [&] { MemoryBudget<Sim> b(gpus, 9, 10); }},
+        {"MemoryBudget no device", Kind::no_device, "cudaErrorNoDevice", [&] { MemoryBudget<Sim> b(none, 0, 10); }},
+        {"MemoryBudget::allocate", Kind::oom, "tried to allocate 16.00 EiB", [&] { budget.allocate(max); }},
+        {"MemoryBudget::reserve", Kind::oom, "tried to allocate 128.00 KiB", [&] { budget.reserve(128 << 10); }},
+        {"DeviceBuffer::as", Kind::invalid_argument, "12 bytes is not a multiple of sizeof(T) = 8",
+         [&] { DeviceBuffer<Sim>(budget, 12).as<double>(); }},
+        {"make_device_buffer", Kind::length, "overflow size_t",
+         [&] { make_device_buffer<double>(budget, max / 4); }},
+        {"SimulatedDevices capacity", Kind::invalid_argument, "capacity 0", [] { Sim s({{0}}); }},
+        {"SimulatedDevices used_by_others", Kind::invalid_argument, "used_by_others 200", [] { Sim s({{100, 200}}); }},
+        {"SimulatedDevices count", Kind::invalid_argument, "device count -3", [] { Sim s(-3, 100); }},
+        {"FaultPlan.probability", Kind::invalid_argument, "probability 2",
+         [&] { gpus.set_faults(0, FaultPlan{0, 2.0}); }},
+        {"set_used_by_others", Kind::invalid_argument, "2000000 bytes", [&] { gpus.set_used_by_others(0, 2000000); }},
+        {"simulated device ordinal", Kind::out_of_range, "simulated device 5", [&] { gpus.fail_next(5); }},
+        {"register_oom_rule", Kind::invalid_argument, "null pointer", [] { (void)register_oom_rule(nullptr); }},
+        {"CacheRegistry::add", Kind::invalid_argument, "non-empty name",
+         [] { CacheRegistry r; (void)r.add("", 0, [] { return std::size_t{0}; }, [] { return std::size_t{0}; }); }},
+        {"BatchOptions.global_batch", Kind::invalid_argument, "global_batch is 0", [] { AdaptiveBatch a(batch(0)); }},
+        {"BatchOptions.micro_batch", Kind::invalid_argument, "micro_batch 9 is above global_batch 8",
+         [] { auto o = batch(8); o.micro_batch = 9; AdaptiveBatch a(o); }},
+        {"BatchOptions.min_micro_batch", Kind::invalid_argument, "min_micro_batch 5 is above the starting micro_batch 4",
+         [] { auto o = batch(8); o.micro_batch = 4; o.min_micro_batch = 5; AdaptiveBatch a(o); }},
+        {"BatchOptions.precisions", Kind::invalid_argument, "precisions is empty",
+         [] { auto o = batch(8); o.precisions.clear(); AdaptiveBatch a(o); }},
+        {"BatchOptions.precisions", Kind::invalid_argument, "lists bf16 twice",
+         [] { auto o = batch(8); o.precisions = {Precision::bf16, Precision::bf16}; AdaptiveBatch a(o); }},
+        {"BatchOptions.max_attempts", Kind::invalid_argument, "max_attempts is 0",
+         [] { auto o = batch(8); o.max_attempts = 0; AdaptiveBatch a(o); }},
+        {"ShrinkPolicy::geometric", Kind::invalid_argument, "geometric(1)", [] { ShrinkPolicy::geometric(1.0); }},
+        {"ShrinkPolicy::predictive", Kind::invalid_argument, "predictive(0.7)", [] { ShrinkPolicy::predictive(0.7); }},
+        {"ShrinkPolicy::custom", Kind::invalid_argument, "null pointer", [] { ShrinkPolicy::custom(nullptr); }},
+        {"AdaptiveBatch::run", Kind::invalid_argument, "the step is empty",
+         [] { AdaptiveBatch a(batch(8)); void (*f)(MicroBatch const&) = nullptr; a.run(f); }},
+        {"AdaptiveBatch::observe", Kind::invalid_argument, "null function", [] { AdaptiveBatch(batch(8)).observe(nullptr); }},
+        {"AdaptiveBatch::consensus", Kind::invalid_argument, "any_failed and agree",
+         [] { AdaptiveBatch(batch(8)).consensus(Consensus{}); }},
+        {"OOMGUARD_CONF budget", Kind::config, "bad value '2' for budget", [] { parse_config("budget=2"); }},
+        {"OOMGUARD_CONF key", Kind::config, "unknown key 'bugdet'", [] { parse_config("bugdet=0.9"); }},
+        {"OOMGUARD_CONF min_batch", Kind::config, "bad value '0' for min_batch", [] { parse_config("min_batch=0"); }},
+        {"OOMGUARD_CONF max_attempts", Kind::config, "bad value 'abc'", [] { parse_config("max_attempts=abc"); }},
+        {"OOMGUARD_CONF policy", Kind::config, "bad value 'fast' for policy", [] { parse_config("policy=fast"); }},
+        {"OOMGUARD_CONF precision", Kind::config, "'fp64'", [] { parse_config("precision=fp64"); }},
+        {"OOMGUARD_CONF syntax", Kind::config, "entry 'budget' has no '='", [] { parse_config("budget"); }},
+        {"CUDA_VISIBLE_DEVICES", Kind::invalid_argument, "entry 2 'x' is not an index",
+         [&] { parse_visible_devices("0,x", machine).require_all_valid(); }},
+        {"CUDA_VISIBLE_DEVICES", Kind::invalid_argument, "'GPU-aa' is a prefix of 2 GPUs",
+         [&] { parse_visible_devices("GPU-aa", machine).require_all_valid(); }},
+        {"CUDA_VISIBLE_DEVICES", Kind::invalid_argument, "'5' is past the last device",
+         [&] { parse_visible_devices("1,5", machine).require_all_valid(); }},
+        {"DeviceSelector fraction", Kind::invalid_argument, "first_with_free_fraction(-1)",
+         [&] { DeviceSelector<Sim>(gpus, Nvml::none(), nullptr, nullptr).first_with_free_fraction(-1); }},
+        {"DeviceSelector wait", Kind::invalid_argument, "timeout -5 ms",
+         [&] { DeviceSelector<Sim>(gpus, Nvml::none(), nullptr, nullptr).wait_for_free(1, std::chrono::milliseconds(-5)); }},
+        {"DeviceSelector none fits", Kind::runtime, "needs 16.00 EiB",
+         [&] { DeviceSelector<Sim>(gpus, Nvml::none(), nullptr, nullptr).first_with_free(max); }},
+        {"ScopedDevice", Kind::invalid_argument, "device 7 does not exist", [&] { ScopedDevice<Sim> s(gpus, 7); }},
+        {"Trace::write", Kind::runtime, "/no/such/dir/t.json", [] { Trace t("/no/such/dir/t.json"); t.write(); }},
+    };
+    int checked = 0;
+    for (auto const& c : cases) {
+        std::string entry = c.entry, names = c.names;
+        CAPTURE(entry);
+        CAPTURE(names);
+        try {
+            c.call();
+            FAIL("no error");
+        } catch (std::exception const& e) {
+            std::string what = e.what();
+            CAPTURE(what);
+            CHECK(is(c.kind, e));
+            CHECK(what.find(c.names) != std::string::npos);
+            ++checked;
+        }
+    }
+    CHECK(checked >= 30);
+    CHECK(budget.used() == 0);
+    CHECK(gpus.live_bytes() == 0);
+    MESSAGE(checked << " hostile inputs answered with typed errors");
+}
