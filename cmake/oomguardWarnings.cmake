@@ -12,3 +12,13 @@ function(oomguard_strict target)
         endif()
     endif()
 endfunction()
+
+# Thrust's CPP system trips UBSan's null check inside CCCL (tests/ubsan.supp):
+# such targets make that one check recoverable so the suppression file applies;
+# halt_on_error keeps every unsuppressed report fatal.
+set(OOMGUARD_UBSAN_ENV "UBSAN_OPTIONS=suppressions=${PROJECT_SOURCE_DIR}/tests/ubsan.supp:halt_on_error=1:print_stacktrace=1")
+function(oomguard_uses_thrust target)
+    if(OOMGUARD_SANITIZE MATCHES "undefined")
+        target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fsanitize-recover=null>)
+    endif()
+endfunction()
