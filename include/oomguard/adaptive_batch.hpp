@@ -134,6 +134,9 @@ private:
 /// whether any rank ran out of memory in this attempt; `agree` replaces the
 /// proposal with the one every rank will use (the smallest micro-batch and the
 /// lowest precision any rank proposed). See <oomguard/mpi.hpp>, <oomguard/nccl.hpp>.
+/// Only device OOMs are agreed on: any other exception leaves its rank at once,
+/// and the others wait in the next collective, as with any error in a collective
+/// program -- abort the job (MPI_Abort) from your handler.
 struct Consensus {
     void* context = nullptr;
     bool (*any_failed)(void* context, bool mine) = nullptr;
