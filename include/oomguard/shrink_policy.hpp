@@ -15,8 +15,6 @@
 
 #include <cstddef>
 #include <stdexcept>
-#include <utility>
-#include <vector>
 
 namespace oomguard {
 
@@ -169,15 +167,18 @@ public:
     }
 
     /// Records what a size needed (from a step or a calibration step).
-    void observe(std::size_t m, std::size_t bytes) {
-        for (auto& o : obs_) {
-            if (o.first == m) {
-                if (bytes > o.second) o.second = bytes;  // keep the worst seen
+    void observe(std::size_t m, std::size_t bytes) noexcept {
+        for (std::size_t i = 0; i < n_obs_; ++i) {
+            if (obs_[i].m == m) {
+                if (bytes > obs_[i].bytes) obs_[i].bytes = bytes;  // keep the worst seen
                 return;
             }
         }
-        if (obs_.size() >= 64) obs_.erase(obs_.begin());
-        obs_.emplace_back(m, bytes);
+        if (n_obs_ == max_observations) {  // forget the oldest
+            for (std::size_t i = 1; i < n_obs_; ++i) obs_[i - 1] = obs_[i];
+            --n_obs_;
+        }
+        obs_[n_obs_++] = Observation{m, bytes};
     }
 
     /// Forgets the search bounds (memory conditions changed: a grow-back, a new device).
@@ -190,7 +191,7 @@ public:
     /// Forgets everything, measurements too.
     void reset() noexcept {
         forget_bounds();
-        obs_.clear();
+        n_obs_ = 0;
     }
     std::size_t smallest_failure() const noexcept { return high_; }
     std::size_t largest_success() const noexcept { return low_; }
@@ -214,14 +215,14 @@ private:
         return mid > lo ? mid : lo;
     }
 
-    std::size_t distinct_sizes() const noexcept { return obs_.size(); }
+    std::size_t distinct_sizes() const noexcept { return n_obs_; }
 
     bool predict(ShrinkContext const& ctx, std::size_t& out) const noexcept {
-        if (obs_.size() < 2 || ctx.available_bytes == 0) return false;
+        if (n_obs_ < 2 || ctx.available_bytes == 0) return false;
         // Least squares for bytes = a + b*m.
-        double n = static_cast<double>(obs_.size()), sx = 0, sy = 0, sxx = 0, sxy = 0;
-        for (auto const& o : obs_) {
-            double x = static_cast<double>(o.first), y = static_cast<double>(o.second);
+        double n = static_cast<double>(n_obs_), sx = 0, sy = 0, sxx = 0, sxy = 0;
+        for (std::size_t i = 0; i < n_obs_; ++i) {
+            double x = static_cast<double>(obs_[i].m), y = static_cast<double>(obs_[i].bytes);
             sx += x;
             sy += y;
             sxx += x * x;
@@ -255,7 +256,14 @@ private:
     bool predicted_ = false;         // the current size came from a prediction
     bool predicted_failed_ = false;  // a prediction failed: bisect from now on
     std::size_t available_ = 0;      // bytes a step could use at the last failure
-    std::vector<std::pair<std::size_t, std::size_t>> obs_;
+    // A fixed ring of measurements rather than a std::vector: this header is in
+    // the umbrella, and a vector's instantiation costs every includer compile time.
+    static constexpr std::size_t max_observations = 32;
+    struct Observation {
+        std::size_t m = 0, bytes = 0;
+    };
+    Observation obs_[max_observations] = {};
+    std::size_t n_obs_ = 0;
 };
 
 }  // namespace oomguard
