@@ -259,7 +259,6 @@ public:
                 set_precision(next_p);
                 if (growing_) grow_wait_ = opt_.grow_after;  // it held: the next grow comes as soon
                 last_good_ = plan_;
-                has_good_ = true;
                 growing_ = false;
                 retried_same_ = false;
                 transient_retries_ = 0;
@@ -305,7 +304,6 @@ public:
     void reset() noexcept {
         plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, plan_.device};
         last_good_ = plan_;
-        has_good_ = false;
         proven_ = 0;
         opt_.policy.reset();
         clean_batches_ = 0;
@@ -611,7 +609,6 @@ private:
     bool growing_ = false;
     bool retried_same_ = false;
     unsigned transient_retries_ = 0;  // same-size retries of a size known to fit, this batch
-    bool has_good_ = false;           // last_good_ has committed at least once
     std::size_t proven_ = 0;          // largest micro-batch that completed at this precision and device
 };
 

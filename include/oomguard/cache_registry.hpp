@@ -17,10 +17,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <sched.h>
-#endif
-
 namespace oomguard {
 
 /// What one cache gave back in a release.
@@ -50,12 +46,6 @@ struct ReleaseReport {
 };
 
 namespace detail {
-inline void yield_cpu() noexcept {
-#if defined(__unix__) || defined(__APPLE__)
-    sched_yield();
-#endif
-}
-
 // One registered cache. Type-erased through function pointers (no <functional>).
 struct CacheEntry {
     std::string name;

@@ -67,11 +67,8 @@ public:
 
     std::size_t release() {
         std::size_t before = releasable_bytes();
-        cudaError_t e = allocator_->FreeAllCached();
-        if (e != cudaSuccess) {
-            (void)cudaGetLastError();
-            detail::throw_status(CudaRuntime::classify(e), "cub::CachingDeviceAllocator::FreeAllCached");
-        }
+        status s = CudaRuntime::checked(allocator_->FreeAllCached());
+        if (!s.ok()) detail::throw_status(s, "cub::CachingDeviceAllocator::FreeAllCached");
         std::size_t after = releasable_bytes();
         return before > after ? before - after : 0;
     }

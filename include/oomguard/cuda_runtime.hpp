@@ -112,16 +112,16 @@ public:
         });
     }
 
-private:
-    /// A failed call leaves its code as the thread's last error; take it off so a
-    /// recovered OOM is not reported again by an unrelated later check. Sticky
-    /// errors stay: cudart keeps them whatever we do.
+    /// The status of a cudart call's result. A failed call leaves its code as the
+    /// thread's last error; this takes it off so a recovered OOM is not reported
+    /// again by an unrelated later check. Sticky errors stay: cudart keeps them.
     static status checked(cudaError_t e) noexcept {
         if (e == cudaSuccess) return status::success();
         (void)cudaGetLastError();
         return classify(e);
     }
 
+private:
     /// Runs `f` with `device` current, restoring the caller's device after.
     template <class F>
     static status on_device(int device, F&& f) noexcept {

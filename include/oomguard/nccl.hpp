@@ -64,10 +64,8 @@ private:
         cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     }
     static void cuda(cudaError_t e, char const* what) {
-        if (e != cudaSuccess) {
-            (void)cudaGetLastError();
-            detail::throw_status(CudaRuntime::classify(e), (detail::Message() << "NcclConsensus: " << what).c_str());
-        }
+        status s = CudaRuntime::checked(e);
+        if (!s.ok()) detail::throw_status(s, (detail::Message() << "NcclConsensus: " << what).c_str());
     }
     ncclComm_t comm_;
     cudaStream_t stream_;

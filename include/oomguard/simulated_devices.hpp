@@ -203,12 +203,8 @@ public:
         if (d == nullptr) return detail::sim_invalid_device();
         if (free == nullptr || total == nullptr) return detail::sim_invalid_value();
         if (d->sticky.load(std::memory_order_relaxed)) return detail::sim_sticky();
-        touch(*d);
-        std::size_t held = d->used.load(std::memory_order_relaxed) +
-                           d->others.load(std::memory_order_relaxed);
-        *total = d->capacity;
-        *free = held >= d->capacity ? 0 : d->capacity - held;
-        return status::success();
+        touch(*d);  // as cudaMemGetInfo would, it creates the context
+        return peek_memory(device, free, total);
     }
 
     /// What NVML would read: free and total without touching the device (no
@@ -216,6 +212,7 @@ public:
     status peek_memory(int device, std::size_t* free, std::size_t* total) const noexcept {
         Device* d = find(device);
         if (d == nullptr) return detail::sim_invalid_device();
+        if (free == nullptr || total == nullptr) return detail::sim_invalid_value();
         std::size_t held = d->used.load(std::memory_order_relaxed) + d->others.load(std::memory_order_relaxed);
         *total = d->capacity;
         *free = held >= d->capacity ? 0 : d->capacity - held;

@@ -12,6 +12,13 @@
 namespace oomguard {
 namespace detail {
 
+/// Gives the CPU to another thread (a plain spin where the platform has no sched_yield).
+inline void yield_cpu() noexcept {
+#if defined(__unix__) || defined(__APPLE__)
+    sched_yield();
+#endif
+}
+
 /// Test-and-test-and-set lock that yields the CPU when it spins too long.
 /// Meets BasicLockable, so std::lock_guard works with it too.
 class SpinMutex {
@@ -22,9 +29,7 @@ public:
                 !locked_.exchange(true, std::memory_order_acquire))
                 return;
             if (spins >= 64) {
-#if defined(__unix__) || defined(__APPLE__)
-                sched_yield();
-#endif
+                yield_cpu();
                 spins = 0;
             }
         }
