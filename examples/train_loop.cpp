@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -159,6 +160,12 @@ int main(int argc, char** argv) {
         AdaptiveBatch eval(options(args.eval_bs < NE ? args.eval_bs : NE));
         train.measure_with(budget);
         eval.measure_with(budget);
+        // A short last batch (--samples not a multiple of --bs) keeps a plan of its own.
+        std::unique_ptr<AdaptiveBatch> tail;
+        if (N % args.bs != 0) {
+            tail.reset(new AdaptiveBatch(options(N % args.bs)));
+            tail->measure_with(budget);
+        }
         Report report;
         report.track("GPU 0", budget);
         report.attach(train, "train");
@@ -183,13 +190,7 @@ int main(int argc, char** argv) {
             double loss_sum = 0;
             for (std::size_t first = 0; first < N; first += args.bs) {
                 std::size_t G = N - first < args.bs ? N - first : args.bs;
-                BatchOptions o = train.options();
-                AdaptiveBatch* runner = &train;
-                AdaptiveBatch tail(options(G));  // a short last batch keeps its own plan
-                if (G != o.global_batch) {
-                    tail.measure_with(budget);
-                    runner = &tail;
-                }
+                AdaptiveBatch* runner = G == args.bs ? &train : tail.get();
                 pending_loss = 0;
                 runner->run([&](MicroBatch const& mb) { step(first, mb, true); },
                             [&] {
