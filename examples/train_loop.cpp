@@ -11,6 +11,7 @@
 #include "mlp.hpp"
 
 #include <oomguard/oomguard.hpp>
+#include <oomguard/config.hpp>
 #include <oomguard/report.hpp>
 #include <oomguard/thrust.hpp>
 #include <oomguard/trace.hpp>

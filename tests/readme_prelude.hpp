@@ -8,13 +8,9 @@
 #include <oomguard/simulated_devices.hpp>
 #include <oomguard/trace.hpp>
 
+#include <oomguard/config.hpp>
+
 #include <cstdio>
+#include <cstring>
 #include <stdexcept>
 #include <string>
-
-// A stand-in for libtorch's type, so the libtorch rule compiles without libtorch.
-namespace c10 {
-struct OutOfMemoryError : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
-}  // namespace c10

@@ -1,4 +1,5 @@
 #include <oomguard/adaptive_batch.hpp>
+#include <oomguard/config.hpp>
 #include <oomguard/device_buffer.hpp>
 #include <oomguard/simulated_devices.hpp>
 

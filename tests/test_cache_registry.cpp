@@ -86,6 +86,24 @@ TEST_CASE("RAII: a registration unregisters, and moves keep one owner") {
     CHECK_THROWS_AS((void)reg.add("", 0, p), std::invalid_argument);
 }
 
+TEST_CASE("names are 1 to 63 characters; a long error text is cut, not lost") {
+    CacheRegistry reg;
+    std::string const longest(CacheName::capacity, 'a');
+    std::string const long_error(1000, 'e');
+    auto ok = reg.add(longest, 0, [] { return std::size_t{0}; },
+                      [&]() -> std::size_t { throw std::runtime_error(long_error); });
+    CHECK_THROWS_WITH_AS((void)reg.add(longest + "b", 0, [] { return std::size_t{0}; },
+                                       [] { return std::size_t{0}; }),
+                         doctest::Contains("is 64 characters; give one of 1 to 63"), std::invalid_argument);
+    CHECK(reg.size() == 1);
+    ReleaseReport r = reg.release_all();
+    REQUIRE(r.caches.size() == 1);
+    CHECK(r.caches[0].name == longest);
+    CHECK(r.caches[0].failed);
+    CHECK(r.caches[0].error.size() == 255);
+    CHECK(r.caches[0].error.view() == std::string(252, 'e') + "...");
+}
+
 TEST_CASE("a cache unregistered mid-release: a running one finishes first, a pending one is skipped") {
     CacheRegistry reg;
     std::atomic<bool> first_started{false}, go_on{false}, second_ran{false};

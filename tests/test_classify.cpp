@@ -14,6 +14,15 @@ namespace {
 struct TorchLikeOom : std::runtime_error {
     TorchLikeOom() : std::runtime_error("CUDA OOM (torch)") {}
 };
+// Mimics c10::OutOfMemoryError: derives from std::exception only (through c10::Error).
+struct C10LikeOom : std::exception {
+    char const* what() const noexcept override {
+        return "CUDA out of memory. Tried to allocate 80.00 MiB (GPU 0; 79.35 GiB total capacity)";
+    }
+};
+struct C10LikeError : std::exception {
+    char const* what() const noexcept override { return "CUDA error: an illegal memory access was encountered"; }
+};
 // Mimics thrust::system::detail::bad_alloc, which keeps only a string.
 struct ThrustLikeBadAlloc : std::bad_alloc {
     char const* what() const noexcept override {
@@ -35,8 +44,13 @@ TEST_CASE("text-only errors from Thrust and cudart wrappers") {
     CHECK(is_device_oom(std::runtime_error("transform: failed: cudaErrorMemoryAllocation: out of memory")));
     CHECK_FALSE(is_device_oom(std::bad_alloc{}));  // a host `new` failure
     CHECK_FALSE(is_device_oom(std::runtime_error("cudaErrorIllegalAddress: an illegal memory access")));
-    CHECK_FALSE(is_device_oom(std::logic_error("out of memory")));  // not a runtime/alloc error
     CHECK_FALSE(is_device_oom(std::invalid_argument("bad batch")));
+    CHECK_FALSE(is_device_oom(std::logic_error("index 7 past the end")));
+}
+
+TEST_CASE("libtorch's OOM is recognised by its text, its other errors are not") {
+    CHECK(is_device_oom(C10LikeOom{}));
+    CHECK_FALSE(is_device_oom(C10LikeError{}));
 }
 
 TEST_CASE("user rules, registered and unregistered") {

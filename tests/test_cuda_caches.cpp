@@ -38,7 +38,7 @@ TEST_CASE("a sticky error during a trim is reported as a failure, not as zero by
     ReleaseReport rep = reg.release_all();
     REQUIRE(rep.caches.size() == 1);
     CHECK(rep.caches[0].failed);
-    CHECK(rep.caches[0].error.find("cudaErrorIllegalAddress") != std::string::npos);
+    CHECK(rep.caches[0].error.view().find("cudaErrorIllegalAddress") != std::string_view::npos);
 }
 
 namespace {

@@ -1,6 +1,7 @@
 // Every public entry point against bad input: each answer is a typed error
 // whose message names the bad value; nothing crashes and (under ASan) nothing leaks.
 #include <oomguard/oomguard.hpp>
+#include <oomguard/config.hpp>
 #include <oomguard/device_selector.hpp>
 #include <oomguard/simulated_devices.hpp>
 #include <oomguard/trace.hpp>
@@ -79,6 +80,8 @@ TEST_CASE("hostile inputs: a typed error naming the value, every time") {
         {"register_oom_rule", Kind::invalid_argument, "null pointer", [] { (void)register_oom_rule(nullptr); }},
         {"CacheRegistry::add", Kind::invalid_argument, "non-empty name",
          [] { CacheRegistry r; (void)r.add("", 0, [] { return std::size_t{0}; }, [] { return std::size_t{0}; }); }},
+        {"CacheRegistry::add name length", Kind::invalid_argument, "is 64 characters; give one of 1 to 63",
+         [] { CacheRegistry r; (void)r.add(std::string(64, 'n'), 0, [] { return std::size_t{0}; }, [] { return std::size_t{0}; }); }},
         {"BatchOptions.global_batch", Kind::invalid_argument, "global_batch is 0", [] { AdaptiveBatch a(batch(0)); }},
         {"BatchOptions.micro_batch", Kind::invalid_argument, "micro_batch 9 is above global_batch 8",
          [] { auto o = batch(8); o.micro_batch = 9; AdaptiveBatch a(o); }},

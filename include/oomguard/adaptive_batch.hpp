@@ -8,7 +8,6 @@
 
 #include <oomguard/cache_registry.hpp>
 #include <oomguard/classify.hpp>
-#include <oomguard/config.hpp>
 #include <oomguard/errors.hpp>
 #include <oomguard/memory_budget.hpp>
 #include <oomguard/precision.hpp>
@@ -16,12 +15,13 @@
 
 #include <cstddef>
 #include <exception>
-#include <stdexcept>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace oomguard {
+
+struct Config;  // <oomguard/config.hpp>
 
 /// What the user asks for. Validated by AdaptiveBatch's constructor.
 struct BatchOptions {
@@ -36,8 +36,11 @@ struct BatchOptions {
     CacheRegistry* caches = nullptr;   ///< nullptr: CacheRegistry::global()
 
     /// Applies the adaptive_batch settings of an OOMGUARD_CONF (min_batch,
-    /// max_attempts, policy, factor, grow_after, precision) over these.
-    BatchOptions& apply(Config const& c) {
+    /// max_attempts, policy, factor, grow_after, precision) over these. Config
+    /// comes from <oomguard/config.hpp>; a template only so that this header
+    /// need not include it (the parser costs compile time where it is unused).
+    template <class C, std::enable_if_t<std::is_same<C, Config>::value, int> = 0>
+    BatchOptions& apply(C const& c) {
         if (c.min_batch) min_micro_batch = *c.min_batch;
         if (c.max_attempts) max_attempts = *c.max_attempts;
         if (c.policy) policy = *c.policy;
@@ -185,7 +188,7 @@ public:
     /// Adds an observer: `fn(event, user)` is called for every decision, in the
     /// order observers were added (a report and a trace can both listen).
     AdaptiveBatch& observe(void (*fn)(BatchEvent const&, void*), void* user = nullptr) {
-        if (fn == nullptr) throw std::invalid_argument("oomguard: AdaptiveBatch::observe: the observer is a null function");
+        if (fn == nullptr) detail::throw_invalid("oomguard: AdaptiveBatch::observe: the observer is a null function");
         observers_.push_back(Observer{fn, user});
         return *this;
     }
@@ -193,7 +196,7 @@ public:
     /// Makes every rank of a data-parallel job take the same decisions.
     AdaptiveBatch& consensus(Consensus c) {
         if (c.any_failed == nullptr || c.agree == nullptr)
-            throw std::invalid_argument("oomguard: AdaptiveBatch::consensus: both any_failed and agree are needed");
+            detail::throw_invalid("oomguard: AdaptiveBatch::consensus: both any_failed and agree are needed");
         consensus_ = c;
         return *this;
     }
@@ -316,7 +319,7 @@ public:
 
     /// Throws std::invalid_argument naming the first bad option.
     static void validate(BatchOptions const& o) {
-        auto bad = [](detail::Message const& m) { throw std::invalid_argument(m.c_str()); };
+        auto bad = [](detail::Message const& m) { detail::throw_invalid(m); };
         if (o.global_batch == 0)
             bad(detail::Message() << "oomguard: BatchOptions.global_batch is 0; give the samples per step, >= 1");
         if (o.micro_batch > o.global_batch)
@@ -363,9 +366,8 @@ private:
             empty = !static_cast<bool>(f);
         }
         if (empty)
-            throw std::invalid_argument((detail::Message() << "oomguard: adaptive_batch: the " << what
-                                                           << " is empty (a null function)")
-                                            .c_str());
+            detail::throw_invalid(detail::Message() << "oomguard: adaptive_batch: the " << what
+                                                    << " is empty (a null function)");
     }
 
     // Runs the step, measuring its peak over what was held before it.

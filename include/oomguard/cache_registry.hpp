@@ -5,6 +5,7 @@
 #pragma once
 
 #include <oomguard/detail/format.hpp>
+#include <oomguard/detail/std_throw.hpp>
 #include <oomguard/detail/spin_mutex.hpp>
 
 #include <atomic>
@@ -12,20 +13,22 @@
 #include <cstdint>
 #include <exception>
 #include <new>
-#include <stdexcept>
-#include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
 namespace oomguard {
 
+/// A cache's name: 1 to 63 characters, kept inline (CacheRegistry::add refuses others).
+using CacheName = detail::FixedText<64>;
+
 /// What one cache gave back in a release.
 struct CacheRelease {
-    std::string name;
+    CacheName name;
     int priority = 0;
     std::size_t bytes = 0;       ///< bytes the cache says it freed
     bool failed = false;         ///< its release() threw
-    std::string error;           ///< what() of that exception
+    detail::FixedText<256> error;  ///< what() of that exception, cut to 255 characters with "..."
 };
 
 /// What a release of the registry did, cache by cache, in the order they ran.
@@ -48,7 +51,7 @@ struct ReleaseReport {
 namespace detail {
 // One registered cache. Type-erased through function pointers (no <functional>).
 struct CacheEntry {
-    std::string name;
+    CacheName name;
     int priority = 0;
     void* object = nullptr;
     std::size_t (*releasable)(void*) = nullptr;
@@ -127,9 +130,10 @@ public:
     /// estimate of what release() would free) and `std::size_t release()` (frees,
     /// returns the bytes freed). Lower `priority` runs first: give the caches that
     /// are cheapest to rebuild the lowest. `cache` must outlive the registration.
+    /// `name` names it in reports: 1 to 63 characters.
     template <class Cache>
-    [[nodiscard]] CacheRegistration add(std::string name, int priority, Cache& cache) {
-        auto* e = make_entry(std::move(name), priority);
+    [[nodiscard]] CacheRegistration add(std::string_view name, int priority, Cache& cache) {
+        auto* e = make_entry(name, priority);
         e->object = &cache;
         e->releasable = [](void* o) -> std::size_t { return static_cast<Cache*>(o)->releasable_bytes(); };
         e->release = [](void* o) -> std::size_t { return static_cast<Cache*>(o)->release(); };
@@ -138,12 +142,13 @@ public:
 
     /// Registers a cache given as two callables, which the registry owns.
     template <class Releasable, class Release>
-    [[nodiscard]] CacheRegistration add(std::string name, int priority, Releasable releasable, Release release) {
+    [[nodiscard]] CacheRegistration add(std::string_view name, int priority, Releasable releasable,
+                                        Release release) {
         struct Holder {
             Releasable a;
             Release b;
         };
-        auto* e = make_entry(std::move(name), priority);
+        auto* e = make_entry(name, priority);
         try {
             e->object = new Holder{std::move(releasable), std::move(release)};
         } catch (...) {
@@ -202,10 +207,10 @@ public:
                 r.bytes = e->release(e->object);
             } catch (std::exception const& ex) {
                 r.failed = true;
-                r.error = ex.what();
+                r.error = detail::FixedText<256>(ex.what() != nullptr ? ex.what() : "(null what())");
             } catch (...) {
                 r.failed = true;
-                r.error = "unknown exception";
+                r.error = detail::FixedText<256>("unknown exception");
             }
             leave(e);
             report.caches.push_back(std::move(r));
@@ -216,11 +221,15 @@ public:
 private:
     friend class CacheRegistration;
 
-    detail::CacheEntry* make_entry(std::string name, int priority) {
+    detail::CacheEntry* make_entry(std::string_view name, int priority) {
         if (name.empty())
-            throw std::invalid_argument("oomguard: CacheRegistry::add: a cache needs a non-empty name");
+            detail::throw_invalid("oomguard: CacheRegistry::add: a cache needs a non-empty name");
+        if (!CacheName::fits(name))
+            detail::throw_invalid(detail::Message()
+                                  << "oomguard: CacheRegistry::add: the name '" << name << "' is " << name.size()
+                                  << " characters; give one of 1 to " << CacheName::capacity);
         auto* e = new detail::CacheEntry();
-        e->name = std::move(name);
+        e->name = CacheName(name);
         e->priority = priority;
         return e;
     }

@@ -11,7 +11,6 @@
 #include <cstring>
 #include <exception>
 #include <new>
-#include <stdexcept>
 
 namespace oomguard {
 
@@ -40,7 +39,7 @@ class OomRuleRegistration {
 public:
     explicit OomRuleRegistration(oom_rule rule) {
         if (rule == nullptr)
-            throw std::invalid_argument("oomguard: register_oom_rule: the rule is a null pointer");
+            detail::throw_invalid("oomguard: register_oom_rule: the rule is a null pointer");
         auto* slots = detail::oom_rule_slots();
         for (std::size_t i = 0; i < detail::max_oom_rules; ++i) {
             oom_rule expected = nullptr;
@@ -49,8 +48,8 @@ public:
                 return;
             }
         }
-        throw std::length_error("oomguard: register_oom_rule: all 16 rule slots are taken; "
-                                "unregister a rule first");
+        detail::throw_length("oomguard: register_oom_rule: all 16 rule slots are taken; "
+                             "unregister a rule first");
     }
     OomRuleRegistration(OomRuleRegistration&& o) noexcept : slot_(o.slot_) { o.slot_ = -1; }
     OomRuleRegistration& operator=(OomRuleRegistration&& o) noexcept {
@@ -85,10 +84,11 @@ private:
 ///  - oomguard::out_of_memory;
 ///  - never an oomguard::cuda_error (sticky errors, no driver, bad arguments);
 ///  - a registered user rule says so;
-///  - a std::bad_alloc or std::runtime_error whose text names
-///    cudaErrorMemoryAllocation or "out of memory" (Thrust's bad_alloc and
-///    system_error keep nothing but that text). A host `new` failure says only
-///    "std::bad_alloc" and is not a device OOM.
+///  - any other exception whose text names cudaErrorMemoryAllocation or says
+///    "out of memory": Thrust's bad_alloc and system_error keep nothing but that
+///    text, and libtorch's c10::OutOfMemoryError ("CUDA out of memory. Tried to
+///    allocate ...") is recognised the same way, without a rule. A host `new`
+///    failure says only "std::bad_alloc" and is not a device OOM.
 inline bool is_device_oom(std::exception const& e) noexcept {
     if (dynamic_cast<out_of_memory const*>(&e) != nullptr) return true;
     if (dynamic_cast<cuda_error const*>(&e) != nullptr) return false;
@@ -104,12 +104,7 @@ inline bool is_device_oom(std::exception const& e) noexcept {
         }
     }
     char const* w = e.what();
-    if (dynamic_cast<std::bad_alloc const*>(&e) != nullptr ||
-        dynamic_cast<std::runtime_error const*>(&e) != nullptr) {
-        return detail::contains(w, "cudaErrorMemoryAllocation") ||
-               detail::contains(w, "out of memory");
-    }
-    return false;
+    return detail::contains(w, "cudaErrorMemoryAllocation") || detail::contains(w, "out of memory");
 }
 
 /// Same question for an exception_ptr (for example one kept from another thread).

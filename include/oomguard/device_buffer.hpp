@@ -5,7 +5,6 @@
 
 #include <cstddef>
 #include <limits>
-#include <stdexcept>
 
 namespace oomguard {
 
@@ -72,10 +71,8 @@ private:
 template <class T, class Backend>
 DeviceBuffer<Backend> make_device_buffer(MemoryBudget<Backend>& budget, std::size_t count) {
     if (count > std::numeric_limits<std::size_t>::max() / sizeof(T))
-        throw std::length_error((detail::Message() << "oomguard: make_device_buffer: " << count
-                                                   << " elements of " << sizeof(T)
-                                                   << " bytes overflow size_t")
-                                    .c_str());
+        detail::throw_length(detail::Message() << "oomguard: make_device_buffer: " << count << " elements of "
+                                               << sizeof(T) << " bytes overflow size_t");
     return DeviceBuffer<Backend>(budget, count * sizeof(T));
 }
 

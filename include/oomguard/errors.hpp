@@ -4,12 +4,13 @@
 
 #include <oomguard/backend.hpp>
 #include <oomguard/detail/format.hpp>
+#include <oomguard/detail/std_throw.hpp>
 
 #include <cstddef>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <new>
-#include <stdexcept>
 
 namespace oomguard {
 
@@ -110,10 +111,16 @@ inline Message no_device_text(status s, char const* context) noexcept {
 /// Any device failure that is not an out-of-memory: carries the backend's code
 /// and kind. A sticky error (kind() == status_kind::sticky) means the context is
 /// corrupted and nothing on this device can be retried.
-class cuda_error : public std::runtime_error {
+///
+/// Derives from std::exception directly and keeps its text in the object (like
+/// out_of_memory): building it allocates nothing on the host, so a device failure
+/// is reported even when host memory is short, and the core needs no <stdexcept>.
+class cuda_error : public std::exception {
 public:
-    cuda_error(status s, char const* context)
-        : std::runtime_error(detail::cuda_error_text(s, context).c_str()), status_(s) {}
+    cuda_error(status s, char const* context) noexcept
+        : what_(detail::cuda_error_text(s, context)), status_(s) {}
+
+    char const* what() const noexcept override { return what_.c_str(); }
 
     int code() const noexcept { return status_.code; }
     char const* code_name() const noexcept { return status_.name; }
@@ -121,9 +128,10 @@ public:
     bool is_sticky() const noexcept { return status_.kind == status_kind::sticky; }
 
 protected:
-    cuda_error(status s, detail::Message const& text) : std::runtime_error(text.c_str()), status_(s) {}
+    cuda_error(status s, detail::Message const& text) noexcept : what_(text), status_(s) {}
 
 private:
+    detail::Message what_;
     status status_;
 };
 
@@ -131,7 +139,7 @@ private:
 /// Never an out-of-memory.
 class no_device_error : public cuda_error {
 public:
-    no_device_error(status s, char const* context) : cuda_error(s, detail::no_device_text(s, context)) {}
+    no_device_error(status s, char const* context) noexcept : cuda_error(s, detail::no_device_text(s, context)) {}
 };
 
 namespace detail {
@@ -140,8 +148,6 @@ namespace detail {
     if (s.kind == status_kind::no_device) throw no_device_error(s, context);
     throw cuda_error(s, context);
 }
-/// Throws std::invalid_argument with a built message.
-[[noreturn]] inline void throw_invalid(Message const& m) { throw std::invalid_argument(m.c_str()); }
 }  // namespace detail
 
 }  // namespace oomguard

@@ -10,7 +10,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
-#include <stdexcept>
 
 #ifndef OOMGUARD_HAS_CUDA
 #if defined(__has_include)

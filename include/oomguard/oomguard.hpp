@@ -1,5 +1,7 @@
 // The umbrella header: what a training loop on a GPU needs. Kept cheap to
 // compile (scripts/include-cost measures it). Opt-in headers:
+//   <oomguard/config.hpp>             OOMGUARD_CONF parsing (parse_config,
+//                                     config_from_env, BatchOptions::apply)
 //   <oomguard/simulated_devices.hpp>  simulated GPUs and fault plans for tests
 //                                     (included here only when there is no CUDA
 //                                     toolkit, where it is the default backend)
@@ -12,7 +14,6 @@
 #include <oomguard/classify.hpp>
 #include <oomguard/memory_budget.hpp>
 #include <oomguard/device_buffer.hpp>
-#include <oomguard/config.hpp>
 #include <oomguard/precision.hpp>
 #include <oomguard/shrink_policy.hpp>
 #include <oomguard/cache_registry.hpp>

@@ -64,7 +64,7 @@ public:
             for (auto& x : caches_)
                 if (x.name == c.name) t = &x;
             if (t == nullptr) {
-                caches_.push_back(CacheTotal{c.name, 0, 0, 0});
+                caches_.push_back(CacheTotal{std::string(c.name.view()), 0, 0, 0});
                 t = &caches_.back();
             }
             ++t->releases;

@@ -57,9 +57,8 @@ public:
         if (s.kind == status_kind::invalid_argument) {
             int count = 0;
             backend.device_count(&count);
-            throw std::invalid_argument((detail::Message() << "oomguard: ScopedDevice: device " << device
-                                                           << " does not exist; valid ordinals are 0.." << count - 1)
-                                            .c_str());
+            detail::throw_invalid(detail::Message() << "oomguard: ScopedDevice: device " << device
+                                                    << " does not exist; valid ordinals are 0.." << count - 1);
         }
         if (!s.ok()) detail::throw_status(s, "ScopedDevice: switching device");
         switched_ = true;

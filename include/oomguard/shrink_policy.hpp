@@ -12,9 +12,9 @@
 #pragma once
 
 #include <oomguard/detail/format.hpp>
+#include <oomguard/detail/std_throw.hpp>
 
 #include <cstddef>
-#include <stdexcept>
 
 namespace oomguard {
 
@@ -41,9 +41,8 @@ public:
     /// m -> floor(m*f), strictly decreasing; `f` must be in (0, 1).
     static ShrinkPolicy geometric(double f) {
         if (!(f > 0.0 && f < 1.0))
-            throw std::invalid_argument((detail::Message() << "oomguard: ShrinkPolicy::geometric(" << f
-                                                           << "): the factor must be in (0, 1), for example 0.9")
-                                            .c_str());
+            detail::throw_invalid(detail::Message() << "oomguard: ShrinkPolicy::geometric(" << f
+                                                    << "): the factor must be in (0, 1), for example 0.9");
         ShrinkPolicy p(Kind::geometric);
         p.factor_ = f;
         return p;
@@ -56,9 +55,8 @@ public:
     /// kept free to absorb what the linear model misses.
     static ShrinkPolicy predictive(double margin = 0.01) {
         if (!(margin >= 0.0 && margin < 0.5))
-            throw std::invalid_argument((detail::Message() << "oomguard: ShrinkPolicy::predictive(" << margin
-                                                           << "): the safety margin must be in [0, 0.5)")
-                                            .c_str());
+            detail::throw_invalid(detail::Message() << "oomguard: ShrinkPolicy::predictive(" << margin
+                                                    << "): the safety margin must be in [0, 0.5)");
         ShrinkPolicy p(Kind::predictive);
         p.margin_ = margin;
         return p;
@@ -67,7 +65,7 @@ public:
     /// Your function; it must return a size in [ctx.minimum, ctx.failed).
     static ShrinkPolicy custom(CustomFn fn, void* user = nullptr, char const* name = "custom") {
         if (fn == nullptr)
-            throw std::invalid_argument("oomguard: ShrinkPolicy::custom: the function is a null pointer");
+            detail::throw_invalid("oomguard: ShrinkPolicy::custom: the function is a null pointer");
         ShrinkPolicy p(Kind::custom);
         p.fn_ = fn;
         p.user_ = user;
@@ -116,11 +114,10 @@ public:
             case Kind::custom: {
                 next = fn_(ctx, user_);
                 if (next < ctx.minimum || next >= ctx.failed)
-                    throw std::logic_error((detail::Message() << "oomguard: shrink policy '" << name_ << "' returned "
-                                                              << next << " after " << ctx.failed
-                                                              << " failed; it must return a size in ["
-                                                              << ctx.minimum << ", " << ctx.failed << ")")
-                                               .c_str());
+                    detail::throw_logic(detail::Message() << "oomguard: shrink policy '" << name_ << "' returned "
+                                                          << next << " after " << ctx.failed
+                                                          << " failed; it must return a size in ["
+                                                          << ctx.minimum << ", " << ctx.failed << ")");
                 return next;
             }
         }

@@ -80,5 +80,41 @@ private:
     std::size_t len_ = 0;
 };
 
+/// Text of at most N - 1 characters kept inside the object: no heap, no <string>.
+/// Compares with and converts to std::string_view.
+template <std::size_t N>
+class FixedText {
+    static_assert(N >= 4, "room for at least \"...\"");
+
+public:
+    static constexpr std::size_t capacity = N - 1;
+
+    FixedText() noexcept = default;
+    /// A copy of `s`, cut to `capacity` characters ending in "..." when longer
+    /// (callers that must not cut check `fits` first).
+    explicit FixedText(std::string_view s) noexcept {
+        len_ = s.size() < capacity ? s.size() : capacity;
+        std::memcpy(buf_, s.data(), len_);
+        buf_[len_] = '\0';
+        if (len_ < s.size()) std::memcpy(buf_ + len_ - 3, "...", 3);
+    }
+    static constexpr bool fits(std::string_view s) noexcept { return s.size() <= capacity; }
+
+    char const* c_str() const noexcept { return buf_; }
+    std::string_view view() const noexcept { return std::string_view(buf_, len_); }
+    operator std::string_view() const noexcept { return view(); }
+    std::size_t size() const noexcept { return len_; }
+    bool empty() const noexcept { return len_ == 0; }
+
+    friend bool operator==(FixedText const& a, std::string_view b) noexcept { return a.view() == b; }
+    friend bool operator==(std::string_view a, FixedText const& b) noexcept { return a == b.view(); }
+    friend bool operator!=(FixedText const& a, std::string_view b) noexcept { return a.view() != b; }
+    friend bool operator!=(std::string_view a, FixedText const& b) noexcept { return a != b.view(); }
+
+private:
+    char buf_[N] = {};
+    std::size_t len_ = 0;
+};
+
 }  // namespace detail
 }  // namespace oomguard
