@@ -21,6 +21,8 @@ namespace oomguard {
 
 /// A cache's name: 1 to 63 characters, kept inline (CacheRegistry::add refuses others).
 using CacheName = detail::FixedText<64>;
+/// A failed release's what(), kept inline: cut to 255 characters ending in "...".
+using CacheErrorText = detail::FixedText<256>;
 
 /// What one cache gave back in a release.
 struct CacheRelease {
@@ -28,7 +30,7 @@ struct CacheRelease {
     int priority = 0;
     std::size_t bytes = 0;       ///< bytes the cache says it freed
     bool failed = false;         ///< its release() threw
-    detail::FixedText<256> error;  ///< what() of that exception, cut to 255 characters with "..."
+    CacheErrorText error;        ///< what() of that exception
 };
 
 /// What a release of the registry did, cache by cache, in the order they ran.
@@ -207,10 +209,10 @@ public:
                 r.bytes = e->release(e->object);
             } catch (std::exception const& ex) {
                 r.failed = true;
-                r.error = detail::FixedText<256>(ex.what() != nullptr ? ex.what() : "(null what())");
+                r.error = CacheErrorText(ex.what() != nullptr ? ex.what() : "(null what())");
             } catch (...) {
                 r.failed = true;
-                r.error = detail::FixedText<256>("unknown exception");
+                r.error = CacheErrorText("unknown exception");
             }
             leave(e);
             report.caches.push_back(std::move(r));
