@@ -109,7 +109,12 @@ TEST_CASE("overflow-safe near SIZE_MAX") {
     CHECK_THROWS_AS(unlimited.allocate(max - MiB + 1), out_of_memory);
     CHECK(unlimited.used() == MiB);
     unlimited.deallocate(p, MiB);
-    Budget capped(gpus, 0, max - 1);  // clamped to the largest cap a budget holds
+    // A cap above what a budget holds is refused, not clamped.
+    CHECK_THROWS_WITH_AS(Budget(gpus, 0, max - 1),
+                         doctest::Contains("a cap of 18446744073709551614 bytes (16.00 EiB) is more than"),
+                         std::invalid_argument);
+    CHECK_THROWS_AS(Budget(gpus, 0, Budget::max_limit + 1), std::invalid_argument);
+    Budget capped(gpus, 0, Budget::max_limit);  // the largest cap a budget holds
     CHECK(capped.limit() == Budget::max_limit);
     CHECK(capped.try_reserve(Budget::max_limit - 1));
     CHECK_FALSE(capped.try_reserve(2));

@@ -114,7 +114,7 @@ class MemoryBudget {
 public:
     using backend_type = Backend;
 
-    /// The largest cap a budget can hold (256 TiB); larger limits are clamped to it.
+    /// The largest cap a budget can hold (256 TiB); a larger one is an invalid_argument.
     static constexpr std::size_t max_limit = (std::size_t{1} << 48) - 1;
 
     /// A budget on `device` of `backend`. Throws std::invalid_argument for a bad
@@ -182,6 +182,7 @@ public:
 
     /// Recomputes the cap from `limit` and the device's memory now. Lowering it
     /// below what is held is allowed: new requests are denied until enough is freed.
+    /// Throws std::invalid_argument when the cap comes to more than max_limit.
     void set_limit(Limit limit) {
         std::size_t cap = std::numeric_limits<std::size_t>::max();
         if (limit.type() == Limit::kind::fraction || limit.type() == Limit::kind::headroom) {
@@ -192,8 +193,19 @@ public:
         } else {
             cap = limit.resolve(0, 0);
         }
+        if (limit.type() == Limit::kind::unlimited) {
+            cap = max_limit;  // no cap: the largest the accounting word holds
+        } else if (cap > max_limit) {
+            detail::Message m;
+            m << "oomguard: MemoryBudget: a cap of " << cap << " bytes (" << detail::format_bytes(cap) << ')';
+            if (limit.type() == Limit::kind::fraction) m << " from Limit::fraction(" << limit.ratio() << ')';
+            if (limit.type() == Limit::kind::headroom) m << " from Limit::headroom";
+            m << " is more than a budget can hold (" << max_limit << " bytes, "
+              << detail::format_bytes(max_limit) << "); give at most that, or Limit::unlimited()";
+            detail::throw_invalid(m);
+        }
         spec_ = limit;
-        limit_.store(cap < max_limit ? cap : max_limit, std::memory_order_relaxed);
+        limit_.store(cap, std::memory_order_relaxed);
     }
 
     std::size_t limit() const noexcept { return limit_.load(std::memory_order_relaxed); }
