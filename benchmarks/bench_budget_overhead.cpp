@@ -1,6 +1,12 @@
 // What a MemoryBudget adds to an allocate+free pair, side by side with the bare
 // phantom device and with a mutex-guarded counter (the way RMM's statistics
 // adaptor counts), in one run. Run through scripts/bench, which writes JSON.
+//
+// The same three again over a device that writes no shared state (null_*): with
+// two threads the phantom simulated device's own atomics are contended, and a
+// mutex that puts one thread to sleep also spares the device that contention, so
+// the phantom rows mix the accounting's scaling with the device's. The null rows
+// measure the accounting alone.
 #include <oomguard/oomguard.hpp>
 #include <oomguard/simulated_devices.hpp>
 
@@ -68,9 +74,84 @@ void with_mutex_counter(benchmark::State& state) {
     }
 }
 
+// A backend that shares nothing between threads: every call succeeds at once,
+// each thread gets its own address.
+struct NullDevice {
+    static constexpr char const* backend_name = "null";
+    status allocate(void** out, std::size_t, int) noexcept {
+        thread_local unsigned char slot;
+        *out = &slot;
+        return status::success();
+    }
+    status deallocate(void*, std::size_t, int) noexcept { return status::success(); }
+    status memory_info(int, std::size_t* free, std::size_t* total) noexcept {
+        *free = *total = std::size_t{80} << 30;
+        return status::success();
+    }
+    status device_count(int* n) noexcept {
+        *n = 1;
+        return status::success();
+    }
+    status current_device(int* d) noexcept {
+        *d = 0;
+        return status::success();
+    }
+    status set_device(int) noexcept { return status::success(); }
+    status synchronize(int) noexcept { return status::success(); }
+};
+static_assert(is_backend_v<NullDevice>);
+
+NullDevice& null_device() {
+    static NullDevice d;
+    return d;
+}
+
+void null_bare(benchmark::State& state) {
+    auto& d = null_device();
+    for (auto _ : state) {
+        void* p = nullptr;
+        d.allocate(&p, kBytes, 0);
+        benchmark::DoNotOptimize(p);
+        d.deallocate(p, kBytes, 0);
+    }
+}
+
+void null_with_budget(benchmark::State& state) {
+    static MemoryBudget<NullDevice> budget(null_device(), 0, Limit::fraction(0.9));
+    for (auto _ : state) {
+        void* p = budget.allocate(kBytes);
+        benchmark::DoNotOptimize(p);
+        budget.deallocate(p, kBytes);
+    }
+}
+
+void null_with_mutex_counter(benchmark::State& state) {
+    static MutexCounter c;
+    auto& d = null_device();
+    for (auto _ : state) {
+        void* p = nullptr;
+        d.allocate(&p, kBytes, 0);
+        {
+            std::lock_guard<std::mutex> lock(c.m);
+            c.current += kBytes;
+            c.total += 1;
+            if (c.current > c.peak) c.peak = c.current;
+        }
+        benchmark::DoNotOptimize(p);
+        d.deallocate(p, kBytes, 0);
+        {
+            std::lock_guard<std::mutex> lock(c.m);
+            c.current -= kBytes;
+        }
+    }
+}
+
 }  // namespace
 
 BENCHMARK(bare_device)->Threads(1)->Threads(2);
 BENCHMARK(with_budget)->Threads(1)->Threads(2);
 BENCHMARK(with_mutex_counter)->Threads(1)->Threads(2);
+BENCHMARK(null_bare)->Threads(1)->Threads(2);
+BENCHMARK(null_with_budget)->Threads(1)->Threads(2);
+BENCHMARK(null_with_mutex_counter)->Threads(1)->Threads(2);
 BENCHMARK_MAIN();
