@@ -42,17 +42,23 @@ inline std::string_view trim(std::string_view s) noexcept {
     return s;
 }
 
+/// Appends `s` to the text of `len` characters in `buf` (room for `size - 1` and
+/// the terminator), cutting what does not fit and marking the cut with "...".
+inline void append_cut(char* buf, std::size_t size, std::size_t& len, std::string_view s) noexcept {
+    std::size_t room = size - 1 - len;
+    std::size_t n = s.size() < room ? s.size() : room;
+    std::memcpy(buf + len, s.data(), n);
+    len += n;
+    buf[len] = '\0';
+    if (n < s.size() && len >= 3) std::memcpy(buf + len - 3, "...", 3);
+}
+
 /// A bounded text builder: `Message() << "device " << 3 << " has " << bytes_of(n)`.
 /// Truncates (with "...") rather than fail: it runs while an error is being reported.
 class Message {
 public:
     Message& operator<<(std::string_view s) noexcept {
-        std::size_t room = sizeof buf_ - 1 - len_;
-        std::size_t n = s.size() < room ? s.size() : room;
-        std::memcpy(buf_ + len_, s.data(), n);
-        len_ += n;
-        buf_[len_] = '\0';
-        if (n < s.size() && len_ >= 3) std::memcpy(buf_ + len_ - 3, "...", 3);
+        append_cut(buf_, sizeof buf_, len_, s);
         return *this;
     }
     Message& operator<<(char const* s) noexcept { return *this << std::string_view(s ? s : "(null)"); }
@@ -92,12 +98,7 @@ public:
     FixedText() noexcept = default;
     /// A copy of `s`, cut to `capacity` characters ending in "..." when longer
     /// (callers that must not cut check `fits` first).
-    explicit FixedText(std::string_view s) noexcept {
-        len_ = s.size() < capacity ? s.size() : capacity;
-        std::memcpy(buf_, s.data(), len_);
-        buf_[len_] = '\0';
-        if (len_ < s.size()) std::memcpy(buf_ + len_ - 3, "...", 3);
-    }
+    explicit FixedText(std::string_view s) noexcept { append_cut(buf_, N, len_, s); }
     static constexpr bool fits(std::string_view s) noexcept { return s.size() <= capacity; }
 
     char const* c_str() const noexcept { return buf_; }
