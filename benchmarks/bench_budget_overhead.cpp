@@ -21,59 +21,6 @@ namespace {
 
 constexpr std::size_t kBytes = 4096;
 
-// A phantom device with no pointer map: the cheapest honest backend.
-SimulatedDevices& device() {
-    static SimulatedDevices d({{std::size_t{80} << 30}}, SimulatedMemory::phantom, false);
-    return d;
-}
-
-void bare_device(benchmark::State& state) {
-    auto& d = device();
-    for (auto _ : state) {
-        void* p = nullptr;
-        d.allocate(&p, kBytes, 0);
-        benchmark::DoNotOptimize(p);
-        d.deallocate(p, kBytes, 0);
-    }
-}
-
-void with_budget(benchmark::State& state) {
-    static MemoryBudget<SimulatedDevices> budget(device(), 0, Limit::fraction(0.9));
-    for (auto _ : state) {
-        void* p = budget.allocate(kBytes);
-        benchmark::DoNotOptimize(p);
-        budget.deallocate(p, kBytes);
-    }
-}
-
-// The mutex-guarded statistics counter of RMM's statistics_resource_adaptor, in spirit:
-// a lock around current/peak/total on both paths.
-struct MutexCounter {
-    std::mutex m;
-    std::size_t current = 0, peak = 0, total = 0;
-};
-
-void with_mutex_counter(benchmark::State& state) {
-    static MutexCounter c;
-    auto& d = device();
-    for (auto _ : state) {
-        void* p = nullptr;
-        d.allocate(&p, kBytes, 0);
-        {
-            std::lock_guard<std::mutex> lock(c.m);
-            c.current += kBytes;
-            c.total += 1;
-            if (c.current > c.peak) c.peak = c.current;
-        }
-        benchmark::DoNotOptimize(p);
-        d.deallocate(p, kBytes, 0);
-        {
-            std::lock_guard<std::mutex> lock(c.m);
-            c.current -= kBytes;
-        }
-    }
-}
-
 // A backend that shares nothing between threads: every call succeeds at once,
 // each thread gets its own address.
 struct NullDevice {
@@ -101,13 +48,24 @@ struct NullDevice {
 };
 static_assert(is_backend_v<NullDevice>);
 
-NullDevice& null_device() {
+// The one device of each kind the rows share.
+template <class Device>
+Device& device();
+// A phantom device with no pointer map: the cheapest honest simulated backend.
+template <>
+SimulatedDevices& device<SimulatedDevices>() {
+    static SimulatedDevices d({{std::size_t{80} << 30}}, SimulatedMemory::phantom, false);
+    return d;
+}
+template <>
+NullDevice& device<NullDevice>() {
     static NullDevice d;
     return d;
 }
 
-void null_bare(benchmark::State& state) {
-    auto& d = null_device();
+template <class Device>
+void bare(benchmark::State& state) {
+    auto& d = device<Device>();
     for (auto _ : state) {
         void* p = nullptr;
         d.allocate(&p, kBytes, 0);
@@ -116,8 +74,9 @@ void null_bare(benchmark::State& state) {
     }
 }
 
-void null_with_budget(benchmark::State& state) {
-    static MemoryBudget<NullDevice> budget(null_device(), 0, Limit::fraction(0.9));
+template <class Device>
+void with_budget(benchmark::State& state) {
+    static MemoryBudget<Device> budget(device<Device>(), 0, Limit::fraction(0.9));
     for (auto _ : state) {
         void* p = budget.allocate(kBytes);
         benchmark::DoNotOptimize(p);
@@ -125,9 +84,17 @@ void null_with_budget(benchmark::State& state) {
     }
 }
 
-void null_with_mutex_counter(benchmark::State& state) {
+// The mutex-guarded statistics counter of RMM's statistics_resource_adaptor, in spirit:
+// a lock around current/peak/total on both paths.
+struct MutexCounter {
+    std::mutex m;
+    std::size_t current = 0, peak = 0, total = 0;
+};
+
+template <class Device>
+void with_mutex_counter(benchmark::State& state) {
     static MutexCounter c;
-    auto& d = null_device();
+    auto& d = device<Device>();
     for (auto _ : state) {
         void* p = nullptr;
         d.allocate(&p, kBytes, 0);
@@ -148,10 +115,10 @@ void null_with_mutex_counter(benchmark::State& state) {
 
 }  // namespace
 
-BENCHMARK(bare_device)->Threads(1)->Threads(2);
-BENCHMARK(with_budget)->Threads(1)->Threads(2);
-BENCHMARK(with_mutex_counter)->Threads(1)->Threads(2);
-BENCHMARK(null_bare)->Threads(1)->Threads(2);
-BENCHMARK(null_with_budget)->Threads(1)->Threads(2);
-BENCHMARK(null_with_mutex_counter)->Threads(1)->Threads(2);
+BENCHMARK(bare<SimulatedDevices>)->Name("bare_device")->Threads(1)->Threads(2);
+BENCHMARK(with_budget<SimulatedDevices>)->Name("with_budget")->Threads(1)->Threads(2);
+BENCHMARK(with_mutex_counter<SimulatedDevices>)->Name("with_mutex_counter")->Threads(1)->Threads(2);
+BENCHMARK(bare<NullDevice>)->Name("null_bare")->Threads(1)->Threads(2);
+BENCHMARK(with_budget<NullDevice>)->Name("null_with_budget")->Threads(1)->Threads(2);
+BENCHMARK(with_mutex_counter<NullDevice>)->Name("null_with_mutex_counter")->Threads(1)->Threads(2);
 BENCHMARK_MAIN();
