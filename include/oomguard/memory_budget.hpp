@@ -184,18 +184,16 @@ public:
     /// below what is held is allowed: new requests are denied until enough is freed.
     /// Throws std::invalid_argument when the cap comes to more than max_limit.
     void set_limit(Limit limit) {
-        std::size_t cap = std::numeric_limits<std::size_t>::max();
+        std::size_t cap = max_limit;  // Limit::unlimited(): the largest the accounting word holds
         if (limit.type() == Limit::kind::fraction || limit.type() == Limit::kind::headroom) {
             std::size_t free = 0, total = 0;
             status s = backend_->memory_info(device_, &free, &total);
             if (!s.ok()) detail::throw_status(s, "MemoryBudget: reading device memory");
             cap = limit.resolve(free, total);
-        } else {
+        } else if (limit.type() == Limit::kind::bytes) {
             cap = limit.resolve(0, 0);
         }
-        if (limit.type() == Limit::kind::unlimited) {
-            cap = max_limit;  // no cap: the largest the accounting word holds
-        } else if (cap > max_limit) {
+        if (cap > max_limit) {
             detail::Message m;
             m << "oomguard: MemoryBudget: a cap of " << cap << " bytes (" << detail::format_bytes(cap) << ')';
             if (limit.type() == Limit::kind::fraction) m << " from Limit::fraction(" << limit.ratio() << ')';
