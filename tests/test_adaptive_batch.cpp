@@ -2,6 +2,7 @@
 #include <oomguard/config.hpp>
 #include <oomguard/device_buffer.hpp>
 #include <oomguard/simulated_devices.hpp>
+#include <oomguard/thread_consensus.hpp>
 
 #include <doctest/doctest.h>
 
@@ -297,64 +298,8 @@ TEST_CASE("failover proposes another device when nothing fits") {
     CHECK(a.counters().failovers == 1);
 }
 
-namespace {
-// Two in-process "ranks" that meet at a barrier for each collective.
-struct ThreadConsensus {
-    std::mutex m;
-    std::condition_variable cv;
-    int arrived = 0, generation = 0;
-    bool any = false;
-    std::size_t mb = ~std::size_t{0}, pi = 0;
-    bool out_any = false;
-    std::size_t out_mb = 0, out_pi = 0;
-    template <class F, class G>
-    void collective(F contribute, G read) {
-        std::unique_lock<std::mutex> lock(m);
-        contribute();
-        int gen = generation;
-        if (++arrived == 2) {
-            out_any = any;
-            out_mb = mb;
-            out_pi = pi;
-            any = false;
-            mb = ~std::size_t{0};
-            pi = 0;
-            arrived = 0;
-            ++generation;
-            cv.notify_all();
-        } else {
-            cv.wait(lock, [&] { return generation != gen; });
-        }
-        read();
-    }
-    Consensus hook() {
-        Consensus c;
-        c.context = this;
-        c.any_failed = [](void* ctx, bool mine) {
-            auto* t = static_cast<ThreadConsensus*>(ctx);
-            bool r = false;
-            t->collective([&] { t->any = t->any || mine; }, [&] { r = t->out_any; });
-            return r;
-        };
-        c.agree = [](void* ctx, std::size_t* m, std::size_t* p) {
-            auto* t = static_cast<ThreadConsensus*>(ctx);
-            t->collective(
-                [&] {
-                    if (*m < t->mb) t->mb = *m;
-                    if (*p > t->pi) t->pi = *p;
-                },
-                [&] {
-                    *m = t->out_mb;
-                    *p = t->out_pi;
-                });
-        };
-        return c;
-    }
-};
-}  // namespace
-
 TEST_CASE("consensus: an OOM on one rank moves every rank to the same plan") {
-    ThreadConsensus tc;
+    ThreadConsensus tc(2);
     Plan plans[2];
     std::size_t commits[2] = {0, 0};
     auto rank = [&](int r, std::size_t capacity) {

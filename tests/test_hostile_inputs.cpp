@@ -103,7 +103,7 @@ TEST_CASE("hostile inputs: a typed error naming the value, every time") {
         {"AdaptiveBatch::run", Kind::invalid_argument, "the step is empty",
          [] { AdaptiveBatch a(batch(8)); void (*f)(MicroBatch const&) = nullptr; a.run(f); }},
         {"AdaptiveBatch::observe", Kind::invalid_argument, "null function", [] { AdaptiveBatch(batch(8)).observe(nullptr); }},
-        {"AdaptiveBatch::consensus", Kind::invalid_argument, "any_failed and agree",
+        {"AdaptiveBatch::consensus", Kind::invalid_argument, "all_min collective is a null function",
          [] { AdaptiveBatch(batch(8)).consensus(Consensus{}); }},
         {"OOMGUARD_CONF budget", Kind::config, "bad value '2' for budget", [] { parse_config("budget=2"); }},
         {"OOMGUARD_CONF key", Kind::config, "unknown key 'bugdet'", [] { parse_config("bugdet=0.9"); }},

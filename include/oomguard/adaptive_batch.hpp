@@ -8,12 +8,15 @@
 
 #include <oomguard/cache_registry.hpp>
 #include <oomguard/classify.hpp>
+#include <oomguard/detail/ballot.hpp>
 #include <oomguard/errors.hpp>
 #include <oomguard/memory_budget.hpp>
 #include <oomguard/precision.hpp>
+#include <oomguard/recovery_planner.hpp>
 #include <oomguard/shrink_policy.hpp>
 
 #include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <type_traits>
 #include <utility>
@@ -21,34 +24,13 @@
 
 namespace oomguard {
 
-struct Config;  // <oomguard/config.hpp>
-
-/// What the user asks for. Validated by AdaptiveBatch's constructor.
-struct BatchOptions {
-    std::size_t global_batch = 0;      ///< G: samples per optimizer step, >= 1
-    std::size_t micro_batch = 0;       ///< starting micro-batch m, in [min_micro_batch, G]; 0: G
-    std::size_t min_micro_batch = 1;   ///< never shrink below this
-    std::vector<Precision> precisions{Precision::fp32};  ///< the ladder, tried in order
-    unsigned max_attempts = 64;        ///< attempts per global batch before giving up
-    std::size_t grow_after = 0;        ///< grow back after this many clean global batches (0: never)
-    bool release_caches = true;        ///< release the cache registry before each retry
-    ShrinkPolicy policy = ShrinkPolicy::halve();
-    CacheRegistry* caches = nullptr;   ///< nullptr: CacheRegistry::global()
-
-    /// Applies the adaptive_batch settings of an OOMGUARD_CONF (min_batch,
-    /// max_attempts, policy, factor, grow_after, precision) over these. Config
-    /// comes from <oomguard/config.hpp>; a template only so that this header
-    /// need not include it (the parser costs compile time where it is unused).
-    template <class C, std::enable_if_t<std::is_same<C, Config>::value, int> = 0>
-    BatchOptions& apply(C const& c) {
-        if (c.min_batch) min_micro_batch = *c.min_batch;
-        if (c.max_attempts) max_attempts = *c.max_attempts;
-        if (c.policy) policy = *c.policy;
-        if (c.grow_after) grow_after = *c.grow_after;
-        if (!c.precisions.empty()) precisions = c.precisions;
-        return *this;
-    }
+namespace detail {
+/// How a MicroBatch reaches the runner that handed it out.
+struct SyncHook {
+    void (*fn)(void*) = nullptr;
+    void* context = nullptr;
 };
+}  // namespace detail
 
 /// One micro-batch handed to the step.
 struct MicroBatch {
@@ -57,15 +39,20 @@ struct MicroBatch {
     Precision precision = Precision::fp32;
     double weight = 0.0;        ///< size / G: weighted gradients sum to the full-batch gradient
     int device = 0;             ///< the device the plan runs on (changes only by failover)
-    bool calibration = false;   ///< a measuring step whose work is rolled back
-};
+    bool calibration = false;   ///< a measuring micro-batch at a small size (predictive, after an
+                                ///< OOM); its work is kept like any other's
+    detail::SyncHook sync_hook{};  ///< set by the runner; use sync()
 
-/// The plan in effect.
-struct Plan {
-    std::size_t micro_batch = 0;
-    Precision precision = Precision::fp32;
-    std::size_t precision_index = 0;
-    int device = 0;
+    /// The OOM-safe sync point of a data-parallel step: call it right before
+    /// each collective of your own (a gradient all-reduce, a metric), after
+    /// every allocation that precedes that collective. It returns when every
+    /// rank has reached the same point; when another rank ran out of memory
+    /// instead, it throws peer_out_of_memory (a device OOM) on this one, so
+    /// every rank leaves the step by the same path and the attempt is retried
+    /// together. Without a consensus hook it does nothing.
+    void sync() const {
+        if (sync_hook.fn != nullptr) sync_hook.fn(sync_hook.context);
+    }
 };
 
 /// What one global batch took.
@@ -73,13 +60,18 @@ struct BatchResult {
     Plan plan;                 ///< the plan for the next global batch
     unsigned attempts = 0;     ///< 1 when nothing failed
     std::size_t micro_batches = 0;
+    /// The first exception an observer threw during this batch (null: none).
+    /// The batch was committed regardless: an observer never changes what
+    /// happens to a batch. Rethrow it if an observer's failure must stop you.
+    std::exception_ptr observer_error;
 };
 
-/// Everything adaptive_batch decided, counted.
+/// Everything adaptive_batch decided, counted (on this rank).
 struct BatchCounters {
     std::size_t global_batches = 0, micro_batches = 0, ooms = 0, releases = 0, bytes_released = 0,
                 retries_same = 0, shrinks = 0, precision_changes = 0, failovers = 0, grow_backs = 0,
-                calibrations = 0, give_ups = 0, wasted_samples = 0, rollback_retries = 0;
+                calibrations = 0, give_ups = 0, wasted_samples = 0, rollback_retries = 0, commit_ooms = 0,
+                peer_aborts = 0, observer_errors = 0;
 };
 
 enum class BatchEventKind : unsigned char {
@@ -106,7 +98,7 @@ constexpr char const* to_string(BatchEventKind k) noexcept {
 struct BatchEvent {
     BatchEventKind kind = BatchEventKind::commit;
     Plan from, to;
-    std::size_t bytes = 0;          ///< released bytes, or the failed request
+    std::size_t bytes = 0;          ///< released bytes, the failed request, or a calibration's peak
     unsigned attempt = 0;
     char const* what = "";          ///< the OOM's message for oom_caught and give_up
     ReleaseReport const* release = nullptr;  ///< per-cache bytes, for `released`
@@ -116,8 +108,10 @@ struct BatchEvent {
 struct AttemptRecord {
     Plan plan;
     std::size_t samples_done = 0;   ///< samples that completed before it failed
-    std::size_t failed_size = 0;    ///< the micro-batch that ran out of memory
+    std::size_t failed_size = 0;    ///< the micro-batch that ran out of memory on this rank (0: see below)
     std::size_t bytes_released = 0;
+    bool in_commit = false;         ///< the commit ran out of memory
+    bool peer = false;              ///< another rank ran out of memory; this one did not
 };
 
 /// adaptive_batch could not fit the global batch: the last OOM's figures plus
@@ -132,18 +126,30 @@ private:
     std::vector<AttemptRecord> attempts_;
 };
 
-/// The data-parallel hook: every rank calls each function collectively, once
-/// per global batch, so all ranks take the same decision. `any_failed` returns
-/// whether any rank ran out of memory in this attempt; `agree` replaces the
-/// proposal with the one every rank will use (the smallest micro-batch and the
-/// lowest precision any rank proposed). See <oomguard/mpi.hpp>, <oomguard/nccl.hpp>.
-/// Only device OOMs are agreed on: any other exception leaves its rank at once,
-/// and the others wait in the next collective, as with any error in a collective
-/// program -- abort the job (MPI_Abort) from your handler.
+/// Thrown by MicroBatch::sync() on a rank that did not fail, when another rank
+/// ran out of device memory in the same attempt. A device OOM: let it leave the
+/// step (do not swallow it), and the attempt is retried on every rank together.
+class peer_out_of_memory : public out_of_memory {
+public:
+    using out_of_memory::out_of_memory;
+};
+
+/// The data-parallel hook. `all_min` is a collective: every rank calls it with
+/// the same `count`, and each of `values[0..count)` is replaced by its minimum
+/// over all ranks -- an MPI_Allreduce or ncclAllReduce with MIN over unsigned
+/// 64-bit integers. See <oomguard/mpi.hpp>, <oomguard/nccl.hpp>,
+/// <oomguard/thread_consensus.hpp>.
+///
+/// Ranks agree on the planner's inputs, once per attempt (whether any rank
+/// failed, the smallest failed size, the largest measured peak, the least
+/// available bytes, ...), so every rank takes the same decision and runs the
+/// same micro-batch sizes; give-up included. Only device OOMs and oomguard's own
+/// failure path are agreed on: any other exception from the step or the commit
+/// leaves its rank at once, and the others wait in the next collective, as with
+/// any error in a collective program -- abort the job (MPI_Abort) from your handler.
 struct Consensus {
     void* context = nullptr;
-    bool (*any_failed)(void* context, bool mine) = nullptr;
-    void (*agree)(void* context, std::size_t* micro_batch, std::size_t* precision_index) = nullptr;
+    void (*all_min)(void* context, std::uint64_t* values, std::size_t count) = nullptr;
 };
 
 /// What a failover hook is asked: the plan cannot fit on `plan.device` even at
@@ -155,38 +161,47 @@ struct FailoverRequest {
 
 /// Runs global batches under an adaptive plan and remembers the last good one
 /// across calls. Keep one per workload: training and evaluation (`--bs` and
-/// `--eval_bs`) are tuned apart.
+/// `--eval_bs`) are tuned apart. The decisions are RecoveryPlanner's; this class
+/// runs the step, measures, agrees with the other ranks and acts.
 class AdaptiveBatch {
 public:
-    explicit AdaptiveBatch(BatchOptions options) : opt_(std::move(options)) {
-        validate(opt_);
-        if (opt_.micro_batch == 0) opt_.micro_batch = opt_.global_batch;
-        reset();
-    }
+    explicit AdaptiveBatch(BatchOptions options) : planner_(std::move(options)) {}
 
     /// Measures each micro-batch's peak through `budget` (the predictive policy
-    /// needs it; the report uses it). The budget must outlive this object.
+    /// needs it; the report uses it) while the plan runs on `budget.device()`.
+    /// Call it once for each device a failover may move to; a second budget for
+    /// the same device replaces the first. The budget must outlive this object.
     template <class Backend>
-    AdaptiveBatch& measure_with(MemoryBudget<Backend>& budget) noexcept {
-        meter_.object = &budget;
-        meter_.start = [](void* b) -> std::size_t {
+    AdaptiveBatch& measure_with(MemoryBudget<Backend>& budget) {
+        Meter m;
+        m.device = budget.device();
+        m.object = &budget;
+        m.start = [](void* b) -> std::size_t {
             auto* mb = static_cast<MemoryBudget<Backend>*>(b);
             mb->reset_peak();
             return mb->used();
         };
-        meter_.peak = [](void* b) -> std::size_t { return static_cast<MemoryBudget<Backend>*>(b)->peak(); };
-        meter_.raise = [](void* b, std::size_t v) { static_cast<MemoryBudget<Backend>*>(b)->raise_peak(v); };
-        meter_.available = [](void* b) -> std::size_t {
+        m.peak = [](void* b) -> std::size_t { return static_cast<MemoryBudget<Backend>*>(b)->peak(); };
+        m.raise = [](void* b, std::size_t v) { static_cast<MemoryBudget<Backend>*>(b)->raise_peak(v); };
+        m.available = [](void* b) -> std::size_t {
             auto* mb = static_cast<MemoryBudget<Backend>*>(b);
             std::size_t avail = mb->available(), free = 0, total = 0;
             if (mb->backend().memory_info(mb->device(), &free, &total).ok() && free < avail) avail = free;
             return avail;
         };
+        for (auto& existing : meters_)
+            if (existing.device == m.device) {
+                existing = m;
+                return *this;
+            }
+        meters_.push_back(m);
         return *this;
     }
 
     /// Adds an observer: `fn(event, user)` is called for every decision, in the
-    /// order observers were added (a report and a trace can both listen).
+    /// order observers were added (a report and a trace can both listen). An
+    /// observer that throws changes nothing: its exception is kept in
+    /// BatchResult::observer_error and observer_error().
     AdaptiveBatch& observe(void (*fn)(BatchEvent const&, void*), void* user = nullptr) {
         if (fn == nullptr) detail::throw_invalid("oomguard: AdaptiveBatch::observe: the observer is a null function");
         observers_.push_back(Observer{fn, user});
@@ -195,8 +210,8 @@ public:
 
     /// Makes every rank of a data-parallel job take the same decisions.
     AdaptiveBatch& consensus(Consensus c) {
-        if (c.any_failed == nullptr || c.agree == nullptr)
-            detail::throw_invalid("oomguard: AdaptiveBatch::consensus: both any_failed and agree are needed");
+        if (c.all_min == nullptr)
+            detail::throw_invalid("oomguard: AdaptiveBatch::consensus: the all_min collective is a null function");
         consensus_ = c;
         return *this;
     }
@@ -205,89 +220,29 @@ public:
     AdaptiveBatch& failover(int (*fn)(void*, FailoverRequest const&), void* user = nullptr) noexcept {
         failover_ = fn;
         failover_user_ = user;
+        planner_.allow_failover(fn != nullptr);
         return *this;
     }
 
     /// Runs one global batch: `step(MicroBatch const&)` for each micro-batch,
-    /// then `commit()` once; on a device OOM, `rollback()` and a retry of the
-    /// same samples under a new plan. Any other exception from the step passes
-    /// through unchanged, at once, without calling rollback; so does a sticky
-    /// CUDA error. Throws recovery_failed when nothing fits.
+    /// then `commit()` once; on a device OOM in a step or in the commit,
+    /// `rollback()` and a retry of the same samples under the planner's next
+    /// plan. Any other exception from the step or the commit passes through
+    /// unchanged, at once, without calling rollback; so does a sticky CUDA
+    /// error. Throws recovery_failed when nothing fits. Whatever leaves run()
+    /// leaves the object at its last good plan.
     template <class Step, class Commit, class Rollback>
     BatchResult run(Step&& step, Commit&& commit, Rollback&& rollback) {
         require_callable(step, "step");
         require_callable(commit, "commit");
         require_callable(rollback, "rollback");
-        maybe_grow();
-        std::vector<AttemptRecord> history;
-        std::size_t const G = opt_.global_batch;
-        for (unsigned attempt = 1;; ++attempt) {
-            Plan const tried = plan_;
-            std::size_t m = plan_.micro_batch, offset = 0, failed_size = 0, micro_batches = 0;
-            std::size_t available = meter_.object != nullptr ? meter_.available(meter_.object) : 0;
-            bool failed = false;
-            oom_info info;
-            detail::Message what;
-            try {
-                while (offset < G) {
-                    std::size_t n = m < G - offset ? m : G - offset;
-                    failed_size = n;
-                    std::size_t bytes = measured(step, MicroBatch{offset, n, plan_.precision,
-                                                                  static_cast<double>(n) / static_cast<double>(G),
-                                                                  plan_.device, false});
-                    offset += n;
-                    if (n > proven_) proven_ = n;
-                    ++micro_batches;
-                    ++counters_.micro_batches;
-                    if (n == m)
-                        m = opt_.policy.on_success(n, bytes, opt_.micro_batch);
-                    else if (bytes != 0)
-                        opt_.policy.observe(n, bytes);
-                }
-            } catch (...) {
-                // Decide inside the catch, act outside it: leaving the handler
-                // destroys the exception before any retry runs.
-                if (!is_device_oom(std::current_exception())) throw;
-                failed = true;
-                capture(std::current_exception(), info, what);
-            }
-            if (failed) note_failure_bytes(failed_size, info);
-            bool any = failed;
-            if (consensus_.any_failed != nullptr) any = consensus_.any_failed(consensus_.context, failed);
-            if (!any) {
-                std::size_t next_m = m, next_p = plan_.precision_index;
-                if (consensus_.agree != nullptr) consensus_.agree(consensus_.context, &next_m, &next_p);
-                commit();
-                plan_.micro_batch = next_m;
-                set_precision(next_p);
-                if (growing_) grow_wait_ = opt_.grow_after;  // it held: the next grow comes as soon
-                last_good_ = plan_;
-                growing_ = false;
-                retried_same_ = false;
-                transient_retries_ = 0;
-                ++clean_batches_;
-                ++counters_.global_batches;
-                emit(BatchEventKind::commit, tried, plan_, 0, attempt, "");
-                return BatchResult{plan_, attempt, micro_batches};
-            }
-
-            counters_.wasted_samples += offset;
-            roll_back(rollback, attempt);
-            clean_batches_ = 0;
-            if (failed) {
-                ++counters_.ooms;
-                emit(BatchEventKind::oom_caught, tried, tried, info.requested, attempt, what.c_str());
-            }
-            std::size_t released = release_caches(attempt);
-            history.push_back(AttemptRecord{tried, offset, failed_size, released});
-            if (failed) decide(failed_size, released, available, attempt, info, what, history, step, rollback);
-            if (consensus_.agree != nullptr) {
-                std::size_t mm = plan_.micro_batch, pp = plan_.precision_index;
-                consensus_.agree(consensus_.context, &mm, &pp);
-                plan_.micro_batch = mm;
-                set_precision(pp);
-            }
-            if (attempt >= opt_.max_attempts) give_up(info, what, history, "the attempt limit was reached");
+        observer_error_ = nullptr;
+        try {
+            return run_batch(step, commit, rollback);
+        } catch (...) {
+            in_step_ = false;
+            planner_.abandon();
+            throw;
         }
     }
 
@@ -297,61 +252,329 @@ public:
         return run(std::forward<Step>(step), [] {}, [] {});
     }
 
-    Plan const& plan() const noexcept { return plan_; }
-    Plan const& last_good_plan() const noexcept { return last_good_; }
+    Plan const& plan() const noexcept { return planner_.plan(); }
+    Plan const& last_good_plan() const noexcept { return planner_.last_good_plan(); }
     BatchCounters const& counters() const noexcept { return counters_; }
-    BatchOptions const& options() const noexcept { return opt_; }
-    ShrinkPolicy const& policy() const noexcept { return opt_.policy; }
+    BatchOptions const& options() const noexcept { return planner_.options(); }
+    ShrinkPolicy const& policy() const noexcept { return planner_.policy(); }
+    RecoveryPlanner const& planner() const noexcept { return planner_; }
+    /// The first exception an observer threw since the last run() began (null: none).
+    std::exception_ptr observer_error() const noexcept { return observer_error_; }
 
     /// Back to the requested plan; forgets measurements and counters of clean batches.
-    void reset() noexcept {
-        plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, plan_.device};
-        last_good_ = plan_;
-        proven_ = 0;
-        opt_.policy.reset();
-        clean_batches_ = 0;
-        grow_wait_ = opt_.grow_after;
-        grow_ceiling_ = 0;
-        growing_ = false;
-        retried_same_ = false;
-        transient_retries_ = 0;
-    }
+    void reset() noexcept { planner_.reset(); }
 
     /// Throws std::invalid_argument naming the first bad option.
-    static void validate(BatchOptions const& o) {
-        auto bad = [](detail::Message const& m) { detail::throw_invalid(m); };
-        if (o.global_batch == 0)
-            bad(detail::Message() << "oomguard: BatchOptions.global_batch is 0; give the samples per step, >= 1");
-        if (o.micro_batch > o.global_batch)
-            bad(detail::Message() << "oomguard: BatchOptions.micro_batch " << o.micro_batch
-                                  << " is above global_batch " << o.global_batch << "; give a size in [1, "
-                                  << o.global_batch << "] or 0 for the whole batch");
-        if (o.min_micro_batch == 0)
-            bad(detail::Message() << "oomguard: BatchOptions.min_micro_batch is 0; give a size >= 1");
-        std::size_t start = o.micro_batch == 0 ? o.global_batch : o.micro_batch;
-        if (o.min_micro_batch > start)
-            bad(detail::Message() << "oomguard: BatchOptions.min_micro_batch " << o.min_micro_batch
-                                  << " is above the starting micro_batch " << start);
-        if (o.precisions.empty())
-            bad(detail::Message() << "oomguard: BatchOptions.precisions is empty; give at least one, "
-                                     "for example {fp32, bf16, fp16}");
-        for (std::size_t i = 0; i < o.precisions.size(); ++i)
-            for (std::size_t j = i + 1; j < o.precisions.size(); ++j)
-                if (o.precisions[i] == o.precisions[j])
-                    bad(detail::Message() << "oomguard: BatchOptions.precisions lists "
-                                          << to_string(o.precisions[i]) << " twice");
-        if (o.max_attempts == 0)
-            bad(detail::Message() << "oomguard: BatchOptions.max_attempts is 0; give at least 1");
-    }
+    static void validate(BatchOptions const& o) { RecoveryPlanner::validate(o); }
 
 private:
+    using Ballot = detail::Ballot;
+
+    // Where a rank stands, for the agreement's phase tag: a sync point is
+    // (micro-batch index + 1) << 20 | its number within the micro-batch; the
+    // rounds after the steps come after every sync point of the attempt.
+    static constexpr std::uint64_t phase_end = std::uint64_t{1} << 63;
+    static constexpr std::uint64_t phase_commit = phase_end + 1;
+    static constexpr std::uint64_t phase_decide = phase_end + 2;
+    static constexpr std::uint64_t phase_verdict = phase_end + 3;
+    static constexpr std::uint64_t max_syncs = (std::uint64_t{1} << 20) - 1;
+
     struct Meter {
+        int device = 0;
         void* object = nullptr;
         std::size_t (*start)(void*) = nullptr;
         std::size_t (*peak)(void*) = nullptr;
         void (*raise)(void*, std::size_t) = nullptr;
         std::size_t (*available)(void*) = nullptr;
     };
+
+    // What this rank saw in one attempt.
+    struct Local {
+        bool oom = false, aborted = false, commit_oom = false, calibration_done = false;
+        std::size_t failed_planned = 0, failed_size = 0, samples_done = 0, micro_batches = 0, full_done = 0;
+        std::size_t full_peak = 0, calibration_peak = 0, need = 0, available = 0;
+        bool available_known = false;
+        oom_info info;
+        detail::Message what;
+    };
+
+    template <class Step, class Commit, class Rollback>
+    BatchResult run_batch(Step& step, Commit& commit, Rollback& rollback) {
+        Decision const begin = planner_.begin_batch();
+        if (begin.action == PlanAction::grow_back) {
+            ++counters_.grow_backs;
+            emit(BatchEventKind::grow_back, begin.from, begin.to, 0, 0, "");
+        }
+        std::vector<AttemptRecord> history;
+        for (;;) {
+            Attempt const at = planner_.attempt();
+            ++serial_;
+            Local l;
+            run_attempt(step, at, l);
+            Ballot t = agree_end(l);
+            if (!t.any(Ballot::any_oom) && t.any(Ballot::any_aborted))
+                protocol_error("a rank left a MicroBatch::sync() because another rank had ended its step without "
+                               "failing: the ranks called sync() a different number of times");
+            Observation obs = observation(t);
+            if (!t.any(Ballot::any_oom)) {
+                try {
+                    commit();
+                } catch (...) {
+                    if (!is_device_oom(std::current_exception())) throw;
+                    l.commit_oom = true;
+                    capture(std::current_exception(), l.info, l.what);
+                }
+                bool any_commit_oom = l.commit_oom;
+                if (consensus_.all_min != nullptr) {
+                    Ballot b(serial_, phase_commit);
+                    b.set_any(Ballot::any_commit_oom, l.commit_oom);
+                    b.set_all(Ballot::all_commit_oom, l.commit_oom);
+                    Ballot c = agree(b);
+                    any_commit_oom = c.any(Ballot::any_commit_oom);
+                    if (any_commit_oom && !c.all(Ballot::all_commit_oom)) {
+                        history.push_back(AttemptRecord{at.plan, l.samples_done, 0, 0, true, !l.commit_oom});
+                        give_up(l, history,
+                                l.commit_oom ? "the commit ran out of memory on this rank but not on every rank; "
+                                               "the others have applied theirs, so the batch cannot be retried"
+                                             : "the commit ran out of memory on another rank after this one "
+                                               "applied its own, so the batch cannot be retried");
+                    }
+                }
+                if (!any_commit_oom) {
+                    Decision d = planner_.on_attempt(obs);
+                    ++counters_.global_batches;
+                    emit(BatchEventKind::commit, d.from, d.to, 0, at.number, "");
+                    return BatchResult{d.to, at.number, l.micro_batches, observer_error_};
+                }
+                obs.outcome = Observation::Outcome::commit_oom;
+            } else {
+                obs.outcome = Observation::Outcome::step_oom;
+            }
+            recover(at, l, obs, history, rollback);
+        }
+    }
+
+    // After a failed attempt, on every rank: roll back, release what this rank
+    // can, agree, decide, agree on the decision's outcome, act.
+    template <class Rollback>
+    void recover(Attempt const& at, Local& l, Observation& obs, std::vector<AttemptRecord>& history,
+                 Rollback& rollback) {
+        bool const failed_here = l.oom || l.commit_oom;
+        std::size_t const G = planner_.options().global_batch;
+        counters_.wasted_samples += obs.outcome == Observation::Outcome::commit_oom ? G : l.samples_done;
+        if (failed_here) {
+            ++counters_.ooms;
+            if (l.commit_oom) ++counters_.commit_ooms;
+            emit(BatchEventKind::oom_caught, at.plan, at.plan, l.info.requested, at.number, l.what.c_str());
+        } else if (l.aborted) {
+            ++counters_.peer_aborts;
+        }
+        std::exception_ptr err;
+        std::size_t released = 0;
+        try {
+            roll_back(rollback, at.number);
+            if (failed_here) released = release_caches(at.number);
+        } catch (...) {
+            err = std::current_exception();
+        }
+        history.push_back(AttemptRecord{at.plan, l.samples_done, l.failed_size, released, l.commit_oom,
+                                        !failed_here});
+        Ballot b(serial_, phase_decide);
+        b.set_any(Ballot::any_error, err != nullptr);
+        if (failed_here) b.set_min(Ballot::released, released);
+        Ballot t = agree(b);
+        if (t.any(Ballot::any_error)) fail_together(err, l, history);
+        obs.released = t.min_or_zero(Ballot::released);
+
+        Decision d;
+        int next_device = -1;
+        try {
+            d = planner_.on_attempt(obs);
+            if (d.action == PlanAction::failover)
+                next_device = failover_(failover_user_, FailoverRequest{planner_.plan(), l.info});
+        } catch (...) {
+            err = std::current_exception();
+        }
+        bool moved = next_device >= 0 && next_device != at.plan.device;
+        if (consensus_.all_min != nullptr) {
+            Ballot v(serial_, phase_verdict);
+            v.set_any(Ballot::any_error, err != nullptr);
+            v.set_all(Ballot::all_failover, moved);
+            Ballot r = agree(v);
+            if (r.any(Ballot::any_error)) fail_together(err, l, history);
+            moved = r.all(Ballot::all_failover);
+        } else if (err) {
+            std::rethrow_exception(err);
+        }
+        if (d.action == PlanAction::failover) d = moved ? planner_.failed_over(next_device) : planner_.no_failover();
+        switch (d.action) {
+            case PlanAction::retry_same:
+                ++counters_.retries_same;
+                emit(BatchEventKind::retry_same, d.from, d.to, obs.released, at.number, "");
+                break;
+            case PlanAction::shrink:
+                ++counters_.shrinks;
+                emit(BatchEventKind::shrink, d.from, d.to, 0, at.number, "");
+                break;
+            case PlanAction::next_precision:
+                ++counters_.precision_changes;
+                emit(BatchEventKind::precision_change, d.from, d.to, 0, at.number, "");
+                break;
+            case PlanAction::failover:
+                ++counters_.failovers;
+                emit(BatchEventKind::failover, d.from, d.to, 0, at.number, "");
+                break;
+            case PlanAction::give_up: give_up(l, history, d.why);
+            case PlanAction::keep:
+            case PlanAction::grow_back:
+            case PlanAction::commit: break;  // not answers to a failure
+        }
+    }
+
+    // Runs the attempt's micro-batches; a device OOM ends it, anything else passes.
+    template <class Step>
+    void run_attempt(Step& step, Attempt const& at, Local& l) {
+        Meter const* meter = meter_for(at.plan.device);
+        if (meter != nullptr) {
+            l.available = meter->available(meter->object);
+            l.available_known = true;
+        }
+        std::size_t const G = planner_.options().global_batch;
+        std::size_t offset = 0, index = 0, planned = 0, n = 0;
+        sync_aborted_ = false;
+        try {
+            while (offset < G) {
+                planned = at.planned(index);
+                n = planned < G - offset ? planned : G - offset;
+                bool const calibration = index == 0 && at.calibration != 0;
+                mb_index_ = index;
+                sync_index_ = 0;
+                std::size_t bytes = measured(step, meter,
+                                             MicroBatch{offset, n, at.plan.precision,
+                                                        static_cast<double>(n) / static_cast<double>(G),
+                                                        at.plan.device, calibration,
+                                                        detail::SyncHook{&sync_thunk, this}});
+                ++l.micro_batches;
+                ++counters_.micro_batches;
+                if (n == planned && calibration) {
+                    l.calibration_done = true;
+                    l.calibration_peak = bytes;
+                    ++counters_.calibrations;
+                    Plan p = at.plan;
+                    p.micro_batch = n;
+                    emit(BatchEventKind::calibration, at.plan, p, bytes, at.number, "");
+                } else if (n == planned) {
+                    ++l.full_done;
+                    if (bytes > l.full_peak) l.full_peak = bytes;
+                }
+                offset += n;
+                ++index;
+            }
+        } catch (...) {
+            // Decide inside the catch, act outside it: leaving the handler
+            // destroys the exception before any retry runs.
+            if (!is_device_oom(std::current_exception())) throw;
+            if (sync_aborted_) {
+                l.aborted = true;
+            } else {
+                l.oom = true;
+                l.failed_planned = planned;
+                l.failed_size = n;
+                capture(std::current_exception(), l.info, l.what);
+                if (n == planned) l.need = failure_need(meter, l.info);
+            }
+        }
+        l.samples_done = offset;
+    }
+
+    // The end-of-attempt agreement. A rank that failed arrives here while the
+    // others may still wait at a sync point of the same attempt: they see it,
+    // leave their step by the OOM path and come here too; until every rank
+    // stands here, the round is repeated, so no agreement ever pairs with a
+    // different one.
+    Ballot agree_end(Local const& l) {
+        Ballot b(serial_, phase_end);
+        b.set_any(Ballot::any_oom, l.oom);
+        b.set_any(Ballot::any_aborted, l.aborted);
+        if (l.oom) b.set_min(Ballot::failed_size, l.failed_planned);
+        b.set_all(Ballot::calibration_done, l.calibration_done);
+        b.set_min(Ballot::full_done, l.full_done);
+        b.set_max(Ballot::calibration_peak, l.calibration_peak);
+        b.set_max(Ballot::full_peak, l.full_peak);
+        b.set_max(Ballot::need, l.need);
+        if (l.available_known) b.set_min(Ballot::available, l.available);
+        for (;;) {
+            Ballot t = agree(b);
+            if (t.min(Ballot::phase_min) == phase_end && t.max(Ballot::phase_max) == phase_end) return t;
+            if (t.max(Ballot::phase_max) != phase_end) protocol_error("a rank is past the end of this attempt");
+        }
+    }
+
+    static Observation observation(Ballot const& t) noexcept {
+        Observation o;
+        o.failed_size = t.min_or_zero(Ballot::failed_size);
+        o.calibration_done = t.all(Ballot::calibration_done);
+        o.calibration_peak = t.max(Ballot::calibration_peak);
+        o.full_done = t.min_or_zero(Ballot::full_done);
+        o.full_peak = t.max(Ballot::full_peak);
+        o.need = t.max(Ballot::need);
+        o.available = t.min_or_zero(Ballot::available);
+        return o;
+    }
+
+    // One collective (or, without consensus, this rank's ballot as it is). Every
+    // rank must be in the same attempt, and outside the step in the same round.
+    Ballot agree(Ballot b) {
+        if (consensus_.all_min != nullptr) consensus_.all_min(consensus_.context, b.data(), Ballot::count);
+        if (b.min(Ballot::serial_min) != b.max(Ballot::serial_max))
+            protocol_error("the ranks are in different attempts (did every rank call run() for every global batch?)");
+        std::uint64_t const lo = b.min(Ballot::phase_min), hi = b.max(Ballot::phase_max);
+        if (lo != hi && lo > phase_end) protocol_error("the ranks are in different rounds after the step");
+        return b;
+    }
+
+    static void sync_thunk(void* self) { static_cast<AdaptiveBatch*>(self)->sync_point(); }
+
+    void sync_point() {
+        if (!in_step_) detail::throw_logic("oomguard: MicroBatch::sync() was called outside the step it was given to");
+        if (consensus_.all_min == nullptr) return;
+        if (sync_index_ == max_syncs)
+            detail::throw_logic(detail::Message() << "oomguard: MicroBatch::sync() was called more than "
+                                                  << static_cast<unsigned long long>(max_syncs)
+                                                  << " times in one micro-batch");
+        ++sync_index_;
+        Ballot t = agree(Ballot(serial_, (static_cast<std::uint64_t>(mb_index_) + 1) << 20 | sync_index_));
+        std::uint64_t const lo = t.min(Ballot::phase_min), hi = t.max(Ballot::phase_max);
+        if (lo == hi) return;
+        if (hi == phase_end) {
+            sync_aborted_ = true;
+            oom_info info;
+            info.device = planner_.attempt().plan.device;
+            info.requested_known = false;
+            throw peer_out_of_memory(info, detail::Message()
+                                               << "oomguard: another rank ran out of device memory in this "
+                                                  "attempt; every rank leaves the step and retries together");
+        }
+        detail::Message m;
+        m << "oomguard: the ranks called MicroBatch::sync() at different points: micro-batch "
+          << static_cast<unsigned long long>((lo >> 20) - 1) << " sync " << static_cast<unsigned long long>(lo & max_syncs)
+          << " against micro-batch " << static_cast<unsigned long long>((hi >> 20) - 1) << " sync "
+          << static_cast<unsigned long long>(hi & max_syncs);
+        detail::throw_logic(m);
+    }
+
+    [[noreturn]] static void protocol_error(char const* what) {
+        detail::throw_logic(detail::Message() << "oomguard: adaptive_batch consensus: " << what);
+    }
+
+    // A rank's failure path threw (or another rank's did): every rank knows it
+    // from the same agreement and leaves now; the rank that threw rethrows its
+    // own exception, the others give up.
+    [[noreturn]] void fail_together(std::exception_ptr err, Local const& l, std::vector<AttemptRecord>& history) {
+        if (err) std::rethrow_exception(err);
+        give_up(l, history, "another rank's recovery failed (its rollback, cache release, shrink policy or "
+                            "failover hook threw); every rank leaves together");
+    }
 
     // A null function pointer or an empty std::function is a bad argument; a
     // lambda or functor is always callable.
@@ -370,34 +593,44 @@ private:
                                                     << " is empty (a null function)");
     }
 
+    Meter const* meter_for(int device) const noexcept {
+        for (auto const& m : meters_)
+            if (m.device == device) return &m;
+        return nullptr;
+    }
+
     // Runs the step, measuring its peak over what was held before it.
     template <class Step>
-    std::size_t measured(Step& step, MicroBatch const& mb) {
-        if (meter_.object == nullptr) {
+    std::size_t measured(Step& step, Meter const* meter, MicroBatch const& mb) {
+        struct InStep {
+            bool& flag;
+            explicit InStep(bool& f) : flag(f) { flag = true; }
+            ~InStep() { flag = false; }
+        } in_step{in_step_};
+        if (meter == nullptr) {
             step(mb);
             return 0;
         }
-        std::size_t outer_peak = meter_.peak(meter_.object);
-        std::size_t base = meter_.start(meter_.object);
+        std::size_t outer_peak = meter->peak(meter->object);
+        std::size_t base = meter->start(meter->object);
         last_base_ = base;
         struct Restore {
-            Meter& m;
+            Meter const& m;
             std::size_t v;
             ~Restore() { m.raise(m.object, v); }
-        } restore{meter_, outer_peak};
+        } restore{*meter, outer_peak};
         step(mb);
-        std::size_t pk = meter_.peak(meter_.object);
+        std::size_t pk = meter->peak(meter->object);
         return pk > base ? pk - base : 0;
     }
 
     // What the failed micro-batch needed at least: what it held when the
-    // allocation failed, plus that allocation. For a step whose largest buffer
-    // fails this is exact, and it anchors the predictive fit at the far end.
-    void note_failure_bytes(std::size_t size, oom_info const& info) {
-        if (meter_.object == nullptr || !info.requested_known || info.requested == oom_info::unknown ||
+    // allocation failed, plus that allocation.
+    std::size_t failure_need(Meter const* meter, oom_info const& info) const noexcept {
+        if (meter == nullptr || !info.requested_known || info.requested == oom_info::unknown ||
             info.budget_used == oom_info::unknown || info.budget_used < last_base_)
-            return;
-        opt_.policy.observe(size, info.budget_used - last_base_ + info.requested);
+            return 0;
+        return info.budget_used - last_base_ + info.requested;
     }
 
     static void capture(std::exception_ptr const& ep, oom_info& info, detail::Message& what) {
@@ -433,169 +666,57 @@ private:
     }
 
     std::size_t release_caches(unsigned attempt) {
-        if (!opt_.release_caches) return 0;
-        CacheRegistry& reg = opt_.caches != nullptr ? *opt_.caches : CacheRegistry::global();
+        if (!planner_.options().release_caches) return 0;
+        CacheRegistry* own = planner_.options().caches;
+        CacheRegistry& reg = own != nullptr ? *own : CacheRegistry::global();
         if (reg.size() == 0) return 0;
         ReleaseReport r = reg.release_all();
         ++counters_.releases;
         counters_.bytes_released += r.bytes();
-        emit(BatchEventKind::released, plan_, plan_, r.bytes(), attempt, "", &r);
+        emit(BatchEventKind::released, plan(), plan(), r.bytes(), attempt, "", &r);
         return r.bytes();
     }
 
-    template <class Step, class Rollback>
-    void decide(std::size_t failed_size, std::size_t released, std::size_t available, unsigned attempt,
-                oom_info const& info, detail::Message const& what, std::vector<AttemptRecord>& history, Step& step,
-                Rollback& rollback) {
-        Plan const from = plan_;
-        if (growing_) {  // a grow-back did not fit: back to the last good plan, wait longer next time
-            growing_ = false;
-            if (plan_.precision_index == last_good_.precision_index &&
-                (grow_ceiling_ == 0 || plan_.micro_batch < grow_ceiling_))
-                grow_ceiling_ = plan_.micro_batch;
-            plan_ = last_good_;
-            grow_wait_ = grow_wait_ * 2 + 1;
-            emit(BatchEventKind::shrink, from, plan_, 0, attempt, "");
-            return;
-        }
-        if (released > 0 && !retried_same_) {
-            retried_same_ = true;
-            ++counters_.retries_same;
-            emit(BatchEventKind::retry_same, from, plan_, released, attempt, "");
-            return;
-        }
-        retried_same_ = false;
-        // A size that has fit under this plan before failed: most likely a
-        // transient OOM (another process's burst, fragmentation), and shrinking
-        // would only add micro-batches, each one more chance to fail. Retry it a
-        // few times -- at the minimum, as long as attempts remain -- before shrinking.
-        if (failed_size <= proven_ && (transient_retries_ < 3 || failed_size <= opt_.min_micro_batch)) {
-            ++transient_retries_;
-            ++counters_.retries_same;
-            emit(BatchEventKind::retry_same, from, plan_, 0, attempt, "");
-            return;
-        }
-        if (transient_retries_ > 0) proven_ = 0;  // it kept failing: conditions changed
-        transient_retries_ = 0;
-        if (failed_size > opt_.min_micro_batch) {
-            ShrinkContext ctx;
-            ctx.failed = failed_size;
-            ctx.minimum = opt_.min_micro_batch;
-            ctx.requested = opt_.micro_batch;
-            ctx.last_good = opt_.policy.largest_success();
-            ctx.attempt = attempt;
-            ctx.available_bytes = available;
-            std::size_t c1 = 0, c2 = 0;
-            if (meter_.object != nullptr && opt_.policy.wants_calibration(ctx, c1, c2)) {
-                calibrate(step, rollback, c1, attempt);
-                calibrate(step, rollback, c2, attempt);
-            }
-            plan_.micro_batch = opt_.policy.on_failure(ctx);
-            ++counters_.shrinks;
-            emit(BatchEventKind::shrink, from, plan_, 0, attempt, "");
-            return;
-        }
-        if (plan_.precision_index + 1 < opt_.precisions.size()) {
-            set_precision(plan_.precision_index + 1);
-            opt_.policy.reset();  // bytes per sample changed: old measurements mislead
-            grow_ceiling_ = 0;
-            proven_ = 0;
-            ++counters_.precision_changes;
-            emit(BatchEventKind::precision_change, from, plan_, 0, attempt, "");
-            return;
-        }
-        if (failover_ != nullptr) {
-            int next = failover_(failover_user_, FailoverRequest{plan_, info});
-            if (next >= 0 && next != plan_.device) {
-                plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, next};
-                opt_.policy.reset();
-                proven_ = 0;
-                ++counters_.failovers;
-                emit(BatchEventKind::failover, from, plan_, 0, attempt, "");
-                return;
-            }
-        }
-        give_up(info, what, history, "the micro-batch is at its minimum and the precision ladder is exhausted");
-    }
-
-    // A measuring step whose work is thrown away: tells the predictive policy
-    // what `size` samples need. An OOM here is a measurement too: it is noted.
-    template <class Step, class Rollback>
-    void calibrate(Step& step, Rollback& rollback, std::size_t size, unsigned attempt) {
-        std::size_t bytes = 0;
-        bool oom = false;
-        try {
-            bytes = measured(step, MicroBatch{0, size, plan_.precision,
-                                              static_cast<double>(size) / static_cast<double>(opt_.global_batch),
-                                              plan_.device, true});
-        } catch (...) {
-            if (!is_device_oom(std::current_exception())) throw;
-            oom = true;
-        }
-        roll_back(rollback, attempt);
-        ++counters_.calibrations;
-        counters_.wasted_samples += size;
-        if (!oom && bytes != 0) opt_.policy.observe(size, bytes);
-        Plan p = plan_;
-        p.micro_batch = size;
-        emit(BatchEventKind::calibration, plan_, p, bytes, attempt, oom ? "calibration step ran out of memory" : "");
-    }
-
-    void maybe_grow() {
-        if (opt_.grow_after == 0 || clean_batches_ < grow_wait_) return;
-        Plan const from = plan_;
-        // Toward the requested size, bisecting below the smallest grow that failed.
-        std::size_t cap = opt_.micro_batch;
-        if (grow_ceiling_ != 0 && grow_ceiling_ - 1 < cap) cap = grow_ceiling_ - 1;
-        if (plan_.precision_index > 0) {
-            set_precision(plan_.precision_index - 1);
-            opt_.policy.reset();
-            grow_ceiling_ = 0;
-            proven_ = 0;
-        } else if (plan_.micro_batch < cap) {
-            plan_.micro_batch += (cap - plan_.micro_batch + 1) / 2;
-            opt_.policy.forget_bounds();
-        } else {
-            return;
-        }
-        growing_ = true;
-        clean_batches_ = 0;
-        ++counters_.grow_backs;
-        emit(BatchEventKind::grow_back, from, plan_, 0, 0, "");
-    }
-
-    [[noreturn]] void give_up(oom_info const& info, detail::Message const& what,
-                              std::vector<AttemptRecord> history, char const* why) {
+    [[noreturn]] void give_up(Local const& l, std::vector<AttemptRecord>& history, char const* why) {
         ++counters_.give_ups;
         detail::Message m;
-        m << "oomguard: adaptive_batch gave up on a global batch of " << opt_.global_batch << " after "
-          << static_cast<unsigned long>(history.size()) << " attempts (" << why << "):";
-        for (auto const& a : history)
-            m << " [m=" << a.plan.micro_batch << ' ' << to_string(a.plan.precision) << " GPU " << a.plan.device
-              << ", failed at " << a.failed_size << " after " << a.samples_done << " samples]";
-        m << "; last error: " << what.view();
-        emit(BatchEventKind::give_up, plan_, plan_, info.requested, static_cast<unsigned>(history.size()), m.c_str());
-        throw recovery_failed(info, m, std::move(history));
+        m << "oomguard: adaptive_batch gave up on a global batch of " << planner_.options().global_batch
+          << " after " << static_cast<unsigned long>(history.size()) << " attempts (" << why << "):";
+        for (auto const& a : history) {
+            m << " [m=" << a.plan.micro_batch << ' ' << to_string(a.plan.precision) << " GPU " << a.plan.device;
+            if (a.in_commit)
+                m << ", the commit failed";
+            else if (a.peer)
+                m << ", another rank failed";
+            else
+                m << ", failed at " << a.failed_size;
+            m << " after " << a.samples_done << " samples]";
+        }
+        m << "; last error: " << (l.what.view().empty() ? "another rank ran out of device memory" : l.what.view());
+        planner_.abandon();
+        emit(BatchEventKind::give_up, plan(), plan(), l.info.requested, static_cast<unsigned>(history.size()),
+             m.c_str());
+        throw recovery_failed(l.info, m, std::move(history));
     }
 
-    void set_precision(std::size_t index) noexcept {
-        if (index >= opt_.precisions.size()) index = opt_.precisions.size() - 1;
-        plan_.precision_index = index;
-        plan_.precision = opt_.precisions[index];
-    }
-
+    // Observers never change what happens to a batch: what one throws is kept.
     void emit(BatchEventKind k, Plan const& from, Plan const& to, std::size_t bytes, unsigned attempt,
-              char const* what, ReleaseReport const* release = nullptr) {
+              char const* what, ReleaseReport const* release = nullptr) noexcept {
         if (observers_.empty()) return;
         BatchEvent e{k, from, to, bytes, attempt, what, release};
-        for (auto const& o : observers_) o.fn(e, o.user);
+        for (auto const& o : observers_) {
+            try {
+                o.fn(e, o.user);
+            } catch (...) {
+                ++counters_.observer_errors;
+                if (!observer_error_) observer_error_ = std::current_exception();
+            }
+        }
     }
 
-    BatchOptions opt_;
-    Plan plan_;
-    Plan last_good_;
+    RecoveryPlanner planner_;
     BatchCounters counters_;
-    Meter meter_;
+    std::vector<Meter> meters_;
     Consensus consensus_;
     struct Observer {
         void (*fn)(BatchEvent const&, void*);
@@ -604,14 +725,13 @@ private:
     std::vector<Observer> observers_;
     int (*failover_)(void*, FailoverRequest const&) = nullptr;
     void* failover_user_ = nullptr;
-    std::size_t last_base_ = 0;  // bytes held when the last measured step began
-    std::size_t clean_batches_ = 0;
-    std::size_t grow_wait_ = 0;
-    std::size_t grow_ceiling_ = 0;  // smallest grow-back size that failed (0: none)
-    bool growing_ = false;
-    bool retried_same_ = false;
-    unsigned transient_retries_ = 0;  // same-size retries of a size known to fit, this batch
-    std::size_t proven_ = 0;          // largest micro-batch that completed at this precision and device
+    std::exception_ptr observer_error_;
+    std::uint64_t serial_ = 0;        // attempts run by this object: the same on every rank
+    std::size_t mb_index_ = 0;        // the micro-batch running now, within its attempt
+    std::uint64_t sync_index_ = 0;    // sync points it has passed
+    bool in_step_ = false;
+    bool sync_aborted_ = false;       // the step left by a sync point: another rank failed
+    std::size_t last_base_ = 0;       // bytes held when the last measured step began
 };
 
 /// One global batch, with no memory of past plans (use AdaptiveBatch for that).

@@ -1,8 +1,9 @@
 // Consensus over MPI for data-parallel jobs (opt-in; needs <mpi.h> and MPI
 // linked). Every rank of the communicator calls AdaptiveBatch::run once per
-// global batch; an OOM on any rank moves every rank to the same plan, and no
-// rank waits on one that failed, since the collectives run after each attempt
-// on every rank, failed or not.
+// global batch; the ranks agree on what each attempt observed, so an OOM on any
+// rank moves every rank to the same plan, and no rank waits on one that failed:
+// the agreement runs after each attempt on every rank, failed or not, and at
+// each MicroBatch::sync() the step calls before a collective of its own.
 //
 //   oomguard::MpiConsensus mpi(MPI_COMM_WORLD);
 //   adaptive.consensus(mpi.hook());
@@ -23,26 +24,17 @@ class MpiConsensus {
 public:
     explicit MpiConsensus(MPI_Comm comm = MPI_COMM_WORLD) noexcept : comm_(comm) {}
 
-    /// The hook for AdaptiveBatch::consensus. This object must outlive its use.
+    /// The hook for AdaptiveBatch::consensus: one MPI_Allreduce(MIN) over the
+    /// agreement's integers per round. This object must outlive its use.
     Consensus hook() noexcept {
         Consensus c;
         c.context = this;
-        c.any_failed = [](void* ctx, bool mine) -> bool {
-            int in = mine ? 1 : 0, out = 0;
-            check(MPI_Allreduce(&in, &out, 1, MPI_INT, MPI_LOR, static_cast<MpiConsensus*>(ctx)->comm_),
-                  "MPI_Allreduce(any_failed)");
-            return out != 0;
-        };
-        c.agree = [](void* ctx, std::size_t* micro_batch, std::size_t* precision_index) {
-            // One collective: the smallest micro-batch and, through the
-            // complement, the largest (lowest-precision) ladder index.
-            unsigned long long in[2] = {*micro_batch,
-                                        std::numeric_limits<unsigned long long>::max() - *precision_index};
-            unsigned long long out[2] = {0, 0};
-            check(MPI_Allreduce(in, out, 2, MPI_UNSIGNED_LONG_LONG, MPI_MIN, static_cast<MpiConsensus*>(ctx)->comm_),
-                  "MPI_Allreduce(agree)");
-            *micro_batch = static_cast<std::size_t>(out[0]);
-            *precision_index = static_cast<std::size_t>(std::numeric_limits<unsigned long long>::max() - out[1]);
+        c.all_min = [](void* ctx, std::uint64_t* values, std::size_t count) {
+            if (count > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+                throw std::length_error("oomguard: MpiConsensus: too many values for one MPI_Allreduce");
+            check(MPI_Allreduce(MPI_IN_PLACE, values, static_cast<int>(count), MPI_UINT64_T, MPI_MIN,
+                                static_cast<MpiConsensus*>(ctx)->comm_),
+                  "MPI_Allreduce(all_min)");
         };
         return c;
     }

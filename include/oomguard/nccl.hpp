@@ -1,6 +1,6 @@
 // Consensus over NCCL for GPU data-parallel jobs (opt-in; needs <nccl.h>,
-// libnccl and cudart). The same protocol as MpiConsensus, as two tiny
-// all-reduces on a stream. The device buffer they use is allocated when the
+// libnccl and cudart). The same protocol as MpiConsensus, as one tiny
+// all-reduce per round on a stream. The device buffer they use is allocated when the
 // consensus is built, not during an OOM recovery.
 //
 //   oomguard::NcclConsensus nccl(comm, stream);
@@ -23,39 +23,35 @@ namespace oomguard {
 
 class NcclConsensus {
 public:
-    /// Allocates 16 bytes on the current device; throws cuda_error if it cannot.
+    /// Allocates the agreement's buffer (a few hundred bytes) on the current
+    /// device; throws cuda_error if it cannot.
     NcclConsensus(ncclComm_t comm, cudaStream_t stream) : comm_(comm), stream_(stream) {
-        cuda(cudaMalloc(reinterpret_cast<void**>(&buffer_), 2 * sizeof(std::uint64_t)), "cudaMalloc");
+        cuda(cudaMalloc(reinterpret_cast<void**>(&buffer_), capacity * sizeof(std::uint64_t)), "cudaMalloc");
     }
     NcclConsensus(NcclConsensus const&) = delete;
     NcclConsensus& operator=(NcclConsensus const&) = delete;
     ~NcclConsensus() { (void)cudaFree(buffer_); }
 
-    /// The hook for AdaptiveBatch::consensus. This object must outlive its use.
+    /// The hook for AdaptiveBatch::consensus: one ncclAllReduce(ncclMin) per
+    /// round. This object must outlive its use.
     Consensus hook() noexcept {
         Consensus c;
         c.context = this;
-        c.any_failed = [](void* ctx, bool mine) -> bool {
-            auto* self = static_cast<NcclConsensus*>(ctx);
-            std::uint64_t v = mine ? 1 : 0;
-            self->reduce(&v, 1, ncclMax);
-            return v != 0;
-        };
-        c.agree = [](void* ctx, std::size_t* micro_batch, std::size_t* precision_index) {
-            auto* self = static_cast<NcclConsensus*>(ctx);
-            std::uint64_t v[2] = {*micro_batch, std::numeric_limits<std::uint64_t>::max() - *precision_index};
-            self->reduce(v, 2, ncclMin);
-            *micro_batch = static_cast<std::size_t>(v[0]);
-            *precision_index = static_cast<std::size_t>(std::numeric_limits<std::uint64_t>::max() - v[1]);
+        c.all_min = [](void* ctx, std::uint64_t* values, std::size_t count) {
+            static_cast<NcclConsensus*>(ctx)->reduce(values, count);
         };
         return c;
     }
 
 private:
-    void reduce(std::uint64_t* host, std::size_t n, ncclRedOp_t op) {
+    static constexpr std::size_t capacity = detail::Ballot::count;
+
+    void reduce(std::uint64_t* host, std::size_t n) {
+        if (n > capacity)
+            throw std::length_error("oomguard: NcclConsensus: more values than its device buffer holds");
         cuda(cudaMemcpyAsync(buffer_, host, n * sizeof(std::uint64_t), cudaMemcpyHostToDevice, stream_),
              "cudaMemcpyAsync");
-        ncclResult_t r = ncclAllReduce(buffer_, buffer_, n, ncclUint64, op, comm_, stream_);
+        ncclResult_t r = ncclAllReduce(buffer_, buffer_, n, ncclUint64, ncclMin, comm_, stream_);
         if (r != ncclSuccess)
             throw std::runtime_error((detail::Message() << "oomguard: ncclAllReduce failed: " << ncclGetErrorString(r))
                                          .c_str());

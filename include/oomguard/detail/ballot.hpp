@@ -1,0 +1,62 @@
+// The one message ranks exchange to agree: a fixed array of unsigned 64-bit
+// integers, every one reduced by its minimum over all ranks, so that a single
+// MPI_Allreduce(MIN) or ncclAllReduce(ncclMin) carries the whole agreement. A
+// maximum travels complemented, an "any" as a complemented 0/1 and an "all" as a
+// plain 0/1; a field a rank has nothing to say about holds the neutral UINT64_MAX.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace oomguard {
+namespace detail {
+
+class Ballot {
+public:
+    enum Field : std::size_t {
+        serial_min, serial_max,  // the attempt, counted from the object's first: equal on every rank
+        phase_min, phase_max,    // where in the attempt each rank stands (see AdaptiveBatch)
+        any_oom,                 // a micro-batch ran out of device memory
+        any_aborted,             // a step left a sync point because another rank had failed
+        any_error,               // oomguard's failure path threw (rollback, release, policy, failover hook)
+        any_commit_oom, all_commit_oom,
+        failed_size,             // the planned size of the micro-batch that failed (smallest)
+        calibration_done,        // the calibration micro-batch completed (all)
+        full_done,               // full-size micro-batches completed (fewest)
+        calibration_peak, full_peak, need,  // bytes measured (largest)
+        available,               // bytes a step could use (least)
+        released,                // bytes the release freed on a rank that failed (least)
+        all_failover,            // every rank got another device
+        count
+    };
+    static constexpr std::uint64_t neutral = ~std::uint64_t{0};
+
+    Ballot(std::uint64_t serial, std::uint64_t phase) noexcept {
+        for (auto& x : v_) x = neutral;
+        set_min(serial_min, serial);
+        set_max(serial_max, serial);
+        set_min(phase_min, phase);
+        set_max(phase_max, phase);
+    }
+
+    void set_min(Field f, std::uint64_t x) noexcept { v_[f] = x; }
+    void set_max(Field f, std::uint64_t x) noexcept { v_[f] = ~x; }
+    void set_any(Field f, bool b) noexcept { v_[f] = ~std::uint64_t{b ? 1u : 0u}; }
+    void set_all(Field f, bool b) noexcept { v_[f] = b ? 1 : 0; }
+
+    /// After the reduction: the minimum (neutral: nobody said), the maximum, any, all.
+    std::uint64_t min(Field f) const noexcept { return v_[f]; }
+    std::uint64_t max(Field f) const noexcept { return ~v_[f]; }
+    bool any(Field f) const noexcept { return ~v_[f] != 0; }
+    bool all(Field f) const noexcept { return v_[f] != 0; }
+    /// A minimum where "nobody said" reads as 0.
+    std::uint64_t min_or_zero(Field f) const noexcept { return v_[f] == neutral ? 0 : v_[f]; }
+
+    std::uint64_t* data() noexcept { return v_; }
+
+private:
+    std::uint64_t v_[count];
+};
+
+}  // namespace detail
+}  // namespace oomguard

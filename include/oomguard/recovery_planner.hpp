@@ -1,0 +1,445 @@
+// The recovery planner: every decision adaptive_batch takes, as one pure state
+// machine. (the plan, what one attempt observed) -> the next action: commit,
+// retry the same size, shrink, the next precision, fail over, give up. No I/O,
+// no callbacks of its own (a custom shrink policy is the user's function), no
+// clock: the same inputs give the same actions, so ranks that agree on the
+// inputs take the same decisions and run the same micro-batch sizes.
+//
+// The ladder, walked in this order at every size (the minimum too):
+//   1. a grow-back or a restored precision that failed: back to the last good plan
+//   2. the cache release freed memory: retry the same size, once per size
+//   3. the size has completed before (a transient OOM): retry it, up to
+//      `transient_retries` times
+//   4. above the minimum: shrink by the policy (from the plan's size, never from
+//      a short remainder)
+//   5. the next precision of the ladder
+//   6. fail over to another device (when the runner has a failover hook)
+//   7. give up, back at the last good plan
+// and at any step: give up when the global batch has used `max_attempts`.
+#pragma once
+
+#include <oomguard/detail/format.hpp>
+#include <oomguard/detail/std_throw.hpp>
+#include <oomguard/precision.hpp>
+#include <oomguard/shrink_policy.hpp>
+
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace oomguard {
+
+struct Config;  // <oomguard/config.hpp>
+class CacheRegistry;
+
+/// What the user asks for. Validated by RecoveryPlanner's (and so AdaptiveBatch's) constructor.
+struct BatchOptions {
+    std::size_t global_batch = 0;      ///< G: samples per optimizer step, >= 1
+    std::size_t micro_batch = 0;       ///< starting micro-batch m, in [min_micro_batch, G]; 0: G
+    std::size_t min_micro_batch = 1;   ///< never shrink below this
+    std::vector<Precision> precisions{Precision::fp32};  ///< the ladder, tried in order
+    unsigned max_attempts = 64;        ///< attempts per global batch before giving up
+    std::size_t grow_after = 0;        ///< grow the size back after this many clean global batches (0: never)
+    std::size_t restore_precision_after = 100;  ///< try the previous precision again after this many
+                                                ///< clean global batches (0: never)
+    unsigned transient_retries = 3;    ///< retries of a size that has completed before shrinking it
+    bool release_caches = true;        ///< release the cache registry before each retry
+    ShrinkPolicy policy = ShrinkPolicy::halve();
+    CacheRegistry* caches = nullptr;   ///< nullptr: CacheRegistry::global()
+
+    /// Applies the adaptive_batch settings of an OOMGUARD_CONF (min_batch,
+    /// max_attempts, policy, factor, grow_after, precision) over these. Config
+    /// comes from <oomguard/config.hpp>; a template only so that this header
+    /// need not include it (the parser costs compile time where it is unused).
+    template <class C, std::enable_if_t<std::is_same<C, Config>::value, int> = 0>
+    BatchOptions& apply(C const& c) {
+        if (c.min_batch) min_micro_batch = *c.min_batch;
+        if (c.max_attempts) max_attempts = *c.max_attempts;
+        if (c.policy) policy = *c.policy;
+        if (c.grow_after) grow_after = *c.grow_after;
+        if (!c.precisions.empty()) precisions = c.precisions;
+        return *this;
+    }
+};
+
+/// The plan in effect.
+struct Plan {
+    std::size_t micro_batch = 0;
+    Precision precision = Precision::fp32;
+    std::size_t precision_index = 0;
+    int device = 0;
+};
+
+inline bool operator==(Plan const& a, Plan const& b) noexcept {
+    return a.micro_batch == b.micro_batch && a.precision_index == b.precision_index && a.device == b.device;
+}
+inline bool operator!=(Plan const& a, Plan const& b) noexcept { return !(a == b); }
+
+/// What one attempt runs: micro-batches of `plan.micro_batch` samples (the last
+/// one shorter when G is not a multiple), the first of them at `calibration`
+/// samples when that is not 0 -- a measuring micro-batch whose work is kept.
+struct Attempt {
+    Plan plan;
+    std::size_t calibration = 0;
+    unsigned number = 1;  ///< the attempt's number within its global batch, from 1
+
+    /// The planned size of micro-batch `index` (a short remainder is cut from it).
+    std::size_t planned(std::size_t index) const noexcept {
+        return index == 0 && calibration != 0 ? calibration : plan.micro_batch;
+    }
+};
+
+/// What one attempt observed; with a consensus hook, agreed over every rank
+/// (the figures below say how), so every rank feeds the planner the same.
+struct Observation {
+    enum class Outcome : unsigned char {
+        completed,   ///< every micro-batch and the commit completed
+        step_oom,    ///< a micro-batch ran out of device memory (on some rank)
+        commit_oom   ///< the commit ran out of device memory (on every rank)
+    };
+    Outcome outcome = Outcome::completed;
+    std::size_t failed_size = 0;       ///< the planned size of the micro-batch that failed (the smallest over ranks)
+    bool calibration_done = false;     ///< the calibration micro-batch completed (on every rank)
+    std::size_t calibration_peak = 0;  ///< its peak over what was held before it (the largest; 0: not measured)
+    std::size_t full_done = 0;         ///< micro-batches of the planned size that completed (the fewest over ranks)
+    std::size_t full_peak = 0;         ///< the largest peak of one of them (0: not measured)
+    std::size_t need = 0;              ///< the failed micro-batch needed at least this: held + requested (0: unknown)
+    std::size_t available = 0;         ///< bytes a step could use when the attempt began (the least; 0: unknown)
+    std::size_t released = 0;          ///< bytes the cache release freed on every rank that failed (the least)
+};
+
+/// What the planner decided.
+enum class PlanAction : unsigned char {
+    keep,            ///< begin_batch: run the plan as it is
+    grow_back,       ///< begin_batch: a larger size or the previous precision is tried
+    commit,          ///< the attempt completed: the global batch is done
+    retry_same,      ///< retry the same plan (after a release, or a transient OOM)
+    shrink,          ///< a smaller micro-batch (or back to the last good plan after a failed grow-back)
+    next_precision,  ///< the next precision of the ladder
+    failover,        ///< ask for another device (the runner calls failed_over or no_failover)
+    give_up          ///< nothing fits: the plan is back at the last good one
+};
+
+constexpr char const* to_string(PlanAction a) noexcept {
+    switch (a) {
+        case PlanAction::keep: return "keep";
+        case PlanAction::grow_back: return "grow_back";
+        case PlanAction::commit: return "commit";
+        case PlanAction::retry_same: return "retry_same";
+        case PlanAction::shrink: return "shrink";
+        case PlanAction::next_precision: return "next_precision";
+        case PlanAction::failover: return "failover";
+        case PlanAction::give_up: return "give_up";
+    }
+    return "unknown";
+}
+
+struct Decision {
+    PlanAction action = PlanAction::keep;
+    Plan from, to;        ///< the plan before and after
+    char const* why = "";  ///< for give_up: the reason, in words
+};
+
+/// The pure recovery state machine behind AdaptiveBatch (see the top of this header).
+class RecoveryPlanner {
+public:
+    explicit RecoveryPlanner(BatchOptions options) : opt_(std::move(options)) {
+        validate(opt_);
+        if (opt_.micro_batch == 0) opt_.micro_batch = opt_.global_batch;
+        reset();
+    }
+
+    /// Whether the ladder has a failover step (AdaptiveBatch sets it when a hook is installed).
+    void allow_failover(bool on) noexcept { failover_ = on; }
+
+    /// Starts a global batch: clears what the last one left, and grows back
+    /// (the previous precision first, then the size) when enough clean batches passed.
+    Decision begin_batch() {
+        clear_batch_state();
+        Decision d{PlanAction::keep, plan_, plan_, ""};
+        if (plan_.precision_index > 0 && opt_.restore_precision_after != 0 &&
+            clean_batches_ >= precision_wait_) {
+            // Keep the bytes per sample about the same: a size grown under the
+            // lower precision would not fit under the higher one.
+            std::size_t const from_bytes = bytes_per_element(plan_.precision);
+            set_precision(plan_.precision_index - 1);
+            std::size_t m = plan_.micro_batch * from_bytes / bytes_per_element(plan_.precision);
+            plan_.micro_batch = m < opt_.min_micro_batch ? opt_.min_micro_batch : m;
+            opt_.policy.reset();  // bytes per sample changed: old measurements mislead
+            proven_ = 0;
+            grow_ceiling_ = 0;
+            growing_ = Growing::precision;
+        } else if (opt_.grow_after != 0 && clean_batches_ >= grow_wait_) {
+            // Toward the requested size, bisecting below the smallest grow-back
+            // that failed. That ceiling is a hint, not a law: once the plan has
+            // reached it, it expires, and the next grow-back tries above it.
+            if (grow_ceiling_ != 0 && plan_.micro_batch + 1 >= grow_ceiling_) grow_ceiling_ = 0;
+            std::size_t cap = opt_.micro_batch;
+            if (grow_ceiling_ != 0 && grow_ceiling_ - 1 < cap) cap = grow_ceiling_ - 1;
+            if (plan_.micro_batch < cap) {
+                plan_.micro_batch += (cap - plan_.micro_batch + 1) / 2;
+                opt_.policy.forget_bounds();
+                growing_ = Growing::size;
+            }
+        }
+        if (growing_ != Growing::none) {
+            clean_batches_ = 0;
+            d.action = PlanAction::grow_back;
+            d.to = plan_;
+        }
+        attempt_ = Attempt{plan_, 0, 1};
+        return d;
+    }
+
+    /// The attempt to run now.
+    Attempt const& attempt() const noexcept { return attempt_; }
+
+    /// The attempt ended with `o`: commit, or the next step of the ladder.
+    Decision on_attempt(Observation const& o) {
+        Plan const ran = attempt_.plan;
+        // Measurements first: what completed is true whatever happens next.
+        if (attempt_.calibration != 0 && o.calibration_done && o.calibration_peak != 0)
+            opt_.policy.observe(attempt_.calibration, o.calibration_peak);
+        if (o.full_done > 0 && ran.micro_batch > proven_) proven_ = ran.micro_batch;
+        if (o.outcome == Observation::Outcome::completed) return committed(o);
+
+        clean_batches_ = 0;
+        if (o.full_done > 0 && o.full_peak != 0) opt_.policy.observe(ran.micro_batch, o.full_peak);
+        std::size_t failed = ran.micro_batch;
+        if (o.outcome == Observation::Outcome::step_oom) {
+            if (o.failed_size == 0 || (o.failed_size != ran.micro_batch && o.failed_size != attempt_.calibration))
+                detail::throw_invalid(detail::Message()
+                                      << "oomguard: RecoveryPlanner: the failed size " << o.failed_size
+                                      << " is not a planned size of the attempt (" << ran.micro_batch
+                                      << (attempt_.calibration != 0 ? " or the calibration size" : "") << ')');
+            failed = o.failed_size;
+            if (o.need != 0) opt_.policy.observe(failed, o.need);
+        }
+        if (attempt_.number >= opt_.max_attempts) return give_up(ran, "the attempt limit was reached");
+        Decision d = next_rung(ran, failed, o);
+        if (d.action != PlanAction::failover && d.action != PlanAction::give_up)
+            attempt_ = Attempt{plan_, calibration_, attempt_.number + 1};
+        return d;
+    }
+
+    /// After a failover decision: every rank got device `device`.
+    Decision failed_over(int device) {
+        Plan const from = plan_;
+        plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, device};
+        opt_.policy.reset();
+        proven_ = 0;
+        grow_ceiling_ = 0;
+        same_retries_ = 0;
+        release_retried_ = false;
+        attempt_ = Attempt{plan_, 0, attempt_.number + 1};
+        return Decision{PlanAction::failover, from, plan_, ""};
+    }
+
+    /// After a failover decision: some rank got no other device.
+    Decision no_failover() {
+        return give_up(attempt_.plan, "the micro-batch is at its minimum, the precision ladder is exhausted and "
+                                      "the failover hook offered no other device");
+    }
+
+    /// Gives up on the global batch: back at the last good plan.
+    Decision give_up(Plan const& from, char const* why) {
+        plan_ = last_good_;
+        clear_batch_state();
+        growing_ = Growing::none;
+        attempt_ = Attempt{plan_, 0, 1};
+        return Decision{PlanAction::give_up, from, plan_, why};
+    }
+
+    /// An exception passed through the runner: back at the last good plan, with
+    /// no half-made recovery state.
+    void abandon() noexcept {
+        plan_ = last_good_;
+        clear_batch_state();
+        growing_ = Growing::none;
+        attempt_ = Attempt{plan_, 0, 1};
+    }
+
+    /// Back to the requested plan; forgets measurements and the clean-batch count.
+    void reset() noexcept {
+        plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, plan_.device};
+        last_good_ = plan_;
+        opt_.policy.reset();
+        proven_ = 0;
+        clean_batches_ = 0;
+        grow_wait_ = opt_.grow_after;
+        precision_wait_ = opt_.restore_precision_after;
+        grow_ceiling_ = 0;
+        growing_ = Growing::none;
+        clear_batch_state();
+        attempt_ = Attempt{plan_, 0, 1};
+    }
+
+    Plan const& plan() const noexcept { return plan_; }
+    Plan const& last_good_plan() const noexcept { return last_good_; }
+    BatchOptions const& options() const noexcept { return opt_; }
+    ShrinkPolicy const& policy() const noexcept { return opt_.policy; }
+    /// The largest size that completed at this precision and device (0: none).
+    std::size_t proven() const noexcept { return proven_; }
+    /// The smallest grow-back size that failed (0: none).
+    std::size_t grow_ceiling() const noexcept { return grow_ceiling_; }
+
+    /// Throws std::invalid_argument naming the first bad option.
+    static void validate(BatchOptions const& o) {
+        auto bad = [](detail::Message const& m) { detail::throw_invalid(m); };
+        if (o.global_batch == 0)
+            bad(detail::Message() << "oomguard: BatchOptions.global_batch is 0; give the samples per step, >= 1");
+        if (o.micro_batch > o.global_batch)
+            bad(detail::Message() << "oomguard: BatchOptions.micro_batch " << o.micro_batch
+                                  << " is above global_batch " << o.global_batch << "; give a size in [1, "
+                                  << o.global_batch << "] or 0 for the whole batch");
+        if (o.min_micro_batch == 0)
+            bad(detail::Message() << "oomguard: BatchOptions.min_micro_batch is 0; give a size >= 1");
+        std::size_t start = o.micro_batch == 0 ? o.global_batch : o.micro_batch;
+        if (o.min_micro_batch > start)
+            bad(detail::Message() << "oomguard: BatchOptions.min_micro_batch " << o.min_micro_batch
+                                  << " is above the starting micro_batch " << start);
+        if (o.precisions.empty())
+            bad(detail::Message() << "oomguard: BatchOptions.precisions is empty; give at least one, "
+                                     "for example {fp32, bf16, fp16}");
+        for (std::size_t i = 0; i < o.precisions.size(); ++i)
+            for (std::size_t j = i + 1; j < o.precisions.size(); ++j)
+                if (o.precisions[i] == o.precisions[j])
+                    bad(detail::Message() << "oomguard: BatchOptions.precisions lists "
+                                          << to_string(o.precisions[i]) << " twice");
+        if (o.max_attempts == 0)
+            bad(detail::Message() << "oomguard: BatchOptions.max_attempts is 0; give at least 1");
+    }
+
+private:
+    enum class Growing : unsigned char { none, size, precision };
+
+    Decision committed(Observation const& o) {
+        Plan const ran = attempt_.plan;
+        std::size_t next = ran.micro_batch;
+        if (pending_failure_ != 0 && o.full_done > 0) {
+            // The calibration attempt held: fit and jump from what it measured,
+            // toward the size whose failure asked for it.
+            opt_.policy.on_success(ran.micro_batch, o.full_peak, opt_.micro_batch);
+            ShrinkContext ctx = context(pending_failure_, o.available);
+            next = opt_.policy.on_failure(ctx);
+            if (next < ran.micro_batch) next = ran.micro_batch;
+        } else if (o.full_done > 0) {
+            // Bisection and predictive probe upward here, at the start of the next
+            // global batch, where a failure costs no completed micro-batch.
+            next = opt_.policy.on_success(ran.micro_batch, o.full_peak, opt_.micro_batch);
+        }
+        if (growing_ == Growing::size) grow_wait_ = opt_.grow_after;  // it held: the next comes as soon
+        if (growing_ == Growing::precision) precision_wait_ = opt_.restore_precision_after;
+        growing_ = Growing::none;
+        last_good_ = ran;
+        plan_ = ran;
+        plan_.micro_batch = next;
+        ++clean_batches_;
+        clear_batch_state();
+        Decision d{PlanAction::commit, ran, plan_, ""};
+        attempt_ = Attempt{plan_, 0, 1};
+        return d;
+    }
+
+    Decision next_rung(Plan const& ran, std::size_t failed, Observation const& o) {
+        calibration_ = 0;
+        if (growing_ != Growing::none) {  // the grow-back did not hold: back to the last good plan, wait longer
+            if (growing_ == Growing::size) {
+                if (grow_ceiling_ == 0 || ran.micro_batch < grow_ceiling_) grow_ceiling_ = ran.micro_batch;
+                grow_wait_ = grow_wait_ * 2 + 1;
+            } else {
+                precision_wait_ = precision_wait_ * 2 + 1;
+                opt_.policy.reset();
+            }
+            growing_ = Growing::none;
+            plan_ = last_good_;
+            proven_ = last_good_.micro_batch;  // it committed under these conditions
+            return Decision{PlanAction::shrink, ran, plan_, ""};
+        }
+        if (o.released > 0 && !release_retried_) {
+            release_retried_ = true;
+            return Decision{PlanAction::retry_same, ran, plan_, ""};
+        }
+        // A size that has completed failed: most likely a transient OOM (another
+        // process's burst, fragmentation), and shrinking would only add
+        // micro-batches, each one more chance to fail. Retry it a bounded number
+        // of times -- at the minimum too -- then walk on down the ladder.
+        if (failed <= proven_) {
+            if (same_retries_ < opt_.transient_retries) {
+                ++same_retries_;
+                return Decision{PlanAction::retry_same, ran, plan_, ""};
+            }
+            proven_ = 0;  // it kept failing: conditions changed
+        }
+        same_retries_ = 0;
+        release_retried_ = false;
+        pending_failure_ = 0;
+        if (failed > opt_.min_micro_batch) {
+            ShrinkContext ctx = context(failed, o.available);
+            std::size_t c1 = 0, c2 = 0;
+            if (opt_.policy.wants_calibration(ctx, c1, c2)) {
+                // Measure two small sizes inside the retried batch itself: the
+                // first micro-batch at c1, the rest at c2; their work is kept, and
+                // the next global batch jumps to the fitted size.
+                calibration_ = c1;
+                pending_failure_ = failed;
+                plan_.micro_batch = c2;
+            } else {
+                plan_.micro_batch = opt_.policy.on_failure(ctx);
+            }
+            return Decision{PlanAction::shrink, ran, plan_, ""};
+        }
+        if (plan_.precision_index + 1 < opt_.precisions.size()) {
+            set_precision(plan_.precision_index + 1);
+            opt_.policy.reset();  // bytes per sample changed: old measurements mislead
+            grow_ceiling_ = 0;
+            proven_ = 0;
+            return Decision{PlanAction::next_precision, ran, plan_, ""};
+        }
+        if (failover_) return Decision{PlanAction::failover, ran, plan_, ""};
+        return give_up(ran, "the micro-batch is at its minimum and the precision ladder is exhausted");
+    }
+
+    ShrinkContext context(std::size_t failed, std::size_t available) const noexcept {
+        ShrinkContext ctx;
+        ctx.failed = failed;
+        ctx.minimum = opt_.min_micro_batch;
+        ctx.requested = opt_.micro_batch;
+        ctx.last_good = opt_.policy.largest_success();
+        ctx.attempt = attempt_.number;
+        ctx.available_bytes = available;
+        return ctx;
+    }
+
+    void clear_batch_state() noexcept {
+        same_retries_ = 0;
+        release_retried_ = false;
+        pending_failure_ = 0;
+        calibration_ = 0;
+    }
+
+    void set_precision(std::size_t index) noexcept {
+        plan_.precision_index = index;
+        plan_.precision = opt_.precisions[index];
+    }
+
+    BatchOptions opt_;
+    Plan plan_;
+    Plan last_good_;
+    Attempt attempt_;
+    bool failover_ = false;
+    std::size_t proven_ = 0;          // largest size that completed at this precision and device
+    std::size_t clean_batches_ = 0;   // global batches committed since the last failure or grow-back
+    std::size_t grow_wait_ = 0;       // clean batches before the next size grow-back
+    std::size_t precision_wait_ = 0;  // clean batches before the previous precision is tried again
+    std::size_t grow_ceiling_ = 0;    // smallest grow-back size that failed (0: none)
+    Growing growing_ = Growing::none;  // this global batch began with a grow-back
+    // This global batch only:
+    unsigned same_retries_ = 0;       // transient retries of the current size
+    bool release_retried_ = false;    // the retry after a release was used for this size
+    std::size_t pending_failure_ = 0; // the size whose failure the calibration attempt answers
+    std::size_t calibration_ = 0;     // the next attempt's calibration size
+};
+
+}  // namespace oomguard
