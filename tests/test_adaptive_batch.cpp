@@ -452,3 +452,198 @@ TEST_CASE("a transient OOM at a size that has fit is retried, not shrunk") {
     CHECK(r.plan.micro_batch == 32);
     CHECK(a.counters().shrinks == 1);
 }
+
+// --- The recovery paths real jobs take (each failed before the planner) ---
+
+TEST_CASE("the ladder goes on at the minimum: a size that completed, then fails for good, moves to bf16") {
+    Workload w(100 * KiB, 0, 40 * KiB);  // fp32: 40 KiB a sample, bf16: 20 KiB
+    BatchOptions o;
+    o.global_batch = 4;
+    o.micro_batch = 1;
+    o.precisions = {Precision::fp32, Precision::bf16};
+    AdaptiveBatch a(o);
+    a.run([&](MicroBatch const& mb) { w.step(mb); });  // fp32 at m=1 fits once
+    w.gpus.set_used_by_others(0, 70 * KiB);            // now only bf16 does
+    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(r.plan.precision == Precision::bf16);
+    CHECK(r.attempts == 5);  // three transient retries of m=1, then the next precision
+    CHECK(a.counters().retries_same == 3);
+    CHECK(a.counters().precision_changes == 1);
+    CHECK(w.gpus.live_bytes() == 0);
+}
+
+TEST_CASE("an OOM in commit rolls back and retries the global batch; an observer's exception changes nothing") {
+    Workload w(1024 * KiB, 0, KiB);
+    BatchOptions o;
+    o.global_batch = 8;
+    o.micro_batch = 4;
+    AdaptiveBatch a(o);
+    int observed = 0;
+    a.observe(
+        [](BatchEvent const& e, void* u) {
+            if (e.kind == BatchEventKind::commit) {
+                ++*static_cast<int*>(u);
+                throw std::runtime_error("observer failed");
+            }
+        },
+        &observed);
+    double acc = 0;
+    int commits = 0, rollbacks = 0;
+    void* state = nullptr;
+    std::vector<double> seen;
+    auto step = [&](MicroBatch const& mb) {
+        w.step(mb);
+        acc += mb.weight;
+    };
+    auto commit = [&] {
+        if (state == nullptr) {  // Adam allocates its state on its first step
+            if (commits++ == 0) w.gpus.fail_next(0, 1);
+            state = w.budget.allocate(64 * KiB);
+        }
+        seen.push_back(acc);
+        acc = 0;
+    };
+    BatchResult r = a.run(step, commit, [&] {
+        acc = 0;
+        ++rollbacks;
+    });
+    CHECK(r.attempts == 2);
+    CHECK(rollbacks == 1);
+    CHECK(a.counters().commit_ooms == 1);
+    CHECK(a.counters().wasted_samples == 8);
+    REQUIRE(r.observer_error != nullptr);
+    CHECK_THROWS_WITH_AS(std::rethrow_exception(r.observer_error), "observer failed", std::runtime_error);
+    r = a.run(step, commit, [&] { acc = 0; });
+    CHECK(r.attempts == 1);
+    CHECK(seen == std::vector<double>{1.0, 1.0});
+    CHECK(observed == 2);
+    CHECK(a.counters().observer_errors == 2);
+    CHECK(a.counters().global_batches == 2);
+    w.budget.deallocate(state, 64 * KiB);
+}
+
+TEST_CASE("a short remainder that fails never decides the plan: shrink from the plan's size") {
+    Workload w(1024 * KiB, 0, KiB);
+    BatchOptions o;
+    o.global_batch = 10;
+    o.micro_batch = 8;
+    AdaptiveBatch a(o);
+    int fails = 4;  // the trailing micro-batch of 2 fails four times
+    std::vector<std::size_t> sizes;
+    a.run([&](MicroBatch const& mb) {
+        sizes.push_back(mb.size);
+        if (mb.size == 2 && fails > 0) {
+            --fails;
+            w.gpus.fail_next(0, 1);
+        }
+        w.step(mb);
+    });
+    CHECK(a.plan().micro_batch == 4);  // 8 (three transient retries) -> 4, not 2 -> 1
+    CHECK(sizes == std::vector<std::size_t>{8, 2, 8, 2, 8, 2, 8, 2, 4, 4, 2});
+}
+
+TEST_CASE("a passing exception or a give-up leaves the last good plan and no half-made state") {
+    Workload w(1024 * KiB, 0, 10 * KiB);
+    BatchOptions o;
+    o.global_batch = 64;
+    AdaptiveBatch a(o);
+    a.run([&](MicroBatch const& mb) { w.step(mb); });
+    w.gpus.set_used_by_others(0, 700 * KiB);  // fits 32
+    int calls = 0;
+    struct UserError {};
+    CHECK_THROWS_AS(a.run([&](MicroBatch const& mb) {
+        if (++calls == 5) throw UserError{};  // on the first attempt at 32, after three transient retries of 64
+        w.step(mb);
+    }),
+                    UserError);
+    CHECK(a.plan() == a.last_good_plan());
+    CHECK(a.plan().micro_batch == 64);
+    // The next run starts at the last good plan; what was measured stays known
+    // (64 kept failing, so it is no longer taken for a transient): one failure, then 32.
+    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(r.attempts == 2);
+    CHECK(r.plan.micro_batch == 32);
+    CHECK(w.gpus.live_bytes() == 0);
+}
+
+TEST_CASE("a rollback that throws a non-OOM passes through unchanged and leaves the last good plan") {
+    Workload w(256 * KiB, 0, 8 * KiB);
+    BatchOptions o;
+    o.global_batch = 64;
+    AdaptiveBatch a(o);
+    CHECK_THROWS_WITH_AS(a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {},
+                               [] { throw std::runtime_error("rollback bug"); }),
+                         "rollback bug", std::runtime_error);
+    CHECK(a.plan().micro_batch == 64);
+}
+
+TEST_CASE("one transient failure during a grow-back does not cap growth for good") {
+    Workload w(1000 * KiB, 0, 10 * KiB);
+    BatchOptions o;
+    o.global_batch = 64;
+    o.grow_after = 1;
+    AdaptiveBatch a(o);
+    w.gpus.set_used_by_others(0, 600 * KiB);
+    a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(a.plan().micro_batch == 32);
+    w.gpus.set_used_by_others(0, 0);
+    bool inject = true;
+    for (int i = 0; i < 60; ++i)
+        a.run([&](MicroBatch const& mb) {
+            if (inject && mb.size > 32) {  // the first grow-back meets another process's burst
+                inject = false;
+                w.gpus.fail_next(0, 1);
+            }
+            w.step(mb);
+        });
+    CHECK(a.plan().micro_batch == 64);
+}
+
+TEST_CASE("the precision comes back with grow_after = 0, after restore_precision_after clean batches") {
+    Workload w(100 * KiB, 0, 40 * KiB);
+    BatchOptions o;
+    o.global_batch = 4;
+    o.micro_batch = 1;
+    o.precisions = {Precision::fp32, Precision::bf16};
+    o.restore_precision_after = 10;
+    AdaptiveBatch a(o);
+    w.gpus.set_used_by_others(0, 70 * KiB);
+    a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(a.plan().precision == Precision::bf16);
+    for (int i = 0; i < 9; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(a.plan().precision == Precision::bf16);  // 9 clean batches: not yet
+    a.run([&](MicroBatch const& mb) { w.step(mb); });  // tried at fp32 and fails: back, wait 21 more
+    CHECK(a.plan().precision == Precision::bf16);
+    w.gpus.set_used_by_others(0, 0);
+    for (int i = 0; i < 22; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); });
+    CHECK(a.plan().precision == Precision::fp32);
+    CHECK(a.counters().grow_backs == 2);
+}
+
+TEST_CASE("after failover the peaks are measured on the new device's budget") {
+    SimulatedDevices gpus({{64 * KiB}, {1024 * KiB}});
+    Budget b0(gpus, 0, Limit::unlimited()), b1(gpus, 1, Limit::unlimited());
+    Budget* budgets[] = {&b0, &b1};
+    BatchOptions o;
+    o.global_batch = 256;
+    o.min_micro_batch = 16;
+    o.policy = ShrinkPolicy::predictive();
+    AdaptiveBatch a(o);
+    a.measure_with(b0).measure_with(b1);
+    a.failover([](void*, FailoverRequest const& r) { return r.plan.device == 0 ? 1 : -1; });
+    std::vector<std::size_t> calibration_bytes;
+    a.observe(
+        [](BatchEvent const& e, void* u) {
+            if (e.kind == BatchEventKind::calibration) static_cast<std::vector<std::size_t>*>(u)->push_back(e.bytes);
+        },
+        &calibration_bytes);
+    // 100 KiB + 8 KiB a sample: device 1 fits 115.
+    auto step = [&](MicroBatch const& mb) { Buffer buf(*budgets[mb.device], 100 * KiB + mb.size * 8 * KiB); };
+    a.run(step);
+    CHECK(a.plan().device == 1);
+    REQUIRE(calibration_bytes.size() == 1);
+    CHECK(calibration_bytes[0] == 100 * KiB + 16 * 8 * KiB);  // measured through b1
+    a.run(step);
+    CHECK(a.plan().micro_batch >= 104);  // the fit jumped near the best, 115
+    CHECK(a.plan().micro_batch <= 115);
+}

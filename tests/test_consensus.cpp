@@ -1,0 +1,387 @@
+// Data-parallel recovery with threads as ranks (ThreadConsensus): every rank
+// runs the same micro-batch sizes, a step's own collectives after
+// MicroBatch::sync() never pair with the wrong one, and when one rank gives up
+// or its recovery throws, every rank leaves together. A hang fails the test:
+// each scenario runs under a watchdog that ends the process.
+#include <oomguard/adaptive_batch.hpp>
+#include <oomguard/device_buffer.hpp>
+#include <oomguard/simulated_devices.hpp>
+#include <oomguard/thread_consensus.hpp>
+
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace oomguard;
+using Budget = MemoryBudget<SimulatedDevices>;
+using Buffer = DeviceBuffer<SimulatedDevices>;
+constexpr std::size_t KiB = 1024;
+
+namespace {
+
+// Runs body(rank) on `n` threads; if they have not all ended within `seconds`,
+// a rank is hung: report it and end the process (the test fails, never hangs).
+void run_ranks(int n, std::function<void(int)> const& body, int seconds = 120) {
+    std::mutex m;
+    std::condition_variable cv;
+    int finished = 0;
+    std::vector<std::thread> threads;
+    for (int r = 0; r < n; ++r)
+        threads.emplace_back([&, r] {
+            body(r);
+            std::lock_guard<std::mutex> lock(m);
+            ++finished;
+            cv.notify_all();
+        });
+    {
+        std::unique_lock<std::mutex> lock(m);
+        if (!cv.wait_for(lock, std::chrono::seconds(seconds), [&] { return finished == n; })) {
+            std::fprintf(stderr, "test_consensus: %d of %d ranks still running after %d s: a rank is hung\n",
+                         n - finished, n, seconds);
+            std::fflush(stderr);
+            std::_Exit(3);
+        }
+    }
+    for (auto& t : threads) t.join();
+}
+
+// What each rank saw: every step() call, and how run() ended.
+struct Call {
+    std::size_t offset, size, precision;
+    bool calibration;
+    bool operator==(Call const& o) const {
+        return offset == o.offset && size == o.size && precision == o.precision && calibration == o.calibration;
+    }
+};
+struct RankLog {
+    std::vector<Call> calls;
+    std::vector<std::string> outcomes;  // "commit" or the exception's type, per run()
+    std::size_t commits = 0, rollbacks = 0, ooms = 0;
+    Plan plan;
+};
+
+// A data-parallel step: allocate the activations, reach the sync point, then
+// the gradient all-reduce every DDP step makes. The all-reduce carries the
+// micro-batch's offset and size: a rank at a different micro-batch would be
+// caught here, not only by a hang.
+struct DataParallel {
+    int ranks;
+    ThreadConsensus group, gradients;
+    explicit DataParallel(int n) : ranks(n), group(n), gradients(n) {}
+
+    void step(Budget& budget, MicroBatch const& mb, std::size_t fixed, std::size_t per_sample, RankLog& log) {
+        log.calls.push_back(Call{mb.offset, mb.size, static_cast<std::size_t>(mb.precision), mb.calibration});
+        Buffer act(budget, fixed + per_sample * mb.size * bytes_per_element(mb.precision) / 4);
+        mb.sync();
+        std::uint64_t v[4] = {mb.offset, ~std::uint64_t{mb.offset}, mb.size, ~std::uint64_t{mb.size}};
+        gradients.all_min(v, 4);
+        if (v[0] != ~v[1] || v[2] != ~v[3])
+            throw std::logic_error("an in-step all-reduce paired ranks at different micro-batches");
+    }
+};
+
+std::vector<ShrinkPolicy> every_policy() {
+    return {ShrinkPolicy::halve(), ShrinkPolicy::geometric(0.9), ShrinkPolicy::bisect(),
+            ShrinkPolicy::predictive(),
+            ShrinkPolicy::custom([](ShrinkContext const& c, void*) { return c.minimum + (c.failed - c.minimum) / 3; },
+                                 nullptr, "third")};
+}
+
+char const* outcome_of(std::exception_ptr const& e) {
+    try {
+        std::rethrow_exception(e);
+    } catch (recovery_failed const&) {
+        return "recovery_failed";
+    } catch (std::logic_error const&) {
+        return "logic_error";
+    } catch (std::exception const&) {
+        return "other";
+    }
+}
+
+}  // namespace
+
+TEST_CASE("threads as ranks, every policy: the same step() sizes on every rank, grow-back on, faults on one rank") {
+    for (ShrinkPolicy policy : every_policy()) {
+        CAPTURE(std::string(policy.name()));
+        DataParallel dp(2);
+        RankLog logs[2];
+        run_ranks(2, [&](int r) {
+            // Rank 1 has less memory, another process comes and goes, and random faults.
+            SimulatedDevices gpus(1, r == 0 ? 4096 * KiB : 1400 * KiB);
+            if (r == 1) {
+                FaultPlan f;
+                f.probability = 0.03;
+                f.seed = 7;
+                gpus.set_faults(0, f);
+            }
+            Budget budget(gpus, 0, Limit::unlimited());
+            BatchOptions o;
+            o.global_batch = 100;
+            o.grow_after = 1;
+            o.max_attempts = 1000;
+            o.precisions = {Precision::fp32, Precision::bf16};
+            o.policy = policy;
+            AdaptiveBatch a(o);
+            a.measure_with(budget);
+            a.consensus(dp.group.hook());
+            for (int batch = 0; batch < 24; ++batch) {
+                if (r == 1) gpus.set_used_by_others(0, batch % 8 < 4 ? 0 : 600 * KiB);
+                a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 64 * KiB, 12 * KiB, logs[r]); },
+                      [&] { ++logs[r].commits; }, [&] { ++logs[r].rollbacks; });
+            }
+            logs[r].ooms = a.counters().ooms;
+            logs[r].plan = a.plan();
+            CHECK(gpus.live_bytes() == 0);
+        });
+        CHECK(logs[0].commits == 24);
+        CHECK(logs[1].commits == 24);
+        CHECK(logs[0].rollbacks == logs[1].rollbacks);
+        CHECK(logs[0].ooms == 0);  // rank 0 never runs out itself
+        CHECK(logs[1].ooms > 0);
+        CHECK(logs[0].plan == logs[1].plan);
+        REQUIRE(logs[0].calls.size() == logs[1].calls.size());
+        CHECK(logs[0].calls == logs[1].calls);
+        MESSAGE(std::string(policy.name()) << ": " << logs[0].calls.size() << " step calls on each rank, "
+                              << logs[1].ooms << " OOMs on rank 1, plan m=" << logs[0].plan.micro_batch);
+    }
+}
+
+TEST_CASE("a grow-back that fails on one rank moves every rank back (G=100, grow_after=1)") {
+    DataParallel dp(2);
+    RankLog logs[2];
+    run_ranks(2, [&](int r) {
+        SimulatedDevices gpus(1, r == 0 ? 4096 * KiB : 1024 * KiB);  // rank 1 fits 60, rank 0 everything
+        Budget budget(gpus, 0, Limit::unlimited());
+        BatchOptions o;
+        o.global_batch = 100;
+        o.grow_after = 1;
+        AdaptiveBatch a(o);
+        a.consensus(dp.group.hook());
+        for (int batch = 0; batch < 8; ++batch)
+            a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 64 * KiB, 16 * KiB, logs[r]); },
+                  [&] { ++logs[r].commits; }, [] {});
+        logs[r].plan = a.plan();
+    });
+    CHECK(logs[0].calls == logs[1].calls);
+    CHECK(logs[0].plan == logs[1].plan);
+    CHECK(logs[0].commits == 8);
+}
+
+TEST_CASE("give-up on one rank: every rank throws recovery_failed together, each back at its last good plan") {
+    for (ShrinkPolicy policy : every_policy()) {
+        CAPTURE(std::string(policy.name()));
+        DataParallel dp(3);
+        std::exception_ptr errors[3];
+        Plan plans[3], good[3];
+        RankLog logs[3];
+        run_ranks(3, [&](int r) {
+            SimulatedDevices gpus(1, r == 2 ? 100 * KiB : 4096 * KiB);
+            Budget budget(gpus, 0, Limit::unlimited());
+            BatchOptions o;
+            o.global_batch = 64;
+            o.min_micro_batch = 8;
+            o.policy = policy;
+            AdaptiveBatch a(o);
+            a.measure_with(budget);
+            a.consensus(dp.group.hook());
+            try {
+                // A first batch that fits everywhere, then rank 2's neighbour moves in.
+                a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, KiB, logs[r]); });
+                if (r == 2) gpus.set_used_by_others(0, 90 * KiB);
+                a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, 8 * KiB, logs[r]); });
+            } catch (...) {
+                errors[r] = std::current_exception();
+            }
+            plans[r] = a.plan();
+            good[r] = a.last_good_plan();
+        });
+        for (int r = 0; r < 3; ++r) {
+            CAPTURE(r);
+            REQUIRE(errors[r] != nullptr);
+            CHECK(std::string(outcome_of(errors[r])) == "recovery_failed");
+            CHECK(plans[r] == good[r]);
+            CHECK(plans[r].micro_batch == 64);
+        }
+        CHECK(logs[0].calls == logs[2].calls);
+        CHECK(logs[1].calls == logs[2].calls);
+    }
+}
+
+TEST_CASE("a rollback that throws on one rank: that rank rethrows it, the others give up, nobody waits") {
+    DataParallel dp(2);
+    std::exception_ptr errors[2];
+    RankLog logs[2];
+    run_ranks(2, [&](int r) {
+        SimulatedDevices gpus(1, r == 0 ? 4096 * KiB : 512 * KiB);
+        Budget budget(gpus, 0, Limit::unlimited());
+        BatchOptions o;
+        o.global_batch = 64;
+        AdaptiveBatch a(o);
+        a.consensus(dp.group.hook());
+        try {
+            a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, 16 * KiB, logs[r]); }, [] {},
+                  [&] {
+                      if (r == 0) throw std::runtime_error("rollback failed on rank 0");
+                  });
+        } catch (...) {
+            errors[r] = std::current_exception();
+        }
+    });
+    REQUIRE(errors[0] != nullptr);
+    REQUIRE(errors[1] != nullptr);
+    CHECK(std::string(outcome_of(errors[0])) == "other");
+    CHECK(std::string(outcome_of(errors[1])) == "recovery_failed");
+    try {
+        std::rethrow_exception(errors[1]);
+    } catch (recovery_failed const& e) {
+        CHECK(std::string(e.what()).find("another rank's recovery failed") != std::string::npos);
+    }
+}
+
+TEST_CASE("a custom policy or a failover hook that throws on one rank ends every rank together") {
+    DataParallel dp(2);
+    std::exception_ptr errors[2];
+    RankLog logs[2];
+    static int const ranks[2] = {0, 1};
+    run_ranks(2, [&](int r) {
+        SimulatedDevices gpus(1, 256 * KiB);
+        Budget budget(gpus, 0, Limit::unlimited());
+        BatchOptions o;
+        o.global_batch = 64;
+        o.policy = ShrinkPolicy::custom(
+            [](ShrinkContext const& c, void* user) -> std::size_t {
+                if (*static_cast<int const*>(user) == 1) throw std::runtime_error("policy bug on rank 1");
+                return c.failed / 2;
+            },
+            const_cast<int*>(&ranks[r]), "flaky");
+        AdaptiveBatch a(o);
+        a.consensus(dp.group.hook());
+        try {
+            a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, 16 * KiB, logs[r]); });
+        } catch (...) {
+            errors[r] = std::current_exception();
+        }
+    });
+    CHECK(std::string(outcome_of(errors[0])) == "recovery_failed");
+    CHECK(std::string(outcome_of(errors[1])) == "other");
+
+    // A failover hook that finds another device on rank 0 only: nobody moves, both give up.
+    DataParallel dp2(2);
+    run_ranks(2, [&](int r) {
+        SimulatedDevices gpus({{64 * KiB}, {4096 * KiB}});
+        Budget b0(gpus, 0, Limit::unlimited()), b1(gpus, 1, Limit::unlimited());
+        Budget* budgets[] = {&b0, &b1};
+        BatchOptions o;
+        o.global_batch = 32;
+        o.min_micro_batch = 16;
+        AdaptiveBatch a(o);
+        a.consensus(dp2.group.hook());
+        a.failover([](void* user, FailoverRequest const&) { return *static_cast<int const*>(user) == 0 ? 1 : -1; },
+                   const_cast<int*>(&ranks[r]));
+        try {
+            a.run([&](MicroBatch const& mb) { dp2.step(*budgets[mb.device], mb, 0, 8 * KiB, logs[r]); });
+            errors[r] = nullptr;
+        } catch (...) {
+            errors[r] = std::current_exception();
+        }
+        CHECK(a.plan().device == 0);
+        CHECK(a.counters().failovers == 0);
+    });
+    CHECK(std::string(outcome_of(errors[0])) == "recovery_failed");
+    CHECK(std::string(outcome_of(errors[1])) == "recovery_failed");
+}
+
+TEST_CASE("an OOM in commit: on every rank it is retried together; on some ranks only, all give up together") {
+    for (bool everywhere : {true, false}) {
+        CAPTURE(everywhere);
+        DataParallel dp(2);
+        std::exception_ptr errors[2];
+        RankLog logs[2];
+        run_ranks(2, [&](int r) {
+            SimulatedDevices gpus(1, 4096 * KiB);
+            Budget budget(gpus, 0, Limit::unlimited());
+            BatchOptions o;
+            o.global_batch = 16;
+            AdaptiveBatch a(o);
+            a.consensus(dp.group.hook());
+            void* state = nullptr;
+            bool first = true;
+            try {
+                a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, KiB, logs[r]); },
+                      [&] {
+                          if (first && (everywhere || r == 1)) {
+                              first = false;
+                              gpus.fail_next(0, 1);
+                          }
+                          if (state == nullptr) state = budget.allocate(64 * KiB);  // Adam's state, on its first step
+                          ++logs[r].commits;
+                      },
+                      [&] { ++logs[r].rollbacks; });
+            } catch (...) {
+                errors[r] = std::current_exception();
+            }
+            if (state != nullptr) budget.deallocate(state, 64 * KiB);
+        });
+        if (everywhere) {
+            CHECK(errors[0] == nullptr);
+            CHECK(errors[1] == nullptr);
+            CHECK(logs[0].commits == 1);
+            CHECK(logs[0].rollbacks == 1);
+            CHECK(logs[0].calls.size() == 2);  // the global batch ran twice
+        } else {
+            CHECK(std::string(outcome_of(errors[0])) == "recovery_failed");
+            CHECK(std::string(outcome_of(errors[1])) == "recovery_failed");
+        }
+        CHECK(logs[0].calls == logs[1].calls);
+    }
+}
+
+TEST_CASE("ranks that call sync() at different points fail together with a logic_error, not a hang") {
+    DataParallel dp(2);
+    std::exception_ptr errors[2];
+    run_ranks(2, [&](int r) {
+        BatchOptions o;
+        o.global_batch = 8;
+        o.micro_batch = 4;
+        AdaptiveBatch a(o);
+        a.consensus(dp.group.hook());
+        try {
+            a.run([&](MicroBatch const& mb) {
+                mb.sync();
+                if (r == 0) mb.sync();  // rank 0 has one collective more per micro-batch
+            });
+        } catch (...) {
+            errors[r] = std::current_exception();
+        }
+    });
+    CHECK(std::string(outcome_of(errors[0])) == "logic_error");
+    CHECK(std::string(outcome_of(errors[1])) == "logic_error");
+}
+
+TEST_CASE("without a consensus hook sync() does nothing; outside its step it is a logic_error") {
+    BatchOptions o;
+    o.global_batch = 4;
+    AdaptiveBatch a(o);
+    MicroBatch kept;
+    int n = 0;
+    a.run([&](MicroBatch const& mb) {
+        mb.sync();
+        ++n;
+        kept = mb;
+    });
+    CHECK(n == 1);
+    CHECK_THROWS_WITH_AS(kept.sync(), doctest::Contains("outside the step"), std::logic_error);
+    MicroBatch plain;  // not from a runner: no hook
+    CHECK_NOTHROW(plain.sync());
+}

@@ -1,0 +1,324 @@
+// The planner on its own: a pure state machine, so every action is pinned by a
+// table of (options, the observations so far) -> the decision and the plan.
+#include <oomguard/recovery_planner.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cstddef>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+using namespace oomguard;
+using Outcome = Observation::Outcome;
+
+namespace {
+Observation done(std::size_t full = 1, std::size_t peak = 0) {
+    Observation o;
+    o.full_done = full;
+    o.full_peak = peak;
+    return o;
+}
+Observation oom(std::size_t planned, std::size_t full_done = 0) {
+    Observation o;
+    o.outcome = Outcome::step_oom;
+    o.failed_size = planned;
+    o.full_done = full_done;
+    return o;
+}
+Observation released(Observation o, std::size_t bytes) {
+    o.released = bytes;
+    return o;
+}
+Observation commit_oom() {
+    Observation o;
+    o.outcome = Outcome::commit_oom;
+    o.full_done = 4;
+    return o;
+}
+BatchOptions options(std::size_t G, std::size_t m = 0, std::size_t min = 1) {
+    BatchOptions o;
+    o.global_batch = G;
+    o.micro_batch = m;
+    o.min_micro_batch = min;
+    return o;
+}
+BatchOptions with_precisions(BatchOptions o) {
+    o.precisions = {Precision::fp32, Precision::bf16};
+    return o;
+}
+
+// One row: a planner built from `opts`, prepared by `before` (which may feed it
+// earlier batches), then one observation of the batch under test.
+struct Row {
+    char const* name;
+    BatchOptions opts;
+    std::function<void(RecoveryPlanner&)> before;
+    Observation seen;
+    PlanAction action;
+    std::size_t micro_batch;
+    Precision precision;
+};
+
+// Runs a global batch at the planner's plan that completes.
+void clean_batch(RecoveryPlanner& p) {
+    p.begin_batch();
+    p.on_attempt(done());
+}
+}  // namespace
+
+TEST_CASE("planner table: every action for every kind of observation") {
+    auto nothing = [](RecoveryPlanner& p) { p.begin_batch(); };
+    auto proven_64 = [](RecoveryPlanner& p) {  // 64 completed once, then the batch under test begins
+        clean_batch(p);
+        p.begin_batch();
+    };
+    std::vector<Row> rows = {
+        {"completed: commit, same plan", options(64), nothing, done(), PlanAction::commit, 64, Precision::fp32},
+        {"OOM above the minimum, never completed: shrink by the policy (halve)", options(64), nothing, oom(64),
+         PlanAction::shrink, 32, Precision::fp32},
+        {"OOM, but the release freed memory: retry the same size once", options(64), nothing,
+         released(oom(64), 4096), PlanAction::retry_same, 64, Precision::fp32},
+        {"the release retry is used once per size", options(64),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             p.on_attempt(released(oom(64), 4096));
+         },
+         released(oom(64), 4096), PlanAction::shrink, 32, Precision::fp32},
+        {"OOM at a size that has completed: a transient, retried", options(64), proven_64, oom(64),
+         PlanAction::retry_same, 64, Precision::fp32},
+        {"a transient retried transient_retries times, then shrink", options(64),
+         [](RecoveryPlanner& p) {
+             clean_batch(p);
+             p.begin_batch();
+             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(oom(64)).action == PlanAction::retry_same);
+         },
+         oom(64), PlanAction::shrink, 32, Precision::fp32},
+        {"the short remainder failed after a full micro-batch completed: the plan's size is what counts",
+         options(10, 8), nothing, oom(8, 1), PlanAction::retry_same, 8, Precision::fp32},
+        {"the remainder keeps failing: shrink from the plan's size, not from the remainder", options(10, 8),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(oom(8, 1)).action == PlanAction::retry_same);
+         },
+         oom(8, 1), PlanAction::shrink, 4, Precision::fp32},
+        {"at the minimum, never completed: the next precision", with_precisions(options(8, 1)), nothing, oom(1),
+         PlanAction::next_precision, 1, Precision::bf16},
+        {"at the minimum after it completed: transient retries, then the next precision",
+         with_precisions(options(8, 1)),
+         [](RecoveryPlanner& p) {
+             clean_batch(p);
+             p.begin_batch();
+             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(oom(1)).action == PlanAction::retry_same);
+         },
+         oom(1), PlanAction::next_precision, 1, Precision::bf16},
+        {"ladder exhausted, no failover: give up, back at the last good plan", options(8, 1), nothing, oom(1),
+         PlanAction::give_up, 1, Precision::fp32},
+        {"ladder exhausted with a failover hook: fail over", options(8, 1),
+         [](RecoveryPlanner& p) {
+             p.allow_failover(true);
+             p.begin_batch();
+         },
+         oom(1), PlanAction::failover, 1, Precision::fp32},
+        {"the attempt limit: give up at the last good plan", [] {
+             BatchOptions o = options(64);
+             o.max_attempts = 2;
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             REQUIRE(p.on_attempt(oom(64)).action == PlanAction::shrink);
+         },
+         oom(32), PlanAction::give_up, 64, Precision::fp32},
+        {"an OOM in commit at a size that completed: retried as a transient", options(64), nothing, commit_oom(),
+         PlanAction::retry_same, 64, Precision::fp32},
+        {"commit OOMs past the transient retries: shrink", options(64),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(commit_oom()).action == PlanAction::retry_same);
+         },
+         commit_oom(), PlanAction::shrink, 32, Precision::fp32},
+        {"a grow-back that fails: back to the last good plan", [] {
+             BatchOptions o = options(64);
+             o.grow_after = 1;
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             p.on_attempt(oom(64));  // -> 32
+             p.on_attempt(done());   // commit at 32
+             REQUIRE(p.begin_batch().action == PlanAction::grow_back);  // 32 -> 48
+         },
+         oom(48), PlanAction::shrink, 32, Precision::fp32},
+        {"a restored precision that fails: back to the lower one", [] {
+             BatchOptions o = with_precisions(options(8, 2, 2));
+             o.restore_precision_after = 1;
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             p.on_attempt(oom(2));  // -> bf16
+             p.on_attempt(done());
+             REQUIRE(p.begin_batch().action == PlanAction::grow_back);  // fp32 again
+             REQUIRE(p.plan().precision == Precision::fp32);
+         },
+         oom(2), PlanAction::shrink, 2, Precision::bf16},
+        {"bisect: a success probes upward at the next batch", [] {
+             BatchOptions o = options(64);
+             o.policy = ShrinkPolicy::bisect();
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             p.on_attempt(oom(64));  // -> 32
+         },
+         done(), PlanAction::commit, 48, Precision::fp32},
+    };
+    for (auto const& row : rows) {
+        CAPTURE(std::string(row.name));
+        RecoveryPlanner p(row.opts);
+        row.before(p);
+        Decision d = p.on_attempt(row.seen);
+        CHECK(to_string(d.action) == std::string(to_string(row.action)));
+        CHECK(d.to.micro_batch == row.micro_batch);
+        CHECK(d.to.precision == row.precision);
+        CHECK(p.plan().micro_batch == row.micro_batch);
+        if (d.action == PlanAction::give_up) CHECK(p.plan() == p.last_good_plan());
+    }
+}
+
+TEST_CASE("planner: failover moves to the requested plan on the new device, or gives up") {
+    RecoveryPlanner p(options(32, 0, 16));
+    p.allow_failover(true);
+    p.begin_batch();
+    REQUIRE(p.on_attempt(oom(32)).action == PlanAction::shrink);
+    REQUIRE(p.on_attempt(oom(16)).action == PlanAction::failover);
+    Decision d = p.failed_over(3);
+    CHECK(d.action == PlanAction::failover);
+    CHECK(d.to.device == 3);
+    CHECK(d.to.micro_batch == 32);
+    CHECK(p.attempt().number == 3);
+    CHECK(p.on_attempt(done()).action == PlanAction::commit);
+    CHECK(p.last_good_plan().device == 3);
+
+    RecoveryPlanner q(options(32, 16, 16));
+    q.allow_failover(true);
+    q.begin_batch();
+    REQUIRE(q.on_attempt(oom(16)).action == PlanAction::failover);
+    Decision g = q.no_failover();
+    CHECK(g.action == PlanAction::give_up);
+    CHECK(std::string(g.why).find("no other device") != std::string::npos);
+    CHECK(q.plan().device == 0);
+}
+
+TEST_CASE("planner: a failed size that is not a planned size of the attempt is a bad input") {
+    RecoveryPlanner p(options(10, 8));
+    p.begin_batch();
+    CHECK_THROWS_WITH_AS(p.on_attempt(oom(2)), doctest::Contains("failed size 2 is not a planned size"),
+                         std::invalid_argument);
+    CHECK_THROWS_AS(p.on_attempt(oom(0)), std::invalid_argument);
+}
+
+TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps at the next") {
+    BatchOptions o = options(256);
+    o.policy = ShrinkPolicy::predictive(0.02);
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    // bytes(m) = 100 KiB + 10 KiB * m, 1000 KiB available: the best size is 90.
+    auto bytes = [](std::size_t m) { return (100 + 10 * m) * 1024; };
+    Observation first = oom(256);
+    first.need = bytes(256);
+    first.available = 1000 * 1024;
+    Decision d = p.on_attempt(first);
+    REQUIRE(d.action == PlanAction::shrink);
+    CHECK(p.attempt().calibration == 16);  // 256 / 16: small enough to fit when 256 was far too big
+    CHECK(p.attempt().plan.micro_batch == 32);
+    CHECK(p.attempt().planned(0) == 16);
+    CHECK(p.attempt().planned(1) == 32);
+    Observation cal = done(7, bytes(32));
+    cal.calibration_done = true;
+    cal.calibration_peak = bytes(16);
+    cal.available = 1000 * 1024;
+    d = p.on_attempt(cal);
+    CHECK(d.action == PlanAction::commit);
+    CHECK(d.from.micro_batch == 32);
+    CHECK(d.to.micro_batch == 88);  // (1000 * 0.98 - 100) / 10
+    CHECK(p.last_good_plan().micro_batch == 32);
+}
+
+TEST_CASE("planner: a give-up or an abandoned batch leaves no half-made recovery state") {
+    BatchOptions o = options(64);
+    o.max_attempts = 3;
+    RecoveryPlanner p(o);
+    clean_batch(p);  // 64 proven
+    p.begin_batch();
+    REQUIRE(p.on_attempt(oom(64)).action == PlanAction::retry_same);
+    REQUIRE(p.on_attempt(oom(64)).action == PlanAction::retry_same);
+    REQUIRE(p.on_attempt(oom(64)).action == PlanAction::give_up);
+    CHECK(p.plan().micro_batch == 64);
+    // The next batch starts afresh: attempt 1, all three transient retries available.
+    p.begin_batch();
+    CHECK(p.attempt().number == 1);
+    for (int i = 0; i < 2; ++i) CHECK(p.on_attempt(oom(64)).action == PlanAction::retry_same);
+    CHECK(p.on_attempt(done()).action == PlanAction::commit);
+
+    RecoveryPlanner q(options(64));
+    q.begin_batch();
+    REQUIRE(q.on_attempt(oom(64)).action == PlanAction::shrink);
+    CHECK(q.plan().micro_batch == 32);
+    q.abandon();
+    CHECK(q.plan().micro_batch == 64);
+    CHECK(q.attempt().number == 1);
+}
+
+TEST_CASE("planner: the grow-back ceiling expires once reached, so one transient failure cannot cap growth") {
+    BatchOptions o = options(64);
+    o.grow_after = 1;
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    p.on_attempt(oom(64));  // -> 32
+    p.on_attempt(done());
+    REQUIRE(p.begin_batch().action == PlanAction::grow_back);  // 48
+    p.on_attempt(oom(48));                                     // a transient: back to 32, ceiling 48
+    p.on_attempt(done());
+    CHECK(p.grow_ceiling() == 48);
+    std::size_t largest = 0;
+    for (int i = 0; i < 40; ++i) {
+        p.begin_batch();
+        p.on_attempt(done());
+        if (p.last_good_plan().micro_batch > largest) largest = p.last_good_plan().micro_batch;
+    }
+    CHECK(largest == 64);
+    CHECK(p.plan().micro_batch == 64);
+}
+
+TEST_CASE("planner: the precision comes back after clean batches even with grow_after = 0") {
+    BatchOptions o = with_precisions(options(8, 4, 4));
+    o.restore_precision_after = 5;
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    REQUIRE(p.on_attempt(oom(4)).action == PlanAction::next_precision);
+    p.on_attempt(done());
+    for (int i = 0; i < 4; ++i) {
+        CHECK(p.begin_batch().action == PlanAction::keep);
+        p.on_attempt(done());
+    }
+    Decision d = p.begin_batch();
+    CHECK(d.action == PlanAction::grow_back);
+    CHECK(d.to.precision == Precision::fp32);
+    CHECK(d.to.micro_batch == 4);  // 4 bf16 samples' bytes hold 2 fp32 ones, but never below the minimum
+    p.on_attempt(done());
+    CHECK(p.last_good_plan().precision == Precision::fp32);
+
+    o.restore_precision_after = 0;  // never
+    RecoveryPlanner q(o);
+    q.begin_batch();
+    q.on_attempt(oom(4));
+    q.on_attempt(done());
+    for (int i = 0; i < 50; ++i) {
+        CHECK(q.begin_batch().action == PlanAction::keep);
+        q.on_attempt(done());
+    }
+    CHECK(q.plan().precision == Precision::bf16);
+}
