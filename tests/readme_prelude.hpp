@@ -6,6 +6,7 @@
 #include <oomguard/device_selector.hpp>
 #include <oomguard/report.hpp>
 #include <oomguard/simulated_devices.hpp>
+#include <oomguard/thread_consensus.hpp>
 #include <oomguard/trace.hpp>
 
 #include <oomguard/config.hpp>
