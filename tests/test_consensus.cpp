@@ -367,6 +367,26 @@ TEST_CASE("ranks that call sync() at different points fail together with a logic
     });
     CHECK(std::string(outcome_of(errors[0])) == "logic_error");
     CHECK(std::string(outcome_of(errors[1])) == "logic_error");
+
+    // Rank 1 never calls sync(): it ends its step while rank 0 waits at one.
+    DataParallel dp2(2);
+    run_ranks(2, [&](int r) {
+        BatchOptions o;
+        o.global_batch = 4;
+        AdaptiveBatch a(o);
+        a.consensus(dp2.group.hook());
+        errors[r] = nullptr;
+        try {
+            a.run([&](MicroBatch const& mb) {
+                if (r == 0) mb.sync();
+            });
+        } catch (...) {
+            errors[r] = std::current_exception();
+        }
+        CHECK(a.counters().global_batches == 0);
+    });
+    CHECK(std::string(outcome_of(errors[0])) == "logic_error");
+    CHECK(std::string(outcome_of(errors[1])) == "logic_error");
 }
 
 TEST_CASE("without a consensus hook sync() does nothing; outside its step it is a logic_error") {

@@ -67,6 +67,9 @@ TEST_CASE("the report: a table for people and JSON for tools") {
     CHECK(j["budgets"].items.size() == 1);
     CHECK(j["budgets"].items[0]["limit"].n == 100 * KiB);
     CHECK(j["workloads"].items[0]["ooms"].n == 3);
+    CHECK(j["workloads"].items[0]["commit_ooms"].n == 0);
+    CHECK(j["workloads"].items[0]["peer_aborts"].n == 0);
+    CHECK(j["workloads"].items[0]["observer_errors"].n == 0);
     CHECK(j["workloads"].items[0]["plan"]["precision"].s == "bf16");
     CHECK(j["caches"].items[0]["name"].s == "kv \"cache\"");
     CHECK(j["caches"].items[0]["bytes"].n == 10 * KiB);

@@ -155,6 +155,9 @@ public:
                  ", \"failovers\": " + std::to_string(c.failovers) + ", \"grow_backs\": " + std::to_string(c.grow_backs) +
                  ", \"calibrations\": " + std::to_string(c.calibrations) +
                  ", \"give_ups\": " + std::to_string(c.give_ups) +
+                 ", \"commit_ooms\": " + std::to_string(c.commit_ooms) +
+                 ", \"peer_aborts\": " + std::to_string(c.peer_aborts) +
+                 ", \"observer_errors\": " + std::to_string(c.observer_errors) +
                  ", \"bytes_released\": " + std::to_string(c.bytes_released) +
                  ", \"wasted_samples\": " + std::to_string(c.wasted_samples) + ", \"plan\": " +
                  plan_json(w->batch->plan()) + "}";
