@@ -98,6 +98,7 @@ std::vector<ShrinkPolicy> every_policy() {
 }
 
 char const* outcome_of(std::exception_ptr const& e) {
+    if (!e) return "none";
     try {
         std::rethrow_exception(e);
     } catch (recovery_failed const&) {
@@ -332,6 +333,7 @@ TEST_CASE("an OOM in commit: on every rank it is retried together; on some ranks
                 errors[r] = std::current_exception();
             }
             if (state != nullptr) budget.deallocate(state, 64 * KiB);
+            logs[r].ooms = a.counters().commit_ooms;
         });
         if (everywhere) {
             CHECK(errors[0] == nullptr);
@@ -342,6 +344,9 @@ TEST_CASE("an OOM in commit: on every rank it is retried together; on some ranks
         } else {
             CHECK(std::string(outcome_of(errors[0])) == "recovery_failed");
             CHECK(std::string(outcome_of(errors[1])) == "recovery_failed");
+            CHECK(logs[0].rollbacks == 0);  // rank 0 applied its commit: nothing to undo
+            CHECK(logs[1].rollbacks == 1);  // rank 1's commit failed: its accumulation is undone
+            CHECK(logs[1].ooms == 1);
         }
         CHECK(logs[0].calls == logs[1].calls);
     }
@@ -405,3 +410,114 @@ TEST_CASE("without a consensus hook sync() does nothing; outside its step it is 
     MicroBatch plain;  // not from a runner: no hook
     CHECK_NOTHROW(plain.sync());
 }
+
+TEST_CASE("a rank that fails in the calibration micro-batch does not lend its need to another's failure") {
+    // Each rank fits 6 samples of 1 KiB. After 64 fails, predictive calibrates at
+    // 4 then 8; rank 0 meets a fault in the calibration micro-batch (4 needed 4 KiB),
+    // rank 1 runs out at 8 (8 KiB). The fit must see 4 -> 4 KiB, and jump to 3 as a
+    // single rank would, not to 1.
+    DataParallel dp(2);
+    std::size_t shrunk_to[2] = {0, 0};
+    run_ranks(2, [&](int r) {
+        SimulatedDevices gpus(1, 6 * KiB);
+        Budget budget(gpus, 0, Limit::unlimited());
+        BatchOptions o;
+        o.global_batch = 64;
+        o.policy = ShrinkPolicy::predictive(0.0);
+        AdaptiveBatch a(o);
+        a.measure_with(budget);
+        a.consensus(dp.group.hook());
+        struct Seen {
+            std::size_t* to;
+        } seen{&shrunk_to[r]};
+        a.observe(
+            [](BatchEvent const& e, void* u) {
+                if (e.kind == BatchEventKind::shrink && e.attempt == 2) *static_cast<Seen*>(u)->to = e.to.micro_batch;
+            },
+            &seen);
+        bool injected = false;
+        a.run([&](MicroBatch const& mb) {
+            if (r == 0 && mb.calibration && !injected) {
+                injected = true;
+                gpus.fail_next(0, 1);
+            }
+            Buffer act(budget, mb.size * KiB);
+            if (mb.offset + mb.size == o.global_batch) mb.sync();  // no_sync micro-batches, one sync at the end
+        });
+    });
+    CHECK(shrunk_to[0] == 3);
+    CHECK(shrunk_to[1] == 3);
+}
+
+TEST_CASE("a step that swallows peer_out_of_memory cannot hide a protocol error or its own OOM") {
+    // Rank 1 never calls sync(); rank 0 catches what its sync() throws and goes on.
+    DataParallel dp(2);
+    std::exception_ptr errors[2];
+    run_ranks(2, [&](int r) {
+        BatchOptions o;
+        o.global_batch = 4;
+        AdaptiveBatch a(o);
+        a.consensus(dp.group.hook());
+        try {
+            a.run([&](MicroBatch const& mb) {
+                if (r == 0) try {
+                        mb.sync();
+                    } catch (std::bad_alloc const&) {
+                    }
+            });
+        } catch (...) {
+            errors[r] = std::current_exception();
+        }
+    });
+    CHECK(std::string(outcome_of(errors[0])) == "logic_error");
+    CHECK(std::string(outcome_of(errors[1])) == "logic_error");
+
+    // Rank 1 runs out of memory; rank 0 swallows the peer OOM, then runs out itself.
+    DataParallel dp2(2);
+    std::size_t ooms[2] = {0, 0}, aborts[2] = {0, 0};
+    run_ranks(2, [&](int r) {
+        SimulatedDevices gpus(1, 4096 * KiB);
+        Budget budget(gpus, 0, Limit::unlimited());
+        BatchOptions o;
+        o.global_batch = 8;
+        o.micro_batch = 4;
+        AdaptiveBatch a(o);
+        a.consensus(dp2.group.hook());
+        bool failed_once = false;
+        a.run([&](MicroBatch const& mb) {
+            if (!failed_once && (r == 1 || mb.offset == 4)) {
+                failed_once = true;
+                gpus.fail_next(0, 1);
+            }
+            Buffer act(budget, KiB);
+            try {
+                mb.sync();
+            } catch (peer_out_of_memory const&) {  // wrong, but it must not go unnoticed
+            }
+        });
+        ooms[r] = a.counters().ooms;
+        aborts[r] = a.counters().peer_aborts;
+    });
+    CHECK(ooms[0] == 1);  // its own OOM counts as one, with its release and its figures
+    CHECK(aborts[0] == 0);
+    CHECK(ooms[1] == 1);
+}
+
+TEST_CASE("run() from inside its own step is a logic_error") {
+    BatchOptions o;
+    o.global_batch = 4;
+    AdaptiveBatch a(o);
+    bool nested_threw = false;
+    a.run([&](MicroBatch const&) {
+        try {
+            a.run([](MicroBatch const&) {});
+        } catch (std::logic_error const& e) {
+            nested_threw = std::string(e.what()).find("inside its own step") != std::string::npos;
+        }
+    });
+    CHECK(nested_threw);
+    CHECK(a.counters().global_batches == 1);
+}
+
+// The README quotes the ballot's size (19 integers, 152 bytes per round).
+static_assert(detail::Ballot::count == 19, "update the README's consensus cost");

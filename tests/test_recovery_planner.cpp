@@ -202,10 +202,14 @@ TEST_CASE("planner: failover moves to the requested plan on the new device, or g
     CHECK(p.on_attempt(done()).action == PlanAction::commit);
     CHECK(p.last_good_plan().device == 3);
 
+    CHECK_THROWS_WITH_AS(p.failed_over(1), doctest::Contains("none is pending"), std::logic_error);
+    CHECK_THROWS_AS(p.no_failover(), std::logic_error);
+
     RecoveryPlanner q(options(32, 16, 16));
     q.allow_failover(true);
     q.begin_batch();
     REQUIRE(q.on_attempt(oom(16)).action == PlanAction::failover);
+    CHECK_THROWS_WITH_AS(q.failed_over(-7), doctest::Contains("failed_over(-7)"), std::invalid_argument);
     Decision g = q.no_failover();
     CHECK(g.action == PlanAction::give_up);
     CHECK(std::string(g.why).find("no other device") != std::string::npos);

@@ -236,6 +236,14 @@ public:
         require_callable(step, "step");
         require_callable(commit, "commit");
         require_callable(rollback, "rollback");
+        if (running_)
+            detail::throw_logic("oomguard: AdaptiveBatch::run() was called from inside its own step, commit or "
+                                "rollback; use a second AdaptiveBatch for a nested loop");
+        struct Running {
+            bool& flag;
+            explicit Running(bool& f) : flag(f) { flag = true; }
+            ~Running() { flag = false; }
+        } running{running_};
         observer_error_ = nullptr;
         try {
             return run_batch(step, commit, rollback);
@@ -290,7 +298,7 @@ private:
 
     // What this rank saw in one attempt.
     struct Local {
-        bool oom = false, aborted = false, commit_oom = false, calibration_done = false;
+        bool oom = false, aborted = false, commit_oom = false, calibration_done = false, failed_calibration = false;
         std::size_t failed_planned = 0, failed_size = 0, samples_done = 0, micro_batches = 0, full_done = 0;
         std::size_t full_peak = 0, calibration_peak = 0, need = 0, available = 0;
         bool available_known = false;
@@ -315,7 +323,7 @@ private:
             if (!t.any(Ballot::any_oom) && t.any(Ballot::any_aborted))
                 protocol_error("a rank left a MicroBatch::sync() because another rank had ended its step without "
                                "failing: the ranks called sync() a different number of times");
-            Observation obs = observation(t);
+            Observation obs = observation(t, at);
             if (!t.any(Ballot::any_oom)) {
                 try {
                     commit();
@@ -332,6 +340,13 @@ private:
                     Ballot c = agree(b);
                     any_commit_oom = c.any(Ballot::any_commit_oom);
                     if (any_commit_oom && !c.all(Ballot::all_commit_oom)) {
+                        if (l.commit_oom) {  // this rank's commit failed: undo what it accumulated, then leave
+                            ++counters_.ooms;
+                            ++counters_.commit_ooms;
+                            emit(BatchEventKind::oom_caught, at.plan, at.plan, l.info.requested, at.number,
+                                 l.what.c_str());
+                            roll_back(rollback, at.number);
+                        }
                         history.push_back(AttemptRecord{at.plan, l.samples_done, 0, 0, true, !l.commit_oom});
                         give_up(l, history,
                                 l.commit_oom ? "the commit ran out of memory on this rank but not on every rank; "
@@ -474,16 +489,27 @@ private:
             // Decide inside the catch, act outside it: leaving the handler
             // destroys the exception before any retry runs.
             if (!is_device_oom(std::current_exception())) throw;
-            if (sync_aborted_) {
-                l.aborted = true;
-            } else {
+            // By the exception's type, not by whether a sync point threw: a step
+            // may have caught a peer's OOM and then run out of memory itself.
+            bool peer = false;
+            try {
+                throw;
+            } catch (peer_out_of_memory const&) {
+                peer = true;
+            } catch (...) {
+            }
+            if (!peer) {
                 l.oom = true;
                 l.failed_planned = planned;
                 l.failed_size = n;
+                l.failed_calibration = index == 0 && at.calibration != 0;
                 capture(std::current_exception(), l.info, l.what);
                 if (n == planned) l.need = failure_need(meter, l.info);
             }
         }
+        // A sync point that threw marks the attempt aborted even when the step
+        // swallowed the exception and went on: the ranks are no longer in step.
+        l.aborted = sync_aborted_ && !l.oom;
         l.samples_done = offset;
     }
 
@@ -501,7 +527,9 @@ private:
         b.set_min(Ballot::full_done, l.full_done);
         b.set_max(Ballot::calibration_peak, l.calibration_peak);
         b.set_max(Ballot::full_peak, l.full_peak);
-        b.set_max(Ballot::need, l.need);
+        // A need belongs to the size that failed: one rank's failure in the
+        // calibration micro-batch must not lend its bytes to another's in a full one.
+        b.set_max(l.failed_calibration ? Ballot::need_calibration : Ballot::need_full, l.need);
         if (l.available_known) b.set_min(Ballot::available, l.available);
         for (;;) {
             Ballot t = agree(b);
@@ -510,14 +538,15 @@ private:
         }
     }
 
-    static Observation observation(Ballot const& t) noexcept {
+    static Observation observation(Ballot const& t, Attempt const& at) noexcept {
         Observation o;
         o.failed_size = t.min_or_zero(Ballot::failed_size);
+        bool const in_calibration = at.calibration != 0 && o.failed_size == at.calibration;
         o.calibration_done = t.all(Ballot::calibration_done);
         o.calibration_peak = t.max(Ballot::calibration_peak);
         o.full_done = t.min_or_zero(Ballot::full_done);
         o.full_peak = t.max(Ballot::full_peak);
-        o.need = t.max(Ballot::need);
+        o.need = t.max(in_calibration ? Ballot::need_calibration : Ballot::need_full);
         o.available = t.min_or_zero(Ballot::available);
         return o;
     }
@@ -730,6 +759,7 @@ private:
     std::size_t mb_index_ = 0;        // the micro-batch running now, within its attempt
     std::uint64_t sync_index_ = 0;    // sync points it has passed
     bool in_step_ = false;
+    bool running_ = false;
     bool sync_aborted_ = false;       // the step left by a sync point: another rank failed
     std::size_t last_base_ = 0;       // bytes held when the last measured step began
 };

@@ -223,8 +223,13 @@ public:
         return d;
     }
 
-    /// After a failover decision: every rank got device `device`.
+    /// After a failover decision: every rank got device `device` (>= 0).
     Decision failed_over(int device) {
+        require_failover_pending("failed_over");
+        if (device < 0)
+            detail::throw_invalid(detail::Message() << "oomguard: RecoveryPlanner::failed_over(" << device
+                                                    << "): give the device to move to, >= 0, or call no_failover()");
+        failover_pending_ = false;
         Plan const from = plan_;
         plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, device};
         opt_.policy.reset();
@@ -238,6 +243,8 @@ public:
 
     /// After a failover decision: some rank got no other device.
     Decision no_failover() {
+        require_failover_pending("no_failover");
+        failover_pending_ = false;
         return give_up(attempt_.plan, "the micro-batch is at its minimum, the precision ladder is exhausted and "
                                       "the failover hook offered no other device");
     }
@@ -397,8 +404,17 @@ private:
             proven_ = 0;
             return Decision{PlanAction::next_precision, ran, plan_, ""};
         }
-        if (failover_) return Decision{PlanAction::failover, ran, plan_, ""};
+        if (failover_) {
+            failover_pending_ = true;
+            return Decision{PlanAction::failover, ran, plan_, ""};
+        }
         return give_up(ran, "the micro-batch is at its minimum and the precision ladder is exhausted");
+    }
+
+    void require_failover_pending(char const* what) const {
+        if (!failover_pending_)
+            detail::throw_logic(detail::Message() << "oomguard: RecoveryPlanner::" << what
+                                                  << "() answers a failover decision, and none is pending");
     }
 
     ShrinkContext context(std::size_t failed, std::size_t available) const noexcept {
@@ -413,6 +429,7 @@ private:
     }
 
     void clear_batch_state() noexcept {
+        failover_pending_ = false;
         same_retries_ = 0;
         release_retried_ = false;
         pending_failure_ = 0;
@@ -438,6 +455,7 @@ private:
     // This global batch only:
     unsigned same_retries_ = 0;       // transient retries of the current size
     bool release_retried_ = false;    // the retry after a release was used for this size
+    bool failover_pending_ = false;   // a failover decision awaits failed_over or no_failover
     std::size_t pending_failure_ = 0; // the size whose failure the calibration attempt answers
     std::size_t calibration_ = 0;     // the next attempt's calibration size
 };

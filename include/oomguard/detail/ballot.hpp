@@ -23,7 +23,8 @@ public:
         failed_size,             // the planned size of the micro-batch that failed (smallest)
         calibration_done,        // the calibration micro-batch completed (all)
         full_done,               // full-size micro-batches completed (fewest)
-        calibration_peak, full_peak, need,  // bytes measured (largest)
+        calibration_peak, full_peak,  // bytes measured (largest)
+        need_calibration, need_full,  // what a failed micro-batch needed at least, by its planned size (largest)
         available,               // bytes a step could use (least)
         released,                // bytes the release freed on a rank that failed (least)
         all_failover,            // every rank got another device
