@@ -78,7 +78,7 @@ Outcome recover(Workload const& w, ShrinkPolicy policy) {
         a.run([&](MicroBatch const& mb) {
             DeviceBuffer<SimulatedDevices> act(budget, w.bytes(mb.size));
             if (mb.size > largest) largest = mb.size;
-        });
+        }, [] {}, [] {});
     }
     auto const& c = a.counters();
     return Outcome{static_cast<double>(largest) / static_cast<double>(w.best), c.ooms > 0 ? c.ooms - 1 : 0,

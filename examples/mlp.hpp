@@ -164,9 +164,11 @@ public:
 
     int parameters() const { return H_ * D_ + 2 * H_ + 1; }
 
-    /// One micro-batch of the samples starting at `first`: forward, the summed
-    /// squared error into pending_loss, and (when training) the weighted gradient.
-    void step(std::size_t first, oomguard::MicroBatch const& mb, bool train) {
+    /// One micro-batch of the samples starting at `first`: forward and (when
+    /// training) the weighted gradient, added only after every allocation has
+    /// succeeded -- so a micro-batch that runs out of memory leaves nothing of
+    /// itself, and adaptive_batch may resume after it. Returns its summed squared error.
+    double step(std::size_t first, oomguard::MicroBatch const& mb, bool train) {
         auto policy = oomguard::thrust_policy(*budget_);
         std::size_t n = mb.size, cells = n * static_cast<std::size_t>(H_);
         bool full = mb.precision == oomguard::Precision::fp32;
@@ -182,13 +184,14 @@ public:
         Hidden hid{h32p, h16p};
         thrust::transform(policy, thrust::counting_iterator<std::size_t>(0), thrust::counting_iterator<std::size_t>(n),
                           err.begin(), Error{hid, pp, thrust::raw_pointer_cast(Y_.data()), first + mb.offset, D_, H_});
-        pending_loss += static_cast<double>(
+        double loss = static_cast<double>(
             thrust::transform_reduce(policy, err.begin(), err.end(), Square{}, 0.0f, thrust::plus<float>()));
         if (train)
             thrust::for_each(policy, thrust::counting_iterator<int>(0), thrust::counting_iterator<int>(parameters()),
                              Gradient{hid, Xp, thrust::raw_pointer_cast(err.data()), pp,
                                       thrust::raw_pointer_cast(grad_.data()), first + mb.offset, n, D_, H_,
                                       2.0f * static_cast<float>(mb.weight) / static_cast<float>(n)});
+        return loss;
     }
 
     /// The optimizer step and zero_grad.
@@ -205,8 +208,6 @@ public:
         thrust::copy(params_.begin(), params_.end(), w.begin());
         return w;
     }
-
-    double pending_loss = 0;
 
 private:
     Budget* budget_;

@@ -48,6 +48,7 @@ struct Args {
     std::size_t device_memory = std::size_t{1} << 30;
     bool device_memory_given = false;
     std::string budget = "0.9", precision = "fp32>bf16", policy = "predictive", trace, report_json;
+    bool resume = true;  // the model's step adds its gradient only once it has fit
     double fault_rate = 0.0, lr = 0.05;
 };
 
@@ -57,7 +58,8 @@ struct Args {
                  "flags: --bs N  --eval-bs N  --epochs N  --samples N  --hidden N  --seed N\n"
                  "       --device-memory SIZE (simulated capacity, e.g. 1MiB; a bare number is MiB)\n"
                  "       --budget 0.9|90%%|SIZE  --precision fp32>bf16  --policy halve|geometric|bisect|predictive\n"
-                 "       --fault-rate P (random injected OOMs, simulated device)  --lr X\n"
+                 "       --fault-rate P (random injected OOMs while training, simulated device)  --lr X\n"
+                 "       --resume on|off (keep the micro-batches before an OOM; default on)\n"
                  "       --trace FILE (Chrome trace JSON)  --report-json FILE\n",
                  msg.c_str());
     std::exit(2);
@@ -98,6 +100,10 @@ Args parse(int argc, char** argv) {
         else if (f == "--policy") a.policy = v;
         else if (f == "--trace") a.trace = v;
         else if (f == "--report-json") a.report_json = v;
+        else if (f == "--resume") {
+            if (v != "on" && v != "off") usage_error("--resume " + v + ": give on or off");
+            a.resume = v == "on";
+        }
         else if (f == "--device-memory") {
             std::size_t b = 0;
             bool unit = false;
@@ -132,12 +138,6 @@ int main(int argc, char** argv) {
     CudaRuntime backend;
 #else
     SimulatedDevices backend({{args.device_memory, 0, "oomguard simulated GPU"}});
-    if (args.fault_rate > 0) {
-        FaultPlan f;
-        f.probability = args.fault_rate;
-        f.seed = args.seed;
-        backend.set_faults(0, f);
-    }
 #endif
     Budget budget(backend, 0, *conf.budget);
     std::size_t const N = args.samples, NE = N / 8 > 0 ? N / 8 : 1;
@@ -147,13 +147,22 @@ int main(int argc, char** argv) {
     int status_code = 0;
     try {
         mlp::Model<Backend> model(budget, data);
-        double& pending_loss = model.pending_loss;
-        auto step = [&](std::size_t first, MicroBatch const& mb, bool train) { model.step(first, mb, train); };
+        auto step = [&](std::size_t first, MicroBatch const& mb, bool train) { return model.step(first, mb, train); };
+#if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
+        // Transient faults hit training, not the model's setup above.
+        if (args.fault_rate > 0) {
+            FaultPlan f;
+            f.probability = args.fault_rate;
+            f.seed = args.seed;
+            backend.set_faults(0, f);
+        }
+#endif
 
         auto options = [&](std::size_t bs) {
             BatchOptions o;
             o.global_batch = bs;
             o.max_attempts = 1000;
+            o.resume = args.resume;
             o.apply(conf);
             return o;
         };
@@ -192,16 +201,14 @@ int main(int argc, char** argv) {
             for (std::size_t first = 0; first < N; first += args.bs) {
                 std::size_t G = N - first < args.bs ? N - first : args.bs;
                 AdaptiveBatch* runner = G == args.bs ? &train : tail.get();
-                pending_loss = 0;
-                runner->run([&](MicroBatch const& mb) { step(first, mb, true); },
-                            [&] {
-                                model.commit(static_cast<float>(args.lr));
-                                loss_sum += pending_loss;
-                            },
-                            [&] {
-                                model.rollback();
-                                pending_loss = 0;
-                            });
+                // The step returns its micro-batch's loss; reduce() sums the micro-batches
+                // the committed attempt kept, so a failed attempt's losses never count.
+                loss_sum += runner
+                                ->reduce([&](MicroBatch const& mb) { return step(first, mb, true); }, 0.0,
+                                         [](double a, double b) { return a + b; },
+                                         [&] { model.commit(static_cast<float>(args.lr)); },
+                                         [&] { model.rollback(); })
+                                .value;
                 if (trace) trace->sample();
                 if (tty) {
                     Plan const& pl = train.plan();
@@ -212,20 +219,18 @@ int main(int argc, char** argv) {
                 }
             }
             epoch_loss = loss_sum / static_cast<double>(N);
-            pending_loss = 0;
-            eval.run([&](MicroBatch const& mb) { step(N, mb, false); }, [] {}, [&] { pending_loss = 0; });
-            eval_loss = pending_loss / static_cast<double>(eval.options().global_batch);
+            eval_loss = eval.run([&](MicroBatch const& mb) { return step(N, mb, false); }).value /
+                        static_cast<double>(eval.options().global_batch);
             Plan const& pl = train.plan();
             std::printf("%sepoch %zu/%zu  samples %zu  loss %.6f  eval %.6f  plan m=%zu %s GPU %d  OOMs survived %zu\n",
                         tty ? "\r" : "", epoch, args.epochs, N, epoch_loss, eval_loss, pl.micro_batch,
                         to_string(pl.precision), pl.device, train.counters().ooms + eval.counters().ooms);
         }
         // The loss of the final parameters over the whole training set, for comparing runs.
-        pending_loss = 0;
         AdaptiveBatch final_pass(options(N));
-        final_pass.run([&](MicroBatch const& mb) { step(0, mb, false); });
+        double final_loss = final_pass.run([&](MicroBatch const& mb) { return step(0, mb, false); }).value;
         std::printf("%s", report.table().c_str());
-        std::printf("final loss %.9g\n", pending_loss / static_cast<double>(N));
+        std::printf("final loss %.9g\n", final_loss / static_cast<double>(N));
         if (!args.report_json.empty()) {
             std::FILE* f = std::fopen(args.report_json.c_str(), "wb");
             if (f == nullptr) throw std::runtime_error("cannot write " + args.report_json);

@@ -73,9 +73,9 @@ TEST_CASE("bad arguments name the value") {
 
     AdaptiveBatch a(opts());
     void (*null_step)(MicroBatch const&) = nullptr;
-    CHECK_THROWS_WITH_AS(a.run(null_step), doctest::Contains("the step is empty"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(a.run(null_step, [] {}, [] {}), doctest::Contains("the step is empty"), std::invalid_argument);
     std::function<void(MicroBatch const&)> empty;
-    CHECK_THROWS_AS(a.run(empty), std::invalid_argument);
+    CHECK_THROWS_AS(a.run(empty, [] {}, [] {}), std::invalid_argument);
     std::function<void()> no_commit;
     CHECK_THROWS_WITH_AS(a.run([](MicroBatch const&) {}, no_commit, [] {}), doctest::Contains("the commit is empty"),
                          std::invalid_argument);
@@ -141,9 +141,9 @@ TEST_CASE("a non-OOM exception passes through unchanged at once, without rollbac
     } catch (UserError const& e) {
         CHECK(e.code == 42);
     }
-    CHECK_THROWS_WITH_AS(a.run([](MicroBatch const&) { throw std::runtime_error("bad data"); }), "bad data",
+    CHECK_THROWS_WITH_AS(a.run([](MicroBatch const&) { throw std::runtime_error("bad data"); }, [] {}, [] {}), "bad data",
                          std::runtime_error);
-    CHECK_THROWS_AS(a.run([](MicroBatch const&) { throw std::bad_alloc(); }), std::bad_alloc);  // host OOM
+    CHECK_THROWS_AS(a.run([](MicroBatch const&) { throw std::bad_alloc(); }, [] {}, [] {}), std::bad_alloc);  // host OOM
     CHECK(rollbacks == 0);
     CHECK(a.counters().ooms == 0);
 }
@@ -159,7 +159,7 @@ TEST_CASE("a sticky error is never retried") {
         a.run([&](MicroBatch const& mb) {
             ++calls;
             w.step(mb);
-        });
+        }, [] {}, [] {});
         FAIL("expected cuda_error");
     } catch (cuda_error const& e) {
         CHECK(e.is_sticky());
@@ -178,7 +178,7 @@ TEST_CASE("at the minimum size the precision ladder is next, then a full report"
     std::vector<BatchEventKind> events;
     a.observe([](BatchEvent const& e, void* u) { static_cast<std::vector<BatchEventKind>*>(u)->push_back(e.kind); },
               &events);
-    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(r.plan.micro_batch == 8);
     CHECK(r.plan.precision == Precision::bf16);
     CHECK(a.counters().precision_changes == 1);
@@ -187,7 +187,7 @@ TEST_CASE("at the minimum size the precision ladder is next, then a full report"
     Workload tight(50 * KiB, 0, 24 * KiB);
     AdaptiveBatch b(o);
     try {
-        b.run([&](MicroBatch const& mb) { tight.step(mb); });
+        b.run([&](MicroBatch const& mb) { tight.step(mb); }, [] {}, [] {});
         FAIL("expected recovery_failed");
     } catch (recovery_failed const& e) {
         CHECK(is_device_oom(e));
@@ -218,7 +218,7 @@ TEST_CASE("one retry at the same size when releasing caches freed memory") {
     o.global_batch = 64;
     o.caches = &reg;
     AdaptiveBatch a(o);
-    BatchResult res = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    BatchResult res = a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(res.plan.micro_batch == 64);  // nothing shrank
     CHECK(res.attempts == 2);
     CHECK(a.counters().retries_same == 1);
@@ -233,7 +233,7 @@ TEST_CASE("policies: halve, geometric, bisect, predictive, custom") {
         o.policy = p;
         AdaptiveBatch a(o);
         a.measure_with(w.budget);
-        for (int i = 0; i < 12; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); });
+        for (int i = 0; i < 12; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
         failures = a.counters().ooms;
         CHECK(w.gpus.live_bytes() == 0);
         return a.plan().micro_batch;
@@ -273,10 +273,10 @@ TEST_CASE("grow back after clean batches, never above the requested size") {
     o.grow_after = 3;
     AdaptiveBatch a(o);
     w.gpus.set_used_by_others(0, 600 * KiB);  // another process: fits 40
-    for (int i = 0; i < 3; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); });
+    for (int i = 0; i < 3; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(a.plan().micro_batch == 32);
     w.gpus.set_used_by_others(0, 0);  // it went away
-    for (int i = 0; i < 40; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); });
+    for (int i = 0; i < 40; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(a.plan().micro_batch == 100);  // the largest that fits: grows bisect below the ones that failed
     CHECK(a.counters().grow_backs >= 2);
     CHECK(a.plan().micro_batch <= 128);
@@ -292,7 +292,7 @@ TEST_CASE("failover proposes another device when nothing fits") {
     o.min_micro_batch = 16;
     AdaptiveBatch a(o);
     a.failover([](void*, FailoverRequest const& r) { return r.plan.device == 0 ? 1 : -1; });
-    BatchResult r = a.run([&](MicroBatch const& mb) { Buffer buf(*budgets[mb.device], mb.size * 8 * KiB); });
+    BatchResult r = a.run([&](MicroBatch const& mb) { Buffer buf(*budgets[mb.device], mb.size * 8 * KiB); }, [] {}, [] {});
     CHECK(r.plan.device == 1);
     CHECK(r.plan.micro_batch == 32);
     CHECK(a.counters().failovers == 1);
@@ -440,15 +440,15 @@ TEST_CASE("a transient OOM at a size that has fit is retried, not shrunk") {
     BatchOptions o;
     o.global_batch = 64;
     AdaptiveBatch a(o);
-    a.run([&](MicroBatch const& mb) { w.step(mb); });
+    a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     w.gpus.fail_next(0, 2);  // another process's burst
-    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(r.attempts == 3);
     CHECK(r.plan.micro_batch == 64);
     CHECK(a.counters().retries_same == 2);
     CHECK(a.counters().shrinks == 0);
     w.gpus.fail_next(0, 4);  // it keeps failing: after three retries the plan shrinks
-    r = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    r = a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(r.plan.micro_batch == 32);
     CHECK(a.counters().shrinks == 1);
 }
@@ -462,9 +462,9 @@ TEST_CASE("the ladder goes on at the minimum: a size that completed, then fails 
     o.micro_batch = 1;
     o.precisions = {Precision::fp32, Precision::bf16};
     AdaptiveBatch a(o);
-    a.run([&](MicroBatch const& mb) { w.step(mb); });  // fp32 at m=1 fits once
+    a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});  // fp32 at m=1 fits once
     w.gpus.set_used_by_others(0, 70 * KiB);            // now only bf16 does
-    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(r.plan.precision == Precision::bf16);
     CHECK(r.attempts == 5);  // three transient retries of m=1, then the next precision
     CHECK(a.counters().retries_same == 3);
@@ -537,7 +537,7 @@ TEST_CASE("a short remainder that fails never decides the plan: shrink from the 
             w.gpus.fail_next(0, 1);
         }
         w.step(mb);
-    });
+    }, [] {}, [] {});
     CHECK(a.plan().micro_batch == 4);  // 8 (three transient retries) -> 4, not 2 -> 1
     CHECK(sizes == std::vector<std::size_t>{8, 2, 8, 2, 8, 2, 8, 2, 4, 4, 2});
 }
@@ -547,20 +547,20 @@ TEST_CASE("a passing exception or a give-up leaves the last good plan and no hal
     BatchOptions o;
     o.global_batch = 64;
     AdaptiveBatch a(o);
-    a.run([&](MicroBatch const& mb) { w.step(mb); });
+    a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     w.gpus.set_used_by_others(0, 700 * KiB);  // fits 32
     int calls = 0;
     struct UserError {};
     CHECK_THROWS_AS(a.run([&](MicroBatch const& mb) {
         if (++calls == 5) throw UserError{};  // on the first attempt at 32, after three transient retries of 64
         w.step(mb);
-    }),
+    }, [] {}, [] {}),
                     UserError);
     CHECK(a.plan() == a.last_good_plan());
     CHECK(a.plan().micro_batch == 64);
     // The next run starts at the last good plan; what was measured stays known
     // (64 kept failing, so it is no longer taken for a transient): one failure, then 32.
-    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); });
+    BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(r.attempts == 2);
     CHECK(r.plan.micro_batch == 32);
     CHECK(w.gpus.live_bytes() == 0);
@@ -584,7 +584,7 @@ TEST_CASE("one transient failure during a grow-back does not cap growth for good
     o.grow_after = 1;
     AdaptiveBatch a(o);
     w.gpus.set_used_by_others(0, 600 * KiB);
-    a.run([&](MicroBatch const& mb) { w.step(mb); });
+    a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(a.plan().micro_batch == 32);
     w.gpus.set_used_by_others(0, 0);
     bool inject = true;
@@ -595,7 +595,7 @@ TEST_CASE("one transient failure during a grow-back does not cap growth for good
                 w.gpus.fail_next(0, 1);
             }
             w.step(mb);
-        });
+        }, [] {}, [] {});
     CHECK(a.plan().micro_batch == 64);
 }
 
@@ -608,14 +608,14 @@ TEST_CASE("the precision comes back with grow_after = 0, after restore_precision
     o.restore_precision_after = 10;
     AdaptiveBatch a(o);
     w.gpus.set_used_by_others(0, 70 * KiB);
-    a.run([&](MicroBatch const& mb) { w.step(mb); });
+    a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(a.plan().precision == Precision::bf16);
-    for (int i = 0; i < 9; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); });
+    for (int i = 0; i < 9; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(a.plan().precision == Precision::bf16);  // 9 clean batches: not yet
-    a.run([&](MicroBatch const& mb) { w.step(mb); });  // tried at fp32 and fails: back, wait 21 more
+    a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});  // tried at fp32 and fails: back, wait 21 more
     CHECK(a.plan().precision == Precision::bf16);
     w.gpus.set_used_by_others(0, 0);
-    for (int i = 0; i < 22; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); });
+    for (int i = 0; i < 22; ++i) a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(a.plan().precision == Precision::fp32);
     CHECK(a.counters().grow_backs == 2);
 }
@@ -639,11 +639,117 @@ TEST_CASE("after failover the peaks are measured on the new device's budget") {
         &calibration_bytes);
     // 100 KiB + 8 KiB a sample: device 1 fits 115.
     auto step = [&](MicroBatch const& mb) { Buffer buf(*budgets[mb.device], 100 * KiB + mb.size * 8 * KiB); };
-    a.run(step);
+    a.run(step, [] {}, [] {});
     CHECK(a.plan().device == 1);
     REQUIRE(calibration_bytes.size() == 1);
     CHECK(calibration_bytes[0] == 100 * KiB + 16 * 8 * KiB);  // measured through b1
-    a.run(step);
+    a.run(step, [] {}, [] {});
     CHECK(a.plan().micro_batch >= 104);  // the fit jumped near the best, 115
     CHECK(a.plan().micro_batch <= 115);
+}
+
+// --- Recovery that wastes nothing: resume, results that cannot leak, calibration kept ---
+
+TEST_CASE("resume: an OOM in micro-batch k keeps 1..k-1 and retries from k; rollback only on give-up") {
+    Workload w(1024 * KiB, 0, KiB);
+    BatchOptions o;
+    o.global_batch = 40;
+    o.micro_batch = 8;
+    o.resume = true;
+    AdaptiveBatch a(o);
+    std::vector<std::size_t> offsets;
+    int rollbacks = 0;
+    bool fault = true;
+    BatchResult r = a.run(
+        [&](MicroBatch const& mb) {
+            offsets.push_back(mb.offset);
+            if (mb.offset == 24 && fault) {  // the fourth micro-batch meets a burst once
+                fault = false;
+                w.gpus.fail_next(0, 1);
+            }
+            w.step(mb);
+        },
+        [] {}, [&] { ++rollbacks; });
+    CHECK(offsets == std::vector<std::size_t>{0, 8, 16, 24, 24, 32});
+    CHECK(rollbacks == 0);
+    CHECK(r.attempts == 2);
+    CHECK(a.counters().wasted_samples == 0);
+
+    // A give-up undoes the kept micro-batches too.
+    Workload tight(1024 * KiB, 0, KiB);
+    BatchOptions t = o;
+    t.max_attempts = 2;
+    AdaptiveBatch b(t);
+    rollbacks = 0;
+    CHECK_THROWS_AS(b.run(
+                        [&](MicroBatch const& mb) {
+                            if (mb.offset >= 16) tight.gpus.fail_next(0, 1);
+                            tight.step(mb);
+                        },
+                        [] {}, [&] { ++rollbacks; }),
+                    recovery_failed);
+    CHECK(rollbacks == 1);
+}
+
+TEST_CASE("reduce and run(step): only the kept micro-batches' results count, with and without resume") {
+    for (bool resume : {false, true}) {
+        CAPTURE(resume);
+        Workload w(200 * KiB, 0, 10 * KiB);  // fits 20
+        BatchOptions o;
+        o.global_batch = 64;
+        o.micro_batch = 16;
+        o.resume = resume;
+        AdaptiveBatch a(o);
+        int faults = 2;
+        auto step = [&](MicroBatch const& mb) {
+            if (mb.offset == 32 && faults > 0) {
+                --faults;
+                w.gpus.fail_next(0, 1);
+            }
+            w.step(mb);
+            return static_cast<long>(mb.size);  // e.g. the number of samples scored
+        };
+        Reduced<long> r = a.run(step);
+        CHECK(r.value == 64);
+        CHECK(r.batch.attempts == 3);
+        auto sum_offsets = a.reduce([&](MicroBatch const& mb) { return static_cast<long>(mb.offset); }, 0L,
+                                    [](long x, long y) { return x + y; });
+        CHECK(sum_offsets.value == 0 + 16 + 32 + 48);
+    }
+}
+
+TEST_CASE("predictive calibrates inside the retried batch, keeps that work, and jumps within it") {
+    Workload w(1000 * KiB, 100 * KiB, 10 * KiB);  // fits m <= 90
+    BatchOptions o;
+    o.global_batch = 256;
+    o.policy = ShrinkPolicy::predictive(0.02);
+    AdaptiveBatch a(o);
+    a.measure_with(w.budget);
+    std::vector<std::size_t> sizes;
+    std::vector<bool> calibration;
+    int rollbacks = 0;
+    BatchResult r = a.run(
+        [&](MicroBatch const& mb) {
+            sizes.push_back(mb.size);
+            calibration.push_back(mb.calibration);
+            w.step(mb);
+        },
+        [] {}, [&] { ++rollbacks; });
+    // 256 fails; then 16 (calibration) and 32 are measured and kept, and the rest
+    // of the batch runs at the fitted size: (980 - 100) / (10 * 1.08) = 81.
+    REQUIRE(sizes.size() >= 4);
+    CHECK(sizes[0] == 256);
+    CHECK(sizes[1] == 16);
+    CHECK(calibration[1]);
+    CHECK(sizes[2] == 32);
+    CHECK_FALSE(calibration[2]);
+    CHECK(sizes[3] == 81);
+    CHECK(rollbacks == 1);  // only the first, failed attempt
+    CHECK(r.attempts == 2);
+    CHECK(a.counters().ooms == 1);
+    CHECK(a.counters().wasted_samples == 0);
+    CHECK(a.counters().calibrations == 1);
+    std::size_t total = 0;
+    for (std::size_t i = 1; i < sizes.size(); ++i) total += sizes[i];
+    CHECK(total == 256);
 }

@@ -198,9 +198,9 @@ TEST_CASE("give-up on one rank: every rank throws recovery_failed together, each
             a.consensus(dp.group.hook());
             try {
                 // A first batch that fits everywhere, then rank 2's neighbour moves in.
-                a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, KiB, logs[r]); });
+                a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, KiB, logs[r]); }, [] {}, [] {});
                 if (r == 2) gpus.set_used_by_others(0, 90 * KiB);
-                a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, 8 * KiB, logs[r]); });
+                a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, 8 * KiB, logs[r]); }, [] {}, [] {});
             } catch (...) {
                 errors[r] = std::current_exception();
             }
@@ -269,7 +269,7 @@ TEST_CASE("a custom policy or a failover hook that throws on one rank ends every
         AdaptiveBatch a(o);
         a.consensus(dp.group.hook());
         try {
-            a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, 16 * KiB, logs[r]); });
+            a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 0, 16 * KiB, logs[r]); }, [] {}, [] {});
         } catch (...) {
             errors[r] = std::current_exception();
         }
@@ -291,7 +291,7 @@ TEST_CASE("a custom policy or a failover hook that throws on one rank ends every
         a.failover([](void* user, FailoverRequest const&) { return *static_cast<int const*>(user) == 0 ? 1 : -1; },
                    const_cast<int*>(&ranks[r]));
         try {
-            a.run([&](MicroBatch const& mb) { dp2.step(*budgets[mb.device], mb, 0, 8 * KiB, logs[r]); });
+            a.run([&](MicroBatch const& mb) { dp2.step(*budgets[mb.device], mb, 0, 8 * KiB, logs[r]); }, [] {}, [] {});
             errors[r] = nullptr;
         } catch (...) {
             errors[r] = std::current_exception();
@@ -365,7 +365,7 @@ TEST_CASE("ranks that call sync() at different points fail together with a logic
             a.run([&](MicroBatch const& mb) {
                 mb.sync();
                 if (r == 0) mb.sync();  // rank 0 has one collective more per micro-batch
-            });
+            }, [] {}, [] {});
         } catch (...) {
             errors[r] = std::current_exception();
         }
@@ -384,7 +384,7 @@ TEST_CASE("ranks that call sync() at different points fail together with a logic
         try {
             a.run([&](MicroBatch const& mb) {
                 if (r == 0) mb.sync();
-            });
+            }, [] {}, [] {});
         } catch (...) {
             errors[r] = std::current_exception();
         }
@@ -404,7 +404,7 @@ TEST_CASE("without a consensus hook sync() does nothing; outside its step it is 
         mb.sync();
         ++n;
         kept = mb;
-    });
+    }, [] {}, [] {});
     CHECK(n == 1);
     CHECK_THROWS_WITH_AS(kept.sync(), doctest::Contains("outside the step"), std::logic_error);
     MicroBatch plain;  // not from a runner: no hook
@@ -412,12 +412,13 @@ TEST_CASE("without a consensus hook sync() does nothing; outside its step it is 
 }
 
 TEST_CASE("a rank that fails in the calibration micro-batch does not lend its need to another's failure") {
-    // Each rank fits 6 samples of 1 KiB. After 64 fails, predictive calibrates at
-    // 4 then 8; rank 0 meets a fault in the calibration micro-batch (4 needed 4 KiB),
-    // rank 1 runs out at 8 (8 KiB). The fit must see 4 -> 4 KiB, and jump to 3 as a
-    // single rank would, not to 1.
+    // Each rank fits 6 samples of 1 KiB. After 64 fails (needing at least 7 KiB),
+    // predictive calibrates at 4 then 8; rank 0 meets a fault at the first buffer
+    // of the calibration micro-batch (4 needed at least 1 KiB), rank 1 runs out at
+    // 8 (7 KiB). The agreed observation must say "4 failed, needing 1 KiB", not
+    // pair 4 with rank 1's 7 KiB.
     DataParallel dp(2);
-    std::size_t shrunk_to[2] = {0, 0};
+    Observation seen[2];
     run_ranks(2, [&](int r) {
         SimulatedDevices gpus(1, 6 * KiB);
         Budget budget(gpus, 0, Limit::unlimited());
@@ -427,26 +428,36 @@ TEST_CASE("a rank that fails in the calibration micro-batch does not lend its ne
         AdaptiveBatch a(o);
         a.measure_with(budget);
         a.consensus(dp.group.hook());
-        struct Seen {
-            std::size_t* to;
-        } seen{&shrunk_to[r]};
+        struct Watch {
+            AdaptiveBatch* a;
+            Observation* seen;
+        } watch{&a, &seen[r]};
         a.observe(
             [](BatchEvent const& e, void* u) {
-                if (e.kind == BatchEventKind::shrink && e.attempt == 2) *static_cast<Seen*>(u)->to = e.to.micro_batch;
+                auto* w = static_cast<Watch*>(u);
+                bool decided = e.kind == BatchEventKind::shrink || e.kind == BatchEventKind::retry_same;
+                if (decided && e.attempt == 2) *w->seen = w->a->last_observation();
             },
-            &seen);
+            &watch);
         bool injected = false;
-        a.run([&](MicroBatch const& mb) {
-            if (r == 0 && mb.calibration && !injected) {
-                injected = true;
-                gpus.fail_next(0, 1);
-            }
-            Buffer act(budget, mb.size * KiB);
-            if (mb.offset + mb.size == o.global_batch) mb.sync();  // no_sync micro-batches, one sync at the end
-        });
+        a.run(
+            [&](MicroBatch const& mb) {
+                if (r == 0 && mb.calibration && !injected) {
+                    injected = true;
+                    gpus.fail_next(0, 1);
+                }
+                std::vector<Buffer> act;  // a buffer a sample: the failed request says little
+                act.reserve(mb.size);
+                for (std::size_t i = 0; i < mb.size; ++i) act.emplace_back(budget, KiB);
+                if (mb.offset + mb.size == o.global_batch) mb.sync();  // no_sync micro-batches, one sync at the end
+            },
+            [] {}, [] {});
     });
-    CHECK(shrunk_to[0] == 3);
-    CHECK(shrunk_to[1] == 3);
+    for (Observation const& o : seen) {
+        CHECK(o.outcome == Observation::Outcome::step_oom);
+        CHECK(o.failed_size == 4);
+        CHECK(o.need == KiB);  // rank 0's fault hit the first sample's buffer: held 0, asked 1 KiB
+    }
 }
 
 TEST_CASE("a step that swallows peer_out_of_memory cannot hide a protocol error or its own OOM") {
@@ -464,7 +475,7 @@ TEST_CASE("a step that swallows peer_out_of_memory cannot hide a protocol error 
                         mb.sync();
                     } catch (std::bad_alloc const&) {
                     }
-            });
+            }, [] {}, [] {});
         } catch (...) {
             errors[r] = std::current_exception();
         }
@@ -494,7 +505,7 @@ TEST_CASE("a step that swallows peer_out_of_memory cannot hide a protocol error 
                 mb.sync();
             } catch (peer_out_of_memory const&) {  // wrong, but it must not go unnoticed
             }
-        });
+        }, [] {}, [] {});
         ooms[r] = a.counters().ooms;
         aborts[r] = a.counters().peer_aborts;
     });
@@ -510,14 +521,77 @@ TEST_CASE("run() from inside its own step is a logic_error") {
     bool nested_threw = false;
     a.run([&](MicroBatch const&) {
         try {
-            a.run([](MicroBatch const&) {});
+            a.run([](MicroBatch const&) {}, [] {}, [] {});
         } catch (std::logic_error const& e) {
             nested_threw = std::string(e.what()).find("inside its own step") != std::string::npos;
         }
-    });
+    }, [] {}, [] {});
     CHECK(nested_threw);
     CHECK(a.counters().global_batches == 1);
 }
 
+TEST_CASE("resume under consensus: every rank keeps the same micro-batches; without a sync in each, it fails together") {
+    for (ShrinkPolicy policy : every_policy()) {
+        CAPTURE(std::string(policy.name()));
+        DataParallel dp(2);
+        RankLog logs[2];
+        run_ranks(2, [&](int r) {
+            SimulatedDevices gpus(1, r == 0 ? 4096 * KiB : 1400 * KiB);
+            if (r == 1) {
+                FaultPlan f;
+                f.probability = 0.05;
+                f.seed = 3;
+                gpus.set_faults(0, f);
+            }
+            Budget budget(gpus, 0, Limit::unlimited());
+            BatchOptions o;
+            o.global_batch = 100;
+            o.micro_batch = 10;
+            o.resume = true;
+            o.max_attempts = 1000;
+            o.policy = policy;
+            AdaptiveBatch a(o);
+            a.measure_with(budget);
+            a.consensus(dp.group.hook());
+            for (int batch = 0; batch < 12; ++batch)
+                a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 64 * KiB, 12 * KiB, logs[r]); },
+                      [&] { ++logs[r].commits; }, [&] { ++logs[r].rollbacks; });
+            logs[r].ooms = a.counters().ooms;
+        });
+        CHECK(logs[0].commits == 12);
+        CHECK(logs[1].commits == 12);
+        CHECK(logs[0].rollbacks == 0);
+        CHECK(logs[1].rollbacks == 0);
+        CHECK(logs[1].ooms > 0);
+        CHECK(logs[0].calls == logs[1].calls);
+    }
+
+    // Resume with no sync point: rank 1 fails in micro-batch 2 while rank 0 runs on.
+    DataParallel dp(2);
+    std::exception_ptr errors[2];
+    run_ranks(2, [&](int r) {
+        SimulatedDevices gpus(1, 4096 * KiB);
+        Budget budget(gpus, 0, Limit::unlimited());
+        BatchOptions o;
+        o.global_batch = 32;
+        o.micro_batch = 8;
+        o.resume = true;
+        AdaptiveBatch a(o);
+        a.consensus(dp.group.hook());
+        try {
+            a.run(
+                [&](MicroBatch const& mb) {
+                    if (r == 1 && mb.offset == 16) gpus.fail_next(0, 1);
+                    Buffer act(budget, KiB);
+                },
+                [] {}, [] {});
+        } catch (...) {
+            errors[r] = std::current_exception();
+        }
+    });
+    CHECK(std::string(outcome_of(errors[0])) == "logic_error");
+    CHECK(std::string(outcome_of(errors[1])) == "logic_error");
+}
+
 // The README quotes the ballot's size (19 integers, 152 bytes per round).
-static_assert(detail::Ballot::count == 19, "update the README's consensus cost");
+static_assert(detail::Ballot::count == 21, "update the README's consensus cost");

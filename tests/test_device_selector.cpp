@@ -141,7 +141,7 @@ TEST_CASE("failover: adaptive_batch moves to the device that can hold the plan")
     sel.attach_failover(a);
     BatchResult r = a.run([&](MicroBatch const& mb) {
         DeviceBuffer<SimulatedDevices> act(*budgets[mb.device], mb.size * (GiB / 2));  // 32 GiB
-    });
+    }, [] {}, [] {});
     CHECK(r.plan.device == 1);  // device 0 has 10 GiB free; 1 has 70
     CHECK(a.counters().failovers == 1);
 }

@@ -101,7 +101,7 @@ TEST_CASE("hostile inputs: a typed error naming the value, every time") {
         {"ShrinkPolicy::predictive", Kind::invalid_argument, "predictive(0.7)", [] { ShrinkPolicy::predictive(0.7); }},
         {"ShrinkPolicy::custom", Kind::invalid_argument, "null pointer", [] { ShrinkPolicy::custom(nullptr); }},
         {"AdaptiveBatch::run", Kind::invalid_argument, "the step is empty",
-         [] { AdaptiveBatch a(batch(8)); void (*f)(MicroBatch const&) = nullptr; a.run(f); }},
+         [] { AdaptiveBatch a(batch(8)); void (*f)(MicroBatch const&) = nullptr; a.run(f, [] {}, [] {}); }},
         {"AdaptiveBatch::observe", Kind::invalid_argument, "null function", [] { AdaptiveBatch(batch(8)).observe(nullptr); }},
         {"AdaptiveBatch::consensus", Kind::invalid_argument, "all_min collective is a null function",
          [] { AdaptiveBatch(batch(8)).consensus(Consensus{}); }},

@@ -153,11 +153,11 @@ TEST_CASE("a give-up forced on rank 1: both ranks throw recovery_failed together
         MpiConsensus mpi(MPI_COMM_WORLD);
         a.consensus(mpi.hook());
         Calls calls;
-        a.run([&](MicroBatch const& mb) { ddp_step(budget, mb, 0, KiB, calls); });
+        a.run([&](MicroBatch const& mb) { ddp_step(budget, mb, 0, KiB, calls); }, [] {}, [] {});
         if (rank == 1) gpus.set_used_by_others(0, 200 * KiB);  // 8 samples need 64 KiB: nothing fits
         std::string outcome = "returned";
         try {
-            a.run([&](MicroBatch const& mb) { ddp_step(budget, mb, 0, 8 * KiB, calls); });
+            a.run([&](MicroBatch const& mb) { ddp_step(budget, mb, 0, 8 * KiB, calls); }, [] {}, [] {});
         } catch (recovery_failed const&) {
             outcome = "recovery_failed";
         }

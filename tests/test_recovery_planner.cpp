@@ -164,6 +164,41 @@ TEST_CASE("planner table: every action for every kind of observation") {
              REQUIRE(p.plan().precision == Precision::fp32);
          },
          oom(2), PlanAction::shrink, 2, Precision::bf16},
+        {"OOM at a size never completed, but asking less than was available: a transient, retried",
+         options(64), nothing,
+         [] {
+             Observation o = oom(64);
+             o.need = 1000;
+             o.available = 4000;
+             return o;
+         }(),
+         PlanAction::retry_same, 64, Precision::fp32},
+        {"OOM asking more than was available: this size's need, shrink", options(64), nothing,
+         [] {
+             Observation o = oom(64);
+             o.need = 5000;
+             o.available = 4000;
+             return o;
+         }(),
+         PlanAction::shrink, 32, Precision::fp32},
+        {"with resume, a failure after progress is a fresh transient, not a repeat", [] {
+             BatchOptions o = options(64, 8);
+             o.resume = true;
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             clean_batch(p);
+             p.begin_batch();
+             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(oom(8, 1)).action == PlanAction::retry_same);
+         },
+         oom(8, 1), PlanAction::retry_same, 8, Precision::fp32},
+        {"without resume, the same failures after rolled-back progress are repeats", options(64, 8),
+         [](RecoveryPlanner& p) {
+             clean_batch(p);
+             p.begin_batch();
+             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(oom(8, 1)).action == PlanAction::retry_same);
+         },
+         oom(8, 1), PlanAction::shrink, 4, Precision::fp32},
         {"bisect: a success probes upward at the next batch", [] {
              BatchOptions o = options(64);
              o.policy = ShrinkPolicy::bisect();
@@ -238,17 +273,29 @@ TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps a
     REQUIRE(d.action == PlanAction::shrink);
     CHECK(p.attempt().calibration == 16);  // 256 / 16: small enough to fit when 256 was far too big
     CHECK(p.attempt().plan.micro_batch == 32);
+    CHECK(p.attempt().segment == 2);  // 16, then 32, then the planner looks again
     CHECK(p.attempt().planned(0) == 16);
     CHECK(p.attempt().planned(1) == 32);
-    Observation cal = done(7, bytes(32));
+    Observation cal = done(1, bytes(32));
+    cal.outcome = Outcome::segment_done;
     cal.calibration_done = true;
     cal.calibration_peak = bytes(16);
     cal.available = 1000 * 1024;
     d = p.on_attempt(cal);
-    CHECK(d.action == PlanAction::commit);
+    CHECK(d.action == PlanAction::continue_batch);
     CHECK(d.from.micro_batch == 32);
-    CHECK(d.to.micro_batch == 88);  // (1000 * 0.98 - 100) / 10
-    CHECK(p.last_good_plan().micro_batch == 32);
+    // (1000 * 0.98 - 100) / (10 * (1 + 2 * 4 %)): two points cannot tell their
+    // scatter, so the fit assumes real steps' 4 % until a third point does.
+    CHECK(d.to.micro_batch == 81);
+    CHECK(p.attempt().number == 2);   // the same attempt goes on: nothing failed
+    CHECK(p.attempt().segment == 0);  // to the end of the global batch
+    CHECK(p.attempt().calibration == 0);
+    d = p.on_attempt(done(2, bytes(81)));
+    CHECK(d.action == PlanAction::commit);
+    CHECK(p.last_good_plan().micro_batch == 81);
+    // Three points on one line: no scatter left, so the next batch starts at
+    // (1000 * 0.98 - 100) / 10 = 88.
+    CHECK(d.to.micro_batch == 88);
 }
 
 TEST_CASE("planner: a give-up or an abandoned batch leaves no half-made recovery state") {

@@ -66,6 +66,13 @@ struct BatchResult {
     std::exception_ptr observer_error;
 };
 
+/// A global batch's BatchResult and the value its kept micro-batches combined to.
+template <class T>
+struct Reduced {
+    BatchResult batch;
+    T value;
+};
+
 /// Everything adaptive_batch decided, counted (on this rank).
 struct BatchCounters {
     std::size_t global_batches = 0, micro_batches = 0, ooms = 0, releases = 0, bytes_released = 0,
@@ -75,7 +82,8 @@ struct BatchCounters {
 };
 
 enum class BatchEventKind : unsigned char {
-    oom_caught, released, retry_same, shrink, precision_change, failover, grow_back, calibration, give_up, commit
+    oom_caught, released, retry_same, shrink, precision_change, failover, grow_back, calibration, give_up, commit,
+    jump  ///< the calibration micro-batches held: the rest of the global batch runs at the fitted size
 };
 
 constexpr char const* to_string(BatchEventKind k) noexcept {
@@ -90,6 +98,7 @@ constexpr char const* to_string(BatchEventKind k) noexcept {
         case BatchEventKind::calibration: return "calibration";
         case BatchEventKind::give_up: return "give_up";
         case BatchEventKind::commit: return "commit";
+        case BatchEventKind::jump: return "jump";
     }
     return "unknown";
 }
@@ -254,10 +263,46 @@ public:
         }
     }
 
-    /// run() with no commit or rollback hook.
+    /// One global batch whose step returns its micro-batch's result (a loss
+    /// sum, a count of correct answers): the value is `combine` folded, from
+    /// `init`, over the micro-batches the committed attempt kept, in order.
+    /// What a failed attempt computed never reaches it.
+    template <class T, class Step, class Combine, class Commit, class Rollback>
+    Reduced<T> reduce(Step&& step, T init, Combine combine, Commit&& commit, Rollback&& rollback) {
+        require_callable(step, "step");
+        require_callable(rollback, "rollback");
+        std::vector<T> kept;  // one result per kept micro-batch
+        BatchResult r = run([&](MicroBatch const& mb) { kept.push_back(step(mb)); }, commit,
+                            [&] {
+                                rollback();
+                                kept.clear();
+                            });
+        for (T& x : kept) init = combine(std::move(init), std::move(x));
+        return Reduced<T>{r, std::move(init)};
+    }
+
+    /// reduce() with nothing to commit or roll back: evaluation.
+    template <class T, class Step, class Combine>
+    Reduced<T> reduce(Step&& step, T init, Combine combine) {
+        return reduce(std::forward<Step>(step), std::move(init), std::move(combine), [] {}, [] {});
+    }
+
+    /// One global batch with no commit or rollback: the step must return its
+    /// micro-batch's result, and the sum over the kept micro-batches comes back
+    /// (reduce() with +). A step that returns nothing would keep, in your
+    /// variables, what a failed attempt accumulated: give it commit and rollback.
     template <class Step>
-    BatchResult run(Step&& step) {
-        return run(std::forward<Step>(step), [] {}, [] {});
+    auto run(Step&& step) {
+        using R = std::decay_t<decltype(step(std::declval<MicroBatch const&>()))>;
+        if constexpr (std::is_void<R>::value) {
+            static_assert(!std::is_void<R>::value,
+                          "oomguard: run(step) without a rollback needs a step that returns its micro-batch's result "
+                          "(run returns the sum over the kept micro-batches; see reduce()); a step that returns "
+                          "nothing takes run(step, commit, rollback), so that what a failed attempt accumulated is "
+                          "undone");
+        } else {
+            return reduce(std::forward<Step>(step), R{}, [](R a, R b) { return a + b; });
+        }
     }
 
     Plan const& plan() const noexcept { return planner_.plan(); }
@@ -266,6 +311,9 @@ public:
     BatchOptions const& options() const noexcept { return planner_.options(); }
     ShrinkPolicy const& policy() const noexcept { return planner_.policy(); }
     RecoveryPlanner const& planner() const noexcept { return planner_; }
+    /// What the last attempt observed, as the planner was fed it (with a
+    /// consensus hook: as every rank agreed on it).
+    Observation const& last_observation() const noexcept { return last_observation_; }
     /// The first exception an observer threw since the last run() began (null: none).
     std::exception_ptr observer_error() const noexcept { return observer_error_; }
 
@@ -299,6 +347,7 @@ private:
     // What this rank saw in one attempt.
     struct Local {
         bool oom = false, aborted = false, commit_oom = false, calibration_done = false, failed_calibration = false;
+        std::size_t start = 0;          // where in the global batch this attempt began
         std::size_t failed_planned = 0, failed_size = 0, samples_done = 0, micro_batches = 0, full_done = 0;
         std::size_t full_peak = 0, calibration_peak = 0, need = 0, available = 0;
         bool available_known = false;
@@ -314,16 +363,31 @@ private:
             emit(BatchEventKind::grow_back, begin.from, begin.to, 0, 0, "");
         }
         std::vector<AttemptRecord> history;
+        std::size_t const G = planner_.options().global_batch;
+        std::size_t done = 0;       // samples of this global batch completed and kept
+        std::size_t micro_batches = 0;
         for (;;) {
             Attempt const at = planner_.attempt();
             ++serial_;
             Local l;
+            l.start = done;
             run_attempt(step, at, l);
+            micro_batches += l.micro_batches;
             Ballot t = agree_end(l);
             if (!t.any(Ballot::any_oom) && t.any(Ballot::any_aborted))
                 protocol_error("a rank left a MicroBatch::sync() because another rank had ended its step without "
                                "failing: the ranks called sync() a different number of times");
             Observation obs = observation(t, at);
+            last_observation_ = obs;
+            if (!t.any(Ballot::any_oom) && l.samples_done < G) {
+                // The segment (the calibration micro-batches) held: go on at the fitted size.
+                obs.outcome = Observation::Outcome::segment_done;
+                last_observation_ = obs;
+                Decision d = planner_.on_attempt(obs);
+                emit(BatchEventKind::jump, d.from, d.to, 0, at.number, "");
+                done = l.samples_done;
+                continue;
+            }
             if (!t.any(Ballot::any_oom)) {
                 try {
                     commit();
@@ -356,27 +420,36 @@ private:
                     }
                 }
                 if (!any_commit_oom) {
+                    last_observation_ = obs;
                     Decision d = planner_.on_attempt(obs);
                     ++counters_.global_batches;
                     emit(BatchEventKind::commit, d.from, d.to, 0, at.number, "");
-                    return BatchResult{d.to, at.number, l.micro_batches, observer_error_};
+                    return BatchResult{d.to, at.number, micro_batches, observer_error_};
                 }
                 obs.outcome = Observation::Outcome::commit_oom;
             } else {
                 obs.outcome = Observation::Outcome::step_oom;
             }
-            recover(at, l, obs, history, rollback);
+            done = recover(at, l, obs, t, history, rollback);
         }
     }
 
-    // After a failed attempt, on every rank: roll back, release what this rank
-    // can, agree, decide, agree on the decision's outcome, act.
+    // After a failed attempt, on every rank: roll back (unless the completed
+    // micro-batches are kept), release what this rank can, agree, decide, agree
+    // on the decision's outcome, act. Returns where the retry starts.
     template <class Rollback>
-    void recover(Attempt const& at, Local& l, Observation& obs, std::vector<AttemptRecord>& history,
-                 Rollback& rollback) {
+    std::size_t recover(Attempt const& at, Local& l, Observation& obs, Ballot const& t_end,
+                        std::vector<AttemptRecord>& history, Rollback& rollback) {
         bool const failed_here = l.oom || l.commit_oom;
         std::size_t const G = planner_.options().global_batch;
-        counters_.wasted_samples += obs.outcome == Observation::Outcome::commit_oom ? G : l.samples_done;
+        // Resume: every completed micro-batch is kept, and every rank must keep
+        // the same ones -- which sync points in every micro-batch guarantee.
+        bool const keep = planner_.options().resume && obs.outcome == Observation::Outcome::step_oom;
+        std::size_t const kept = keep ? static_cast<std::size_t>(t_end.min(Ballot::done_min)) : 0;
+        if (keep && t_end.min(Ballot::done_min) != t_end.max(Ballot::done_max))
+            protocol_error("with BatchOptions::resume, ranks completed different micro-batches before one failed: "
+                           "call MicroBatch::sync() in every micro-batch, before its contribution is applied");
+        counters_.wasted_samples += obs.outcome == Observation::Outcome::commit_oom ? G : l.samples_done - kept;
         if (failed_here) {
             ++counters_.ooms;
             if (l.commit_oom) ++counters_.commit_ooms;
@@ -387,7 +460,7 @@ private:
         std::exception_ptr err;
         std::size_t released = 0;
         try {
-            roll_back(rollback, at.number);
+            if (!keep) roll_back(rollback, at.number);
             if (failed_here) released = release_caches(at.number);
         } catch (...) {
             err = std::current_exception();
@@ -400,6 +473,7 @@ private:
         Ballot t = agree(b);
         if (t.any(Ballot::any_error)) fail_together(err, l, history);
         obs.released = t.min_or_zero(Ballot::released);
+        last_observation_ = obs;
 
         Decision d;
         int next_device = -1;
@@ -439,11 +513,15 @@ private:
                 ++counters_.failovers;
                 emit(BatchEventKind::failover, d.from, d.to, 0, at.number, "");
                 break;
-            case PlanAction::give_up: give_up(l, history, d.why);
+            case PlanAction::give_up:
+                if (keep && kept > 0) roll_back(rollback, at.number);  // the kept micro-batches go too
+                give_up(l, history, d.why);
+            case PlanAction::continue_batch:
             case PlanAction::keep:
             case PlanAction::grow_back:
             case PlanAction::commit: break;  // not answers to a failure
         }
+        return kept;
     }
 
     // Runs the attempt's micro-batches; a device OOM ends it, anything else passes.
@@ -455,10 +533,10 @@ private:
             l.available_known = true;
         }
         std::size_t const G = planner_.options().global_batch;
-        std::size_t offset = 0, index = 0, planned = 0, n = 0;
+        std::size_t offset = l.start, index = 0, planned = 0, n = 0;
         sync_aborted_ = false;
         try {
-            while (offset < G) {
+            while (offset < G && (at.segment == 0 || index < at.segment)) {
                 planned = at.planned(index);
                 n = planned < G - offset ? planned : G - offset;
                 bool const calibration = index == 0 && at.calibration != 0;
@@ -531,6 +609,8 @@ private:
         // calibration micro-batch must not lend its bytes to another's in a full one.
         b.set_max(l.failed_calibration ? Ballot::need_calibration : Ballot::need_full, l.need);
         if (l.available_known) b.set_min(Ballot::available, l.available);
+        b.set_min(Ballot::done_min, l.samples_done);
+        b.set_max(Ballot::done_max, l.samples_done);
         for (;;) {
             Ballot t = agree(b);
             if (t.min(Ballot::phase_min) == phase_end && t.max(Ballot::phase_max) == phase_end) return t;
@@ -755,6 +835,7 @@ private:
     int (*failover_)(void*, FailoverRequest const&) = nullptr;
     void* failover_user_ = nullptr;
     std::exception_ptr observer_error_;
+    Observation last_observation_;
     std::uint64_t serial_ = 0;        // attempts run by this object: the same on every rank
     std::size_t mb_index_ = 0;        // the micro-batch running now, within its attempt
     std::uint64_t sync_index_ = 0;    // sync points it has passed

@@ -44,6 +44,11 @@ struct BatchOptions {
     std::size_t restore_precision_after = 100;  ///< try the previous precision again after this many
                                                 ///< clean global batches (0: never)
     unsigned transient_retries = 3;    ///< retries of a size that has completed before shrinking it
+    /// Each micro-batch applies its contribution atomically (a micro-batch that
+    /// runs out of memory leaves nothing of itself): an OOM in micro-batch k keeps
+    /// micro-batches 1..k-1 and the retry starts at k. Rollback then runs only when
+    /// the whole global batch is abandoned (an OOM in commit, a give-up).
+    bool resume = false;
     bool release_caches = true;        ///< release the cache registry before each retry
     ShrinkPolicy policy = ShrinkPolicy::halve();
     CacheRegistry* caches = nullptr;   ///< nullptr: CacheRegistry::global()
@@ -76,13 +81,16 @@ inline bool operator==(Plan const& a, Plan const& b) noexcept {
 }
 inline bool operator!=(Plan const& a, Plan const& b) noexcept { return !(a == b); }
 
-/// What one attempt runs: micro-batches of `plan.micro_batch` samples (the last
-/// one shorter when G is not a multiple), the first of them at `calibration`
-/// samples when that is not 0 -- a measuring micro-batch whose work is kept.
+/// What one attempt runs, from where the global batch stands: micro-batches of
+/// `plan.micro_batch` samples (the last one shorter when what is left is not a
+/// multiple), the first of them at `calibration` samples when that is not 0 -- a
+/// measuring micro-batch whose work is kept -- and, when `segment` is not 0, no
+/// more than `segment` micro-batches before the planner looks again.
 struct Attempt {
     Plan plan;
     std::size_t calibration = 0;
     unsigned number = 1;  ///< the attempt's number within its global batch, from 1
+    std::size_t segment = 0;
 
     /// The planned size of micro-batch `index` (a short remainder is cut from it).
     std::size_t planned(std::size_t index) const noexcept {
@@ -95,6 +103,7 @@ struct Attempt {
 struct Observation {
     enum class Outcome : unsigned char {
         completed,   ///< every micro-batch and the commit completed
+        segment_done,  ///< the attempt's segment completed; the global batch goes on
         step_oom,    ///< a micro-batch ran out of device memory (on some rank)
         commit_oom   ///< the commit ran out of device memory (on every rank)
     };
@@ -112,6 +121,7 @@ struct Observation {
 /// What the planner decided.
 enum class PlanAction : unsigned char {
     keep,            ///< begin_batch: run the plan as it is
+    continue_batch,  ///< the segment held: go on with the global batch at the new plan
     grow_back,       ///< begin_batch: a larger size or the previous precision is tried
     commit,          ///< the attempt completed: the global batch is done
     retry_same,      ///< retry the same plan (after a release, or a transient OOM)
@@ -124,6 +134,7 @@ enum class PlanAction : unsigned char {
 constexpr char const* to_string(PlanAction a) noexcept {
     switch (a) {
         case PlanAction::keep: return "keep";
+        case PlanAction::continue_batch: return "continue_batch";
         case PlanAction::grow_back: return "grow_back";
         case PlanAction::commit: return "commit";
         case PlanAction::retry_same: return "retry_same";
@@ -188,7 +199,7 @@ public:
             d.action = PlanAction::grow_back;
             d.to = plan_;
         }
-        attempt_ = Attempt{plan_, 0, 1};
+        attempt_ = Attempt{plan_, 0, 1, 0};
         return d;
     }
 
@@ -203,9 +214,18 @@ public:
             opt_.policy.observe(attempt_.calibration, o.calibration_peak);
         if (o.full_done > 0 && ran.micro_batch > proven_) proven_ = ran.micro_batch;
         if (o.outcome == Observation::Outcome::completed) return committed(o);
+        if (o.outcome == Observation::Outcome::segment_done) return jumped(o);
 
         clean_batches_ = 0;
         if (o.full_done > 0 && o.full_peak != 0) opt_.policy.observe(ran.micro_batch, o.full_peak);
+        // Transient retries count failures in a row. With resume, an attempt that
+        // completed a micro-batch of this size before failing made progress that
+        // is kept, so its failure is a fresh one; without resume the progress is
+        // rolled back, and a failure at the same place again is a repeat.
+        if (opt_.resume && o.full_done > 0) {
+            same_retries_ = 0;
+            release_retried_ = false;
+        }
         std::size_t failed = ran.micro_batch;
         if (o.outcome == Observation::Outcome::step_oom) {
             if (o.failed_size == 0 || (o.failed_size != ran.micro_batch && o.failed_size != attempt_.calibration))
@@ -214,12 +234,14 @@ public:
                                       << " is not a planned size of the attempt (" << ran.micro_batch
                                       << (attempt_.calibration != 0 ? " or the calibration size" : "") << ')');
             failed = o.failed_size;
-            if (o.need != 0) opt_.policy.observe(failed, o.need);
+            // What a failed micro-batch held plus what it asked for is a lower
+            // bound on what that size needs, never a measurement of it.
+            if (o.need != 0) opt_.policy.bound(failed, o.need);
         }
         if (attempt_.number >= opt_.max_attempts) return give_up(ran, "the attempt limit was reached");
         Decision d = next_rung(ran, failed, o);
         if (d.action != PlanAction::failover && d.action != PlanAction::give_up)
-            attempt_ = Attempt{plan_, calibration_, attempt_.number + 1};
+            attempt_ = Attempt{plan_, calibration_, attempt_.number + 1, calibration_ != 0 ? 2u : 0u};
         return d;
     }
 
@@ -237,7 +259,7 @@ public:
         grow_ceiling_ = 0;
         same_retries_ = 0;
         release_retried_ = false;
-        attempt_ = Attempt{plan_, 0, attempt_.number + 1};
+        attempt_ = Attempt{plan_, 0, attempt_.number + 1, 0};
         return Decision{PlanAction::failover, from, plan_, ""};
     }
 
@@ -254,7 +276,7 @@ public:
         plan_ = last_good_;
         clear_batch_state();
         growing_ = Growing::none;
-        attempt_ = Attempt{plan_, 0, 1};
+        attempt_ = Attempt{plan_, 0, 1, 0};
         return Decision{PlanAction::give_up, from, plan_, why};
     }
 
@@ -264,7 +286,7 @@ public:
         plan_ = last_good_;
         clear_batch_state();
         growing_ = Growing::none;
-        attempt_ = Attempt{plan_, 0, 1};
+        attempt_ = Attempt{plan_, 0, 1, 0};
     }
 
     /// Back to the requested plan; forgets measurements and the clean-batch count.
@@ -279,7 +301,7 @@ public:
         grow_ceiling_ = 0;
         growing_ = Growing::none;
         clear_batch_state();
-        attempt_ = Attempt{plan_, 0, 1};
+        attempt_ = Attempt{plan_, 0, 1, 0};
     }
 
     Plan const& plan() const noexcept { return plan_; }
@@ -321,16 +343,31 @@ public:
 private:
     enum class Growing : unsigned char { none, size, precision };
 
+    // The calibration segment held: fit and jump from what it measured, toward
+    // the size whose failure asked for it.
+    std::size_t jump_size(Observation const& o) {
+        Plan const ran = attempt_.plan;
+        opt_.policy.on_success(ran.micro_batch, o.full_peak, opt_.micro_batch);
+        ShrinkContext ctx = context(pending_failure_, o.available);
+        std::size_t next = opt_.policy.on_failure(ctx);
+        pending_failure_ = 0;
+        return next < ran.micro_batch ? ran.micro_batch : next;
+    }
+
+    Decision jumped(Observation const& o) {
+        Plan const ran = attempt_.plan;
+        if (pending_failure_ != 0 && o.full_done > 0) plan_.micro_batch = jump_size(o);
+        pending_failure_ = 0;
+        calibration_ = 0;
+        attempt_ = Attempt{plan_, 0, attempt_.number, 0};
+        return Decision{PlanAction::continue_batch, ran, plan_, ""};
+    }
+
     Decision committed(Observation const& o) {
         Plan const ran = attempt_.plan;
         std::size_t next = ran.micro_batch;
         if (pending_failure_ != 0 && o.full_done > 0) {
-            // The calibration attempt held: fit and jump from what it measured,
-            // toward the size whose failure asked for it.
-            opt_.policy.on_success(ran.micro_batch, o.full_peak, opt_.micro_batch);
-            ShrinkContext ctx = context(pending_failure_, o.available);
-            next = opt_.policy.on_failure(ctx);
-            if (next < ran.micro_batch) next = ran.micro_batch;
+            next = jump_size(o);  // the calibration segment ended the batch: jump at the next
         } else if (o.full_done > 0) {
             // Bisection and predictive probe upward here, at the start of the next
             // global batch, where a failure costs no completed micro-batch.
@@ -345,7 +382,7 @@ private:
         ++clean_batches_;
         clear_batch_state();
         Decision d{PlanAction::commit, ran, plan_, ""};
-        attempt_ = Attempt{plan_, 0, 1};
+        attempt_ = Attempt{plan_, 0, 1, 0};
         return d;
     }
 
@@ -368,11 +405,14 @@ private:
             release_retried_ = true;
             return Decision{PlanAction::retry_same, ran, plan_, ""};
         }
-        // A size that has completed failed: most likely a transient OOM (another
-        // process's burst, fragmentation), and shrinking would only add
-        // micro-batches, each one more chance to fail. Retry it a bounded number
-        // of times -- at the minimum too -- then walk on down the ladder.
-        if (failed <= proven_) {
+        // A size that has completed failed, or the failed micro-batch held and
+        // asked for less than was available when the attempt began: most likely
+        // a transient OOM (another process's burst, fragmentation), not this
+        // size's need, and shrinking would only add micro-batches, each one more
+        // chance to fail. Retry it a bounded number of times in a row -- at the
+        // minimum too -- then walk on down the ladder.
+        bool const within_reach = o.need != 0 && o.available != 0 && o.need <= o.available;
+        if (failed <= proven_ || within_reach) {
             if (same_retries_ < opt_.transient_retries) {
                 ++same_retries_;
                 return Decision{PlanAction::retry_same, ran, plan_, ""};

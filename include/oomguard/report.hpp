@@ -227,6 +227,7 @@ private:
         if (e.kind == BatchEventKind::released && e.release != nullptr) r->note_release(*e.release);
         bool change = e.kind == BatchEventKind::shrink || e.kind == BatchEventKind::precision_change ||
                       e.kind == BatchEventKind::failover || e.kind == BatchEventKind::grow_back ||
+                      e.kind == BatchEventKind::jump ||
                       e.kind == BatchEventKind::give_up;
         if (change && r->changes_.size() < max_plan_changes)
             r->changes_.push_back(Change{w->label, w->batch->counters().global_batches, e.attempt, e.kind, e.from, e.to});

@@ -5,9 +5,10 @@
 //   bisect      search between the largest success and the smallest failure,
 //               probing upward on successes: the best size, after ~log2 failures
 //   predictive  fit bytes(m) = a + b*m to the peaks the budget measured (two
-//               small calibration steps when nothing is known) and jump to the
-//               largest m that fits under the limit less a safety margin;
-//               bisect if that still fails
+//               small calibration micro-batches when nothing is known), never
+//               below what a failed size was seen to need, and jump to the
+//               largest m that fits under the limit less a margin that follows
+//               the measured scatter; bisect if that still fails
 //   custom      your function
 #pragma once
 
@@ -145,9 +146,22 @@ public:
                 return again;
             }
         }
-        bool searching = kind_ == Kind::bisect || (kind_ == Kind::predictive && predicted_failed_);
-        if (searching && high_ > m + 1) {
-            std::size_t mid = m + (high_ - m) / 2;
+        if (kind_ != Kind::bisect && kind_ != Kind::predictive) return m;
+        std::size_t upper = high_;
+        if (kind_ == Kind::predictive) {
+            // Past what the line can tell, a size fits or not by its own few
+            // percent: probe by bisection, up to the smallest failure or, when
+            // the fit knows better, the size it allows if the scatter goes the
+            // lucky way.
+            ShrinkContext ctx;
+            ctx.failed = high_ != 0 ? high_ : requested + 1;
+            ctx.minimum = m;
+            ctx.available_bytes = available_;
+            std::size_t lucky = 0;
+            if (predict(ctx, lucky, true) && (upper == 0 || lucky + 1 < upper)) upper = lucky + 1;
+        }
+        if (upper > m + 1) {
+            std::size_t mid = m + (upper - m) / 2;
             return mid < requested ? mid : requested;
         }
         return m;
@@ -157,13 +171,40 @@ public:
     /// which sizes (predictive with fewer than two measured sizes).
     bool wants_calibration(ShrinkContext const& ctx, std::size_t& c1, std::size_t& c2) const {
         if (kind_ != Kind::predictive || distinct_sizes() >= 2 || ctx.available_bytes == 0) return false;
-        // Small enough to fit even when the first size was far too big.
-        c1 = ctx.failed / 16 > ctx.minimum ? ctx.failed / 16 : ctx.minimum;
-        c2 = ctx.failed / 8 > c1 ? ctx.failed / 8 : c1 + 1;
+        // Small enough to fit even when the first size was far too big: an
+        // eighth of it, and no more than half of what the failure's lower bound
+        // allows (a size that needed at least L bytes where A were available
+        // cannot fit above failed * A / L samples, if its need grows with it).
+        std::size_t top = ctx.failed / 8;
+        for (std::size_t i = 0; i < n_bounds_; ++i) {
+            if (bounds_[i].m != ctx.failed || bounds_[i].bytes == 0) continue;
+            double cap = static_cast<double>(ctx.failed) * static_cast<double>(ctx.available_bytes) /
+                         (2.0 * static_cast<double>(bounds_[i].bytes));
+            if (cap < static_cast<double>(top)) top = static_cast<std::size_t>(cap);
+        }
+        c2 = top > ctx.minimum + 1 ? top : ctx.minimum + 1;
+        c1 = c2 / 2 > ctx.minimum ? c2 / 2 : ctx.minimum;
         return c2 < ctx.failed;
     }
 
-    /// Records what a size needed (from a step or a calibration step).
+    /// Records that size `m` needs at least `bytes`: what a micro-batch that ran
+    /// out of memory held plus what it asked for. A lower bound, not a point of
+    /// the fit: the fitted line is raised to pass above it.
+    void bound(std::size_t m, std::size_t bytes) noexcept {
+        for (std::size_t i = 0; i < n_bounds_; ++i) {
+            if (bounds_[i].m == m) {
+                if (bytes > bounds_[i].bytes) bounds_[i].bytes = bytes;
+                return;
+            }
+        }
+        if (n_bounds_ == max_bounds) {
+            for (std::size_t i = 1; i < n_bounds_; ++i) bounds_[i - 1] = bounds_[i];
+            --n_bounds_;
+        }
+        bounds_[n_bounds_++] = Observation{m, bytes};
+    }
+
+    /// Records what a size needed, measured (a micro-batch's peak).
     void observe(std::size_t m, std::size_t bytes) noexcept {
         for (std::size_t i = 0; i < n_obs_; ++i) {
             if (obs_[i].m == m) {
@@ -189,6 +230,7 @@ public:
     void reset() noexcept {
         forget_bounds();
         n_obs_ = 0;
+        n_bounds_ = 0;
     }
     std::size_t smallest_failure() const noexcept { return high_; }
     std::size_t largest_success() const noexcept { return low_; }
@@ -214,7 +256,9 @@ private:
 
     std::size_t distinct_sizes() const noexcept { return n_obs_; }
 
-    bool predict(ShrinkContext const& ctx, std::size_t& out) const noexcept {
+    // The largest size the fit allows under the available bytes, less the margin;
+    // `lucky`: as if every unmeasured size sat below the line by the scatter.
+    bool predict(ShrinkContext const& ctx, std::size_t& out, bool lucky = false) const noexcept {
         if (n_obs_ < 2 || ctx.available_bytes == 0) return false;
         // Least squares for bytes = a + b*m.
         double n = static_cast<double>(n_obs_), sx = 0, sy = 0, sxx = 0, sxy = 0;
@@ -230,12 +274,33 @@ private:
         double b = (n * sxy - sx * sy) / den;
         double a = (sy - b * sx) / n;
         if (!(b > 0.0)) return false;
+        // The line must not pass below what a failed size was seen to need.
+        for (std::size_t i = 0; i < n_bounds_; ++i) {
+            double x = static_cast<double>(bounds_[i].m), y = static_cast<double>(bounds_[i].bytes);
+            if (x > 0.0 && a + b * x < y) b = (y - a) / x;
+        }
+        // The margin follows the scatter: the largest relative distance of a
+        // measured point from the line, taken twice (a size may sit that far
+        // above the line where a measured one sat as far below). Two points
+        // always lie on their line, so until a third tells, assume the scatter
+        // of real steps (allocator rounding, kernels changing algorithm): 4 %.
+        double scatter = n_obs_ < 3 ? assumed_scatter : 0.0;
+        for (std::size_t i = 0; i < n_obs_; ++i) {
+            double x = static_cast<double>(obs_[i].m), y = static_cast<double>(obs_[i].bytes);
+            double fit = a + b * x;
+            if (fit > 0.0) {
+                double r = (y > fit ? y - fit : fit - y) / fit;
+                if (r > scatter) scatter = r;
+            }
+        }
         double room = static_cast<double>(ctx.available_bytes) * (1.0 - margin_) - a;
         if (room <= 0.0) {
             out = ctx.minimum;
             return true;
         }
-        double m = room / b;
+        double spread = lucky ? 1.0 - 2.0 * scatter : 1.0 + 2.0 * scatter;
+        if (!(spread > 0.0)) return false;
+        double m = room / (b * spread);
         std::size_t pick = m >= static_cast<double>(ctx.failed) ? ctx.failed - 1 : static_cast<std::size_t>(m);
         if (low_ != 0 && pick < low_ && low_ < ctx.failed) pick = low_;
         out = pick < ctx.minimum ? ctx.minimum : pick;
@@ -261,6 +326,10 @@ private:
     };
     Observation obs_[max_observations] = {};
     std::size_t n_obs_ = 0;
+    static constexpr std::size_t max_bounds = 8;
+    Observation bounds_[max_bounds] = {};
+    std::size_t n_bounds_ = 0;
+    static constexpr double assumed_scatter = 0.04;
 };
 
 }  // namespace oomguard

@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
             oomguard::DeviceBuffer<> act(budget, mb.size * per_sample);
             cudaMemset(act.data(), 0, act.size());
             cudaDeviceSynchronize();
-        });
+        }, [] {}, [] {});
     } catch (std::exception const& e) {
         std::printf("gpu_oom_check: not recovered: %s\n", e.what());
         rc = 1;

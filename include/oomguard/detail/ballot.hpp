@@ -23,6 +23,7 @@ public:
         failed_size,             // the planned size of the micro-batch that failed (smallest)
         calibration_done,        // the calibration micro-batch completed (all)
         full_done,               // full-size micro-batches completed (fewest)
+        done_min, done_max,      // samples of the global batch completed, where each rank stands
         calibration_peak, full_peak,  // bytes measured (largest)
         need_calibration, need_full,  // what a failed micro-batch needed at least, by its planned size (largest)
         available,               // bytes a step could use (least)
