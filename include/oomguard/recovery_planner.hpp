@@ -241,7 +241,7 @@ public:
         if (attempt_.number >= opt_.max_attempts) return give_up(ran, "the attempt limit was reached");
         Decision d = next_rung(ran, failed, o);
         if (d.action != PlanAction::failover && d.action != PlanAction::give_up)
-            attempt_ = Attempt{plan_, calibration_, attempt_.number + 1, calibration_ != 0 ? 2u : 0u};
+            attempt_ = Attempt{plan_, calibration_, attempt_.number + 1, segment_};
         return d;
     }
 
@@ -388,6 +388,7 @@ private:
 
     Decision next_rung(Plan const& ran, std::size_t failed, Observation const& o) {
         calibration_ = 0;
+        segment_ = 0;
         if (growing_ != Growing::none) {  // the grow-back did not hold: back to the last good plan, wait longer
             if (growing_ == Growing::size) {
                 if (grow_ceiling_ == 0 || ran.micro_batch < grow_ceiling_) grow_ceiling_ = ran.micro_batch;
@@ -403,7 +404,7 @@ private:
         }
         if (o.released > 0 && !release_retried_) {
             release_retried_ = true;
-            return Decision{PlanAction::retry_same, ran, plan_, ""};
+            return retry_same(ran, o);
         }
         // A size that has completed failed, or the failed micro-batch held and
         // asked for less than was available when the attempt began: most likely
@@ -415,7 +416,7 @@ private:
         if (failed <= proven_ || within_reach) {
             if (same_retries_ < opt_.transient_retries) {
                 ++same_retries_;
-                return Decision{PlanAction::retry_same, ran, plan_, ""};
+                return retry_same(ran, o);
             }
             proven_ = 0;  // it kept failing: conditions changed
         }
@@ -430,6 +431,7 @@ private:
                 // first micro-batch at c1, the rest at c2; their work is kept, and
                 // the next global batch jumps to the fitted size.
                 calibration_ = c1;
+                segment_ = 2;
                 pending_failure_ = failed;
                 plan_.micro_batch = c2;
             } else {
@@ -457,6 +459,20 @@ private:
                                                   << "() answers a failover decision, and none is pending");
     }
 
+    // The same plan again. A calibration segment stays one: with resume and its
+    // calibration micro-batch kept, only the second micro-batch is left to measure.
+    Decision retry_same(Plan const& ran, Observation const& o) {
+        if (pending_failure_ != 0) {
+            calibration_ = attempt_.calibration;
+            segment_ = attempt_.segment;
+            if (opt_.resume && attempt_.calibration != 0 && o.calibration_done) {
+                calibration_ = 0;
+                segment_ = 1;
+            }
+        }
+        return Decision{PlanAction::retry_same, ran, plan_, ""};
+    }
+
     ShrinkContext context(std::size_t failed, std::size_t available) const noexcept {
         ShrinkContext ctx;
         ctx.failed = failed;
@@ -474,6 +490,7 @@ private:
         release_retried_ = false;
         pending_failure_ = 0;
         calibration_ = 0;
+        segment_ = 0;
     }
 
     void set_precision(std::size_t index) noexcept {
@@ -498,6 +515,7 @@ private:
     bool failover_pending_ = false;   // a failover decision awaits failed_over or no_failover
     std::size_t pending_failure_ = 0; // the size whose failure the calibration attempt answers
     std::size_t calibration_ = 0;     // the next attempt's calibration size
+    std::size_t segment_ = 0;         // the next attempt's segment (0: to the end of the batch)
 };
 
 }  // namespace oomguard
