@@ -8,6 +8,7 @@
 //   failures_mean             failed attempts after the OOM that started the recovery
 //   wasted_mean               samples processed and thrown away, per global batch
 #include <oomguard/adaptive_batch.hpp>
+#include <oomguard/detail/random.hpp>
 #include <oomguard/device_buffer.hpp>
 #include <oomguard/simulated_devices.hpp>
 
@@ -24,13 +25,8 @@ constexpr int kWorkloads = 1000;
 constexpr int kGlobalBatches = 12;
 constexpr std::size_t MiB = std::size_t{1} << 20;
 
-std::uint64_t mix(std::uint64_t x) {
-    x += 0x9e3779b97f4a7c15ULL;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-}
-double unit(std::uint64_t x) { return static_cast<double>(mix(x) >> 11) / 9007199254740992.0; }
+// A uniform [0, 1) hashed from x: the first draw of a SplitMix64.
+double unit(std::uint64_t x) { return detail::SplitMix64(x).uniform(); }
 
 struct Workload {
     std::uint64_t seed;

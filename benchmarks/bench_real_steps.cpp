@@ -27,6 +27,7 @@
 // micro-batch meets a transient OOM (another process's burst) at one of its
 // allocations, chosen at random.
 #include <oomguard/adaptive_batch.hpp>
+#include <oomguard/detail/random.hpp>
 #include <oomguard/device_buffer.hpp>
 #include <oomguard/simulated_devices.hpp>
 
@@ -44,17 +45,12 @@ namespace {
 
 constexpr int kWorkloads = 300;
 constexpr int kGlobalBatches = 12;
-constexpr std::size_t MiB = std::size_t{1} << 20;
 using Budget = MemoryBudget<SimulatedDevices>;
 using Buffer = DeviceBuffer<SimulatedDevices>;
 
-std::uint64_t mix(std::uint64_t x) {
-    x += 0x9e3779b97f4a7c15ULL;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-}
-double unit(std::uint64_t x) { return static_cast<double>(mix(x) >> 11) / 9007199254740992.0; }
+// A hash of the seed, and a uniform [0, 1) from it: the first draw of a SplitMix64.
+std::uint64_t mix(std::uint64_t x) { return detail::SplitMix64(x).next(); }
+double unit(std::uint64_t x) { return detail::SplitMix64(x).uniform(); }
 std::size_t scaled(double x) { return static_cast<std::size_t>(x); }
 
 struct Model {
