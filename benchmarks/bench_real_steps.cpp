@@ -16,6 +16,7 @@
 //   vs_largest_mean, _worst       the same against the largest size that fits at all (a size may fit
 //                                 by the luck of its workspace choice where a smaller one does not)
 //   further_mean, further_max     failed attempts in the first global batch after its first OOM
+//   later_mean, later_max         failed attempts in the 11 batches after it (probes at batch starts)
 //   thrown_mean                   completed samples rolled back per recovery, in global batches
 //   stable_mean                   global batches until the plan stops changing
 //   given_up                      global batches given up (recovery_failed), over all workloads
@@ -153,7 +154,7 @@ struct Run {
 };
 
 struct Outcome {
-    double ratio = 0, ratio_largest = 0, further = 0, thrown = 0, stable = 0, given_up = 0;
+    double ratio = 0, ratio_largest = 0, further = 0, later = 0, thrown = 0, stable = 0, given_up = 0;
 };
 
 Outcome recover(Model const& w, ShrinkPolicy policy, bool resume, double fault_rate) {
@@ -179,6 +180,7 @@ Outcome recover(Model const& w, ShrinkPolicy policy, bool resume, double fault_r
             ++recoveries;
             if (i == 0) out.further = static_cast<double>(c.ooms - ooms_before - 1);
         }
+        if (i > 0) out.later += static_cast<double>(c.ooms - ooms_before);
         out.thrown += static_cast<double>(c.wasted_samples - wasted_before) / static_cast<double>(w.start);
         ooms_before = c.ooms;
         wasted_before = c.wasted_samples;
@@ -195,9 +197,10 @@ void real_steps(benchmark::State& state, ShrinkPolicy policy, bool resume) {
     int const family = static_cast<int>(state.range(0));
     double const fault_rate = static_cast<double>(state.range(1)) / 100.0;
     double ratio_sum = 0, ratio_worst = 1e9, largest_sum = 0, largest_worst = 1e9, further_sum = 0, further_max = 0,
-           thrown_sum = 0, stable_sum = 0, given_up = 0;
+           later_sum = 0, later_max = 0, thrown_sum = 0, stable_sum = 0, given_up = 0;
     for (auto _ : state) {
-        ratio_sum = largest_sum = further_sum = further_max = thrown_sum = stable_sum = given_up = 0;
+        ratio_sum = largest_sum = further_sum = further_max = later_sum = later_max = thrown_sum = stable_sum =
+            given_up = 0;
         ratio_worst = largest_worst = 1e9;
         for (int i = 0; i < kWorkloads; ++i) {
             Model w = Model::make(static_cast<std::uint64_t>(i) + 1 + static_cast<std::uint64_t>(family) * 100003, family);
@@ -208,6 +211,8 @@ void real_steps(benchmark::State& state, ShrinkPolicy policy, bool resume) {
             largest_worst = std::min(largest_worst, out.ratio_largest);
             further_sum += out.further;
             further_max = std::max(further_max, out.further);
+            later_sum += out.later;
+            later_max = std::max(later_max, out.later);
             thrown_sum += out.thrown;
             stable_sum += out.stable;
             given_up += out.given_up;
@@ -219,6 +224,8 @@ void real_steps(benchmark::State& state, ShrinkPolicy policy, bool resume) {
     state.counters["vs_largest_worst"] = largest_worst;
     state.counters["further_mean"] = further_sum / kWorkloads;
     state.counters["further_max"] = further_max;
+    state.counters["later_mean"] = later_sum / kWorkloads;
+    state.counters["later_max"] = later_max;
     state.counters["thrown_mean"] = thrown_sum / kWorkloads;
     state.counters["stable_mean"] = stable_sum / kWorkloads;
     state.counters["given_up"] = given_up;

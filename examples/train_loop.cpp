@@ -158,22 +158,23 @@ int main(int argc, char** argv) {
         }
 #endif
 
-        auto options = [&](std::size_t bs) {
+        auto options = [&](std::size_t bs, bool resume) {
             BatchOptions o;
             o.global_batch = bs;
             o.max_attempts = 1000;
-            o.resume = args.resume;
+            o.resume = resume;
             o.apply(conf);
             return o;
         };
-        AdaptiveBatch train(options(args.bs));
-        AdaptiveBatch eval(options(args.eval_bs < NE ? args.eval_bs : NE));
+        AdaptiveBatch train(options(args.bs, args.resume));
+        // Evaluation steps only return their loss: nothing to undo, so they always resume.
+        AdaptiveBatch eval(options(args.eval_bs < NE ? args.eval_bs : NE, true));
         train.measure_with(budget);
         eval.measure_with(budget);
         // A short last batch (--samples not a multiple of --bs) keeps a plan of its own.
         std::unique_ptr<AdaptiveBatch> tail;
         if (N % args.bs != 0) {
-            tail.reset(new AdaptiveBatch(options(N % args.bs)));
+            tail.reset(new AdaptiveBatch(options(N % args.bs, args.resume)));
             tail->measure_with(budget);
         }
         Report report;
@@ -227,7 +228,7 @@ int main(int argc, char** argv) {
                         to_string(pl.precision), pl.device, train.counters().ooms + eval.counters().ooms);
         }
         // The loss of the final parameters over the whole training set, for comparing runs.
-        AdaptiveBatch final_pass(options(N));
+        AdaptiveBatch final_pass(options(N, true));
         double final_loss = final_pass.run([&](MicroBatch const& mb) { return step(0, mb, false); }).value;
         std::printf("%s", report.table().c_str());
         std::printf("final loss %.9g\n", final_loss / static_cast<double>(N));

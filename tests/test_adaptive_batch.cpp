@@ -528,6 +528,7 @@ TEST_CASE("a short remainder that fails never decides the plan: shrink from the 
     o.global_batch = 10;
     o.micro_batch = 8;
     AdaptiveBatch a(o);
+    a.measure_with(w.budget);  // tells a fault (the device had room) from the remainder's own need
     int fails = 4;  // the trailing micro-batch of 2 fails four times
     std::vector<std::size_t> sizes;
     a.run([&](MicroBatch const& mb) {
@@ -752,4 +753,73 @@ TEST_CASE("predictive calibrates inside the retried batch, keeps that work, and 
     std::size_t total = 0;
     for (std::size_t i = 1; i < sizes.size(); ++i) total += sizes[i];
     CHECK(total == 256);
+}
+
+TEST_CASE("with resume, attempts that kept a micro-batch do not count toward max_attempts") {
+    for (bool resume : {true, false}) {
+        CAPTURE(resume);
+        Workload w(1024 * KiB, 0, KiB);
+        BatchOptions o;
+        o.global_batch = 64;
+        o.micro_batch = 4;
+        o.max_attempts = 3;
+        o.resume = resume;
+        AdaptiveBatch a(o);
+        a.measure_with(w.budget);
+        std::size_t calls = 0;
+        auto step = [&](MicroBatch const& mb) {
+            if (++calls % 2 == 0) w.gpus.fail_next(0, 1);  // every other micro-batch meets a burst
+            w.step(mb);
+        };
+        if (resume) {
+            BatchResult r = a.run(step, [] {}, [] {});
+            CHECK(r.attempts > 3);  // many attempts, each one kept a micro-batch
+            CHECK(a.counters().give_ups == 0);
+        } else {
+            CHECK_THROWS_AS(a.run(step, [] {}, [] {}), recovery_failed);
+        }
+    }
+}
+
+TEST_CASE("with resume, a give-up by an error in the failure path still undoes the kept micro-batches") {
+    Workload w(1024 * KiB, 0, KiB);
+    BatchOptions o;
+    o.global_batch = 32;
+    o.micro_batch = 8;
+    o.resume = true;
+    o.transient_retries = 0;
+    o.policy = ShrinkPolicy::custom([](ShrinkContext const&, void*) -> std::size_t {
+        throw std::runtime_error("policy bug");
+    });
+    AdaptiveBatch a(o);
+    int applied = 0, rollbacks = 0;
+    CHECK_THROWS_WITH_AS(a.run(
+                             [&](MicroBatch const& mb) {
+                                 if (mb.offset == 16) w.gpus.fail_next(0, 1);
+                                 w.step(mb);
+                                 ++applied;
+                             },
+                             [] {},
+                             [&] {
+                                 ++rollbacks;
+                                 applied = 0;
+                             }),
+                         "policy bug", std::runtime_error);
+    CHECK(rollbacks == 1);
+    CHECK(applied == 0);
+}
+
+TEST_CASE("reduce: a null combine is a bad argument; one that throws leaves the batch uncommitted") {
+    BatchOptions o;
+    o.global_batch = 8;
+    AdaptiveBatch a(o);
+    int (*null_combine)(int, int) = nullptr;
+    CHECK_THROWS_WITH_AS(a.reduce([](MicroBatch const&) { return 1; }, 0, null_combine),
+                         doctest::Contains("the combine is empty"), std::invalid_argument);
+    int commits = 0;
+    CHECK_THROWS_WITH_AS(a.reduce([](MicroBatch const&) { return 1; }, 0,
+                                  [](int, int) -> int { throw std::runtime_error("combine bug"); }, [&] { ++commits; },
+                                  [] {}),
+                         "combine bug", std::runtime_error);
+    CHECK(commits == 0);
 }

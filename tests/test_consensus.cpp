@@ -594,4 +594,4 @@ TEST_CASE("resume under consensus: every rank keeps the same micro-batches; with
 }
 
 // The README quotes the ballot's size (19 integers, 152 bytes per round).
-static_assert(detail::Ballot::count == 21, "update the README's consensus cost");
+static_assert(detail::Ballot::count == 23, "update the README's consensus cost");

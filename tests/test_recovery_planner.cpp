@@ -31,6 +31,16 @@ Observation released(Observation o, std::size_t bytes) {
     o.released = bytes;
     return o;
 }
+Observation short_remainder(Observation o) {
+    o.failed_short = true;
+    return o;
+}
+Observation within_reach(Observation o) {  // held + asked below what was available, and the device had room
+    o.need = 100;
+    o.available = 1000;
+    o.device_had_room = true;
+    return o;
+}
 Observation commit_oom() {
     Observation o;
     o.outcome = Outcome::commit_oom;
@@ -95,14 +105,18 @@ TEST_CASE("planner table: every action for every kind of observation") {
              for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(oom(64)).action == PlanAction::retry_same);
          },
          oom(64), PlanAction::shrink, 32, Precision::fp32},
-        {"the short remainder failed after a full micro-batch completed: the plan's size is what counts",
-         options(10, 8), nothing, oom(8, 1), PlanAction::retry_same, 8, Precision::fp32},
-        {"the remainder keeps failing: shrink from the plan's size, not from the remainder", options(10, 8),
+        {"a short remainder fails, within reach: a transient, retried at the plan's size", options(10, 8),
+         nothing, within_reach(short_remainder(oom(8, 1))), PlanAction::retry_same, 8, Precision::fp32},
+        {"the remainder keeps failing within reach: shrink from the plan's size, not from the remainder",
+         options(10, 8),
          [](RecoveryPlanner& p) {
              p.begin_batch();
-             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(oom(8, 1)).action == PlanAction::retry_same);
+             for (int i = 0; i < 3; ++i)
+                 REQUIRE(p.on_attempt(within_reach(short_remainder(oom(8, 1)))).action == PlanAction::retry_same);
          },
-         oom(8, 1), PlanAction::shrink, 4, Precision::fp32},
+         within_reach(short_remainder(oom(8, 1))), PlanAction::shrink, 4, Precision::fp32},
+        {"a short remainder that fails by its own need, though 8 completed: shrink from 8 at once",
+         options(10, 8), proven_64, short_remainder(oom(8, 1)), PlanAction::shrink, 4, Precision::fp32},
         {"at the minimum, never completed: the next precision", with_precisions(options(8, 1)), nothing, oom(1),
          PlanAction::next_precision, 1, Precision::bf16},
         {"at the minimum after it completed: transient retries, then the next precision",
@@ -170,9 +184,20 @@ TEST_CASE("planner table: every action for every kind of observation") {
              Observation o = oom(64);
              o.need = 1000;
              o.available = 4000;
+             o.device_had_room = true;
              return o;
          }(),
          PlanAction::retry_same, 64, Precision::fp32},
+        {"asking less than the budget had, but the device itself was full (memory held elsewhere): shrink",
+         options(64), nothing,
+         [] {
+             Observation o = oom(64);
+             o.need = 1000;
+             o.available = 4000;
+             o.device_had_room = false;
+             return o;
+         }(),
+         PlanAction::shrink, 32, Precision::fp32},
         {"OOM asking more than was available: this size's need, shrink", options(64), nothing,
          [] {
              Observation o = oom(64);
@@ -372,4 +397,24 @@ TEST_CASE("planner: the precision comes back after clean batches even with grow_
         q.on_attempt(done());
     }
     CHECK(q.plan().precision == Precision::bf16);
+}
+
+TEST_CASE("planner: a calibration segment cut short by the remainder leaves the measured calibration size") {
+    BatchOptions o = options(40);
+    o.policy = ShrinkPolicy::predictive(0.02);
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    Observation first = oom(40);
+    first.available = 1000;
+    REQUIRE(p.on_attempt(first).action == PlanAction::shrink);
+    REQUIRE(p.attempt().calibration == 2);  // 40 / 16 and 40 / 8 -> 2 and 5
+    REQUIRE(p.attempt().plan.micro_batch == 5);
+    // Only the calibration micro-batch and short ones completed: 5 was never measured.
+    Observation cut;
+    cut.calibration_done = true;
+    cut.calibration_peak = 200;
+    cut.available = 1000;
+    Decision d = p.on_attempt(cut);
+    CHECK(d.action == PlanAction::commit);
+    CHECK(d.to.micro_batch == 2);
 }

@@ -270,15 +270,23 @@ public:
     template <class T, class Step, class Combine, class Commit, class Rollback>
     Reduced<T> reduce(Step&& step, T init, Combine combine, Commit&& commit, Rollback&& rollback) {
         require_callable(step, "step");
+        require_callable(combine, "combine");
+        require_callable(commit, "commit");
         require_callable(rollback, "rollback");
         std::vector<T> kept;  // one result per kept micro-batch
-        BatchResult r = run([&](MicroBatch const& mb) { kept.push_back(step(mb)); }, commit,
+        T value = init;
+        // Folded before commit: a combine that throws leaves the batch uncommitted.
+        BatchResult r = run([&](MicroBatch const& mb) { kept.push_back(step(mb)); },
+                            [&] {
+                                value = init;
+                                for (T const& x : kept) value = combine(std::move(value), x);
+                                commit();
+                            },
                             [&] {
                                 rollback();
                                 kept.clear();
                             });
-        for (T& x : kept) init = combine(std::move(init), std::move(x));
-        return Reduced<T>{r, std::move(init)};
+        return Reduced<T>{r, std::move(value)};
     }
 
     /// reduce() with nothing to commit or roll back: evaluation.
@@ -347,6 +355,7 @@ private:
     // What this rank saw in one attempt.
     struct Local {
         bool oom = false, aborted = false, commit_oom = false, calibration_done = false, failed_calibration = false;
+        bool failed_short = false, room = false;  // the failed micro-batch: a short remainder; the device had room
         std::size_t start = 0;          // where in the global batch this attempt began
         std::size_t failed_planned = 0, failed_size = 0, samples_done = 0, micro_batches = 0, full_done = 0;
         std::size_t full_peak = 0, calibration_peak = 0, need = 0, available = 0;
@@ -471,7 +480,10 @@ private:
         b.set_any(Ballot::any_error, err != nullptr);
         if (failed_here) b.set_min(Ballot::released, released);
         Ballot t = agree(b);
-        if (t.any(Ballot::any_error)) fail_together(err, l, history);
+        if (t.any(Ballot::any_error)) {
+            if (keep && kept > 0) roll_back(rollback, at.number);  // the kept micro-batches go too
+            fail_together(err, l, history);
+        }
         obs.released = t.min_or_zero(Ballot::released);
         last_observation_ = obs;
 
@@ -490,9 +502,13 @@ private:
             v.set_any(Ballot::any_error, err != nullptr);
             v.set_all(Ballot::all_failover, moved);
             Ballot r = agree(v);
-            if (r.any(Ballot::any_error)) fail_together(err, l, history);
+            if (r.any(Ballot::any_error)) {
+                if (keep && kept > 0) roll_back(rollback, at.number);
+                fail_together(err, l, history);
+            }
             moved = r.all(Ballot::all_failover);
         } else if (err) {
+            if (keep && kept > 0) roll_back(rollback, at.number);
             std::rethrow_exception(err);
         }
         if (d.action == PlanAction::failover) d = moved ? planner_.failed_over(next_device) : planner_.no_failover();
@@ -581,8 +597,10 @@ private:
                 l.failed_planned = planned;
                 l.failed_size = n;
                 l.failed_calibration = index == 0 && at.calibration != 0;
+                l.failed_short = n < planned;
                 capture(std::current_exception(), l.info, l.what);
-                if (n == planned) l.need = failure_need(meter, l.info);
+                l.room = l.info.requested_known && l.info.free != oom_info::unknown && l.info.free >= l.info.requested;
+                l.need = failure_need(meter, l.info);
             }
         }
         // A sync point that threw marks the attempt aborted even when the step
@@ -600,7 +618,11 @@ private:
         Ballot b(serial_, phase_end);
         b.set_any(Ballot::any_oom, l.oom);
         b.set_any(Ballot::any_aborted, l.aborted);
-        if (l.oom) b.set_min(Ballot::failed_size, l.failed_planned);
+        if (l.oom) {
+            b.set_min(Ballot::failed_size, l.failed_planned);
+            b.set_any(Ballot::any_short, l.failed_short);
+            b.set_all(Ballot::all_room, l.room);
+        }
         b.set_all(Ballot::calibration_done, l.calibration_done);
         b.set_min(Ballot::full_done, l.full_done);
         b.set_max(Ballot::calibration_peak, l.calibration_peak);
@@ -621,6 +643,8 @@ private:
     static Observation observation(Ballot const& t, Attempt const& at) noexcept {
         Observation o;
         o.failed_size = t.min_or_zero(Ballot::failed_size);
+        o.failed_short = t.any(Ballot::any_short);
+        o.device_had_room = o.failed_size != 0 && t.all(Ballot::all_room);
         bool const in_calibration = at.calibration != 0 && o.failed_size == at.calibration;
         o.calibration_done = t.all(Ballot::calibration_done);
         o.calibration_peak = t.max(Ballot::calibration_peak);

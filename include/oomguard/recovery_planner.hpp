@@ -39,7 +39,8 @@ struct BatchOptions {
     std::size_t micro_batch = 0;       ///< starting micro-batch m, in [min_micro_batch, G]; 0: G
     std::size_t min_micro_batch = 1;   ///< never shrink below this
     std::vector<Precision> precisions{Precision::fp32};  ///< the ladder, tried in order
-    unsigned max_attempts = 64;        ///< attempts per global batch before giving up
+    unsigned max_attempts = 64;        ///< attempts per global batch before giving up (with resume,
+                                       ///< an attempt that kept a micro-batch does not count)
     std::size_t grow_after = 0;        ///< grow the size back after this many clean global batches (0: never)
     std::size_t restore_precision_after = 100;  ///< try the previous precision again after this many
                                                 ///< clean global batches (0: never)
@@ -116,6 +117,9 @@ struct Observation {
     std::size_t need = 0;              ///< the failed micro-batch needed at least this: held + requested (0: unknown)
     std::size_t available = 0;         ///< bytes a step could use when the attempt began (the least; 0: unknown)
     std::size_t released = 0;          ///< bytes the cache release freed on every rank that failed (the least)
+    bool failed_short = false;         ///< the failed micro-batch was a short remainder (on some rank)
+    bool device_had_room = false;      ///< the device had room for the failed request when it failed
+                                       ///< (on every rank that failed): the failure was not this size's need
 };
 
 /// What the planner decided.
@@ -236,9 +240,13 @@ public:
             failed = o.failed_size;
             // What a failed micro-batch held plus what it asked for is a lower
             // bound on what that size needs, never a measurement of it.
-            if (o.need != 0) opt_.policy.bound(failed, o.need);
+            // (A short remainder's need says nothing of the planned size.)
+            if (o.need != 0 && !o.failed_short) opt_.policy.bound(failed, o.need);
         }
-        if (attempt_.number >= opt_.max_attempts) return give_up(ran, "the attempt limit was reached");
+        // With resume, an attempt that kept a micro-batch made progress: only the
+        // attempts that did not count toward the limit.
+        if (!(opt_.resume && (o.full_done > 0 || o.calibration_done))) ++charged_;
+        if (charged_ >= opt_.max_attempts) return give_up(ran, "the attempt limit was reached");
         Decision d = next_rung(ran, failed, o);
         if (d.action != PlanAction::failover && d.action != PlanAction::give_up)
             attempt_ = Attempt{plan_, calibration_, attempt_.number + 1, segment_};
@@ -368,6 +376,11 @@ private:
         std::size_t next = ran.micro_batch;
         if (pending_failure_ != 0 && o.full_done > 0) {
             next = jump_size(o);  // the calibration segment ended the batch: jump at the next
+        } else if (pending_failure_ != 0) {
+            // A short remainder ended the segment before its second size ran:
+            // only the calibration size is measured.
+            if (attempt_.calibration != 0 && o.calibration_done) next = attempt_.calibration;
+            pending_failure_ = 0;
         } else if (o.full_done > 0) {
             // Bisection and predictive probe upward here, at the start of the next
             // global batch, where a failure costs no completed micro-batch.
@@ -412,8 +425,11 @@ private:
         // size's need, and shrinking would only add micro-batches, each one more
         // chance to fail. Retry it a bounded number of times in a row -- at the
         // minimum too -- then walk on down the ladder.
-        bool const within_reach = o.need != 0 && o.available != 0 && o.need <= o.available;
-        if (failed <= proven_ || within_reach) {
+        // A short remainder is not the size that completed before: it is retried
+        // only when the failure was within reach.
+        bool const within_reach =
+            o.need != 0 && o.available != 0 && o.need <= o.available && o.device_had_room;
+        if ((failed <= proven_ && !o.failed_short) || within_reach) {
             if (same_retries_ < opt_.transient_retries) {
                 ++same_retries_;
                 return retry_same(ran, o);
@@ -485,6 +501,7 @@ private:
     }
 
     void clear_batch_state() noexcept {
+        charged_ = 0;
         failover_pending_ = false;
         same_retries_ = 0;
         release_retried_ = false;
@@ -511,6 +528,7 @@ private:
     Growing growing_ = Growing::none;  // this global batch began with a grow-back
     // This global batch only:
     unsigned same_retries_ = 0;       // transient retries of the current size
+    unsigned charged_ = 0;            // attempts that count toward max_attempts
     bool release_retried_ = false;    // the retry after a release was used for this size
     bool failover_pending_ = false;   // a failover decision awaits failed_over or no_failover
     std::size_t pending_failure_ = 0; // the size whose failure the calibration attempt answers

@@ -20,6 +20,8 @@ public:
         any_aborted,             // a step left a sync point because another rank had failed
         any_error,               // oomguard's failure path threw (rollback, release, policy, failover hook)
         any_commit_oom, all_commit_oom,
+        any_short,               // a failed micro-batch was a short remainder
+        all_room,                // every failed rank's device had room for the failed request
         failed_size,             // the planned size of the micro-batch that failed (smallest)
         calibration_done,        // the calibration micro-batch completed (all)
         full_done,               // full-size micro-batches completed (fewest)
