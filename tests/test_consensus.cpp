@@ -593,5 +593,5 @@ TEST_CASE("resume under consensus: every rank keeps the same micro-batches; with
     CHECK(std::string(outcome_of(errors[1])) == "logic_error");
 }
 
-// The README quotes the ballot's size (19 integers, 152 bytes per round).
+// The README quotes the ballot's size (23 integers, 184 bytes per round).
 static_assert(detail::Ballot::count == 23, "update the README's consensus cost");
