@@ -113,6 +113,7 @@ TEST_CASE("an OOM shrinks the micro-batch, rolls back, and retries the same samp
     BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); }, [&] { ++commits; }, [&] { ++rollbacks; });
     CHECK(r.plan.micro_batch == 32);  // 256 -> 128 -> 64 -> 32
     CHECK(r.attempts == 4);
+    CHECK(r.micro_batches == 8);  // of the committed attempt only
     CHECK(rollbacks == 3);
     CHECK(commits == 1);
     CHECK(a.counters().ooms == 3);
@@ -674,6 +675,7 @@ TEST_CASE("resume: an OOM in micro-batch k keeps 1..k-1 and retries from k; roll
     CHECK(offsets == std::vector<std::size_t>{0, 8, 16, 24, 24, 32});
     CHECK(rollbacks == 0);
     CHECK(r.attempts == 2);
+    CHECK(r.micro_batches == 5);  // the kept ones: 0, 8, 16, then 24 and 32
     CHECK(a.counters().wasted_samples == 0);
 
     // A give-up undoes the kept micro-batches too.

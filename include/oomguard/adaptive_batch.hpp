@@ -374,7 +374,7 @@ private:
         std::vector<AttemptRecord> history;
         std::size_t const G = planner_.options().global_batch;
         std::size_t done = 0;       // samples of this global batch completed and kept
-        std::size_t micro_batches = 0;
+        std::size_t micro_batches = 0;  // kept micro-batches of this global batch
         for (;;) {
             Attempt const at = planner_.attempt();
             ++serial_;
@@ -387,7 +387,6 @@ private:
                 protocol_error("a rank left a MicroBatch::sync() because another rank had ended its step without "
                                "failing: the ranks called sync() a different number of times");
             Observation obs = observation(t, at);
-            last_observation_ = obs;
             if (!t.any(Ballot::any_oom) && l.samples_done < G) {
                 // The segment (the calibration micro-batches) held: go on at the fitted size.
                 obs.outcome = Observation::Outcome::segment_done;
@@ -440,6 +439,7 @@ private:
                 obs.outcome = Observation::Outcome::step_oom;
             }
             done = recover(at, l, obs, t, history, rollback);
+            if (done == 0) micro_batches = 0;  // rolled back: only kept micro-batches count
         }
     }
 
