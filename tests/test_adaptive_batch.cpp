@@ -825,3 +825,26 @@ TEST_CASE("reduce: a null combine is a bad argument; one that throws leaves the 
                          "combine bug", std::runtime_error);
     CHECK(commits == 0);
 }
+
+TEST_CASE("a give-up after many attempts still shows the last error and its advice first") {
+    Workload w(64 * KiB, 0, 80 * KiB);  // not even one sample fits
+    BatchOptions o;
+    o.global_batch = 64;
+    o.max_attempts = 30;
+    o.transient_retries = 100;
+    AdaptiveBatch a(o);
+    a.measure_with(w.budget);
+    try {
+        a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
+        FAIL("expected recovery_failed");
+    } catch (recovery_failed const& e) {
+        std::string s = e.what();
+        CAPTURE(s);
+        CHECK(s.find("gave up on a global batch of 64 after 7 attempts") != std::string::npos);
+        CHECK(s.find("last error: oomguard: out of memory") < s.find("attempts: ["));
+        CHECK(s.find("Advice:") != std::string::npos);
+        CHECK(s.find("... (2 more) ...") != std::string::npos);
+        CHECK(s.find("[m=64 fp32 GPU 0, failed at 64 after 0 samples]") != std::string::npos);
+        CHECK(s.find("[m=1 fp32 GPU 0, failed at 1 after 0 samples]") != std::string::npos);
+    }
+}

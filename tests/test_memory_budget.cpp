@@ -236,3 +236,17 @@ TEST_CASE("4 threads x 100000 random allocate/free pairs: the cap holds and all 
     MESSAGE("allocations " << budget.allocations() << ", denials " << budget.denials() << ", peak "
                            << budget.peak() << " of cap " << cap);
 }
+
+TEST_CASE("the peak counts only what the device accepted; an uncapped budget's OOM says what it holds") {
+    SimulatedDevices gpus(1, 1024 * 1024);
+    MemoryBudget<SimulatedDevices> b(gpus, 0, Limit::unlimited());
+    void* p = b.allocate(768 * 1024);
+    CHECK_THROWS_AS(b.allocate(512 * 1024), out_of_memory);  // the device refuses it
+    CHECK(b.peak() == 768 * 1024);
+    try {
+        b.allocate(512 * 1024);
+    } catch (out_of_memory const& e) {
+        CHECK(std::string(e.what()).find("768.00 KiB already allocated through this budget") != std::string::npos);
+    }
+    b.deallocate(p, 768 * 1024);
+}

@@ -812,10 +812,20 @@ private:
 
     [[noreturn]] void give_up(Local const& l, std::vector<AttemptRecord>& history, char const* why) {
         ++counters_.give_ups;
+        // The last error and its advice first: the text has a fixed room, and a
+        // long attempt list is elided in the middle rather than cut at the end.
         detail::Message m;
         m << "oomguard: adaptive_batch gave up on a global batch of " << planner_.options().global_batch
-          << " after " << static_cast<unsigned long>(history.size()) << " attempts (" << why << "):";
-        for (auto const& a : history) {
+          << " after " << static_cast<unsigned long>(history.size()) << " attempts (" << why << "); last error: "
+          << (l.what.view().empty() ? "another rank ran out of device memory" : l.what.view()) << "; attempts:";
+        std::size_t const n = history.size(), head = 2, tail = 3;
+        for (std::size_t k = 0; k < n; ++k) {
+            if (n > head + tail + 1 && k == head) {
+                m << " ... (" << static_cast<unsigned long>(n - head - tail) << " more) ...";
+                k = n - tail - 1;
+                continue;
+            }
+            AttemptRecord const& a = history[k];
             m << " [m=" << a.plan.micro_batch << ' ' << to_string(a.plan.precision) << " GPU " << a.plan.device;
             if (a.in_commit)
                 m << ", the commit failed";
@@ -825,7 +835,6 @@ private:
                 m << ", failed at " << a.failed_size;
             m << " after " << a.samples_done << " samples]";
         }
-        m << "; last error: " << (l.what.view().empty() ? "another rank ran out of device memory" : l.what.view());
         planner_.abandon();
         emit(BatchEventKind::give_up, plan(), plan(), l.info.requested, static_cast<unsigned>(history.size()),
              m.c_str());

@@ -60,6 +60,9 @@ inline Message describe(oom_info const& i) noexcept {
         m << "; ";
         figure(m, i.budget_used) << " held under this budget of ";
         figure(m, i.budget_limit);
+    } else if (i.budget_used != oom_info::unknown) {
+        m << "; ";  // an uncapped budget still knows what it holds (PyTorch's "already allocated")
+        figure(m, i.budget_used) << " already allocated through this budget";
     }
     if (i.source == oom_source::budget) {
         m << " (denied by the budget before the device was asked). Advice: lower the batch "

@@ -144,9 +144,11 @@ public:
     /// or cuda_error / no_device_error for any other failure, which it never retries.
     void* allocate(std::size_t bytes) {
         if (bytes == 0) return nullptr;
-        if (!take(bytes, count_one)) throw out_of_memory(denial(bytes, oom_source::budget, status{}));
+        std::size_t now = 0;
+        if (!take(bytes, count_one, now)) throw out_of_memory(denial(bytes, oom_source::budget, status{}));
         void* p = nullptr;
         status s = backend_->allocate(&p, bytes, device_);
+        if (s.ok()) raise_peak(now);  // what the device refused was never held
         if (!s.ok()) {
             give_back(bytes, count_one);
             if (s.kind == status_kind::out_of_memory) {
@@ -172,7 +174,12 @@ public:
 
     /// Takes `bytes` of the cap without allocating (memory a caller obtains some
     /// other way). False, and a denial counted, when it would exceed the cap.
-    bool try_reserve(std::size_t bytes) noexcept { return take(bytes, 0); }
+    bool try_reserve(std::size_t bytes) noexcept {
+        std::size_t now = 0;
+        if (!take(bytes, 0, now)) return false;
+        raise_peak(now);
+        return true;
+    }
 
     /// Like try_reserve, but returns an RAII Reservation or throws out_of_memory.
     Reservation<Backend> reserve(std::size_t bytes);
@@ -272,7 +279,9 @@ private:
     static constexpr std::uint64_t count_one = std::uint64_t{1} << count_shift;
     static constexpr std::uint64_t count_top = (std::uint64_t{1} << count_bits) - 1;
 
-    bool take(std::size_t bytes, std::uint64_t count) noexcept {
+    // Takes `bytes` of the cap; `now` is what is held with them (the caller
+    // raises the peak once the bytes are really held).
+    bool take(std::size_t bytes, std::uint64_t count, std::size_t& now) noexcept {
         std::uint64_t lim = limit_.load(std::memory_order_relaxed);
         std::uint64_t cur = word_.load(std::memory_order_relaxed);
         std::uint64_t held = 0;
@@ -286,10 +295,7 @@ private:
         } while (!word_.compare_exchange_weak(cur, cur + bytes + count, std::memory_order_relaxed));
         if (count != 0 && (cur >> count_shift) == count_top)
             count_wraps_.fetch_add(1, std::memory_order_relaxed);  // the count carried out
-        std::uint64_t now = held + bytes;
-        std::size_t pk = peak_.load(std::memory_order_relaxed);
-        while (now > pk && !peak_.compare_exchange_weak(pk, now, std::memory_order_relaxed)) {
-        }
+        now = held + bytes;
         return true;
     }
 
