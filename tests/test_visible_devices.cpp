@@ -41,13 +41,18 @@ TEST_CASE("CUDA_VISIBLE_DEVICES by CUDA's rules") {
         {"2,1", F, {2, 1}, ""},                                                // order preserved
         {"3,2,1,0", F, {3, 2, 1, 0}, ""},
         {" 1 , 3 ", F, {1, 3}, ""},                                            // spaces ignored
-        {"1,1", F, {1}, "'1' names a device already listed"},                  // duplicates
+        {"1,1", F, {}, "'1' names a device already listed: a repeated device makes CUDA show no device"},
+        {"0,0", F, {}, "no device at all"},                                    // repeated: the empty set
+        {"2,1,2", F, {}, "entry 3 '2' names a device already listed"},
+        {"GPU-aaaa1,0", F, {}, "names a device already listed"},              // the same GPU two ways
+        {"1gpu2,2", F, {1, 2}, "'1gpu2' reads as index 1"},                    // strtoul: leading digits
+        {"+2", F, {2}, ""},
         {"0,7", F, {0}, "'7' is past the last device (the machine has 4)"},
         {"99999999999999999999", F, {}, "is past the last device"},
         {"0,,1", F, {0}, "entry 2 '' is empty"},
         {"0,", F, {0}, "(it was the last entry)"},
         {"abc", F, {}, "'abc' is not an index, a GPU-<uuid> or a MIG-<uuid>"},
-        {"1x,0", F, {}, "and every entry after it ('0')"},
+        {"x1,0", F, {}, "and every entry after it ('0')"},
         {"GPU-aaaa2", F, {1}, ""},                                             // unique UUID prefix
         {"GPU-bbbb4444-0000-0000-0000-000000000000,0", F, {3, 0}, ""},         // full UUID, mixed
         {"GPU-aaaa", F, {}, "is a prefix of 2 GPUs' UUIDs (ambiguous)"},

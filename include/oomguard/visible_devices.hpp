@@ -7,10 +7,13 @@
 //  - set but empty: no device;
 //  - a comma-separated list of indices, `GPU-<uuid>` (a unique prefix is
 //    enough) or `MIG-<uuid>` entries; CUDA ordinals follow the list's order;
-//  - the list is cut at the first invalid entry: "0,2,-1,1" shows 0 and 2 only.
-// oomguard also cuts at an index past the last device, an ambiguous UUID
-// prefix, and a device listed twice, and says so in `warnings`. Spaces and
-// tabs around an entry are ignored.
+//  - the list is cut at the first invalid entry: "0,2,-1,1" shows 0 and 2 only;
+//  - an index is read as strtoul reads it, by its leading digits: "1gpu2" is 1;
+//  - a device listed twice makes the whole set empty (the driver's rule, as
+//    PyTorch's own parser documents it: "repeated ordinal results in empty set").
+// oomguard also cuts at an index past the last device and an ambiguous UUID
+// prefix, and says what it did in `warnings`. Spaces and tabs around an entry
+// are ignored.
 #pragma once
 
 #include <oomguard/detail/format.hpp>
@@ -133,12 +136,16 @@ inline VisibleDevices parse_visible_devices(char const* value, std::vector<Physi
         std::string why;
         std::size_t hit = physical.size();
         std::string mig;
+        std::size_t const sign = !e.empty() && e.front() == '+' ? 1 : 0;
+        std::size_t const digits_end = e.find_first_not_of("0123456789", sign);
+        std::size_t const digits = (digits_end == std::string_view::npos ? e.size() : digits_end) - sign;
         if (e.empty()) {
             why = "is empty";
-        } else if (e.find_first_not_of("0123456789") == std::string_view::npos) {
+        } else if (digits > 0) {
+            // Read as strtoul reads it: the leading digits, whatever follows.
             std::size_t idx = 0;
             bool overflow = false;
-            for (char c : e) {
+            for (char c : e.substr(sign, digits)) {
                 if (idx > 100000) overflow = true;
                 idx = idx * 10 + static_cast<std::size_t>(c - '0');
             }
@@ -146,6 +153,10 @@ inline VisibleDevices parse_visible_devices(char const* value, std::vector<Physi
                 why = "is past the last device (the machine has " + std::to_string(physical.size()) + ")";
             else
                 hit = enumeration[idx];
+            if (why.empty() && sign + digits < e.size())
+                out.warnings.push_back("CUDA_VISIBLE_DEVICES entry " + std::to_string(entry_no) + " '" +
+                                       std::string(e) + "' reads as index " + std::to_string(idx) +
+                                       ": CUDA reads an index by its leading digits and ignores the rest");
         } else if (detail::starts_with_nocase(e, "GPU-")) {
             std::size_t matches = 0;
             for (std::size_t p = 0; p < physical.size(); ++p)
@@ -176,8 +187,14 @@ inline VisibleDevices parse_visible_devices(char const* value, std::vector<Physi
             why = "is not an index, a GPU-<uuid> or a MIG-<uuid>";
         }
         if (why.empty()) {
-            for (auto const& v : out.devices)
-                if (v.physical == static_cast<int>(hit) && v.mig == mig) why = "names a device already listed";
+            for (auto const& v : out.devices) {
+                if (v.physical != static_cast<int>(hit) || v.mig != mig) continue;
+                out.warnings.push_back("CUDA_VISIBLE_DEVICES entry " + std::to_string(entry_no) + " '" +
+                                       std::string(e) + "' names a device already listed: a repeated device "
+                                       "makes CUDA show no device at all");
+                out.devices.clear();
+                return out;
+            }
         }
         if (!why.empty()) {
             std::string rest = comma == std::string_view::npos ? std::string() : std::string(text.substr(comma + 1));
