@@ -14,13 +14,11 @@ class PointerMap {
 public:
     std::size_t size() const noexcept { return size_; }
 
-    /// Inserts or overwrites. May throw std::bad_alloc when it grows.
+    /// Inserts or overwrites. May throw std::bad_alloc when it grows; the map
+    /// is then as it was.
     void insert(void* key, std::size_t value) {
         if ((size_ + 1) * 2 > slots_.size()) grow();
-        std::size_t i = home(key);
-        while (slots_[i].key != nullptr && slots_[i].key != key) i = (i + 1) & mask();
-        if (slots_[i].key == nullptr) ++size_;
-        slots_[i] = Slot{key, value};
+        place(key, value);
     }
 
     /// Removes `key`; false when it is not there. Writes its value to `value`.
@@ -68,13 +66,21 @@ private:
         x ^= x >> 33;
         return static_cast<std::size_t>(x) & mask();
     }
+    // With room assured: never allocates.
+    void place(void* key, std::size_t value) noexcept {
+        std::size_t i = home(key);
+        while (slots_[i].key != nullptr && slots_[i].key != key) i = (i + 1) & mask();
+        if (slots_[i].key == nullptr) ++size_;
+        slots_[i] = Slot{key, value};
+    }
+    // The bigger table is allocated before the old one is touched: if that
+    // fails, every live entry is still there (the leak check depends on it).
     void grow() {
-        std::vector<Slot> old;
-        old.swap(slots_);
-        slots_.assign(old.empty() ? 16 : old.size() * 2, Slot{});
+        std::vector<Slot> table(slots_.empty() ? 16 : slots_.size() * 2);
+        table.swap(slots_);
         size_ = 0;
-        for (auto const& s : old)
-            if (s.key != nullptr) insert(s.key, s.value);
+        for (auto const& s : table)
+            if (s.key != nullptr) place(s.key, s.value);
     }
     std::vector<Slot> slots_;
     std::size_t size_ = 0;
