@@ -11,6 +11,8 @@
 
 #include <doctest/doctest.h>
 
+#include <limits>
+
 #include <string>
 
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
@@ -140,5 +142,15 @@ TEST_CASE("a Thrust mr pool over the budget, released through the registry") {
     auto r = reg.add("thrust pool", 0, cache);
     ReleaseReport rep = reg.release_all();
     CHECK(rep.bytes() > 0);
+    CHECK(budget.used() == 0);
+}
+
+TEST_CASE("a temporary request above PTRDIFF_MAX is an out_of_memory, not a bad argument") {
+    Fixture f;
+    if (!f.usable()) return;
+    Budget budget(f.backend, 0, 1 << 20);
+    ThrustTemporaryAllocator<Backend> alloc(budget);
+    std::size_t const huge = static_cast<std::size_t>(std::numeric_limits<std::ptrdiff_t>::max()) + 1;
+    CHECK_THROWS_AS(alloc.allocate(huge), out_of_memory);
     CHECK(budget.used() == 0);
 }

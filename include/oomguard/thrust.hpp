@@ -90,14 +90,9 @@ public:
 
     explicit ThrustTemporaryAllocator(MemoryBudget<Backend>& budget) noexcept : budget_(&budget) {}
 
-    char* allocate(std::ptrdiff_t n) {
-        if (n < 0)
-            throw std::invalid_argument((detail::Message() << "oomguard: ThrustTemporaryAllocator::allocate("
-                                                           << static_cast<long long>(n)
-                                                           << "): a negative size")
-                                            .c_str());
-        return static_cast<char*>(budget_->allocate(static_cast<std::size_t>(n)));
-    }
+    /// Thrust asks in bytes, as a size_t: a request too large for any device is
+    /// an out_of_memory like any other, never a bad argument.
+    char* allocate(std::size_t n) { return static_cast<char*>(budget_->allocate(n)); }
     void deallocate(char* p, std::size_t n) noexcept { budget_->deallocate(p, n); }
 
     MemoryBudget<Backend>& budget() const noexcept { return *budget_; }
