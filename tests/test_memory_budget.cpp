@@ -250,3 +250,18 @@ TEST_CASE("the peak counts only what the device accepted; an uncapped budget's O
     }
     b.deallocate(p, 768 * 1024);
 }
+
+TEST_CASE("giving back more than is held is counted and changes nothing") {
+    SimulatedDevices gpus(1, 1 << 20);
+    Budget b(gpus, 0, Limit::bytes(1 << 20));
+    void* p = b.allocate(4096);
+    b.release(8192);  // a double free, or memory from another budget
+    CHECK(b.used() == 4096);
+    CHECK(b.allocations() == 1);
+    CHECK(b.accounting_errors() == 1);
+    void* q = b.allocate(4096);  // and the budget still works
+    b.deallocate(q, 4096);
+    b.deallocate(p, 4096);
+    CHECK(b.used() == 0);
+    CHECK(b.accounting_errors() == 1);
+}

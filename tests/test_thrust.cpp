@@ -154,3 +154,33 @@ TEST_CASE("a temporary request above PTRDIFF_MAX is an out_of_memory, not a bad 
     CHECK_THROWS_AS(alloc.allocate(huge), out_of_memory);
     CHECK(budget.used() == 0);
 }
+
+TEST_CASE("a Thrust vector moved, copied or swapped between budgets leaves each budget exact") {
+    Fixture f;
+    if (!f.usable()) return;
+    Budget b0(f.backend, 0, 1 << 20), b1(f.backend, 0, 1 << 20);
+    {
+        thrust_vector<int, Backend> a{ThrustAllocator<int, Backend>(b0)};
+        thrust_vector<int, Backend> c{ThrustAllocator<int, Backend>(b1)};
+        a.resize(500);
+        c.resize(1000);
+        a = std::move(c);  // a takes c's storage, and with it c's budget
+        CHECK(b0.used() == 0);
+        CHECK(b1.used() == 1000 * sizeof(int));
+        thrust_vector<int, Backend> d{ThrustAllocator<int, Backend>(b0)};
+        d.resize(10);
+        d = a;  // a copy on a's budget
+        CHECK(b0.used() == 0);
+        CHECK(b1.used() == 2000 * sizeof(int));
+        thrust_vector<int, Backend> e{ThrustAllocator<int, Backend>(b0)};
+        e.resize(7);
+        e.swap(d);
+        CHECK(b0.used() == 7 * sizeof(int));
+        CHECK(b1.used() == 2000 * sizeof(int));
+    }
+    CHECK(b0.used() == 0);
+    CHECK(b1.used() == 0);
+    CHECK(b0.accounting_errors() == 0);
+    CHECK(b1.accounting_errors() == 0);
+    CHECK(f.live() == 0);
+}

@@ -184,8 +184,13 @@ public:
     /// Like try_reserve, but returns an RAII Reservation or throws out_of_memory.
     Reservation<Backend> reserve(std::size_t bytes);
 
-    /// Gives back bytes taken by try_reserve.
-    void release(std::size_t bytes) noexcept { word_.fetch_sub(bytes, std::memory_order_relaxed); }
+    /// Gives back bytes taken by try_reserve. Giving back more than is held (a
+    /// double free, memory from another budget) changes nothing and is counted
+    /// in accounting_errors(): the bytes must not borrow from the allocation count.
+    void release(std::size_t bytes) noexcept { give_back(bytes, 0); }
+
+    /// Releases of more bytes than were held (see release()); 0 in a correct program.
+    std::uint64_t accounting_errors() const noexcept { return accounting_errors_.load(std::memory_order_relaxed); }
 
     /// Recomputes the cap from `limit` and the device's memory now. Lowering it
     /// below what is held is allowed: new requests are denied until enough is freed.
@@ -301,6 +306,11 @@ private:
 
     void give_back(std::size_t bytes, std::uint64_t count) noexcept {
         std::uint64_t old = word_.fetch_sub(bytes + count, std::memory_order_relaxed);
+        if ((old & bytes_mask) < bytes) {  // more than was held: undo, and count the misuse
+            word_.fetch_add(bytes + count, std::memory_order_relaxed);
+            accounting_errors_.fetch_add(1, std::memory_order_relaxed);
+            return;
+        }
         if (count != 0 && (old >> count_shift) == 0)
             count_wraps_.fetch_sub(1, std::memory_order_relaxed);  // the count borrowed
     }
@@ -309,6 +319,7 @@ private:
     // written by other budgets; the cold counters follow.
     alignas(64) std::atomic<std::uint64_t> word_{0};
     std::atomic<std::size_t> peak_{0};
+    std::atomic<std::uint64_t> accounting_errors_{0};
     std::atomic<std::size_t> limit_{max_limit};
     alignas(64) std::atomic<std::uint64_t> count_wraps_{0};
     std::atomic<std::size_t> denials_{0};

@@ -47,6 +47,12 @@ public:
     struct rebind {
         using other = ThrustAllocator<U, Backend>;
     };
+    // The storage goes where its allocator goes: a vector assigned, moved or
+    // swapped from one on another budget takes that budget with the storage, so
+    // each budget frees exactly what it allocated.
+    using propagate_on_container_copy_assignment = std::true_type;
+    using propagate_on_container_move_assignment = std::true_type;
+    using propagate_on_container_swap = std::true_type;
 
     /// Thrust default-constructs allocators in a few places; such a copy cannot
     /// allocate until it is assigned one bound to a budget.
