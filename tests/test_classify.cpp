@@ -46,6 +46,14 @@ TEST_CASE("text-only errors from Thrust and cudart wrappers") {
     CHECK_FALSE(is_device_oom(std::runtime_error("cudaErrorIllegalAddress: an illegal memory access")));
     CHECK_FALSE(is_device_oom(std::invalid_argument("bad batch")));
     CHECK_FALSE(is_device_oom(std::logic_error("index 7 past the end")));
+    CHECK(is_device_oom(std::runtime_error("cuMemAlloc failed: CUDA_ERROR_OUT_OF_MEMORY")));  // the driver API
+    CHECK(is_device_oom(std::runtime_error("std::bad_alloc: oomguard: out of memory: tried to allocate 4.00 KiB")));
+}
+
+TEST_CASE("host errors that say \"out of memory\" are not device OOMs") {
+    CHECK_FALSE(is_device_oom(std::runtime_error("loader: host ran out of memory while reading shard 7")));
+    CHECK_FALSE(is_device_oom(std::runtime_error("cudaHostAlloc: out of memory")));
+    CHECK_FALSE(is_device_oom(std::runtime_error("out of memory")));
 }
 
 TEST_CASE("libtorch's OOM is recognised by its text, its other errors are not") {

@@ -80,15 +80,22 @@ private:
     return OomRuleRegistration(rule);
 }
 
+namespace detail {
+/// The texts that name a device OOM: CUDA's own error names (the runtime's, which
+/// Thrust's bad_alloc and system_error keep, and the driver API's), libtorch's
+/// c10::OutOfMemoryError ("CUDA out of memory. Tried to allocate ..."), and
+/// oomguard's own message when another library passes it on as text. Never
+/// "out of memory" alone: a host loader or cudaHostAlloc says that too.
+constexpr char const* device_oom_texts[] = {"cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",
+                                            "CUDA out of memory", "oomguard: out of memory"};
+}  // namespace detail
+
 /// True when `e` reports a device out-of-memory:
 ///  - oomguard::out_of_memory;
 ///  - never an oomguard::cuda_error (sticky errors, no driver, bad arguments);
 ///  - a registered user rule says so;
-///  - any other exception whose text names cudaErrorMemoryAllocation or says
-///    "out of memory": Thrust's bad_alloc and system_error keep nothing but that
-///    text, and libtorch's c10::OutOfMemoryError ("CUDA out of memory. Tried to
-///    allocate ...") is recognised the same way, without a rule. A host `new`
-///    failure says only "std::bad_alloc" and is not a device OOM.
+///  - any other exception whose text holds one of detail::device_oom_texts.
+///    A host `new` failure says only "std::bad_alloc" and is not a device OOM.
 inline bool is_device_oom(std::exception const& e) noexcept {
     if (dynamic_cast<out_of_memory const*>(&e) != nullptr) return true;
     if (dynamic_cast<cuda_error const*>(&e) != nullptr) return false;
@@ -104,7 +111,9 @@ inline bool is_device_oom(std::exception const& e) noexcept {
         }
     }
     char const* w = e.what();
-    return detail::contains(w, "cudaErrorMemoryAllocation") || detail::contains(w, "out of memory");
+    for (char const* t : detail::device_oom_texts)
+        if (detail::contains(w, t)) return true;
+    return false;
 }
 
 /// Same question for an exception_ptr (for example one kept from another thread).
