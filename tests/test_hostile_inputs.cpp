@@ -4,6 +4,7 @@
 #include <oomguard/config.hpp>
 #include <oomguard/device_selector.hpp>
 #include <oomguard/simulated_devices.hpp>
+#include <oomguard/thread_consensus.hpp>
 #include <oomguard/trace.hpp>
 
 #include <doctest/doctest.h>
@@ -125,6 +126,42 @@ TEST_CASE("hostile inputs: a typed error naming the value, every time") {
         {"DeviceSelector none fits", Kind::runtime, "needs 16.00 EiB",
          [&] { DeviceSelector<Sim>(gpus, Nvml::none(), nullptr, nullptr).first_with_free(max); }},
         {"ScopedDevice", Kind::invalid_argument, "device 7 does not exist", [&] { ScopedDevice<Sim> s(gpus, 7); }},
+        {"CUDA_VISIBLE_DEVICES repeated", Kind::invalid_argument, "'0' names a device already listed",
+         [&] { parse_visible_devices("0,1,0", machine).require_all_valid(); }},
+        {"AdaptiveBatch::reduce", Kind::invalid_argument, "the combine is empty",
+         [] {
+             AdaptiveBatch a(batch(8));
+             int (*combine)(int, int) = nullptr;
+             a.reduce([](MicroBatch const&) { return 1; }, 0, combine);
+         }},
+        {"AdaptiveBatch::run nested", Kind::logic, "inside its own step",
+         [] {
+             AdaptiveBatch a(batch(8));
+             a.run([&](MicroBatch const&) { a.run([](MicroBatch const&) {}, [] {}, [] {}); }, [] {}, [] {});
+         }},
+        {"RecoveryPlanner::failed_over", Kind::invalid_argument, "failed_over(-7)",
+         [] {
+             BatchOptions o = batch(8);
+             o.micro_batch = o.min_micro_batch = 8;
+             RecoveryPlanner p(o);
+             p.allow_failover(true);
+             p.begin_batch();
+             Observation oom;
+             oom.outcome = Observation::Outcome::step_oom;
+             oom.failed_size = 8;
+             p.on_attempt(oom);
+             p.failed_over(-7);
+         }},
+        {"RecoveryPlanner::on_attempt", Kind::invalid_argument, "failed size 3 is not a planned size",
+         [] {
+             RecoveryPlanner p(batch(8));
+             p.begin_batch();
+             Observation oom;
+             oom.outcome = Observation::Outcome::step_oom;
+             oom.failed_size = 3;
+             p.on_attempt(oom);
+         }},
+        {"ThreadConsensus", Kind::invalid_argument, "at least 1 rank, got 0", [] { ThreadConsensus t(0); }},
         {"Trace::write", Kind::runtime, "/no/such/dir/t.json", [] { Trace t("/no/such/dir/t.json"); t.write(); }},
     };
     int checked = 0;
