@@ -136,3 +136,44 @@ TEST_CASE("a device buffer over the real backend code") {
     }
     CHECK(fake_cudart::live_allocations() == 0);
 }
+
+#ifdef OOMGUARD_DRIVER_TYPES_H
+#include <fstream>
+#include <regex>
+#include <sstream>
+
+// Every cudaError_t enumerator of the toolkit's driver_types.h, with its doc
+// comment: sticky exactly when the header says the process must be terminated.
+TEST_CASE("the classification table against every enumerator of driver_types.h") {
+    std::ifstream in(OOMGUARD_DRIVER_TYPES_H);
+    REQUIRE(in.good());
+    std::stringstream ss;
+    ss << in.rdbuf();
+    std::string text = ss.str();
+    std::size_t begin = text.find("enum __device_builtin__ cudaError");
+    REQUIRE(begin != std::string::npos);
+    std::string body = text.substr(begin, text.find("};", begin) - begin);
+    std::regex item(R"(/\*\*([\s\S]*?)\*/\s*(cudaError\w+)\s*=\s*(\d+))");
+    int enumerators = 0, sticky = 0;
+    for (std::sregex_iterator it(body.begin(), body.end(), item), end; it != end; ++it) {
+        std::string comment = std::regex_replace((*it)[1].str(), std::regex(R"(\s*\n\s*\*?)"), " ");
+        std::string name = (*it)[2].str();
+        int code = std::stoi((*it)[3].str());
+        bool must_restart = std::regex_search(comment, std::regex(R"(must\s+be\s+terminated)"));
+        status s = CudaRuntime::classify(static_cast<cudaError_t>(code));
+        CAPTURE(name);
+        CAPTURE(code);
+        CHECK((s.kind == status_kind::sticky) == must_restart);
+        CHECK((s.kind == status_kind::out_of_memory) == (name == "cudaErrorMemoryAllocation"));
+        CHECK((s.kind == status_kind::ok) == (code == 0));
+        ++enumerators;
+        sticky += must_restart ? 1 : 0;
+    }
+    CHECK(enumerators > 100);
+    CHECK(sticky >= 10);
+    MESSAGE("driver_types.h: " << enumerators << " enumerators, " << sticky << " sticky");
+    // At exit, not a missing driver: a plain cuda_error, without "check the driver" advice.
+    CHECK(CudaRuntime::classify(cudaErrorCudartUnloading).kind == status_kind::other);
+    CHECK(CudaRuntime::classify(cudaErrorContextIsDestroyed).kind == status_kind::other);
+}
+#endif

@@ -17,8 +17,10 @@ class CudaRuntime {
 public:
     static constexpr char const* backend_name = "cuda";
 
-    /// Classifies a cudart code. Sticky errors are the ones after which the
-    /// context is unusable (CUDA programming guide, "Error checking").
+    /// Classifies a cudart code. Sticky errors are exactly those of which CUDA
+    /// 13's driver_types.h says "to continue using CUDA, the process must be
+    /// terminated and relaunched" (test_cuda_runtime checks every enumerator of
+    /// the header against this table).
     static status classify(cudaError_t e) noexcept {
         status s;
         s.code = static_cast<int>(e);
@@ -33,14 +35,13 @@ public:
             case cudaErrorInitializationError:
             case cudaErrorSystemDriverMismatch:
             case cudaErrorCompatNotSupportedOnDevice:
-            case cudaErrorDevicesUnavailable:
-            case cudaErrorCudartUnloading: s.kind = status_kind::no_device; break;
+            case cudaErrorDevicesUnavailable: s.kind = status_kind::no_device; break;
             case cudaErrorInvalidValue:
             case cudaErrorInvalidDevice:
             case cudaErrorInvalidDevicePointer: s.kind = status_kind::invalid_argument; break;
+            case cudaErrorContained:
             case cudaErrorIllegalAddress:
             case cudaErrorLaunchTimeout:
-            case cudaErrorContextIsDestroyed:
             case cudaErrorAssert:
             case cudaErrorHardwareStackError:
             case cudaErrorIllegalInstruction:
@@ -48,7 +49,9 @@ public:
             case cudaErrorInvalidAddressSpace:
             case cudaErrorInvalidPc:
             case cudaErrorLaunchFailure:
-            case cudaErrorECCUncorrectable: s.kind = status_kind::sticky; break;
+            case cudaErrorTensorMemoryLeak:
+            case cudaErrorMpsClientTerminated:
+            case cudaErrorExternalDevice: s.kind = status_kind::sticky; break;
             default: s.kind = status_kind::other; break;
         }
         return s;
