@@ -265,3 +265,27 @@ TEST_CASE("giving back more than is held is counted and changes nothing") {
     CHECK(b.used() == 0);
     CHECK(b.accounting_errors() == 1);
 }
+
+TEST_CASE("set_limit from two threads while a third reads: the spec always matches the cap") {
+    SimulatedDevices gpus(1, 1 << 30);
+    Budget b(gpus, 0, Limit::bytes(1 << 20));
+    std::atomic<bool> stop{false};
+    std::atomic<int> mismatches{0};
+    auto setter = [&](std::size_t bytes) {
+        for (int i = 0; i < 2000; ++i) b.set_limit(Limit::bytes(bytes));
+    };
+    std::thread reader([&] {
+        while (!stop.load()) {
+            Limit spec = b.limit_spec();
+            (void)spec;
+        }
+    });
+    std::thread a(setter, std::size_t{1} << 20), c(setter, std::size_t{2} << 20);
+    a.join();
+    c.join();
+    stop = true;
+    reader.join();
+    Limit spec = b.limit_spec();
+    if (spec.resolve(0, 0) != b.limit()) ++mismatches;
+    CHECK(mismatches.load() == 0);
+}

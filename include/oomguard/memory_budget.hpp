@@ -4,6 +4,7 @@
 #pragma once
 
 #include <oomguard/backend.hpp>
+#include <oomguard/detail/spin_mutex.hpp>
 #include <oomguard/errors.hpp>
 
 #include <atomic>
@@ -214,12 +215,18 @@ public:
               << detail::format_bytes(max_limit) << "); give at most that, or Limit::unlimited()";
             detail::throw_invalid(m);
         }
+        // The spec and the cap change together: concurrent calls never leave one
+        // describing another's cap (the allocation path reads only limit_).
+        detail::SpinLock lock(spec_mutex_);
         spec_ = limit;
         limit_.store(cap, std::memory_order_relaxed);
     }
 
     std::size_t limit() const noexcept { return limit_.load(std::memory_order_relaxed); }
-    Limit const& limit_spec() const noexcept { return spec_; }
+    Limit limit_spec() const noexcept {
+        detail::SpinLock lock(spec_mutex_);
+        return spec_;
+    }
     std::size_t used() const noexcept { return word_.load(std::memory_order_relaxed) & bytes_mask; }
     /// Bytes still available under the cap (not what the device has free).
     std::size_t available() const noexcept {
@@ -328,6 +335,7 @@ private:
     Backend* backend_;
     int device_;
     Limit spec_;
+    mutable detail::SpinMutex spec_mutex_;  // spec_ and limit_ are set together
 };
 
 /// RAII hold on part of a budget's cap; released on destruction. Move-only.
