@@ -30,6 +30,7 @@ struct Machine {
             st.gpus.push_back({gpus.spec(i).uuid, gpus.spec(i).pci_bus_id, gpus.spec(i).name});
         st.memory = [](int i, std::size_t* f, std::size_t* t) { return g_sim->peek_memory(i, f, t).ok(); };
         st.memory_reads = 0;
+        st.fail_handle = -1;
     }
 };
 }  // namespace
@@ -170,4 +171,18 @@ TEST_CASE("ScopedDevice restores on exit and on exception") {
     CHECK(gpus.set_device_calls() == calls);  // no switch when already current
     CHECK_THROWS_WITH_AS(ScopedDevice<SimulatedDevices>(gpus, 5), doctest::Contains("device 5 does not exist"),
                          std::invalid_argument);
+}
+
+TEST_CASE("a GPU whose NVML handle fails keeps its index: no later GPU is read in its place") {
+    Machine m;
+    fake_nvml::state().fail_handle = 1;
+    Sel sel(m.gpus, Nvml::from(fake_nvml::api()), "0,2", nullptr);
+    VisibleDevice const* v = sel.visible().find(1);
+    REQUIRE(v != nullptr);
+    CHECK(v->physical == 2);
+    CHECK(v->uuid == "GPU-bbbb3333");  // CUDA 1 is NVML 2, not NVML 3
+    std::size_t free = 0, total = 0;
+    CHECK_FALSE(Nvml::from(fake_nvml::api()).memory(1, free, total));  // the failing one reads as unreadable
+    CHECK(Nvml::from(fake_nvml::api()).memory(2, free, total));
+    CHECK(total == 40 * GiB);
 }

@@ -93,16 +93,21 @@ public:
 
     bool available() const noexcept { return ok_; }
 
-    /// Every GPU of the machine, in NVML (PCI) order. Empty when unavailable.
+    /// Every GPU of the machine, in NVML (PCI) order: element i is NVML index i.
+    /// A GPU whose handle NVML cannot give keeps its place, with no identity (so
+    /// no later GPU takes its index). Empty when unavailable.
     std::vector<PhysicalDevice> physical_devices() const {
         std::vector<PhysicalDevice> out;
         unsigned n = 0;
         if (!ok_ || api_.count(&n) != 0) return out;
         for (unsigned i = 0; i < n; ++i) {
-            NvmlApi::Device d = nullptr;
-            if (api_.handle_by_index(i, &d) != 0) continue;
             PhysicalDevice p;
             p.index = static_cast<int>(i);
+            NvmlApi::Device d = nullptr;
+            if (api_.handle_by_index(i, &d) != 0) {
+                out.push_back(std::move(p));
+                continue;
+            }
             char buf[96];
             if (api_.uuid != nullptr && api_.uuid(d, buf, sizeof buf) == 0) p.uuid = buf;
             if (api_.name != nullptr && api_.name(d, buf, sizeof buf) == 0) p.name = buf;

@@ -20,6 +20,7 @@ struct State {
     std::vector<Gpu> gpus;
     bool (*memory)(int index, std::size_t* free, std::size_t* total) = nullptr;
     int memory_reads = 0;
+    int fail_handle = -1;  // NVML cannot give this index's handle
 };
 
 inline State& state() {
@@ -36,7 +37,7 @@ inline oomguard::NvmlApi api() {
         return 0;
     };
     a.handle_by_index = [](unsigned i, oomguard::NvmlApi::Device* d) {
-        if (i >= state().gpus.size()) return 2;
+        if (i >= state().gpus.size() || static_cast<int>(i) == state().fail_handle) return 2;
         *d = reinterpret_cast<oomguard::NvmlApi::Device>(static_cast<std::uintptr_t>(i) + 1);
         return 0;
     };
