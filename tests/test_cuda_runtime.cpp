@@ -177,3 +177,17 @@ TEST_CASE("the classification table against every enumerator of driver_types.h")
     CHECK(CudaRuntime::classify(cudaErrorContextIsDestroyed).kind == status_kind::other);
 }
 #endif
+
+TEST_CASE("a device that cannot be restored is the answer, and the allocation is undone") {
+    fake_cudart::reset({100 * MiB, 100 * MiB});
+    CudaRuntime cuda;
+    fake_cudart::refuse_set_device(0, cudaErrorDevicesUnavailable);  // another process took device 0
+    void* p = reinterpret_cast<void*>(1);
+    status s = cuda.allocate(&p, MiB, 1);
+    CHECK_FALSE(s.ok());
+    CHECK(s.code == static_cast<int>(cudaErrorDevicesUnavailable));
+    CHECK(p == nullptr);
+    CHECK(fake_cudart::live_bytes(1) == 0);           // not leaked
+    CHECK(fake_cudart::pending_error() == cudaSuccess);  // and not left pending
+    fake_cudart::refuse_set_device(-1, cudaSuccess);
+}

@@ -58,7 +58,11 @@ public:
     }
 
     status allocate(void** out, std::size_t bytes, int device) noexcept {
-        return on_device(device, [&] { return cudaMalloc(out, bytes); });
+        status s = on_device(device, [&] { return cudaMalloc(out, bytes); }, [&] {
+            (void)cudaFree(*out);  // the caller's device could not be restored: undo, report that
+            *out = nullptr;
+        });
+        return s;
     }
 
     status deallocate(void* p, std::size_t /*bytes*/, int device) noexcept {
@@ -125,9 +129,14 @@ public:
     }
 
 private:
-    /// Runs `f` with `device` current, restoring the caller's device after.
-    template <class F>
-    static status on_device(int device, F&& f) noexcept {
+    /// Runs `f` with `device` current, restoring the caller's device after. When
+    /// the restore fails (the caller's device went to another process in
+    /// exclusive mode, say), that failure is the answer: `undo` takes back what
+    /// `f` did, and the error is cleared from the thread, as the backend contract
+    /// asks. (Restoring creates the caller's device's primary context if the
+    /// thread had none yet; see the README.)
+    template <class F, class Undo = void (*)()>
+    static status on_device(int device, F&& f, Undo&& undo = [] {}) noexcept {
         int previous = 0;
         cudaError_t e = cudaGetDevice(&previous);
         if (e != cudaSuccess) return checked(e);
@@ -136,7 +145,13 @@ private:
             if (e != cudaSuccess) return checked(e);
         }
         e = f();
-        if (previous != device) (void)cudaSetDevice(previous);
+        if (previous != device) {
+            cudaError_t r = cudaSetDevice(previous);
+            if (r != cudaSuccess) {
+                if (e == cudaSuccess) undo();
+                return checked(r);
+            }
+        }
         return checked(e);
     }
 };

@@ -19,6 +19,8 @@ struct State {
     cudaError_t sticky = cudaSuccess;
     int fail_mallocs = 0;
     cudaError_t fail_code = cudaErrorMemoryAllocation;
+    int refuse_device = -1;  // cudaSetDevice to it fails (another process owns it)
+    cudaError_t refuse_code = cudaSuccess;
     int set_device_calls = 0, malloc_calls = 0, mem_get_info_calls = 0, trim_calls = 0;
     int pool_tag[64] = {};
     std::size_t pool_reserved[64] = {}, pool_used[64] = {}, pool_threshold[64] = {};
@@ -59,6 +61,7 @@ void reset(std::vector<std::size_t> const& capacities) {
     s.driver_error = cudaSuccess;
     s.sticky = cudaSuccess;
     s.fail_mallocs = 0;
+    s.refuse_device = -1;
     s.set_device_calls = s.malloc_calls = s.mem_get_info_calls = s.trim_calls = 0;
     for (int i = 0; i < 64; ++i) s.pool_reserved[i] = s.pool_used[i] = s.pool_threshold[i] = 0;
     current_device = 0;
@@ -72,6 +75,11 @@ void fail_next_mallocs(int n, cudaError_t e) {
     std::lock_guard<std::mutex> lock(state().m);
     state().fail_mallocs = n;
     state().fail_code = e;
+}
+void refuse_set_device(int device, cudaError_t e) {
+    std::lock_guard<std::mutex> lock(state().m);
+    state().refuse_device = device;
+    state().refuse_code = e;
 }
 void set_sticky(cudaError_t e) {
     std::lock_guard<std::mutex> lock(state().m);
@@ -139,6 +147,7 @@ cudaError_t CUDARTAPI cudaSetDevice(int device) {
     if (cudaError_t e = gate(s)) return e;
     if (device < 0 || static_cast<std::size_t>(device) >= s.capacity.size())
         return fail(cudaErrorInvalidDevice);
+    if (device == s.refuse_device) return fail(s.refuse_code);
     current_device = device;
     return cudaSuccess;
 }

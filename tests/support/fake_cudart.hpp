@@ -17,6 +17,9 @@ void reset(std::vector<std::size_t> const& capacities);
 void set_driver_error(cudaError_t e);
 /// The next `n` cudaMalloc calls fail with `e` (default: out of memory).
 void fail_next_mallocs(int n, cudaError_t e = cudaErrorMemoryAllocation);
+/// cudaSetDevice(device) fails with `e` from now on (exclusive-process mode, say:
+/// another process owns the device); -1 undoes it.
+void refuse_set_device(int device, cudaError_t e);
 /// Puts a sticky error on the context: every later call returns it.
 void set_sticky(cudaError_t e);
 
