@@ -186,3 +186,36 @@ TEST_CASE("a GPU whose NVML handle fails keeps its index: no later GPU is read i
     CHECK(Nvml::from(fake_nvml::api()).memory(2, free, total));
     CHECK(total == 40 * GiB);
 }
+
+TEST_CASE("MIG through NVML: instances listed, both spellings valid, memory read from the instance") {
+    Machine m;
+    auto& a100 = fake_nvml::state().gpus[2];
+    a100.migs = {{"MIG-cccc1111-0000-0000-0000-000000000000", 1, 0, 9 * GiB, 10 * GiB},
+                 {"", 0, 0, 0, 0},  // an empty slot
+                 {"MIG-cccc2222-0000-0000-0000-000000000000", 2, 0, 3 * GiB, 20 * GiB}};
+    auto phys = Nvml::from(fake_nvml::api()).physical_devices();
+    REQUIRE(phys.size() == 4);
+    REQUIRE(phys[2].mig.size() == 2);
+    CHECK(phys[2].mig[1] == "MIG-cccc2222-0000-0000-0000-000000000000");
+    CHECK(phys[2].mig_legacy[1] == "MIG-GPU-bbbb3333/2/0");
+    CHECK(phys[0].mig.empty());
+
+    Sel sel(m.gpus, Nvml::from(fake_nvml::api()), "MIG-cccc2222", nullptr);
+    for (auto const& w : sel.visible().warnings) CHECK(w.find("CUDA_VISIBLE_DEVICES entry") == std::string::npos);
+    REQUIRE(sel.visible().devices.size() == 1);
+    CHECK(sel.visible().devices[0].mig == "MIG-cccc2222-0000-0000-0000-000000000000");
+    VisibleDevices legacy = parse_visible_devices("MIG-GPU-bbbb3333/1/0", phys);
+    CHECK(legacy.warnings.empty());
+    REQUIRE(legacy.devices.size() == 1);
+    CHECK(legacy.devices[0].physical == 2);
+    CHECK(legacy.devices[0].mig == "MIG-cccc1111-0000-0000-0000-000000000000");
+    CHECK(parse_visible_devices("MIG-GPU-bbbb3333/7/0", phys).warnings.size() == 1);
+    CHECK_NOTHROW(legacy.require_all_valid());
+
+    std::size_t free = 0, total = 0;
+    CHECK(Nvml::from(fake_nvml::api()).mig_memory(2, "MIG-cccc2222-0000-0000-0000-000000000000", free, total));
+    CHECK(free == 3 * GiB);
+    CHECK(total == 20 * GiB);
+    CHECK_FALSE(Nvml::from(fake_nvml::api()).mig_memory(2, "MIG-none", free, total));
+    a100.migs.clear();
+}

@@ -51,7 +51,7 @@ TEST_CASE("CUDA_VISIBLE_DEVICES by CUDA's rules") {
         {"99999999999999999999", F, {}, "is past the last device"},
         {"0,,1", F, {0}, "entry 2 '' is empty"},
         {"0,", F, {0}, "(it was the last entry)"},
-        {"abc", F, {}, "'abc' is not an index, a GPU-<uuid> or a MIG-<uuid>"},
+        {"abc", F, {}, "'abc' is not an index, a GPU-<uuid>, a MIG-<uuid> or a MIG-GPU-<uuid>/<gi>/<ci>"},
         {"x1,0", F, {}, "and every entry after it ('0')"},
         {"GPU-aaaa2", F, {1}, ""},                                             // unique UUID prefix
         {"GPU-bbbb4444-0000-0000-0000-000000000000,0", F, {3, 0}, ""},         // full UUID, mixed

@@ -199,7 +199,8 @@ private:
             f.name = v->name;
             f.uuid = v->uuid;
             f.pci_bus_id = v->pci_bus_id;
-            f.readable = nvml_.memory(v->physical, f.free, f.total);
+            f.readable = v->mig.empty() ? nvml_.memory(v->physical, f.free, f.total)
+                                        : nvml_.mig_memory(v->physical, v->mig, f.free, f.total);
             f.from_nvml = f.readable;
         }
         if (!f.readable) {

@@ -32,6 +32,11 @@ struct NvmlApi {
     int (*name)(Device, char*, unsigned) = nullptr;                    // nvmlDeviceGetName
     int (*memory)(Device, Memory*) = nullptr;                          // nvmlDeviceGetMemoryInfo
     int (*pci_bus_id)(Device, char*, unsigned) = nullptr;              // via nvmlDeviceGetPciInfo_v3
+    // MIG (optional: a driver or a GPU without MIG leaves them null or failing)
+    int (*max_mig_count)(Device, unsigned*) = nullptr;                 // nvmlDeviceGetMaxMigDeviceCount
+    int (*mig_handle_by_index)(Device, unsigned, Device*) = nullptr;   // nvmlDeviceGetMigDeviceHandleByIndex
+    int (*gpu_instance_id)(Device, unsigned*) = nullptr;               // nvmlDeviceGetGpuInstanceId
+    int (*compute_instance_id)(Device, unsigned*) = nullptr;           // nvmlDeviceGetComputeInstanceId
 };
 
 /// A loaded NVML (or none). Moves only; shuts NVML down on destruction.
@@ -56,6 +61,14 @@ public:
             reinterpret_cast<int (*)(NvmlApi::Device, NvmlApi::Memory*)>(sym("nvmlDeviceGetMemoryInfo"));
         pci_info_v3() = reinterpret_cast<int (*)(NvmlApi::Device, PciInfo*)>(sym("nvmlDeviceGetPciInfo_v3"));
         if (pci_info_v3() != nullptr) n.api_.pci_bus_id = &pci_from_info;
+        n.api_.max_mig_count =
+            reinterpret_cast<int (*)(NvmlApi::Device, unsigned*)>(sym("nvmlDeviceGetMaxMigDeviceCount"));
+        n.api_.mig_handle_by_index = reinterpret_cast<int (*)(NvmlApi::Device, unsigned, NvmlApi::Device*)>(
+            sym("nvmlDeviceGetMigDeviceHandleByIndex"));
+        n.api_.gpu_instance_id =
+            reinterpret_cast<int (*)(NvmlApi::Device, unsigned*)>(sym("nvmlDeviceGetGpuInstanceId"));
+        n.api_.compute_instance_id =
+            reinterpret_cast<int (*)(NvmlApi::Device, unsigned*)>(sym("nvmlDeviceGetComputeInstanceId"));
         n.start();
 #endif
         return n;
@@ -112,6 +125,15 @@ public:
             if (api_.uuid != nullptr && api_.uuid(d, buf, sizeof buf) == 0) p.uuid = buf;
             if (api_.name != nullptr && api_.name(d, buf, sizeof buf) == 0) p.name = buf;
             if (api_.pci_bus_id != nullptr && api_.pci_bus_id(d, buf, sizeof buf) == 0) p.pci_bus_id = buf;
+            for_each_mig(d, [&](NvmlApi::Device m, unsigned) {
+                if (api_.uuid == nullptr || api_.uuid(m, buf, sizeof buf) != 0) return;
+                p.mig.push_back(buf);
+                unsigned gi = 0, ci = 0;
+                bool ids = api_.gpu_instance_id != nullptr && api_.compute_instance_id != nullptr &&
+                           api_.gpu_instance_id(m, &gi) == 0 && api_.compute_instance_id(m, &ci) == 0;
+                p.mig_legacy.push_back(ids ? "MIG-" + p.uuid + "/" + std::to_string(gi) + "/" + std::to_string(ci)
+                                           : std::string());
+            });
             out.push_back(std::move(p));
         }
         return out;
@@ -128,7 +150,37 @@ public:
         return true;
     }
 
+    /// Free and total bytes of the MIG instance `mig` (its "MIG-..." UUID) of
+    /// physical device `index`: what a process on that instance can use.
+    bool mig_memory(int index, std::string const& mig, std::size_t& free, std::size_t& total) const {
+        if (!ok_ || index < 0 || api_.uuid == nullptr) return false;
+        NvmlApi::Device d = nullptr;
+        if (api_.handle_by_index(static_cast<unsigned>(index), &d) != 0) return false;
+        bool found = false;
+        for_each_mig(d, [&](NvmlApi::Device m, unsigned) {
+            char buf[96];
+            NvmlApi::Memory mem{};
+            if (found || api_.uuid(m, buf, sizeof buf) != 0 || mig != buf || api_.memory(m, &mem) != 0) return;
+            free = static_cast<std::size_t>(mem.free);
+            total = static_cast<std::size_t>(mem.total);
+            found = true;
+        });
+        return found;
+    }
+
 private:
+    // Calls f(handle, slot) for each MIG instance of `d` (none without MIG).
+    template <class F>
+    void for_each_mig(NvmlApi::Device d, F&& f) const {
+        unsigned slots = 0;
+        if (api_.max_mig_count == nullptr || api_.mig_handle_by_index == nullptr || api_.max_mig_count(d, &slots) != 0)
+            return;
+        for (unsigned k = 0; k < slots; ++k) {
+            NvmlApi::Device m = nullptr;
+            if (api_.mig_handle_by_index(d, k, &m) == 0) f(m, k);  // empty slots fail: skipped
+        }
+    }
+
     struct PciInfo {  // nvmlPciInfo_t (v3): busIdLegacy[16], domain, bus, device, pciDeviceId, pciSubSystemId, busId[32]
         char bus_id_legacy[16];
         unsigned domain, bus, device, pci_device_id, pci_subsystem_id;

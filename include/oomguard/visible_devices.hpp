@@ -6,7 +6,8 @@
 //  - unset: every device, in the driver's order;
 //  - set but empty: no device;
 //  - a comma-separated list of indices, `GPU-<uuid>` (a unique prefix is
-//    enough) or `MIG-<uuid>` entries; CUDA ordinals follow the list's order;
+//    enough) or `MIG-<uuid>` entries (or the legacy `MIG-GPU-<uuid>/<gi>/<ci>`);
+//    CUDA ordinals follow the list's order;
 //  - the list is cut at the first invalid entry: "0,2,-1,1" shows 0 and 2 only;
 //  - an index is read as strtoul reads it, by its leading digits: "1gpu2" is 1;
 //  - a device listed twice makes the whole set empty (the driver's rule, as
@@ -34,6 +35,9 @@ struct PhysicalDevice {
     std::string pci_bus_id{};        ///< "00000000:3B:00.0"
     std::string name{};
     std::vector<std::string> mig{};  ///< "MIG-..." UUIDs of its MIG instances
+    /// The same instances in the legacy spelling "MIG-GPU-<uuid>/<gi>/<ci>", in
+    /// the same order (empty where NVML did not give the instance IDs).
+    std::vector<std::string> mig_legacy{};
 };
 
 /// CUDA_DEVICE_ORDER.
@@ -169,6 +173,16 @@ inline VisibleDevices parse_visible_devices(char const* value, std::vector<Physi
                 why = "is a prefix of " + std::to_string(matches) + " GPUs' UUIDs (ambiguous)";
                 hit = physical.size();
             }
+        } else if (detail::starts_with_nocase(e, "MIG-GPU-")) {
+            // The legacy spelling names the GPU and the instance: exact match.
+            for (std::size_t p = 0; p < physical.size() && hit == physical.size(); ++p)
+                for (std::size_t k = 0; k < physical[p].mig_legacy.size(); ++k)
+                    if (physical[p].mig_legacy[k].size() == e.size() &&
+                        detail::starts_with_nocase(physical[p].mig_legacy[k], e)) {
+                        hit = p;
+                        mig = k < physical[p].mig.size() ? physical[p].mig[k] : physical[p].mig_legacy[k];
+                    }
+            if (hit == physical.size()) why = "matches no MIG instance (MIG-GPU-<uuid>/<gi>/<ci>)";
         } else if (detail::starts_with_nocase(e, "MIG-")) {
             std::size_t matches = 0;
             for (std::size_t p = 0; p < physical.size(); ++p)
@@ -184,7 +198,7 @@ inline VisibleDevices parse_visible_devices(char const* value, std::vector<Physi
                 hit = physical.size();
             }
         } else {
-            why = "is not an index, a GPU-<uuid> or a MIG-<uuid>";
+            why = "is not an index, a GPU-<uuid>, a MIG-<uuid> or a MIG-GPU-<uuid>/<gi>/<ci>";
         }
         if (why.empty()) {
             for (auto const& v : out.devices) {
