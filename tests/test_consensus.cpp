@@ -10,6 +10,8 @@
 
 #include <doctest/doctest.h>
 
+#include "policies.hpp"
+
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -90,12 +92,7 @@ struct DataParallel {
     }
 };
 
-std::vector<ShrinkPolicy> every_policy() {
-    return {ShrinkPolicy::halve(), ShrinkPolicy::geometric(0.9), ShrinkPolicy::bisect(),
-            ShrinkPolicy::predictive(),
-            ShrinkPolicy::custom([](ShrinkContext const& c, void*) { return c.minimum + (c.failed - c.minimum) / 3; },
-                                 nullptr, "third")};
-}
+using test_support::every_policy;
 
 char const* outcome_of(std::exception_ptr const& e) {
     if (!e) return "none";

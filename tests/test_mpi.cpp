@@ -11,6 +11,8 @@
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
+#include "policies.hpp"
+
 #include <unistd.h>
 
 #include <cstdint>
@@ -59,12 +61,7 @@ void ddp_step(Budget& budget, MicroBatch const& mb, std::size_t fixed, std::size
     }
 }
 
-std::vector<ShrinkPolicy> every_policy() {
-    return {ShrinkPolicy::halve(), ShrinkPolicy::geometric(0.9), ShrinkPolicy::bisect(),
-            ShrinkPolicy::predictive(),
-            ShrinkPolicy::custom([](ShrinkContext const& c, void*) { return c.minimum + (c.failed - c.minimum) / 3; },
-                                 nullptr, "third")};
-}
+using test_support::every_policy;
 }  // namespace
 
 TEST_CASE("two ranks, one with half the memory, end on the same plan") {

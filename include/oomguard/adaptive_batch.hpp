@@ -459,6 +459,10 @@ private:
             protocol_error("with BatchOptions::resume, ranks completed different micro-batches before one failed: "
                            "call MicroBatch::sync() in every micro-batch, before its contribution is applied");
         counters_.wasted_samples += obs.outcome == Observation::Outcome::commit_oom ? G : l.samples_done - kept;
+        // Leaving without a retry: the kept micro-batches go too.
+        auto undo_kept = [&] {
+            if (keep && kept > 0) roll_back(rollback, at.number);
+        };
         if (failed_here) {
             ++counters_.ooms;
             if (l.commit_oom) ++counters_.commit_ooms;
@@ -481,7 +485,7 @@ private:
         if (failed_here) b.set_min(Ballot::released, released);
         Ballot t = agree(b);
         if (t.any(Ballot::any_error)) {
-            if (keep && kept > 0) roll_back(rollback, at.number);  // the kept micro-batches go too
+            undo_kept();
             fail_together(err, l, history);
         }
         obs.released = t.min_or_zero(Ballot::released);
@@ -503,12 +507,12 @@ private:
             v.set_all(Ballot::all_failover, moved);
             Ballot r = agree(v);
             if (r.any(Ballot::any_error)) {
-                if (keep && kept > 0) roll_back(rollback, at.number);
+                undo_kept();
                 fail_together(err, l, history);
             }
             moved = r.all(Ballot::all_failover);
         } else if (err) {
-            if (keep && kept > 0) roll_back(rollback, at.number);
+            undo_kept();
             std::rethrow_exception(err);
         }
         if (d.action == PlanAction::failover) d = moved ? planner_.failed_over(next_device) : planner_.no_failover();
@@ -530,7 +534,7 @@ private:
                 emit(BatchEventKind::failover, d.from, d.to, 0, at.number, "");
                 break;
             case PlanAction::give_up:
-                if (keep && kept > 0) roll_back(rollback, at.number);  // the kept micro-batches go too
+                undo_kept();
                 give_up(l, history, d.why);
             case PlanAction::continue_batch:
             case PlanAction::keep:
