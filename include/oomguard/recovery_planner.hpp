@@ -8,14 +8,18 @@
 // The ladder, walked in this order at every size (the minimum too):
 //   1. a grow-back or a restored precision that failed: back to the last good plan
 //   2. the cache release freed memory: retry the same size, once per size
-//   3. the size has completed before (a transient OOM): retry it, up to
-//      `transient_retries` times
+//   3. the size has completed before (not a short remainder), or the failed
+//      micro-batch asked for less than was available while the device had room
+//      (a transient OOM): retry it, up to `transient_retries` times in a row
+//      (with resume, an attempt that kept a micro-batch starts the count again)
 //   4. above the minimum: shrink by the policy (from the plan's size, never from
-//      a short remainder)
+//      a short remainder), measuring two small sizes first when predictive has
+//      fewer than two points (a calibration segment, whose work is kept)
 //   5. the next precision of the ladder
 //   6. fail over to another device (when the runner has a failover hook)
 //   7. give up, back at the last good plan
-// and at any step: give up when the global batch has used `max_attempts`.
+// and at any step: give up when the global batch has used `max_attempts` (with
+// resume, attempts that kept a micro-batch do not count).
 #pragma once
 
 #include <oomguard/detail/format.hpp>
