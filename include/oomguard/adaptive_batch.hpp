@@ -413,10 +413,7 @@ private:
                     any_commit_oom = c.any(Ballot::any_commit_oom);
                     if (any_commit_oom && !c.all(Ballot::all_commit_oom)) {
                         if (l.commit_oom) {  // this rank's commit failed: undo what it accumulated, then leave
-                            ++counters_.ooms;
-                            ++counters_.commit_ooms;
-                            emit(BatchEventKind::oom_caught, at.plan, at.plan, l.info.requested, at.number,
-                                 l.what.c_str());
+                            note_oom(at, l);
                             roll_back(rollback, at.number);
                         }
                         history.push_back(AttemptRecord{at.plan, l.samples_done, 0, 0, true, !l.commit_oom});
@@ -464,9 +461,7 @@ private:
             if (keep && kept > 0) roll_back(rollback, at.number);
         };
         if (failed_here) {
-            ++counters_.ooms;
-            if (l.commit_oom) ++counters_.commit_ooms;
-            emit(BatchEventKind::oom_caught, at.plan, at.plan, l.info.requested, at.number, l.what.c_str());
+            note_oom(at, l);
         } else if (l.aborted) {
             ++counters_.peer_aborts;
         }
@@ -542,6 +537,13 @@ private:
             case PlanAction::commit: break;  // not answers to a failure
         }
         return kept;
+    }
+
+    // This rank ran out of memory in the attempt (in a step or in the commit).
+    void note_oom(Attempt const& at, Local const& l) noexcept {
+        ++counters_.ooms;
+        if (l.commit_oom) ++counters_.commit_ooms;
+        emit(BatchEventKind::oom_caught, at.plan, at.plan, l.info.requested, at.number, l.what.c_str());
     }
 
     // Runs the attempt's micro-batches; a device OOM ends it, anything else passes.

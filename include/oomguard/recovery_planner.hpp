@@ -185,9 +185,7 @@ public:
             set_precision(plan_.precision_index - 1);
             std::size_t m = plan_.micro_batch * from_bytes / bytes_per_element(plan_.precision);
             plan_.micro_batch = m < opt_.min_micro_batch ? opt_.min_micro_batch : m;
-            opt_.policy.reset();  // bytes per sample changed: old measurements mislead
-            proven_ = 0;
-            grow_ceiling_ = 0;
+            forget_sizes();
             growing_ = Growing::precision;
         } else if (opt_.grow_after != 0 && clean_batches_ >= grow_wait_) {
             // Toward the requested size, bisecting below the smallest grow-back
@@ -266,9 +264,7 @@ public:
         failover_pending_ = false;
         Plan const from = plan_;
         plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, device};
-        opt_.policy.reset();
-        proven_ = 0;
-        grow_ceiling_ = 0;
+        forget_sizes();
         same_retries_ = 0;
         release_retried_ = false;
         attempt_ = Attempt{plan_, 0, attempt_.number + 1, 0};
@@ -285,10 +281,7 @@ public:
 
     /// Gives up on the global batch: back at the last good plan.
     Decision give_up(Plan const& from, char const* why) {
-        plan_ = last_good_;
-        clear_batch_state();
-        growing_ = Growing::none;
-        attempt_ = Attempt{plan_, 0, 1, 0};
+        abandon();
         return Decision{PlanAction::give_up, from, plan_, why};
     }
 
@@ -461,9 +454,7 @@ private:
         }
         if (plan_.precision_index + 1 < opt_.precisions.size()) {
             set_precision(plan_.precision_index + 1);
-            opt_.policy.reset();  // bytes per sample changed: old measurements mislead
-            grow_ceiling_ = 0;
-            proven_ = 0;
+            forget_sizes();
             return Decision{PlanAction::next_precision, ran, plan_, ""};
         }
         if (failover_) {
@@ -502,6 +493,14 @@ private:
         ctx.attempt = attempt_.number;
         ctx.available_bytes = available;
         return ctx;
+    }
+
+    // Bytes per sample or the device changed: what was measured, proven and
+    // bounded about sizes misleads now.
+    void forget_sizes() noexcept {
+        opt_.policy.reset();
+        proven_ = 0;
+        grow_ceiling_ = 0;
     }
 
     void clear_batch_state() noexcept {
