@@ -190,34 +190,10 @@ public:
     /// Records that size `m` needs at least `bytes`: what a micro-batch that ran
     /// out of memory held plus what it asked for. A lower bound, not a point of
     /// the fit: the fitted line is raised to pass above it.
-    void bound(std::size_t m, std::size_t bytes) noexcept {
-        for (std::size_t i = 0; i < n_bounds_; ++i) {
-            if (bounds_[i].m == m) {
-                if (bytes > bounds_[i].bytes) bounds_[i].bytes = bytes;
-                return;
-            }
-        }
-        if (n_bounds_ == max_bounds) {
-            for (std::size_t i = 1; i < n_bounds_; ++i) bounds_[i - 1] = bounds_[i];
-            --n_bounds_;
-        }
-        bounds_[n_bounds_++] = Observation{m, bytes};
-    }
+    void bound(std::size_t m, std::size_t bytes) noexcept { keep_worst(bounds_, n_bounds_, max_bounds, m, bytes); }
 
     /// Records what a size needed, measured (a micro-batch's peak).
-    void observe(std::size_t m, std::size_t bytes) noexcept {
-        for (std::size_t i = 0; i < n_obs_; ++i) {
-            if (obs_[i].m == m) {
-                if (bytes > obs_[i].bytes) obs_[i].bytes = bytes;  // keep the worst seen
-                return;
-            }
-        }
-        if (n_obs_ == max_observations) {  // forget the oldest
-            for (std::size_t i = 1; i < n_obs_; ++i) obs_[i - 1] = obs_[i];
-            --n_obs_;
-        }
-        obs_[n_obs_++] = Observation{m, bytes};
-    }
+    void observe(std::size_t m, std::size_t bytes) noexcept { keep_worst(obs_, n_obs_, max_observations, m, bytes); }
 
     /// Forgets the search bounds (memory conditions changed: a grow-back, a new device).
     void forget_bounds() noexcept {
@@ -325,6 +301,22 @@ private:
         std::size_t m = 0, bytes = 0;
     };
     Observation obs_[max_observations] = {};
+    // Records (m, bytes) in a ring of `cap`: the worst seen per size, the oldest
+    // size forgotten when it is full.
+    static void keep_worst(Observation* ring, std::size_t& n, std::size_t cap, std::size_t m,
+                           std::size_t bytes) noexcept {
+        for (std::size_t i = 0; i < n; ++i) {
+            if (ring[i].m == m) {
+                if (bytes > ring[i].bytes) ring[i].bytes = bytes;
+                return;
+            }
+        }
+        if (n == cap) {
+            for (std::size_t i = 1; i < n; ++i) ring[i - 1] = ring[i];
+            --n;
+        }
+        ring[n++] = Observation{m, bytes};
+    }
     std::size_t n_obs_ = 0;
     static constexpr std::size_t max_bounds = 8;
     Observation bounds_[max_bounds] = {};
