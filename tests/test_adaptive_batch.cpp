@@ -848,3 +848,51 @@ TEST_CASE("a give-up after many attempts still shows the last error and its advi
         CHECK(s.find("[m=1 fp32 GPU 0, failed at 1 after 0 samples]") != std::string::npos);
     }
 }
+
+TEST_CASE("observers see each global batch and micro-batch: its samples, what it held and its peak; an OOM's demand") {
+    Workload w(100 * KiB, 0, 4 * KiB);  // fits 25 samples at a time
+    Buffer weights(w.budget, 10 * KiB);  // held across steps
+    BatchOptions o;
+    o.global_batch = 40;
+    o.micro_batch = 40;
+    AdaptiveBatch a(o);
+    a.measure_with(w.budget);
+    std::vector<BatchEvent> events;
+    a.observe([](BatchEvent const& e, void* u) { static_cast<std::vector<BatchEvent>*>(u)->push_back(e); }, &events);
+    a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
+    std::vector<BatchEventKind> kinds;
+    std::string names;
+    for (auto const& e : events) {
+        kinds.push_back(e.kind);
+        names += std::string(to_string(e.kind)) + " ";
+    }
+    CAPTURE(names);
+    using K = BatchEventKind;
+    // m=40 fails (no cache registered: nothing released); halve to 20: two micro-batches of 20.
+    std::vector<K> const expected{K::batch_begin,       K::micro_batch_begin, K::oom_caught,
+                                  K::shrink,            K::micro_batch_begin, K::micro_batch_end,
+                                  K::micro_batch_begin, K::micro_batch_end,   K::commit};
+    REQUIRE(kinds == expected);
+    BatchEvent const& oom = events[2];
+    CHECK(oom.offset == 0);
+    CHECK(oom.size == 40);
+    CHECK(oom.bytes == 160 * KiB);  // the request
+    CHECK(oom.held == 10 * KiB);    // the weights: the micro-batch wanted 170 KiB
+    CHECK(events[4].offset == 0);
+    CHECK(events[4].size == 20);
+    BatchEvent const& end2 = events[7];
+    CHECK(end2.offset == 20);
+    CHECK(end2.size == 20);
+    CHECK(end2.held == 10 * KiB);
+    CHECK(end2.bytes == 80 * KiB);
+    CHECK(end2.to.micro_batch == 20);
+    // Unmeasured: held is unknown, the peak 0.
+    AdaptiveBatch b(o);
+    events.clear();
+    b.observe([](BatchEvent const& e, void* u) { static_cast<std::vector<BatchEvent>*>(u)->push_back(e); }, &events);
+    b.run([&](MicroBatch const&) {}, [] {}, [] {});
+    REQUIRE(events.size() == 4);
+    CHECK(events[2].kind == K::micro_batch_end);
+    CHECK(events[2].held == oom_info::unknown);
+    CHECK(events[2].bytes == 0);
+}

@@ -1,4 +1,6 @@
 #include <oomguard/config.hpp>
+#include <oomguard/recovery_planner.hpp>
+#include <oomguard/simulated_devices.hpp>
 
 #include <doctest/doctest.h>
 
@@ -116,4 +118,69 @@ TEST_CASE("adaptive_batch keys") {
         CAPTURE(b.text);
         CHECK_THROWS_WITH_AS(parse_config(b.text), doctest::Contains(b.says), config_error);
     }
+}
+
+TEST_CASE("a precision ladder goes down in memory, never up") {
+    CHECK_THROWS_WITH_AS(parse_config("precision=bf16>fp32"),
+                         doctest::Contains("fp32 (4 bytes per value) after bf16 (2)"), config_error);
+    CHECK_THROWS_WITH_AS(parse_config("precision=fp32>fp8>fp16"), doctest::Contains("fp16 (2 bytes per value) after fp8 (1)"),
+                         config_error);
+    // Equal sizes are a rung: tf32 computes faster in fp32's bytes; fp16 has bf16's bytes and less range.
+    CHECK(parse_config("precision=fp32>tf32>bf16>fp16>fp8").precisions.size() == 5);
+    BatchOptions o;
+    o.global_batch = 8;
+    o.precisions = {Precision::fp16, Precision::fp32};
+    CHECK_THROWS_WITH_AS(RecoveryPlanner{o}, doctest::Contains("fp32 (4 bytes per value) after fp16 (2)"),
+                         std::invalid_argument);
+}
+
+TEST_CASE("units are read whatever their case; a size without one is bytes") {
+    CHECK(parse_size("1mb") == 1000000u);
+    CHECK(parse_size("1MB") == 1000000u);
+    CHECK(parse_size("1mib") == (1u << 20));
+    CHECK(parse_size("2 GiB") == (2ull << 30));
+    CHECK(parse_size("4096") == 4096u);
+    CHECK(parse_size("3b") == 3u);
+    CHECK_THROWS_WITH_AS(parse_size("1m", "--device-memory"),
+                         doctest::Contains("bad value '1m' for --device-memory: give a size"), config_error);
+    CHECK(parse_config("budget=512mib").budget->amount() == (512ull << 20));
+}
+
+TEST_CASE("one value parsed on its own names its flag, not OOMGUARD_CONF") {
+    try {
+        parse_limit("1.5", "--budget");
+        FAIL("expected config_error");
+    } catch (config_error const& e) {
+        std::string w = e.what();
+        CHECK(w.find("OOMGUARD_CONF") == std::string::npos);
+        CHECK(w.find("bad value '1.5' for --budget: give a fraction") != std::string::npos);
+        CHECK(e.key() == "--budget");
+        CHECK(e.value() == "1.5");
+    }
+    CHECK(parse_limit("90%").ratio() == doctest::Approx(0.9));
+    CHECK(parse_policy("bisect").kind() == ShrinkPolicy::Kind::bisect);
+    CHECK_THROWS_WITH_AS(parse_policy("fast", "--policy"), doctest::Contains("bad value 'fast' for --policy"),
+                         config_error);
+    CHECK(parse_precisions("fp32>bf16") == std::vector<Precision>{Precision::fp32, Precision::bf16});
+    CHECK_THROWS_WITH_AS(parse_precisions("bf16>fp32", "--precision"),
+                         doctest::Contains("bad value 'bf16>fp32' for --precision"), config_error);
+}
+
+TEST_CASE("config_from_env names the variable it read") {
+    ::setenv("OOMGUARD_TEST_CONF", "nonsense=1", 1);
+    CHECK_THROWS_WITH_AS(config_from_env("OOMGUARD_TEST_CONF"),
+                         doctest::Contains("oomguard: OOMGUARD_TEST_CONF: unknown key 'nonsense'"), config_error);
+    ::unsetenv("OOMGUARD_TEST_CONF");
+}
+
+TEST_CASE("a budget built from a Config in one call, its cap from budget= or headroom=, else the fallback") {
+    SimulatedDevices sim(1, 1000);
+    auto a = make_budget(sim, 0, parse_config("budget=0.5"), Limit::fraction(0.9));
+    CHECK(a.limit() == 500);
+    auto b = make_budget(sim, 0, parse_config("headroom=100"), Limit::fraction(0.9));
+    CHECK(b.limit() == 900);
+    auto c = make_budget(sim, 0, parse_config("min_batch=2"), Limit::fraction(0.9));
+    CHECK(c.limit() == 900);
+    CHECK(parse_config("min_batch=2").limit_or(Limit::bytes(7)).amount() == 7);
+    CHECK(parse_config("budget=3KiB").limit_or(Limit::bytes(7)).amount() == 3072);
 }

@@ -1,4 +1,5 @@
 #include <oomguard/device_buffer.hpp>
+#include <oomguard/plot.hpp>
 #include <oomguard/report.hpp>
 #include <oomguard/simulated_devices.hpp>
 #include <oomguard/trace.hpp>
@@ -92,21 +93,111 @@ TEST_CASE("the trace parses as Chrome trace-event JSON with counter and instant 
     std::stringstream ss;
     ss << in.rdbuf();
     mini_json::Value j = mini_json::parse(ss.str());
-    std::size_t counters = 0, instants = 0, ooms = 0;
+    std::size_t counters = 0, instants = 0, ooms = 0, batches = 0, micro = 0, failed_micro = 0, spikes = 0;
+    std::string oom_detail;
     for (auto const& e : j["traceEvents"].items) {
-        if (e["ph"].s == "C") ++counters;
+        if (e["ph"].s == "C") {
+            ++counters;
+            // The failed demands: 32 samples at fp32 (7 KiB each) over the 10 KiB cache, then
+            // again once the release emptied it, then 16 samples.
+            double b = e["args"]["bytes"].n;
+            if (e["name"].s == "GPU 0 micro-batch peak" &&
+                (b == (10 + 32 * 7) * KiB || b == 32 * 7 * KiB || b == 16 * 7 * KiB))
+                ++spikes;
+        }
         if (e["ph"].s == "i") {
             ++instants;
-            if (e["name"].s == "train: oom_caught") ++ooms;
+            if (e["name"].s == "train: oom_caught") {
+                if (++ooms == 1) oom_detail = e["args"]["detail"].s;
+            }
             CHECK(e.has("ts"));
+        }
+        if (e["ph"].s == "X") {
+            CHECK(e["tid"].n == 2);
+            CHECK(e["dur"].n >= 0);
+            if (e["name"].s == "global batch 1") ++batches;
+            if (e["name"].s == "micro-batch 16 bf16") ++micro;
+            if (e["name"].s.find(": OOM") != std::string::npos) ++failed_micro;
         }
     }
     CHECK(counters >= 2);
     CHECK(instants >= 5);
     CHECK(ooms == 3);
+    CHECK(batches == 1);
+    CHECK(micro == 4);  // 64 samples at m=16 bf16
+    CHECK(failed_micro == 3);
+    CHECK(spikes == 3);
+    CHECK(oom_detail == "m=32 fp32 GPU 0, samples [0, 32), attempt 1: asked for 229376 bytes holding 10240");
     std::remove(path.c_str());
-    Trace bad("/nonexistent-dir/x.json");
-    CHECK_THROWS_WITH_AS(bad.write(), doctest::Contains("/nonexistent-dir/x.json"), std::runtime_error);
+    // A path that cannot be written fails when the trace is made, before the run.
+    CHECK_THROWS_WITH_AS(Trace("/nonexistent-dir/x.json"), doctest::Contains("/nonexistent-dir/x.json"),
+                         std::runtime_error);
+}
+
+namespace {
+std::size_t count(std::string const& s, std::string const& what) {
+    std::size_t n = 0;
+    for (std::size_t at = s.find(what); at != std::string::npos; at = s.find(what, at + 1)) ++n;
+    return n;
+}
+}  // namespace
+
+TEST_CASE("the report's timeline: a memory point per micro-batch, every OOM at its demand, every plan") {
+    Run run;
+    run.a.measure_with(run.budget);  // the peaks come from the budget adaptive_batch measures with
+    Report report;
+    report.track("GPU 0", run.budget);
+    report.attach(run.a, "train");
+    run.go();
+    Timeline t = report.timeline();
+    REQUIRE(t.devices.size() == 1);
+    CHECK(t.devices[0].capacity == 100 * KiB);
+    CHECK(t.devices[0].limit == 100 * KiB);
+    REQUIRE(t.ooms.size() == 3);
+    CHECK(t.ooms[0].demand == (10 + 32 * 7) * KiB);
+    CHECK(t.ooms[2].demand == 16 * 7 * KiB);
+    CHECK(t.memory.size() == 4);  // the four micro-batches of 16 that completed
+    for (auto const& m : t.memory) {
+        CHECK(m.held == 0);
+        CHECK(m.peak == 16 * 7 * KiB / 2);  // bf16
+    }
+    REQUIRE(t.plans.size() == 3);  // m=32 fp32, m=16 fp32, m=16 bf16
+    CHECK(t.plans[0].plan.micro_batch == 32);
+    CHECK(t.plans[2].plan.precision == Precision::bf16);
+    for (std::size_t i = 1; i < t.memory.size(); ++i) CHECK(t.memory[i].t >= t.memory[i - 1].t);
+    CHECK(t.end >= t.memory.back().t);
+}
+
+TEST_CASE("the plot: one self-contained SVG with both panels, the OOMs, the precision and escaped labels") {
+    Run run;
+    Report report;
+    report.track("GPU <0> & \"1\"", run.budget);
+    report.attach(run.a, "train");
+    run.go();
+    std::string svg = plot_svg(report);
+    CHECK(svg.rfind("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\"", 0) == 0);
+    CHECK(svg.size() - svg.rfind("</svg>\n") == 7);
+    CHECK(svg.find("GPU &lt;0&gt; &amp; &quot;1&quot; budget cap") == std::string::npos);  // cap == capacity: one line
+    CHECK(svg.find("GPU &lt;0&gt; &amp; &quot;1&quot; capacity") != std::string::npos);
+    CHECK(svg.find("OOM (3), at its demand") != std::string::npos);
+    CHECK(count(svg, "stroke=\"#d62728\"") == 3 + 1);  // each OOM and the legend's
+    CHECK(count(svg, ">bf16</text>") == 1);
+    CHECK(count(svg, ">fp32</text>") == 1);
+    CHECK(svg.find("device memory (KiB)") != std::string::npos);
+    CHECK(svg.find("train micro-batch") != std::string::npos);
+    CHECK(svg.find("<script") == std::string::npos);
+    CHECK(svg.find("href") == std::string::npos);
+    // An empty report still draws its axes.
+    Report empty;
+    std::string e = plot_svg(empty, "a <title>");
+    CHECK(e.find("no micro-batch ran yet") != std::string::npos);
+    CHECK(e.find("a &lt;title&gt;") != std::string::npos);
+    // Where a test machine has the tools (scripts/test installs them), the document must parse as XML.
+    char const* out = std::getenv("OOMGUARD_PLOT_FILE");
+    if (out != nullptr) {
+        std::ofstream f(out);
+        f << svg;
+    }
 }
 
 TEST_CASE("a trace file named by OOMGUARD_TRACE_FILE (the demo's) parses, with both kinds of event") {

@@ -83,7 +83,10 @@ struct BatchCounters {
 
 enum class BatchEventKind : unsigned char {
     oom_caught, released, retry_same, shrink, precision_change, failover, grow_back, calibration, give_up, commit,
-    jump  ///< the calibration micro-batches held: the rest of the global batch runs at the fitted size
+    jump,  ///< the calibration micro-batches held: the rest of the global batch runs at the fitted size
+    batch_begin,        ///< a global batch starts (its end is commit or give_up)
+    micro_batch_begin,  ///< a micro-batch starts: offset, size
+    micro_batch_end     ///< a micro-batch completed: bytes is its peak over `held`, what it held when it began
 };
 
 constexpr char const* to_string(BatchEventKind k) noexcept {
@@ -99,18 +102,27 @@ constexpr char const* to_string(BatchEventKind k) noexcept {
         case BatchEventKind::give_up: return "give_up";
         case BatchEventKind::commit: return "commit";
         case BatchEventKind::jump: return "jump";
+        case BatchEventKind::batch_begin: return "batch_begin";
+        case BatchEventKind::micro_batch_begin: return "micro_batch_begin";
+        case BatchEventKind::micro_batch_end: return "micro_batch_end";
     }
     return "unknown";
 }
 
-/// One decision, for observers (reports, traces, logs).
+/// One decision or step boundary, for observers (reports, traces, logs, plots).
 struct BatchEvent {
     BatchEventKind kind = BatchEventKind::commit;
     Plan from, to;
-    std::size_t bytes = 0;          ///< released bytes, the failed request, or a calibration's peak
+    std::size_t bytes = 0;          ///< released bytes, the failed request, a calibration's or a
+                                    ///< micro-batch's peak (over `held`)
     unsigned attempt = 0;
     char const* what = "";          ///< the OOM's message for oom_caught and give_up
     ReleaseReport const* release = nullptr;  ///< per-cache bytes, for `released`
+    std::size_t offset = 0, size = 0;  ///< the micro-batch's samples (micro-batch events, oom_caught)
+    /// Bytes held under the measuring budget (measure_with) when the micro-batch
+    /// began (micro_batch_end), or when the allocation failed (oom_caught): the
+    /// failed micro-batch wanted held + bytes. oom_info::unknown when not measured.
+    std::size_t held = oom_info::unknown;
 };
 
 /// One failed attempt, kept for the give-up report.
@@ -357,7 +369,7 @@ private:
         bool oom = false, aborted = false, commit_oom = false, calibration_done = false, failed_calibration = false;
         bool failed_short = false, room = false;  // the failed micro-batch: a short remainder; the device had room
         std::size_t start = 0;          // where in the global batch this attempt began
-        std::size_t failed_planned = 0, failed_size = 0, samples_done = 0, micro_batches = 0, full_done = 0;
+        std::size_t failed_planned = 0, failed_size = 0, failed_offset = 0, samples_done = 0, micro_batches = 0, full_done = 0;
         std::size_t full_peak = 0, calibration_peak = 0, need = 0, available = 0;
         bool available_known = false;
         oom_info info;
@@ -367,6 +379,7 @@ private:
     template <class Step, class Commit, class Rollback>
     BatchResult run_batch(Step& step, Commit& commit, Rollback& rollback) {
         Decision const begin = planner_.begin_batch();
+        emit(BatchEventKind::batch_begin, begin.from, begin.from, 0, 0, "");
         if (begin.action == PlanAction::grow_back) {
             ++counters_.grow_backs;
             emit(BatchEventKind::grow_back, begin.from, begin.to, 0, 0, "");
@@ -543,7 +556,14 @@ private:
     void note_oom(Attempt const& at, Local const& l) noexcept {
         ++counters_.ooms;
         if (l.commit_oom) ++counters_.commit_ooms;
-        emit(BatchEventKind::oom_caught, at.plan, at.plan, l.info.requested, at.number, l.what.c_str());
+        if (observers_.empty()) return;
+        BatchEvent e{BatchEventKind::oom_caught, at.plan, at.plan, l.info.requested, at.number, l.what.c_str(), nullptr};
+        if (!l.commit_oom) {
+            e.offset = l.failed_offset;
+            e.size = l.failed_size;
+        }
+        e.held = l.info.budget_used;
+        emit(e);
     }
 
     // Runs the attempt's micro-batches; a device OOM ends it, anything else passes.
@@ -564,11 +584,15 @@ private:
                 bool const calibration = index == 0 && at.calibration != 0;
                 mb_index_ = index;
                 sync_index_ = 0;
+                if (!observers_.empty()) emit_step(BatchEventKind::micro_batch_begin, at, offset, n, 0, oom_info::unknown);
                 std::size_t bytes = measured(step, meter,
                                              MicroBatch{offset, n, at.plan.precision,
                                                         static_cast<double>(n) / static_cast<double>(G),
                                                         at.plan.device, calibration,
                                                         detail::SyncHook{&sync_thunk, this}});
+                if (!observers_.empty())
+                    emit_step(BatchEventKind::micro_batch_end, at, offset, n, bytes,
+                              meter != nullptr ? last_base_ : oom_info::unknown);
                 ++l.micro_batches;
                 ++counters_.micro_batches;
                 if (n == planned && calibration) {
@@ -600,6 +624,7 @@ private:
             }
             if (!peer) {
                 l.oom = true;
+                l.failed_offset = offset;
                 l.failed_planned = planned;
                 l.failed_size = n;
                 l.failed_calibration = index == 0 && at.calibration != 0;
@@ -847,11 +872,21 @@ private:
         throw recovery_failed(l.info, m, std::move(history));
     }
 
-    // Observers never change what happens to a batch: what one throws is kept.
     void emit(BatchEventKind k, Plan const& from, Plan const& to, std::size_t bytes, unsigned attempt,
               char const* what, ReleaseReport const* release = nullptr) noexcept {
         if (observers_.empty()) return;
-        BatchEvent e{k, from, to, bytes, attempt, what, release};
+        emit(BatchEvent{k, from, to, bytes, attempt, what, release});
+    }
+    void emit_step(BatchEventKind k, Attempt const& at, std::size_t offset, std::size_t size, std::size_t bytes,
+                   std::size_t held) noexcept {
+        BatchEvent e{k, at.plan, at.plan, bytes, at.number, "", nullptr};
+        e.offset = offset;
+        e.size = size;
+        e.held = held;
+        emit(e);
+    }
+    // Observers never change what happens to a batch: what one throws is kept.
+    void emit(BatchEvent const& e) noexcept {
         for (auto const& o : observers_) {
             try {
                 o.fn(e, o.user);

@@ -23,11 +23,17 @@
 
 namespace oomguard {
 
-/// A bad OOMGUARD_CONF entry. key() and value() name what was wrong.
+/// A bad OOMGUARD_CONF entry, or a bad value given to one of the parsers below.
+/// key() and value() name what was wrong; what() names where it came from (the
+/// variable, or the flag a program passed as the parser's `name`).
 class config_error : public std::invalid_argument {
 public:
-    config_error(std::string_view key, std::string_view value, detail::Message const& why)
-        : std::invalid_argument((detail::Message() << "oomguard: OOMGUARD_CONF: " << why.view()).c_str()),
+    /// `source` prefixes the message ("OOMGUARD_CONF: ..."); empty for a value
+    /// parsed on its own, whose key is already the flag's name.
+    config_error(std::string_view key, std::string_view value, detail::Message const& why,
+                 std::string_view source = "OOMGUARD_CONF")
+        : std::invalid_argument((detail::Message() << "oomguard: " << source << (source.empty() ? "" : ": ")
+                                                   << why.view()).c_str()),
           key_(key.data(), key.size()), value_(value.data(), value.size()) {}
     std::string const& key() const noexcept { return key_; }
     std::string const& value() const noexcept { return value_; }
@@ -45,6 +51,10 @@ struct Config {
     std::optional<ShrinkPolicy> policy;    ///< policy=halve|bisect|predictive|geometric (factor= sets f)
     std::optional<std::size_t> grow_after; ///< clean global batches before growing back, >= 0
     std::vector<Precision> precisions;     ///< precision=fp32>bf16>fp16 (empty: not given)
+
+    /// The cap budget= or headroom= gave, else `fallback`. BatchOptions::apply
+    /// takes the other keys; this one is for the MemoryBudget (see make_budget).
+    Limit limit_or(Limit fallback) const noexcept { return budget ? *budget : fallback; }
 };
 
 /// The keys parse_config accepts, for error messages and documentation.
@@ -91,7 +101,18 @@ inline bool parse_unsigned(std::string_view s, std::uint64_t& out) noexcept {
     return true;
 }
 
-/// "2GiB", "512 MiB", "1.5GB", "4096", "4096B" -> bytes. False on anything else.
+inline bool iequals(std::string_view a, std::string_view b) noexcept {
+    if (a.size() != b.size()) return false;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        char x = a[i] >= 'A' && a[i] <= 'Z' ? static_cast<char>(a[i] - 'A' + 'a') : a[i];
+        char y = b[i] >= 'A' && b[i] <= 'Z' ? static_cast<char>(b[i] - 'A' + 'a') : b[i];
+        if (x != y) return false;
+    }
+    return true;
+}
+
+/// "2GiB", "512 MiB", "1.5GB", "4096", "4096B" -> bytes; units in any case
+/// ("1mb" is 1MB: 10^6 bytes, "1mib" 2^20). False on anything else.
 inline bool parse_bytes(std::string_view s, std::size_t& out, bool& had_unit) noexcept {
     std::size_t i = 0;
     while (i < s.size() && ((s[i] >= '0' && s[i] <= '9') || s[i] == '.')) ++i;
@@ -106,7 +127,7 @@ inline bool parse_bytes(std::string_view s, std::size_t& out, bool& had_unit) no
     if (had_unit) {
         bool found = false;
         for (auto const& u : units) {
-            if (unit == u.name) {
+            if (iequals(unit, u.name)) {
                 mult = u.mult;
                 found = true;
             }
@@ -129,155 +150,212 @@ inline bool parse_bytes(std::string_view s, std::size_t& out, bool& had_unit) no
     return true;
 }
 
-[[noreturn]] inline void bad_value(std::string_view key, std::string_view value, char const* valid) {
-    throw config_error(key, value, Message() << "bad value '" << value << "' for " << key << ": " << valid);
+[[noreturn]] inline void bad_value(std::string_view key, std::string_view value, char const* valid,
+                                   std::string_view source) {
+    throw config_error(key, value, Message() << "bad value '" << value << "' for " << key << ": " << valid, source);
 }
 
-inline Limit parse_budget(std::string_view v) {
+inline Limit parse_limit(std::string_view v, std::string_view key, std::string_view source) {
     static char const* valid = "give a fraction of device memory in (0, 1] (0.9), a percentage "
                                "in (0, 100] (90%), or a size with a unit (70GiB, 512MiB)";
     if (!v.empty() && v.back() == '%') {
         double pct = 0.0;
         bool integral = false;
         if (!parse_decimal(trim(v.substr(0, v.size() - 1)), pct, integral) || !(pct > 0.0 && pct <= 100.0))
-            bad_value("budget", v, valid);
+            bad_value(key, v, valid, source);
         return Limit::fraction(pct / 100.0);
     }
     double f = 0.0;
     bool integral = false;
     if (parse_decimal(v, f, integral)) {
-        if (!(f > 0.0 && f <= 1.0)) bad_value("budget", v, valid);
+        if (!(f > 0.0 && f <= 1.0)) bad_value(key, v, valid, source);
         return Limit::fraction(f);
     }
     std::size_t b = 0;
     bool had_unit = false;
-    if (!parse_bytes(v, b, had_unit) || b == 0) bad_value("budget", v, valid);
+    if (!parse_bytes(v, b, had_unit) || b == 0) bad_value(key, v, valid, source);
     return Limit::bytes(b);
 }
 
-}  // namespace detail
+inline std::size_t parse_size(std::string_view v, std::string_view key, std::string_view source) {
+    std::size_t b = 0;
+    bool had_unit = false;
+    if (!parse_bytes(v, b, had_unit))
+        bad_value(key, v,
+                  "give a size such as 2GiB, 512MiB or 1048576 (bytes); units B, KiB, MiB, GiB, TiB, "
+                  "KB, MB, GB, TB in any case",
+                  source);
+    return b;
+}
 
-/// Parses "key=value,key=value". Empty text gives an empty Config.
-/// Throws config_error naming the key or value at fault.
-inline Config parse_config(std::string_view text) {
+inline ShrinkPolicy::Kind parse_policy_kind(std::string_view v, std::string_view key, std::string_view source) {
+    if (v == "halve") return ShrinkPolicy::Kind::halve;
+    if (v == "geometric") return ShrinkPolicy::Kind::geometric;
+    if (v == "bisect") return ShrinkPolicy::Kind::bisect;
+    if (v == "predictive") return ShrinkPolicy::Kind::predictive;
+    bad_value(key, v, "give halve, geometric, bisect or predictive", source);
+}
+
+inline ShrinkPolicy make_policy(ShrinkPolicy::Kind kind, double factor) {
+    switch (kind) {
+        case ShrinkPolicy::Kind::halve: return ShrinkPolicy::halve();
+        case ShrinkPolicy::Kind::geometric: return ShrinkPolicy::geometric(factor);
+        case ShrinkPolicy::Kind::bisect: return ShrinkPolicy::bisect();
+        default: return ShrinkPolicy::predictive();
+    }
+}
+
+inline std::vector<Precision> parse_precisions(std::string_view v, std::string_view key, std::string_view source) {
+    std::vector<Precision> ladder;
+    std::size_t p = 0;
+    while (true) {
+        std::size_t gt = v.find('>', p);
+        std::string_view name = trim(v.substr(p, gt == std::string_view::npos ? gt : gt - p));
+        Precision pr = Precision::fp32;
+        if (name == "fp32") pr = Precision::fp32;
+        else if (name == "tf32") pr = Precision::tf32;
+        else if (name == "bf16") pr = Precision::bf16;
+        else if (name == "fp16") pr = Precision::fp16;
+        else if (name == "fp8") pr = Precision::fp8;
+        else bad_value(key, v, "give a ladder of fp32, tf32, bf16, fp16, fp8 joined by '>', "
+                               "for example fp32>bf16>fp16", source);
+        for (Precision q : ladder)
+            if (q == pr) bad_value(key, v, "a precision appears twice in the ladder", source);
+        if (!ladder.empty() && bytes_per_element(pr) > bytes_per_element(ladder.back()))
+            throw config_error(key, v,
+                               Message() << "bad value '" << v << "' for " << key << ": " << to_string(pr) << " ("
+                                         << bytes_per_element(pr) << " bytes per value) after " << to_string(ladder.back())
+                                         << " (" << bytes_per_element(ladder.back())
+                                         << ") would go up in memory; order it from the most memory to the least, for example fp32>bf16",
+                               source);
+        ladder.push_back(pr);
+        if (gt == std::string_view::npos) break;
+        p = gt + 1;
+    }
+    return ladder;
+}
+
+inline Config parse_config(std::string_view text, std::string_view source) {
     Config c;
     bool seen_budget = false, seen_headroom = false, seen_policy = false, seen_factor = false;
     ShrinkPolicy::Kind policy_kind = ShrinkPolicy::Kind::halve;
     double factor = 0.0;
-    if (detail::trim(text).empty()) return c;
+    if (trim(text).empty()) return c;
     std::size_t pos = 0;
     while (pos <= text.size()) {
         std::size_t comma = text.find(',', pos);
         std::string_view entry =
-            detail::trim(text.substr(pos, comma == std::string_view::npos ? std::string_view::npos : comma - pos));
+            trim(text.substr(pos, comma == std::string_view::npos ? std::string_view::npos : comma - pos));
         if (entry.empty())
-            throw config_error("", "", detail::Message() << "empty entry at offset " << pos << " in '" << text
-                                                         << "'; write key=value pairs separated by commas");
+            throw config_error("", "", Message() << "empty entry at offset " << pos << " in '" << text
+                                                 << "'; write key=value pairs separated by commas", source);
         std::size_t eq = entry.find('=');
         if (eq == std::string_view::npos)
-            throw config_error(entry, "", detail::Message() << "entry '" << entry
-                                                            << "' has no '='; write key=value (keys: "
-                                                            << config_keys << ")");
-        std::string_view key = detail::trim(entry.substr(0, eq));
-        std::string_view value = detail::trim(entry.substr(eq + 1));
+            throw config_error(entry, "", Message() << "entry '" << entry << "' has no '='; write key=value (keys: "
+                                                    << config_keys << ")", source);
+        std::string_view key = trim(entry.substr(0, eq));
+        std::string_view value = trim(entry.substr(eq + 1));
         auto once = [&](bool present) {
-            if (present)
-                throw config_error(key, value, detail::Message() << "key '" << key << "' is given twice");
+            if (present) throw config_error(key, value, Message() << "key '" << key << "' is given twice", source);
         };
         if (key == "budget") {
             once(seen_budget);
             seen_budget = true;
-            c.budget = detail::parse_budget(value);
+            c.budget = parse_limit(value, key, source);
         } else if (key == "headroom") {
             once(seen_headroom);
             seen_headroom = true;
-            std::size_t b = 0;
-            bool had_unit = false;
-            if (!detail::parse_bytes(value, b, had_unit))
-                detail::bad_value(key, value, "give a size such as 2GiB, 512MiB or 1048576");
-            c.budget = Limit::headroom(b);
+            c.budget = Limit::headroom(parse_size(value, key, source));
         } else if (key == "min_batch") {
             once(c.min_batch.has_value());
             std::uint64_t n = 0;
-            if (!detail::parse_unsigned(value, n) || n == 0 || n > std::numeric_limits<std::size_t>::max())
-                detail::bad_value(key, value, "give a whole number >= 1");
+            if (!parse_unsigned(value, n) || n == 0 || n > std::numeric_limits<std::size_t>::max())
+                bad_value(key, value, "give a whole number >= 1", source);
             c.min_batch = static_cast<std::size_t>(n);
         } else if (key == "max_attempts") {
             once(c.max_attempts.has_value());
             std::uint64_t n = 0;
-            if (!detail::parse_unsigned(value, n) || n == 0 || n > 1000)
-                detail::bad_value(key, value, "give a whole number in [1, 1000]");
+            if (!parse_unsigned(value, n) || n == 0 || n > 1000)
+                bad_value(key, value, "give a whole number in [1, 1000]", source);
             c.max_attempts = static_cast<unsigned>(n);
         } else if (key == "policy") {
             once(seen_policy);
             seen_policy = true;
-            if (value == "halve") policy_kind = ShrinkPolicy::Kind::halve;
-            else if (value == "geometric") policy_kind = ShrinkPolicy::Kind::geometric;
-            else if (value == "bisect") policy_kind = ShrinkPolicy::Kind::bisect;
-            else if (value == "predictive") policy_kind = ShrinkPolicy::Kind::predictive;
-            else detail::bad_value(key, value, "give halve, geometric, bisect or predictive");
+            policy_kind = parse_policy_kind(value, key, source);
         } else if (key == "factor") {
             once(seen_factor);
             seen_factor = true;
             bool integral = false;
-            if (!detail::parse_decimal(value, factor, integral) || !(factor > 0.0 && factor < 1.0))
-                detail::bad_value(key, value, "give the geometric policy's factor in (0, 1), for example 0.9");
+            if (!parse_decimal(value, factor, integral) || !(factor > 0.0 && factor < 1.0))
+                bad_value(key, value, "give the geometric policy's factor in (0, 1), for example 0.9", source);
         } else if (key == "grow_after") {
             once(c.grow_after.has_value());
             std::uint64_t n = 0;
-            if (!detail::parse_unsigned(value, n) || n > 1000000)
-                detail::bad_value(key, value, "give a whole number of global batches in [0, 1000000] (0: never)");
+            if (!parse_unsigned(value, n) || n > 1000000)
+                bad_value(key, value, "give a whole number of global batches in [0, 1000000] (0: never)", source);
             c.grow_after = static_cast<std::size_t>(n);
         } else if (key == "precision") {
             once(!c.precisions.empty());
-            std::size_t p = 0;
-            while (true) {
-                std::size_t gt = value.find('>', p);
-                std::string_view name = detail::trim(value.substr(p, gt == std::string_view::npos ? gt : gt - p));
-                Precision pr = Precision::fp32;
-                if (name == "fp32") pr = Precision::fp32;
-                else if (name == "tf32") pr = Precision::tf32;
-                else if (name == "bf16") pr = Precision::bf16;
-                else if (name == "fp16") pr = Precision::fp16;
-                else if (name == "fp8") pr = Precision::fp8;
-                else detail::bad_value(key, value, "give a ladder of fp32, tf32, bf16, fp16, fp8 joined by '>', "
-                                                   "for example fp32>bf16>fp16");
-                for (Precision q : c.precisions)
-                    if (q == pr) detail::bad_value(key, value, "a precision appears twice in the ladder");
-                c.precisions.push_back(pr);
-                if (gt == std::string_view::npos) break;
-                p = gt + 1;
-            }
+            c.precisions = parse_precisions(value, key, source);
         } else {
-            throw config_error(key, value, detail::Message() << "unknown key '" << key
-                                                             << "'; valid keys: " << config_keys);
+            throw config_error(key, value, Message() << "unknown key '" << key << "'; valid keys: " << config_keys,
+                               source);
         }
         if (seen_budget && seen_headroom)
             throw config_error(key, value,
-                               detail::Message() << "budget and headroom are both given; they set the same "
-                                                    "cap, give one");
+                               Message() << "budget and headroom are both given; they set the same cap, give one",
+                               source);
         if (comma == std::string_view::npos) break;
         pos = comma + 1;
     }
     if (seen_factor && (!seen_policy || policy_kind != ShrinkPolicy::Kind::geometric))
-        throw config_error("factor", "", detail::Message() << "factor is only for policy=geometric; "
-                                                              "add policy=geometric or drop factor");
-    if (seen_policy) {
-        switch (policy_kind) {
-            case ShrinkPolicy::Kind::halve: c.policy = ShrinkPolicy::halve(); break;
-            case ShrinkPolicy::Kind::geometric: c.policy = ShrinkPolicy::geometric(seen_factor ? factor : 0.9); break;
-            case ShrinkPolicy::Kind::bisect: c.policy = ShrinkPolicy::bisect(); break;
-            default: c.policy = ShrinkPolicy::predictive(); break;
-        }
-    }
+        throw config_error("factor", "", Message() << "factor is only for policy=geometric; "
+                                                      "add policy=geometric or drop factor", source);
+    if (seen_policy) c.policy = make_policy(policy_kind, seen_factor ? factor : 0.9);
     return c;
 }
 
+}  // namespace detail
+
+/// Parses "key=value,key=value". Empty text gives an empty Config. Throws
+/// config_error naming the key or value at fault; its message starts with `source`.
+inline Config parse_config(std::string_view text, std::string_view source = "OOMGUARD_CONF") {
+    return detail::parse_config(text, source);
+}
+
 /// Reads and parses the environment variable (OOMGUARD_CONF by default); unset
-/// gives an empty Config.
+/// gives an empty Config. Errors name the variable.
 inline Config config_from_env(char const* variable = "OOMGUARD_CONF") {
     char const* v = std::getenv(variable);
-    return v == nullptr ? Config{} : parse_config(v);
+    return v == nullptr ? Config{} : detail::parse_config(v, variable);
+}
+
+// One value each, by the rules of the OOMGUARD_CONF key of the same meaning,
+// for a program's own flags. `name` is what errors call the value ("--budget").
+
+/// A cap, as budget= reads it: 0.9, 90% or 70GiB.
+inline Limit parse_limit(std::string_view text, std::string_view name = "budget") {
+    return detail::parse_limit(detail::trim(text), name, {});
+}
+/// A size in bytes: 4096, 512MiB, 1.5GB (units in any case).
+inline std::size_t parse_size(std::string_view text, std::string_view name = "size") {
+    return detail::parse_size(detail::trim(text), name, {});
+}
+/// halve, geometric (factor 0.9), bisect or predictive.
+inline ShrinkPolicy parse_policy(std::string_view text, std::string_view name = "policy") {
+    return detail::make_policy(detail::parse_policy_kind(detail::trim(text), name, {}), 0.9);
+}
+/// A precision ladder, fp32>bf16>fp16: no repeats, never more bytes per value than the rung before.
+inline std::vector<Precision> parse_precisions(std::string_view text, std::string_view name = "precision") {
+    return detail::parse_precisions(detail::trim(text), name, {});
+}
+
+/// A budget on `device` of `backend` capped by the Config's budget= or
+/// headroom=, else by `fallback`: the one call that honours OOMGUARD_CONF's cap.
+///   auto budget = oomguard::make_budget(cuda, 0, oomguard::config_from_env(), oomguard::Limit::fraction(0.9));
+template <class Backend>
+MemoryBudget<Backend> make_budget(Backend& backend, int device, Config const& config, Limit fallback) {
+    return MemoryBudget<Backend>(backend, device, config.limit_or(fallback));
 }
 
 }  // namespace oomguard

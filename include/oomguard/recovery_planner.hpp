@@ -341,6 +341,14 @@ public:
                 if (o.precisions[i] == o.precisions[j])
                     bad(detail::Message() << "oomguard: BatchOptions.precisions lists "
                                           << to_string(o.precisions[i]) << " twice");
+        for (std::size_t i = 1; i < o.precisions.size(); ++i)
+            if (bytes_per_element(o.precisions[i]) > bytes_per_element(o.precisions[i - 1]))
+                bad(detail::Message() << "oomguard: BatchOptions.precisions puts " << to_string(o.precisions[i])
+                                      << " (" << bytes_per_element(o.precisions[i]) << " bytes per value) after "
+                                      << to_string(o.precisions[i - 1]) << " ("
+                                      << bytes_per_element(o.precisions[i - 1])
+                                      << "): each rung must take no more memory than the one before, "
+                                         "for example {fp32, bf16, fp16}");
         if (o.max_attempts == 0)
             bad(detail::Message() << "oomguard: BatchOptions.max_attempts is 0; give at least 1");
     }

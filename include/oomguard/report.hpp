@@ -1,6 +1,8 @@
 // The end-of-run report: devices, budgets and peaks, OOMs caught, bytes
 // released per cache, every plan change -- as a table for people and as JSON
-// for tools. Opt-in; not in the umbrella header.
+// for tools -- and the timeline a plot draws (<oomguard/plot.hpp>: held and
+// peak memory against the cap and the device's capacity, OOMs, the plan).
+// Opt-in; not in the umbrella header.
 //
 //   oomguard::Report report;
 //   report.track("GPU 0", budget);
@@ -13,6 +15,7 @@
 #include <oomguard/detail/json.hpp>
 #include <oomguard/memory_budget.hpp>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdio>
 #include <memory>
@@ -21,12 +24,48 @@
 
 namespace oomguard {
 
+/// What a Report saw over time, for plots; times in seconds since the Report was made.
+struct Timeline {
+    struct Memory {          ///< at the end of a micro-batch
+        double t;
+        int device;
+        std::size_t held;    ///< bytes held under the device's tracked budget (between steps)
+        std::size_t peak;    ///< the micro-batch's peak (held when it began + its own peak)
+    };
+    struct Oom {
+        double t;
+        int device;
+        std::size_t demand;  ///< held when it failed + the failed request (0: not known)
+        std::size_t workload;
+    };
+    struct PlanChange {      ///< the plan from time t on (the first: the plan a workload started with)
+        double t;
+        std::size_t workload;
+        Plan plan;
+    };
+    struct Device {          ///< a tracked budget
+        std::string label;
+        int device;
+        std::size_t limit;     ///< the budget's cap (0: none)
+        std::size_t capacity;  ///< the device's total memory (0: not known)
+    };
+    std::vector<Memory> memory;  ///< thinned to every 2nd, 4th, ... point past max_points
+    std::vector<Oom> ooms;
+    std::vector<PlanChange> plans;
+    std::vector<Device> devices;
+    std::vector<std::string> workloads;
+    double end = 0;              ///< when timeline() was called
+    std::size_t stride = 1;      ///< micro-batches per kept memory point
+};
+
 class Report {
 public:
     /// Rows of plan changes kept (the JSON and the table show the first ones).
     static constexpr std::size_t max_plan_changes = 10000;
+    /// Memory points kept for the timeline before it is thinned.
+    static constexpr std::size_t max_points = 20000;
 
-    Report() = default;
+    Report() : start_(std::chrono::steady_clock::now()) {}
     Report(Report const&) = delete;
     Report& operator=(Report const&) = delete;
 
@@ -38,6 +77,8 @@ public:
         b.object = &budget;
         b.device = budget.device();
         b.backend = B::backend_name;
+        std::size_t free = 0, total = 0;
+        b.capacity = budget.backend().memory_info(budget.device(), &free, &total).ok() ? total : 0;
         b.read = [](void const* o, Figures& f) {
             auto const* mb = static_cast<MemoryBudget<B> const*>(o);
             f.used = mb->used();
@@ -52,7 +93,7 @@ public:
 
     /// Listens to `batch` (which must outlive the report) under `label`.
     void attach(AdaptiveBatch& batch, std::string label) {
-        auto w = std::unique_ptr<Workload>(new Workload{this, std::move(label), &batch});
+        auto w = std::unique_ptr<Workload>(new Workload{this, std::move(label), &batch, workloads_.size(), false});
         batch.observe(&Report::on_event, w.get());
         workloads_.push_back(std::move(w));
     }
@@ -74,6 +115,20 @@ public:
     }
 
     std::size_t plan_changes() const noexcept { return changes_.size(); }
+
+    /// The run so far, over time: what <oomguard/plot.hpp> draws.
+    Timeline timeline() const {
+        Timeline t = timeline_;
+        t.end = seconds();
+        t.stride = stride_;
+        for (auto const& b : budgets_) {
+            Figures f;
+            b.read(b.object, f);
+            t.devices.push_back(Timeline::Device{b.label, b.device, f.limit, b.capacity});
+        }
+        for (auto const& w : workloads_) t.workloads.push_back(w->label);
+        return t;
+    }
 
     std::string table() const {
         std::string t = "oomguard report\n";
@@ -192,12 +247,15 @@ private:
         void const* object = nullptr;
         int device = 0;
         char const* backend = "";
+        std::size_t capacity = 0;
         void (*read)(void const*, Figures&) = nullptr;
     };
     struct Workload {
         Report* report;
         std::string label;
         AdaptiveBatch* batch;
+        std::size_t index;
+        bool started;
     };
     struct Change {
         std::string workload;
@@ -221,9 +279,55 @@ private:
                "\", \"device\": " + std::to_string(p.device) + "}";
     }
 
+    double seconds() const {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    }
+    // Bytes held now under the tracked budget of `device` (0: none tracked).
+    std::size_t held_on(int device) const {
+        for (auto const& b : budgets_)
+            if (b.device == device) {
+                Figures f;
+                b.read(b.object, f);
+                return f.used;
+            }
+        return 0;
+    }
+    void note_memory(BatchEvent const& e) {
+        if (++since_point_ < stride_) return;
+        since_point_ = 0;
+        std::size_t held = held_on(e.to.device);
+        std::size_t peak = e.held != oom_info::unknown ? e.held + e.bytes : held;
+        timeline_.memory.push_back(Timeline::Memory{seconds(), e.to.device, held, peak < held ? held : peak});
+        if (timeline_.memory.size() >= max_points) {  // keep every other point: the shape stays
+            std::size_t k = 0;
+            for (std::size_t i = 0; i < timeline_.memory.size(); i += 2) timeline_.memory[k++] = timeline_.memory[i];
+            timeline_.memory.resize(k);
+            stride_ *= 2;
+        }
+    }
+
     static void on_event(BatchEvent const& e, void* user) {
         auto* w = static_cast<Workload*>(user);
         Report* r = w->report;
+        switch (e.kind) {
+            case BatchEventKind::micro_batch_end: r->note_memory(e); return;
+            case BatchEventKind::micro_batch_begin: return;
+            case BatchEventKind::batch_begin:
+                if (!w->started) {
+                    w->started = true;
+                    r->timeline_.plans.push_back(Timeline::PlanChange{r->seconds(), w->index, e.to});
+                }
+                return;
+            case BatchEventKind::oom_caught:
+                if (r->timeline_.ooms.size() < max_points) {
+                    std::size_t demand = e.held != oom_info::unknown && e.bytes != oom_info::unknown
+                                             ? e.held + e.bytes
+                                             : 0;
+                    r->timeline_.ooms.push_back(Timeline::Oom{r->seconds(), e.to.device, demand, w->index});
+                }
+                break;
+            default: break;
+        }
         if (e.kind == BatchEventKind::released && e.release != nullptr) r->note_release(*e.release);
         bool change = e.kind == BatchEventKind::shrink || e.kind == BatchEventKind::precision_change ||
                       e.kind == BatchEventKind::failover || e.kind == BatchEventKind::grow_back ||
@@ -231,12 +335,19 @@ private:
                       e.kind == BatchEventKind::give_up;
         if (change && r->changes_.size() < max_plan_changes)
             r->changes_.push_back(Change{w->label, w->batch->counters().global_batches, e.attempt, e.kind, e.from, e.to});
+        if (change && r->timeline_.plans.size() < max_points &&
+            (e.to.micro_batch != e.from.micro_batch || e.to.precision != e.from.precision ||
+             e.to.device != e.from.device))
+            r->timeline_.plans.push_back(Timeline::PlanChange{r->seconds(), w->index, e.to});
     }
 
     std::vector<Budget> budgets_;
     std::vector<std::unique_ptr<Workload>> workloads_;
     std::vector<Change> changes_;
     std::vector<CacheTotal> caches_;
+    std::chrono::steady_clock::time_point start_;
+    Timeline timeline_;
+    std::size_t stride_ = 1, since_point_ = 0;
 };
 
 }  // namespace oomguard

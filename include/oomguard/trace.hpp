@@ -1,12 +1,18 @@
-// A Chrome trace-event timeline (opens in Perfetto or chrome://tracing): the
-// bytes held under each budget as counter tracks, and every OOM, release,
-// shrink, precision change, failover and grow-back as an instant event.
+// A Chrome trace-event timeline (opens in Perfetto or chrome://tracing):
+// - a duration slice per global batch and per micro-batch, one thread track per
+//   attached workload (an OOM ends its micro-batch's slice, marked "OOM");
+// - counter tracks per budget: the bytes held, sampled at every micro-batch's
+//   end, at every decision and whenever you call sample(); and each
+//   micro-batch's peak, with the demand of one that ran out of memory (held +
+//   the failed request: the spike that caused the OOM);
+// - an instant event for every OOM, release, shrink, precision change,
+//   failover and grow-back.
 // Opt-in; not in the umbrella header.
 //
-//   oomguard::Trace trace("run.trace.json");
+//   oomguard::Trace trace("run.trace.json");   // opened now: a bad path fails here
 //   trace.track("GPU 0", budget);
 //   trace.attach(train, "train");
-//   ... call trace.sample() after each step ...
+//   ... train ...
 //   trace.write();   // also on destruction
 #pragma once
 
@@ -26,12 +32,19 @@ namespace oomguard {
 
 class Trace {
 public:
-    /// Events kept before the oldest counter samples are thinned out.
+    /// Events kept; past it, events are dropped (events() says how many were kept).
     static constexpr std::size_t max_events = 1000000;
 
-    /// The file is written by write() or on destruction; an empty path keeps
-    /// the trace in memory only (see json()).
-    explicit Trace(std::string path) : path_(std::move(path)), start_(std::chrono::steady_clock::now()) {}
+    /// Opens (creates or truncates) the file now, so that a path that cannot be
+    /// written fails before the work it would record (std::runtime_error naming
+    /// it); the events are written by write() or on destruction. An empty path
+    /// keeps the trace in memory only (see json()).
+    explicit Trace(std::string path) : path_(std::move(path)), start_(std::chrono::steady_clock::now()) {
+        if (!path_.empty()) {
+            file_ = std::fopen(path_.c_str(), "wb");
+            if (file_ == nullptr) throw std::runtime_error("oomguard: Trace: cannot open '" + path_ + "' for writing");
+        }
+    }
     Trace(Trace const&) = delete;
     Trace& operator=(Trace const&) = delete;
     ~Trace() {
@@ -42,40 +55,36 @@ public:
                 // A destructor may not throw; call write() to see the error.
             }
         }
+        if (file_ != nullptr) std::fclose(file_);
     }
 
-    /// A counter track of the bytes held under `budget`.
+    /// Counter tracks of the bytes held under `budget` (which must outlive the trace's use).
     template <class B>
     void track(std::string label, MemoryBudget<B>& budget) {
-        budgets_.push_back(Budget{std::move(label), &budget, [](void const* o) -> std::size_t {
+        budgets_.push_back(Budget{std::move(label), budget.device(), &budget, [](void const* o) -> std::size_t {
                                       return static_cast<MemoryBudget<B> const*>(o)->used();
                                   }});
     }
 
-    /// Instant events for `batch`'s decisions; `batch` must outlive the trace's use.
+    /// Slices and instant events for `batch` (which must outlive the trace's use).
     void attach(AdaptiveBatch& batch, std::string label) {
-        auto w = std::unique_ptr<Workload>(new Workload{this, std::move(label)});
+        auto w = std::unique_ptr<Workload>(new Workload{this, std::move(label), workloads_.size() + 2, 0, 0, 0, false});
         batch.observe(&Trace::on_event, w.get());
+        push("{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 1, \"tid\": " + std::to_string(w->tid) +
+             ", \"args\": {\"name\": " + detail::json_string(w->label) + "}}");
         workloads_.push_back(std::move(w));
     }
 
-    /// Records the bytes of every tracked budget now.
+    /// Records the bytes held under every tracked budget now.
     void sample() {
         double ts = now_us();
-        for (auto const& b : budgets_) {
-            if (events_.size() >= max_events) return;
-            events_.push_back("{\"name\": " + detail::json_string(b.label + " bytes") +
-                              ", \"ph\": \"C\", \"ts\": " + number(ts) + ", \"pid\": 1, \"tid\": 1, \"args\": {\"bytes\": " +
-                              std::to_string(b.used(b.object)) + "}}");
-        }
+        for (auto const& b : budgets_) counter(b.label + " held", ts, b.used(b.object));
     }
 
     /// An instant event of your own.
     void instant(std::string const& name, std::string const& detail_text = "") {
-        if (events_.size() >= max_events) return;
-        events_.push_back("{\"name\": " + detail::json_string(name) + ", \"ph\": \"i\", \"s\": \"g\", \"ts\": " +
-                          number(now_us()) + ", \"pid\": 1, \"tid\": 1, \"args\": {\"detail\": " +
-                          detail::json_string(detail_text) + "}}");
+        push("{\"name\": " + detail::json_string(name) + ", \"ph\": \"i\", \"s\": \"g\", \"ts\": " + number(now_us()) +
+             ", \"pid\": 1, \"tid\": 1, \"args\": {\"detail\": " + detail::json_string(detail_text) + "}}");
     }
 
     std::size_t events() const noexcept { return events_.size(); }
@@ -95,7 +104,9 @@ public:
     /// Writes the file; throws std::runtime_error naming the path if it cannot.
     void write() {
         written_ = true;
-        std::FILE* f = std::fopen(path_.c_str(), "wb");
+        std::FILE* f = file_;
+        file_ = nullptr;
+        if (f == nullptr) f = std::fopen(path_.c_str(), "wb");  // written before: write it afresh
         if (f == nullptr) throw std::runtime_error("oomguard: Trace: cannot open '" + path_ + "' for writing");
         std::string j = json();
         bool ok = std::fwrite(j.data(), 1, j.size(), f) == j.size();
@@ -106,13 +117,36 @@ public:
 private:
     struct Budget {
         std::string label;
+        int device;
         void const* object;
         std::size_t (*used)(void const*);
     };
     struct Workload {
         Trace* trace;
         std::string label;
+        std::size_t tid;
+        double batch_begin, mb_begin;
+        std::size_t batches;
+        bool in_mb;
     };
+
+    void push(std::string e) {
+        if (events_.size() < max_events) events_.push_back(std::move(e));
+    }
+    void counter(std::string const& name, double ts, std::size_t bytes) {
+        push("{\"name\": " + detail::json_string(name) + ", \"ph\": \"C\", \"ts\": " + number(ts) +
+             ", \"pid\": 1, \"tid\": 1, \"args\": {\"bytes\": " + std::to_string(bytes) + "}}");
+    }
+    void slice(Workload const& w, std::string const& name, double begin, double end, std::string const& args) {
+        push("{\"name\": " + detail::json_string(name) + ", \"ph\": \"X\", \"ts\": " + number(begin) +
+             ", \"dur\": " + number(end - begin) + ", \"pid\": 1, \"tid\": " + std::to_string(w.tid) +
+             ", \"args\": {" + args + "}}");
+    }
+    // The peak track of the budget on `device`, if one is tracked.
+    void peak(int device, double ts, std::size_t bytes) {
+        for (auto const& b : budgets_)
+            if (b.device == device) counter(b.label + " micro-batch peak", ts, bytes);
+    }
 
     double now_us() const {
         return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start_).count();
@@ -122,20 +156,83 @@ private:
         std::snprintf(buf, sizeof buf, "%.3f", v);
         return buf;
     }
+    static std::string plan_text(Plan const& p) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "m=%zu %s GPU %d", p.micro_batch, to_string(p.precision), p.device);
+        return buf;
+    }
 
     static void on_event(BatchEvent const& e, void* user) {
         auto* w = static_cast<Workload*>(user);
-        if (e.kind == BatchEventKind::commit) return;  // the counters show steady progress
-        char buf[160];
-        std::snprintf(buf, sizeof buf, "m=%zu %s GPU %d -> m=%zu %s GPU %d, %zu bytes, attempt %u", e.from.micro_batch,
-                      to_string(e.from.precision), e.from.device, e.to.micro_batch, to_string(e.to.precision),
-                      e.to.device, e.bytes, e.attempt);
-        w->trace->instant(w->label + ": " + to_string(e.kind), buf);
-        w->trace->sample();
+        Trace* t = w->trace;
+        double ts = t->now_us();
+        bool const known = e.held != oom_info::unknown;
+        switch (e.kind) {
+            case BatchEventKind::batch_begin: w->batch_begin = ts; return;
+            case BatchEventKind::micro_batch_begin:
+                w->mb_begin = ts;
+                w->in_mb = true;
+                return;
+            case BatchEventKind::micro_batch_end: {
+                w->in_mb = false;
+                char name[96];
+                std::snprintf(name, sizeof name, "micro-batch %zu %s", e.size, to_string(e.to.precision));
+                t->slice(*w, name, w->mb_begin, ts,
+                         "\"offset\": " + std::to_string(e.offset) + ", \"size\": " + std::to_string(e.size) +
+                             ", \"attempt\": " + std::to_string(e.attempt) +
+                             (known ? ", \"peak_bytes\": " + std::to_string(e.held + e.bytes) : std::string()));
+                if (known) t->peak(e.to.device, ts, e.held + e.bytes);
+                t->sample();
+                return;
+            }
+            case BatchEventKind::commit:
+            case BatchEventKind::give_up: {
+                ++w->batches;
+                t->slice(*w, (e.kind == BatchEventKind::commit ? "global batch " : "global batch (gave up) ") +
+                                 std::to_string(w->batches),
+                         w->batch_begin, ts, "\"attempts\": " + std::to_string(e.attempt));
+                if (e.kind == BatchEventKind::commit) {
+                    t->sample();
+                    return;
+                }
+                break;
+            }
+            case BatchEventKind::oom_caught: {
+                if (w->in_mb) {
+                    w->in_mb = false;
+                    char name[96];
+                    std::snprintf(name, sizeof name, "micro-batch %zu %s: OOM", e.size, to_string(e.to.precision));
+                    t->slice(*w, name, w->mb_begin, ts,
+                             "\"offset\": " + std::to_string(e.offset) + ", \"size\": " + std::to_string(e.size) +
+                                 ", \"attempt\": " + std::to_string(e.attempt));
+                }
+                char buf[200];
+                if (e.size != 0)
+                    std::snprintf(buf, sizeof buf, "%s, samples [%zu, %zu), attempt %u: asked for %zu bytes", plan_text(e.to).c_str(),
+                                  e.offset, e.offset + e.size, e.attempt, e.bytes);
+                else
+                    std::snprintf(buf, sizeof buf, "%s, in the commit, attempt %u: asked for %zu bytes",
+                                  plan_text(e.to).c_str(), e.attempt, e.bytes);
+                std::string d = buf;
+                if (known) d += " holding " + std::to_string(e.held);
+                t->instant(w->label + ": oom_caught", d);
+                // The demand that failed: the spike the samples between steps never see.
+                if (known && e.bytes != oom_info::unknown) t->peak(e.to.device, ts, e.held + e.bytes);
+                t->sample();
+                return;
+            }
+            default: break;
+        }
+        char buf[200];
+        std::snprintf(buf, sizeof buf, "%s -> %s, %zu bytes, attempt %u", plan_text(e.from).c_str(),
+                      plan_text(e.to).c_str(), e.bytes, e.attempt);
+        t->instant(w->label + ": " + to_string(e.kind), buf);
+        t->sample();
     }
 
     std::string path_;
     std::chrono::steady_clock::time_point start_;
+    std::FILE* file_ = nullptr;
     std::vector<Budget> budgets_;
     std::vector<std::unique_ptr<Workload>> workloads_;
     std::vector<std::string> events_;
