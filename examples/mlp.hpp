@@ -172,10 +172,14 @@ public:
         auto policy = oomguard::thrust_policy(*budget_);
         std::size_t n = mb.size, cells = n * static_cast<std::size_t>(H_);
         bool full = mb.precision == oomguard::Precision::fp32;
-        dvec<float> h32(full ? cells : 0, falloc_);
+        // fp32 activations reuse the workspace when it is large enough (as a caching
+        // allocator reuses its blocks); a larger one is allocated while it is still held.
+        bool reuse = full && workspace_.size() >= cells;
+        dvec<float> h32(full && !reuse ? cells : 0, falloc_);
         dvec<std::uint16_t> h16(full ? 0 : cells, oomguard::ThrustAllocator<std::uint16_t, Backend>(*budget_));
         dvec<float> err(n, falloc_);
-        float* h32p = h32.empty() ? nullptr : thrust::raw_pointer_cast(h32.data());
+        float* h32p = reuse ? thrust::raw_pointer_cast(workspace_.data())
+                            : h32.empty() ? nullptr : thrust::raw_pointer_cast(h32.data());
         std::uint16_t* h16p = h16.empty() ? nullptr : thrust::raw_pointer_cast(h16.data());
         float const* pp = thrust::raw_pointer_cast(params_.data());
         float const* Xp = thrust::raw_pointer_cast(X_.data());
@@ -191,7 +195,22 @@ public:
                              Gradient{hid, Xp, thrust::raw_pointer_cast(err.data()), pp,
                                       thrust::raw_pointer_cast(grad_.data()), first + mb.offset, n, D_, H_,
                                       2.0f * static_cast<float>(mb.weight) / static_cast<float>(n)});
+        if (full && !reuse && keep_workspace_) workspace_.swap(h32);  // the old one is freed with h32
         return loss;
+    }
+
+    /// The activation workspace kept between steps: a cache that a CacheRegistry
+    /// may empty (its bytes, and release() returning what it freed).
+    std::size_t workspace_bytes() const { return workspace_.size() * sizeof(float); }
+    std::size_t release_workspace() {
+        std::size_t bytes = workspace_bytes();
+        dvec<float>(falloc_).swap(workspace_);
+        return bytes;
+    }
+    /// Whether step() keeps its fp32 activations as the workspace (the default).
+    void keep_workspace(bool on) {
+        keep_workspace_ = on;
+        if (!on) release_workspace();
     }
 
     /// The optimizer step and zero_grad.
@@ -213,7 +232,8 @@ private:
     Budget* budget_;
     int D_, H_;
     oomguard::ThrustAllocator<float, Backend> falloc_;
-    dvec<float> X_, Y_, params_, grad_;
+    dvec<float> X_, Y_, params_, grad_, workspace_{falloc_};
+    bool keep_workspace_ = true;
 };
 
 }  // namespace mlp

@@ -1,33 +1,30 @@
-// A one-hidden-layer MLP trained on synthetic data, written once with Thrust:
-// g++ builds it on Thrust's CPP system over SimulatedDevices (no GPU needed),
-// nvcc builds the same source on CUDA over CudaRuntime. Every device buffer --
-// data, parameters, activations, Thrust's temporaries -- goes through a
-// MemoryBudget, and each global batch runs under adaptive_batch, so when the
-// requested batch does not fit, training continues with smaller micro-batches
-// (or bf16 activations) and the same result.
+// A training loop that survives running out of GPU memory.
 //
-//   train_loop --bs 1024 --device-memory 1MiB      (scripts/demo)
+// A one-hidden-layer MLP trained on synthetic data, written once with Thrust:
+// g++ builds it on Thrust's CPP system over a simulated GPU (no GPU needed),
+// nvcc builds the same source on CUDA. Every device buffer -- data,
+// parameters, activations, Thrust's temporaries -- goes through a
+// MemoryBudget, and each global batch runs under oomguard::AdaptiveBatch: when
+// the batch does not fit, training goes on with smaller micro-batches (or bf16
+// activations) and reaches the same weights.
+//
+//   train_loop --bs 1024 --device-memory 1MiB --plot run.svg     (scripts/demo)
 //   train_loop --help
-#include "mlp.hpp"
+#include "flags.hpp"  // the command line: demo::parse
+#include "mlp.hpp"    // the model: mlp::Model
 
 #include <oomguard/oomguard.hpp>
 #include <oomguard/config.hpp>
+#include <oomguard/plot.hpp>
 #include <oomguard/report.hpp>
 #include <oomguard/thrust.hpp>
 #include <oomguard/trace.hpp>
 
-#include <cmath>
-#include <cstdint>
+#include <cerrno>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
-#include <vector>
-
-#if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>
-#endif
 
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
 using Backend = oomguard::CudaRuntime;
@@ -38,224 +35,164 @@ using Backend = oomguard::SimulatedDevices;
 constexpr bool on_gpu = false;
 #endif
 
-using namespace oomguard;
-using Budget = MemoryBudget<Backend>;
-
 namespace {
 
-struct Args {
-    std::size_t bs = 1024, eval_bs = 1024, epochs = 5, samples = 4096, hidden = 256, seed = 7;
-    std::size_t device_memory = std::size_t{1} << 30;
-    bool device_memory_given = false;
-    std::string budget = "0.9", precision = "fp32>bf16", policy = "predictive", trace, report_json;
-    bool resume = true;  // the model's step adds its gradient only once it has fit
-    double fault_rate = 0.0, lr = 0.05;
-};
-
-[[noreturn]] void usage_error(std::string const& msg) {
-    std::fprintf(stderr,
-                 "train_loop: %s\n"
-                 "flags: --bs N  --eval-bs N  --epochs N  --samples N  --hidden N  --seed N\n"
-                 "       --device-memory SIZE (simulated capacity, e.g. 1MiB; a bare number is MiB)\n"
-                 "       --budget 0.9|90%%|SIZE  --precision fp32>bf16  --policy halve|geometric|bisect|predictive\n"
-                 "       --fault-rate P (random injected OOMs while training, simulated device)  --lr X\n"
-                 "       --resume on|off (keep the micro-batches before an OOM; default on)\n"
-                 "       --trace FILE (Chrome trace JSON)  --report-json FILE\n",
-                 msg.c_str());
-    std::exit(2);
-}
-
-std::size_t parse_count(std::string const& flag, std::string const& v, std::size_t lo, std::size_t hi) {
-    std::uint64_t n = 0;
-    if (!detail::parse_unsigned(v, n) || n < lo || n > hi)
-        usage_error(flag + " " + v + ": give a whole number in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-    return static_cast<std::size_t>(n);
-}
-
-double parse_real(std::string const& flag, std::string const& v, double lo, double hi) {
-    double x = 0;
-    bool integral = false;
-    if (!detail::parse_decimal(v, x, integral) || x < lo || x > hi)
-        usage_error(flag + " " + v + ": give a number in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-    return x;
-}
-
-Args parse(int argc, char** argv) {
-    Args a;
-    for (int i = 1; i < argc; ++i) {
-        std::string f = argv[i];
-        if (f == "--help" || f == "-h") usage_error("usage");
-        if (i + 1 >= argc) usage_error("flag " + f + " needs a value");
-        std::string v = argv[++i];
-        if (f == "--bs") a.bs = parse_count(f, v, 1, 1 << 24);
-        else if (f == "--eval-bs") a.eval_bs = parse_count(f, v, 1, 1 << 24);
-        else if (f == "--epochs") a.epochs = parse_count(f, v, 1, 100000);
-        else if (f == "--samples") a.samples = parse_count(f, v, 1, 1 << 24);
-        else if (f == "--hidden") a.hidden = parse_count(f, v, 1, 1 << 16);
-        else if (f == "--seed") a.seed = parse_count(f, v, 0, ~std::uint32_t{0});
-        else if (f == "--lr") a.lr = parse_real(f, v, 1e-9, 10.0);
-        else if (f == "--fault-rate") a.fault_rate = parse_real(f, v, 0.0, 0.5);
-        else if (f == "--budget") a.budget = v;
-        else if (f == "--precision") a.precision = v;
-        else if (f == "--policy") a.policy = v;
-        else if (f == "--trace") a.trace = v;
-        else if (f == "--report-json") a.report_json = v;
-        else if (f == "--resume") {
-            if (v != "on" && v != "off") usage_error("--resume " + v + ": give on or off");
-            a.resume = v == "on";
-        }
-        else if (f == "--device-memory") {
-            std::size_t b = 0;
-            bool unit = false;
-            if (!detail::parse_bytes(v, b, unit) || b == 0) usage_error("--device-memory " + v + ": give a size such as 1MiB");
-            a.device_memory = unit ? b : b << 20;
-            a.device_memory_given = true;
-        } else {
-            usage_error("unknown flag " + f);
+// An output file, opened before training so that a bad path costs nothing.
+struct Output {
+    std::FILE* file = nullptr;
+    Output(std::string const& path, char const* flag) {
+        if (path.empty()) return;
+        file = std::fopen(path.c_str(), "wb");
+        if (file == nullptr) {
+            std::fprintf(stderr, "train_loop: cannot write %s %s: %s\n", flag, path.c_str(), std::strerror(errno));
+            std::exit(1);
         }
     }
-    if (a.bs > a.samples) usage_error("--bs " + std::to_string(a.bs) + " is above --samples " + std::to_string(a.samples));
-    return a;
-}
+    void write(std::string const& text) {
+        if (file == nullptr) return;
+        bool ok = std::fwrite(text.data(), 1, text.size(), file) == text.size();
+        if (std::fclose(file) != 0 || !ok) throw std::runtime_error("writing an output file failed");
+        file = nullptr;
+    }
+    ~Output() {
+        if (file != nullptr) std::fclose(file);
+    }
+};
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    Args args = parse(argc, argv);
-    Config conf;
+    demo::Args const args = demo::parse(argc, argv);  // exits 2 on a bad flag or OOMGUARD_CONF
+    std::unique_ptr<oomguard::Trace> trace;
     try {
-        conf = parse_config("budget=" + args.budget + ",policy=" + args.policy + ",precision=" + args.precision);
-    } catch (config_error const& e) {
-        usage_error(e.what());
+        if (!args.trace.empty()) trace.reset(new oomguard::Trace(args.trace));
+    } catch (std::runtime_error const& e) {
+        std::fprintf(stderr, "train_loop: --trace: %s\n", e.what());
+        return 1;
     }
-    for (Precision p : conf.precisions)
-        if (p != Precision::fp32 && p != Precision::bf16)
-            usage_error(std::string("--precision: this example stores activations as fp32 or bf16, not ") + to_string(p));
+    Output report_json(args.report_json, "--report-json"), plot(args.plot, "--plot");
 
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
     if (args.fault_rate > 0 || args.device_memory_given)
-        usage_error("--fault-rate and --device-memory drive the simulated device; this build runs on the GPU");
-    CudaRuntime backend;
+        demo::fail("--fault-rate and --device-memory drive the simulated GPU; this build runs on a real one");
+    oomguard::CudaRuntime backend;
 #else
-    SimulatedDevices backend({{args.device_memory, 0, "oomguard simulated GPU"}});
+    oomguard::SimulatedDevices backend({{args.device_memory, 0, "oomguard simulated GPU"}});
+    if (args.conf.budget->type() == oomguard::Limit::kind::bytes && args.conf.budget->amount() > args.device_memory)
+        demo::fail(std::string("the budget's ") + oomguard::format_bytes(args.conf.budget->amount()).c_str() +
+                   " is more than the simulated GPU's " + oomguard::format_bytes(args.device_memory).c_str() +
+                   ": give less, or a larger --device-memory");
 #endif
-    Budget budget(backend, 0, *conf.budget);
+    // The cap: --budget, else OOMGUARD_CONF's budget= or headroom=, else 90 %.
+    auto budget = oomguard::make_budget(backend, 0, args.conf, oomguard::Limit::fraction(0.9));
+    std::size_t free = 0, capacity = 0;
+    (void)backend.memory_info(0, &free, &capacity);
     std::size_t const N = args.samples, NE = N / 8 > 0 ? N / 8 : 1;
-    // Synthetic data: the first N samples train, the next NE evaluate.
-    mlp::Data data(N + NE, 16, static_cast<int>(args.hidden), args.seed);
+    mlp::Data data(N + NE, 16, static_cast<int>(args.hidden), args.seed);  // the first N train, the rest evaluate
 
-    int status_code = 0;
     try {
         mlp::Model<Backend> model(budget, data);
-        auto step = [&](std::size_t first, MicroBatch const& mb, bool train) { return model.step(first, mb, train); };
+        // The model's activation workspace is a cache: adaptive_batch empties it before a retry.
+        auto workspace = oomguard::CacheRegistry::global().add(
+            "activation workspace", 0, [&] { return model.workspace_bytes(); },
+            [&] { return model.release_workspace(); });
 #if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
-        // Transient faults hit training, not the model's setup above.
-        if (args.fault_rate > 0) {
-            FaultPlan f;
-            f.probability = args.fault_rate;
-            f.seed = args.seed;
-            backend.set_faults(0, f);
+        if (args.fault_rate > 0) {  // transient OOMs while training (the model is set up)
+            oomguard::FaultPlan faults;
+            faults.probability = args.fault_rate;
+            faults.seed = args.seed;
+            backend.set_faults(0, faults);
         }
 #endif
-
-        auto options = [&](std::size_t bs, bool resume) {
-            BatchOptions o;
-            o.global_batch = bs;
+        // One plan per workload. Evaluation steps only return their loss (nothing to
+        // undo), so they always resume after an OOM.
+        auto options = [&](std::size_t global_batch, bool resume) {
+            oomguard::BatchOptions o;
+            o.global_batch = global_batch;
             o.max_attempts = 1000;
             o.resume = resume;
-            o.apply(conf);
+            o.apply(args.conf);  // policy, precision ladder, min_batch, ... from OOMGUARD_CONF and the flags
             return o;
         };
-        AdaptiveBatch train(options(args.bs, args.resume));
-        // Evaluation steps only return their loss: nothing to undo, so they always resume.
-        AdaptiveBatch eval(options(args.eval_bs < NE ? args.eval_bs : NE, true));
-        train.measure_with(budget);
-        eval.measure_with(budget);
-        // A short last batch (--samples not a multiple of --bs) keeps a plan of its own.
-        std::unique_ptr<AdaptiveBatch> tail;
-        if (N % args.bs != 0) {
-            tail.reset(new AdaptiveBatch(options(N % args.bs, args.resume)));
-            tail->measure_with(budget);
-        }
-        Report report;
+        std::size_t const tail_size = N % args.bs;  // a short last batch keeps a plan of its own
+        oomguard::AdaptiveBatch train(options(args.bs, args.resume));
+        oomguard::AdaptiveBatch tail(options(tail_size != 0 ? tail_size : 1, args.resume));
+        oomguard::AdaptiveBatch eval(options(args.eval_bs < NE ? args.eval_bs : NE, true));
+        oomguard::AdaptiveBatch final_pass(options(N, true));  // the final loss over the training set
+
+        oomguard::Report report;
         report.track("GPU 0", budget);
-        report.attach(train, "train");
-        report.attach(eval, "eval");
-        std::unique_ptr<Trace> trace;
-        if (!args.trace.empty()) {
-            trace.reset(new Trace(args.trace));
-            trace->track("GPU 0", budget);
-            trace->attach(train, "train");
-            trace->attach(eval, "eval");
+        if (trace) trace->track("GPU 0", budget);
+        struct Named {
+            oomguard::AdaptiveBatch& batch;
+            char const* name;
+        };
+        for (Named w : {Named{train, "train"}, Named{tail, "tail"}, Named{eval, "eval"}, Named{final_pass, "final"}}) {
+            if (&w.batch == &tail && tail_size == 0) continue;  // --samples is a multiple of --bs
+            w.batch.measure_with(budget);  // peaks for the predictive policy, the report and the plot
+            report.attach(w.batch, w.name);
+            if (trace) trace->attach(w.batch, w.name);
         }
-        bool tty = false;
-#if defined(__unix__) || defined(__APPLE__)
-        tty = isatty(1) != 0;
-#endif
-        std::printf("oomguard train_loop on %s: %zu samples, MLP 16-%zu-1, --bs %zu, budget %s of %s\n",
-                    on_gpu ? "the GPU (CudaRuntime)" : "a simulated GPU (SimulatedDevices)", N, args.hidden, args.bs,
-                    detail::format_bytes(budget.limit()).c_str(),
-                    detail::format_bytes(on_gpu ? budget.limit() : args.device_memory).c_str());
-        double epoch_loss = 0, eval_loss = 0;
+        std::string first_oom;  // the first OOM survived, as oomguard reported it
+        train.observe(
+            [](oomguard::BatchEvent const& e, void* out) {
+                auto& text = *static_cast<std::string*>(out);
+                if (e.kind == oomguard::BatchEventKind::oom_caught && text.empty()) text = e.what;
+            },
+            &first_oom);
+
+        std::printf("train_loop on %s: %zu samples, MLP 16-%zu-1, --bs %zu, budget %s of %s\n",
+                    on_gpu ? "the GPU" : "a simulated GPU", N, args.hidden, args.bs,
+                    oomguard::format_bytes(budget.limit()).c_str(),
+                    oomguard::format_bytes(capacity).c_str());
+        auto train_step = [&](std::size_t first) {
+            return [&model, first](oomguard::MicroBatch const& mb) { return model.step(first, mb, true); };
+        };
+        auto sum = [](double a, double b) { return a + b; };
         for (std::size_t epoch = 1; epoch <= args.epochs; ++epoch) {
             double loss_sum = 0;
             for (std::size_t first = 0; first < N; first += args.bs) {
-                std::size_t G = N - first < args.bs ? N - first : args.bs;
-                AdaptiveBatch* runner = G == args.bs ? &train : tail.get();
-                // The step returns its micro-batch's loss; reduce() sums the micro-batches
-                // the committed attempt kept, so a failed attempt's losses never count.
+                oomguard::AdaptiveBatch& runner = N - first < args.bs ? tail : train;
+                // reduce() sums the losses of the micro-batches the committed attempt
+                // kept: a failed attempt's losses never count.
                 loss_sum += runner
-                                ->reduce([&](MicroBatch const& mb) { return step(first, mb, true); }, 0.0,
-                                         [](double a, double b) { return a + b; },
-                                         [&] { model.commit(static_cast<float>(args.lr)); },
-                                         [&] { model.rollback(); })
+                                .reduce(train_step(first), 0.0, sum,
+                                        [&] { model.commit(static_cast<float>(args.lr)); },  // optimizer step
+                                        [&] { model.rollback(); })                            // zero_grad
                                 .value;
-                if (trace) trace->sample();
-                if (tty) {
-                    Plan const& pl = train.plan();
-                    std::printf("\repoch %zu/%zu  samples %zu/%zu  loss %.6f  plan m=%zu %s  OOMs survived %zu   ",
-                                epoch, args.epochs, first + G, N, loss_sum / static_cast<double>(first + G),
-                                pl.micro_batch, to_string(pl.precision), train.counters().ooms);
-                    std::fflush(stdout);
-                }
             }
-            epoch_loss = loss_sum / static_cast<double>(N);
-            eval_loss = eval.run([&](MicroBatch const& mb) { return step(N, mb, false); }).value /
-                        static_cast<double>(eval.options().global_batch);
-            Plan const& pl = train.plan();
-            std::printf("%sepoch %zu/%zu  samples %zu  loss %.6f  eval %.6f  plan m=%zu %s GPU %d  OOMs survived %zu\n",
-                        tty ? "\r" : "", epoch, args.epochs, N, epoch_loss, eval_loss, pl.micro_batch,
-                        to_string(pl.precision), pl.device, train.counters().ooms + eval.counters().ooms);
+            double eval_loss = eval.run([&](oomguard::MicroBatch const& mb) { return model.step(N, mb, false); }).value;
+            oomguard::Plan const& plan = train.plan();
+            std::printf("epoch %zu/%zu  loss %.6f  eval %.6f  plan m=%zu %s  OOMs survived %zu\n", epoch, args.epochs,
+                        loss_sum / static_cast<double>(N), eval_loss / static_cast<double>(eval.options().global_batch),
+                        plan.micro_batch, oomguard::to_string(plan.precision),
+                        train.counters().ooms + tail.counters().ooms + eval.counters().ooms);
         }
-        // The loss of the final parameters over the whole training set, for comparing runs.
-        AdaptiveBatch final_pass(options(N, true));
-        double final_loss = final_pass.run([&](MicroBatch const& mb) { return step(0, mb, false); }).value;
+        double final_loss = final_pass.run([&](oomguard::MicroBatch const& mb) { return model.step(0, mb, false); }).value;
+
+        if (!first_oom.empty()) std::printf("survived: %s\n", first_oom.c_str());
         std::printf("%s", report.table().c_str());
         std::printf("final loss %.9g\n", final_loss / static_cast<double>(N));
-        if (!args.report_json.empty()) {
-            std::FILE* f = std::fopen(args.report_json.c_str(), "wb");
-            if (f == nullptr) throw std::runtime_error("cannot write " + args.report_json);
-            std::string j = report.json();
-            std::fwrite(j.data(), 1, j.size(), f);
-            std::fclose(f);
-        }
+        report_json.write(report.json());
+        plot.write(oomguard::plot_svg(report, "train_loop --bs " + std::to_string(args.bs) + " on " +
+                                                  oomguard::format_bytes(capacity).c_str()));
+        if (!args.plot.empty()) std::printf("plot: %s\n", args.plot.c_str());
         if (trace) {
             trace->write();
-            std::printf("trace: %s (%zu events; open it in https://ui.perfetto.dev)\n", args.trace.c_str(),
-                        trace->events());
+            std::printf("trace: %s (open it in https://ui.perfetto.dev)\n", args.trace.c_str());
         }
-    } catch (recovery_failed const& e) {
+    } catch (oomguard::out_of_memory const& e) {  // recovery_failed too: nothing fit
         std::fprintf(stderr, "train_loop: %s\n", e.what());
-        status_code = 1;
-    } catch (out_of_memory const& e) {
-        std::fprintf(stderr, "train_loop: the data and parameters do not fit: %s\n", e.what());
-        status_code = 1;
+        return 1;
+    } catch (std::exception const& e) {
+        std::fprintf(stderr, "train_loop: %s\n", e.what());
+        return 1;
     }
 #if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
-    if (status_code == 0 && (backend.live_bytes() != 0 || budget.used() != 0)) {
-        std::fprintf(stderr, "train_loop: %zu bytes still held on the simulated device\n", backend.live_bytes());
-        status_code = 1;
+    if (backend.live_bytes() != 0 || budget.used() != 0) {  // the simulator counts every byte
+        std::fprintf(stderr, "train_loop: %zu bytes still held on the simulated GPU\n", backend.live_bytes());
+        return 1;
     }
 #endif
-    return status_code;
+    return 0;
 }

@@ -182,7 +182,8 @@ TEST_CASE("the plot: one self-contained SVG with both panels, the OOMs, the prec
     CHECK(svg.find("OOM (3), at its demand") != std::string::npos);
     CHECK(count(svg, "stroke=\"#d62728\"") == 3 + 1);  // each OOM and the legend's
     CHECK(count(svg, ">bf16</text>") == 1);
-    CHECK(count(svg, ">fp32</text>") == 1);
+    CHECK(count(svg, ">fp32</text>") == 0);  // no fp32 micro-batch completed
+    CHECK(count(svg, "stroke-dasharray=\"6 3\"") == 2);  // bf16 is below the fp32 it started at; the legend
     CHECK(svg.find("device memory (KiB)") != std::string::npos);
     CHECK(svg.find("train micro-batch") != std::string::npos);
     CHECK(svg.find("<script") == std::string::npos);

@@ -14,6 +14,10 @@
 
 namespace oomguard {
 
+/// Bytes as oomguard's messages write them: "80.00 MiB", "512 B" (binary units,
+/// two decimals, as PyTorch does). `.c_str()` gives the text; no allocation.
+using detail::format_bytes;
+
 /// Why an allocation was refused.
 enum class oom_source : unsigned char {
     budget,  ///< a MemoryBudget denied it before the device was asked

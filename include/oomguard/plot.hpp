@@ -84,7 +84,13 @@ inline std::string plot_svg(Timeline const& t, std::string const& title = "") {
         ymax = d.limit > ymax ? static_cast<double>(d.limit) : ymax;
     }
     for (auto const& m : t.memory) ymax = static_cast<double>(m.peak) > ymax ? static_cast<double>(m.peak) : ymax;
-    for (auto const& o : t.ooms) ymax = static_cast<double>(o.demand) > ymax ? static_cast<double>(o.demand) : ymax;
+    // A demand far above the device (a whole epoch asked for at once) would flatten
+    // everything else: the axis stops at 1.5x the rest, and such OOMs sit on its top edge.
+    double const others = ymax;
+    for (auto const& o : t.ooms) {
+        double d = static_cast<double>(o.demand);
+        if (d > ymax) ymax = others > 0 && d > 1.5 * others ? 1.5 * others : d;
+    }
     if (!(ymax > 0)) ymax = 1;
     struct Unit {
         char const* name;
@@ -101,7 +107,7 @@ inline std::string plot_svg(Timeline const& t, std::string const& title = "") {
     ymax = std::ceil(ymax * 1.05 / ystep) * ystep;
 
     std::size_t mmax = 1;
-    for (auto const& p : t.plans) mmax = p.plan.micro_batch > mmax ? p.plan.micro_batch : mmax;
+    for (auto const& m : t.memory) mmax = m.plan.micro_batch > mmax ? m.plan.micro_batch : mmax;
     double const mstep = detail::nice_step(static_cast<double>(mmax) * 1.1, 4);
     double const mtop = std::ceil(static_cast<double>(mmax) * 1.1 / mstep) * mstep;
 
@@ -142,15 +148,16 @@ inline std::string plot_svg(Timeline const& t, std::string const& title = "") {
         s += "<text x=\"" + fixed(x0 - 6) + "\" y=\"" + fixed(Y(v) + 4) + "\" text-anchor=\"end\">" +
              fixed(v / unit.bytes, decimals_y) + "</text>\n";
     }
-    auto hline = [&](double bytes, char const* color, char const* dash, std::string const& label) {
+    auto hline = [&](double bytes, char const* color, char const* dash, std::string const& label, double dy) {
         s += "<line x1=\"" + fixed(x0) + "\" y1=\"" + fixed(Y(bytes)) + "\" x2=\"" + fixed(x1) + "\" y2=\"" +
              fixed(Y(bytes)) + "\" stroke=\"" + color + "\" stroke-width=\"2\" stroke-dasharray=\"" + dash + "\"/>\n";
-        s += "<text x=\"" + fixed(x1 - 4) + "\" y=\"" + fixed(Y(bytes) - 5) + "\" text-anchor=\"end\" fill=\"" + color +
+        s += "<text x=\"" + fixed(x1 - 4) + "\" y=\"" + fixed(Y(bytes) + dy) + "\" text-anchor=\"end\" fill=\"" + color +
              "\">" + xml_text(label) + "</text>\n";
     };
-    for (auto const& d : t.devices) {
-        if (d.capacity != 0) hline(static_cast<double>(d.capacity), "#555555", "8 4", d.label + " capacity");
-        if (d.limit != 0 && d.limit != d.capacity) hline(static_cast<double>(d.limit), "#ff7f0e", "4 3", d.label + " budget cap");
+    for (auto const& d : t.devices) {  // the capacity named above its line, the cap below its own
+        if (d.capacity != 0) hline(static_cast<double>(d.capacity), "#555555", "8 4", d.label + " capacity", -5);
+        if (d.limit != 0 && d.limit != d.capacity)
+            hline(static_cast<double>(d.limit), "#ff7f0e", "4 3", d.label + " budget cap", 15);
     }
     auto series = [&](bool peak, char const* color, double width) {
         for (auto const& d : t.devices) {
@@ -167,6 +174,11 @@ inline std::string plot_svg(Timeline const& t, std::string const& title = "") {
     series(true, "#1f77b4", 1.5);
     for (auto const& o : t.ooms) {
         double cx = X(o.t), cy = o.demand != 0 ? Y(static_cast<double>(o.demand)) : my0 + 8;
+        if (o.demand != 0 && static_cast<double>(o.demand) > ymax) {  // off the scale: say how far
+            cy = my0 + 8;
+            s += "<text x=\"" + fixed(cx + 8) + "\" y=\"" + fixed(cy + 4) + "\" fill=\"#d62728\">" +
+                 xml_text(format_bytes(o.demand).c_str()) + "</text>\n";
+        }
         s += "<path d=\"M" + fixed(cx - 5) + " " + fixed(cy - 5) + " L" + fixed(cx + 5) + " " + fixed(cy + 5) + " M" +
              fixed(cx - 5) + " " + fixed(cy + 5) + " L" + fixed(cx + 5) + " " + fixed(cy - 5) +
              "\" stroke=\"#d62728\" stroke-width=\"2.5\"/>\n";
@@ -181,35 +193,50 @@ inline std::string plot_svg(Timeline const& t, std::string const& title = "") {
              "</text>\n";
     }
     s += "<text x=\"" + fixed((x0 + x1) / 2) + "\" y=\"" + fixed(py1 + 36) + "\" text-anchor=\"middle\">time (" + tunit + ")</text>\n";
+    // Each workload's planned micro-batch size while it runs: a step line through its
+    // micro-batches, broken where another workload ran in between.
     for (std::size_t w = 0; w < t.workloads.size(); ++w) {
         char const* color = workload_colors[w % (sizeof workload_colors / sizeof *workload_colors)];
-        bool have = false;
-        Plan last{}, first{};
-        double tlast = 0;
-        auto segment = [&](double until) {
-            bool lower = last.precision_index > first.precision_index || last.precision != first.precision;
-            s += "<path d=\"M" + fixed(X(tlast)) + " " + fixed(PY(static_cast<double>(last.micro_batch))) + " H" +
-                 fixed(X(until)) + "\" stroke=\"" + color + "\" stroke-width=\"2.5\" fill=\"none\"" +
-                 (lower ? " stroke-dasharray=\"6 3\"" : "") + "/>\n";
-        };
-        for (auto const& p : t.plans) {
-            if (p.workload != w) continue;
-            if (!have) {
+        Plan first{}, last{};
+        bool have = false, open = false;
+        for (auto const& p : t.plans)  // the plan it started with: dashed below its precision
+            if (p.workload == w) {
                 first = p.plan;
-            } else {
-                segment(p.t);
-                s += "<path d=\"M" + fixed(X(p.t)) + " " + fixed(PY(static_cast<double>(last.micro_batch))) + " V" +
-                     fixed(PY(static_cast<double>(p.plan.micro_batch))) + "\" stroke=\"" + color +
-                     "\" stroke-width=\"1.5\"/>\n";
+                break;
             }
-            if (!have || p.plan.precision != last.precision)
-                s += "<text x=\"" + fixed(X(p.t) + 4) + "\" y=\"" + fixed(PY(static_cast<double>(p.plan.micro_batch)) - 6) +
-                     "\" fill=\"" + color + "\">" + to_string(p.plan.precision) + "</text>\n";
-            last = p.plan;
-            tlast = p.t;
+        std::string d;
+        auto flush = [&](Plan const& p) {
+            if (d.empty()) return;
+            s += "<path d=\"" + d + "\" stroke=\"" + color + "\" stroke-width=\"2.5\" fill=\"none\"" +
+                 (p.precision != first.precision ? " stroke-dasharray=\"6 3\"" : "") + "/>\n";
+            d.clear();
+        };
+        for (auto const& m : t.memory) {
+            if (m.workload != w) {
+                if (open) flush(last);
+                open = false;
+                continue;
+            }
+            double x = X(m.t), y = PY(static_cast<double>(m.plan.micro_batch));
+            bool relabel = !have || m.plan.precision != last.precision;
+            if (open && m.plan.precision != last.precision) {  // a new dash style from here
+                d += " H" + fixed(x);
+                flush(last);
+                open = false;
+            }
+            if (!open) {
+                d = "M" + fixed(x) + " " + fixed(y) + " h2";  // a lone micro-batch still shows
+            } else {
+                d += " H" + fixed(x) + " V" + fixed(y);
+            }
+            if (relabel)
+                s += "<text x=\"" + fixed(x + 4) + "\" y=\"" + fixed(y - 6) + "\" fill=\"" + color + "\">" +
+                     to_string(m.plan.precision) + "</text>\n";
+            open = true;
             have = true;
+            last = m.plan;
         }
-        if (have) segment(tmax < t.end ? tmax : t.end);
+        if (open) flush(last);
     }
 
     // Legend.

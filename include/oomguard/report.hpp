@@ -31,6 +31,8 @@ struct Timeline {
         int device;
         std::size_t held;    ///< bytes held under the device's tracked budget (between steps)
         std::size_t peak;    ///< the micro-batch's peak (held when it began + its own peak)
+        std::size_t workload;  ///< index into workloads
+        Plan plan;           ///< the plan it ran under
     };
     struct Oom {
         double t;
@@ -292,12 +294,13 @@ private:
             }
         return 0;
     }
-    void note_memory(BatchEvent const& e) {
+    void note_memory(BatchEvent const& e, std::size_t workload) {
         if (++since_point_ < stride_) return;
         since_point_ = 0;
         std::size_t held = held_on(e.to.device);
         std::size_t peak = e.held != oom_info::unknown ? e.held + e.bytes : held;
-        timeline_.memory.push_back(Timeline::Memory{seconds(), e.to.device, held, peak < held ? held : peak});
+        timeline_.memory.push_back(
+            Timeline::Memory{seconds(), e.to.device, held, peak < held ? held : peak, workload, e.to});
         if (timeline_.memory.size() >= max_points) {  // keep every other point: the shape stays
             std::size_t k = 0;
             for (std::size_t i = 0; i < timeline_.memory.size(); i += 2) timeline_.memory[k++] = timeline_.memory[i];
@@ -310,7 +313,7 @@ private:
         auto* w = static_cast<Workload*>(user);
         Report* r = w->report;
         switch (e.kind) {
-            case BatchEventKind::micro_batch_end: r->note_memory(e); return;
+            case BatchEventKind::micro_batch_end: r->note_memory(e, w->index); return;
             case BatchEventKind::micro_batch_begin: return;
             case BatchEventKind::batch_begin:
                 if (!w->started) {

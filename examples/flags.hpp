@@ -1,0 +1,175 @@
+// The example's command line, kept out of train_loop.cpp so that the training
+// loop reads as one. Flags are --name value or --name=value; --help prints
+// them with their defaults on stdout and exits 0; a bad flag prints what is
+// wrong with it, naming it, and exits 2. OOMGUARD_CONF is read first and the
+// flags given override it; what neither sets keeps the defaults shown by --help.
+#pragma once
+
+#include <oomguard/config.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace demo {
+
+struct Args {
+    std::size_t bs = 1024, eval_bs = 1024, epochs = 5, samples = 4096, hidden = 256, seed = 7;
+    std::size_t device_memory = std::size_t{1} << 30;  // the simulated device's capacity
+    bool device_memory_given = false;
+    bool resume = true;  // the model's step adds its gradient only once it has fit
+    double fault_rate = 0.0, lr = 0.05;
+    std::string trace, report_json, plot;
+    oomguard::Config conf;  // OOMGUARD_CONF, then --budget, --policy, --precision
+};
+
+[[noreturn]] inline void fail(std::string const& message) {
+    std::fprintf(stderr, "train_loop: %s\n(train_loop --help lists the flags)\n", message.c_str());
+    std::exit(2);
+}
+
+namespace detail {
+
+struct Flag {
+    char const* name;
+    char const* value;  // what the value looks like
+    char const* help;
+    std::string fallback;  // the default, as --help shows it
+};
+
+inline std::vector<Flag> flags(Args const& d) {
+    return {
+        {"--bs", "N", "samples per optimizer step (the global batch)", std::to_string(d.bs)},
+        {"--eval-bs", "N", "samples per evaluation batch", std::to_string(d.eval_bs)},
+        {"--epochs", "N", "passes over the training set", std::to_string(d.epochs)},
+        {"--samples", "N", "training samples (another eighth evaluates)", std::to_string(d.samples)},
+        {"--hidden", "N", "hidden units of the MLP", std::to_string(d.hidden)},
+        {"--lr", "X", "learning rate", "0.05"},
+        {"--seed", "N", "seed of the data, the weights and the faults", std::to_string(d.seed)},
+        {"--budget", "CAP", "the MemoryBudget's cap: 0.9, 90% or 512MiB (OOMGUARD_CONF budget=)", "0.9"},
+        {"--policy", "P", "how to shrink: halve, geometric, bisect, predictive (OOMGUARD_CONF policy=)",
+         "predictive"},
+        {"--precision", "LADDER", "precisions to fall back through, \"fp32>bf16\" or fp32 (quote the >)",
+         "\"fp32>bf16\""},
+        {"--resume", "on|off", "keep the micro-batches that completed before an OOM", "on"},
+        {"--device-memory", "SIZE", "capacity of the simulated GPU: 1MiB, 64KiB, 1GB (not on a GPU)", "1GiB"},
+        {"--fault-rate", "P", "chance that a training allocation fails as a transient OOM (simulated GPU)", "0"},
+        {"--trace", "FILE", "write a Chrome trace (open it in ui.perfetto.dev)", "none"},
+        {"--report-json", "FILE", "write the report as JSON", "none"},
+        {"--plot", "FILE.svg", "draw memory, OOMs and the plan over time as SVG", "none"},
+    };
+}
+
+inline void help(Args const& d) {
+    std::printf("usage: train_loop [flags]\n"
+                "Trains an MLP on synthetic data under oomguard::adaptive_batch; a batch that does not fit\n"
+                "runs as smaller micro-batches with the same result. Flags (--flag value or --flag=value):\n");
+    for (auto const& f : flags(d)) {
+        std::string left = std::string(f.name) + " " + f.value;
+        std::printf("  %-22s %s (default %s)\n", left.c_str(), f.help, f.fallback.c_str());
+    }
+    std::printf("  %-22s %s\n", "--help", "this text");
+    std::printf("OOMGUARD_CONF=\"key=value,...\" sets the same as --budget, --policy and --precision, and\n"
+                "min_batch, max_attempts, grow_after, factor, headroom; the flags win over it.\n");
+}
+
+template <class T, class Parse>
+T checked(std::string const& v, Parse parse) {
+    try {
+        return parse(v);
+    } catch (oomguard::config_error const& e) {
+        fail(std::string(e.what()).substr(std::string("oomguard: ").size()));
+    }
+}
+
+inline std::size_t count(std::string const& flag, std::string const& v, std::size_t lo, std::size_t hi) {
+    char* end = nullptr;
+    bool digits = !v.empty() && v.find_first_not_of("0123456789") == std::string::npos;
+    unsigned long long n = digits ? std::strtoull(v.c_str(), &end, 10) : 0;
+    if (!digits || n < lo || n > hi)
+        fail("bad value '" + v + "' for " + flag + ": give a whole number in [" + std::to_string(lo) + ", " +
+             std::to_string(hi) + "]");
+    return static_cast<std::size_t>(n);
+}
+
+inline double real(std::string const& flag, std::string const& v, double lo, double hi, char const* range) {
+    char* end = nullptr;
+    bool plain = !v.empty() && v.find_first_not_of("0123456789.") == std::string::npos;
+    double x = plain ? std::strtod(v.c_str(), &end) : -1.0;
+    if (!plain || end == nullptr || *end != '\0' || !(x >= lo && x <= hi))
+        fail("bad value '" + v + "' for " + flag + ": give a number in " + range);
+    return x;
+}
+
+}  // namespace detail
+
+/// Reads OOMGUARD_CONF, then the flags; exits 0 after --help and 2 on anything bad.
+inline Args parse(int argc, char** argv) {
+    Args a;
+    try {
+        a.conf = oomguard::config_from_env();
+    } catch (oomguard::config_error const& e) {
+        fail(e.what());
+    }
+    auto const known = detail::flags(a);
+    for (int i = 1; i < argc; ++i) {
+        std::string f = argv[i], v;
+        if (f == "--help" || f == "-h") {
+            detail::help(Args{});
+            std::exit(0);
+        }
+        std::size_t eq = f.find('=');
+        bool inline_value = f.rfind("--", 0) == 0 && eq != std::string::npos;
+        if (inline_value) {
+            v = f.substr(eq + 1);
+            f = f.substr(0, eq);
+        }
+        bool found = false;
+        for (auto const& k : known) found = found || f == k.name;
+        if (!found) fail("unknown flag '" + f + "'");
+        if (!inline_value) {
+            if (i + 1 >= argc) fail(f + " needs a value");
+            v = argv[++i];
+        }
+        if (f == "--bs") a.bs = detail::count(f, v, 1, 1 << 24);
+        else if (f == "--eval-bs") a.eval_bs = detail::count(f, v, 1, 1 << 24);
+        else if (f == "--epochs") a.epochs = detail::count(f, v, 1, 100000);
+        else if (f == "--samples") a.samples = detail::count(f, v, 1, 1 << 24);
+        else if (f == "--hidden") a.hidden = detail::count(f, v, 1, 1 << 16);
+        else if (f == "--seed") a.seed = detail::count(f, v, 0, 0xffffffffu);
+        else if (f == "--lr") a.lr = detail::real(f, v, 1e-9, 10.0, "(0, 10]");
+        else if (f == "--fault-rate") a.fault_rate = detail::real(f, v, 0.0, 0.5, "[0, 0.5]");
+        else if (f == "--trace") a.trace = v;
+        else if (f == "--report-json") a.report_json = v;
+        else if (f == "--plot") a.plot = v;
+        else if (f == "--budget")
+            a.conf.budget = detail::checked<oomguard::Limit>(v, [&](std::string const& s) { return oomguard::parse_limit(s, f); });
+        else if (f == "--policy")
+            a.conf.policy = detail::checked<oomguard::ShrinkPolicy>(v, [&](std::string const& s) { return oomguard::parse_policy(s, f); });
+        else if (f == "--precision")
+            a.conf.precisions = detail::checked<std::vector<oomguard::Precision>>(v, [&](std::string const& s) { return oomguard::parse_precisions(s, f); });
+        else if (f == "--device-memory") {
+            a.device_memory = detail::checked<std::size_t>(v, [&](std::string const& s) { return oomguard::parse_size(s, f); });
+            if (a.device_memory == 0) fail("bad value '" + v + "' for --device-memory: give a size above 0");
+            a.device_memory_given = true;
+        } else {  // --resume
+            if (v != "on" && v != "off") fail("bad value '" + v + "' for --resume: give on or off");
+            a.resume = v == "on";
+        }
+    }
+    if (a.bs > a.samples)
+        fail("--bs " + std::to_string(a.bs) + " is above --samples " + std::to_string(a.samples) +
+             ": a global batch cannot hold more samples than there are");
+    // The example stores activations at fp32 or bf16 only.
+    for (oomguard::Precision p : a.conf.precisions)
+        if (p != oomguard::Precision::fp32 && p != oomguard::Precision::bf16)
+            fail(std::string("the precision ladder may hold fp32 and bf16 (this model stores its activations in "
+                             "those), not ") + oomguard::to_string(p));
+    if (!a.conf.budget) a.conf.budget = oomguard::Limit::fraction(0.9);
+    if (!a.conf.policy) a.conf.policy = oomguard::ShrinkPolicy::predictive();
+    if (a.conf.precisions.empty()) a.conf.precisions = {oomguard::Precision::fp32, oomguard::Precision::bf16};
+    return a;
+}
+
+}  // namespace demo
