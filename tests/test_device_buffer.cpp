@@ -42,3 +42,12 @@ TEST_CASE("a buffer that does not fit throws and leaks nothing") {
     auto f = make_device_buffer<float>(budget, 24);
     CHECK(f.size() == 96);
 }
+
+TEST_CASE("DeviceBuffer buf(budget, bytes) deduces the budget's backend") {
+    SimulatedDevices sim(1, 1 << 20);
+    MemoryBudget<SimulatedDevices> budget(sim, 0);
+    DeviceBuffer buf(budget, 64);
+    static_assert(std::is_same<decltype(buf), DeviceBuffer<SimulatedDevices>>::value, "CTAD takes the budget's backend");
+    CHECK(buf.size() == 64);
+    CHECK(budget.used() == 64);
+}

@@ -21,6 +21,10 @@
 // later call (cudart's cudaGetLastError would otherwise return it).
 #pragma once
 
+#if __cplusplus < 201703L && !(defined(_MSVC_LANG) && _MSVC_LANG >= 201703L)
+#error "oomguard needs C++17 or later: compile with -std=c++17 (or newer)"
+#endif
+
 #include <cstddef>
 #include <type_traits>
 #include <utility>

@@ -3,6 +3,11 @@
 #pragma once
 
 #include <oomguard/backend.hpp>
+#include <oomguard/memory_budget.hpp>  // OOMGUARD_HAS_CUDA
+
+#if !OOMGUARD_HAS_CUDA
+#error "oomguard: <oomguard/cuda_runtime.hpp> needs the CUDA toolkit, and this build has OOMGUARD_HAS_CUDA=0: install the toolkit and add its include directory (find_package(oomguard) does), or use <oomguard/simulated_devices.hpp>"
+#endif
 
 #include <cuda_runtime_api.h>
 

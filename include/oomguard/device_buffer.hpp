@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <limits>
+#include <type_traits>
 
 namespace oomguard {
 
@@ -18,6 +19,16 @@ public:
     /// Allocates `bytes` through `budget`; throws out_of_memory when it does not fit.
     DeviceBuffer(MemoryBudget<Backend>& budget, std::size_t bytes)
         : budget_(&budget), data_(budget.allocate(bytes)), size_(bytes) {}
+
+    /// A budget of another backend: a compile error that says what to write.
+    template <class Other, std::enable_if_t<!std::is_same<Other, Backend>::value, int> = 0>
+    DeviceBuffer(MemoryBudget<Other>&, std::size_t) {
+        static_assert(std::is_same<Other, Backend>::value,
+                      "oomguard: a DeviceBuffer<Backend> allocates through a MemoryBudget<Backend> of the same "
+                      "backend; this budget's backend differs (DeviceBuffer<> is DeviceBuffer<default_backend>, "
+                      "the GPU when CUDA is found). Write DeviceBuffer<oomguard::SimulatedDevices> for a simulated "
+                      "budget, or let C++17 deduce it: oomguard::DeviceBuffer buf(budget, bytes);");
+    }
 
     DeviceBuffer(DeviceBuffer&& o) noexcept : budget_(o.budget_), data_(o.data_), size_(o.size_) {
         o.data_ = nullptr;
@@ -75,5 +86,9 @@ DeviceBuffer<Backend> make_device_buffer(MemoryBudget<Backend>& budget, std::siz
                                                << sizeof(T) << " bytes overflow size_t");
     return DeviceBuffer<Backend>(budget, count * sizeof(T));
 }
+
+/// DeviceBuffer buf(budget, bytes) takes the budget's backend.
+template <class Backend>
+DeviceBuffer(MemoryBudget<Backend>&, std::size_t) -> DeviceBuffer<Backend>;
 
 }  // namespace oomguard

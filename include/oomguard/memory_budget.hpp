@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #ifndef OOMGUARD_HAS_CUDA
 #if defined(__has_include)
@@ -25,8 +26,29 @@
 
 namespace oomguard {
 
-class CudaRuntime;
 class SimulatedDevices;
+#if OOMGUARD_HAS_CUDA
+class CudaRuntime;  // <oomguard/cuda_runtime.hpp>
+#else
+namespace detail {
+template <class T>
+struct no_cuda_toolkit : std::false_type {};
+}  // namespace detail
+/// Without the CUDA toolkit (OOMGUARD_HAS_CUDA=0) there is no GPU backend: using
+/// one is a compile error that says so, not an "incomplete type".
+class CudaRuntime {
+public:
+    static constexpr char const* backend_name = "cuda (not built)";
+    template <class T = void>
+    CudaRuntime() {
+        static_assert(detail::no_cuda_toolkit<T>::value,
+                      "oomguard: CudaRuntime needs the CUDA toolkit's headers (<cuda_runtime_api.h>), and this "
+                      "build has none (OOMGUARD_HAS_CUDA=0): install the toolkit and add its include directory "
+                      "(find_package(oomguard) and pkg-config do), or use oomguard::SimulatedDevices, the default "
+                      "backend without CUDA");
+    }
+};
+#endif
 
 /// The backend a plain `MemoryBudget<>` uses: the real GPU when the CUDA toolkit
 /// is visible to the compiler, the simulator otherwise.

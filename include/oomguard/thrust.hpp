@@ -15,6 +15,10 @@
 #include <oomguard/errors.hpp>
 #include <oomguard/memory_budget.hpp>
 
+#if !defined(__CUDACC__) && !defined(THRUST_DEVICE_SYSTEM)
+#error "oomguard: <oomguard/thrust.hpp> under a host compiler needs Thrust's device system named: compile with -DTHRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_CPP (or _OMP, _TBB), or build the file with nvcc for CUDA"
+#endif
+
 #include <thrust/device_ptr.h>
 #include <thrust/device_reference.h>
 #include <thrust/device_vector.h>
