@@ -177,7 +177,7 @@ public:
                 break;
             }
             std::snprintf(line, sizeof line, "  %-8.8s batch %-6zu attempt %-3u %-16s %s -> %s\n", ch.workload.c_str(),
-                          ch.batch, ch.attempt, to_string(ch.kind), plan_text(ch.from).c_str(),
+                          ch.batch, ch.attempt, change_name(ch.kind), plan_text(ch.from).c_str(),
                           plan_text(ch.to).c_str());
             t += line;
         }
@@ -233,7 +233,7 @@ public:
             j += first ? "\n    " : ",\n    ";
             first = false;
             j += "{\"workload\": " + detail::json_string(ch.workload) + ", \"batch\": " + std::to_string(ch.batch) +
-                 ", \"attempt\": " + std::to_string(ch.attempt) + ", \"event\": " + detail::json_string(to_string(ch.kind)) +
+                 ", \"attempt\": " + std::to_string(ch.attempt) + ", \"event\": " + detail::json_string(change_name(ch.kind)) +
                  ", \"from\": " + plan_json(ch.from) + ", \"to\": " + plan_json(ch.to) + "}";
         }
         j += "\n  ]\n}\n";
@@ -271,6 +271,9 @@ private:
         std::size_t bytes, releases, failures;
     };
 
+    static char const* change_name(BatchEventKind k) noexcept {
+        return k == BatchEventKind::commit ? "probe" : to_string(k);
+    }
     static std::string plan_text(Plan const& p) {
         char buf[64];
         std::snprintf(buf, sizeof buf, "m=%zu %s GPU %d", p.micro_batch, to_string(p.precision), p.device);
@@ -332,10 +335,11 @@ private:
             default: break;
         }
         if (e.kind == BatchEventKind::released && e.release != nullptr) r->note_release(*e.release);
+        // A commit that changes the plan is bisect's or predictive's probe upward.
+        bool const probe = e.kind == BatchEventKind::commit && e.to.micro_batch != e.from.micro_batch;
         bool change = e.kind == BatchEventKind::shrink || e.kind == BatchEventKind::precision_change ||
                       e.kind == BatchEventKind::failover || e.kind == BatchEventKind::grow_back ||
-                      e.kind == BatchEventKind::jump ||
-                      e.kind == BatchEventKind::give_up;
+                      e.kind == BatchEventKind::jump || e.kind == BatchEventKind::give_up || probe;
         if (change && r->changes_.size() < max_plan_changes)
             r->changes_.push_back(Change{w->label, w->batch->counters().global_batches, e.attempt, e.kind, e.from, e.to});
         if (change && r->timeline_.plans.size() < max_points &&
