@@ -15,13 +15,15 @@
 namespace demo {
 
 struct Args {
-    std::size_t bs = 1024, eval_bs = 1024, epochs = 5, samples = 4096, hidden = 256, seed = 7;
+    std::size_t bs = 1024, eval_bs = 0, epochs = 5, samples = 4096, hidden = 256, seed = 7;  // eval_bs 0: all
     std::size_t device_memory = std::size_t{1} << 30;  // the simulated device's capacity
     bool device_memory_given = false;
     bool resume = true;  // the model's step adds its gradient only once it has fit
     double fault_rate = 0.0, lr = 0.05;
     std::string trace, report_json, plot;
     oomguard::Config conf;  // OOMGUARD_CONF, then --budget, --policy, --precision
+    // Where the budget and the precision ladder came from, for messages.
+    std::string budget_from = "the default budget", precision_from = "the default --precision";
 };
 
 [[noreturn]] inline void fail(std::string const& message) {
@@ -41,7 +43,8 @@ struct Flag {
 inline std::vector<Flag> flags(Args const& d) {
     return {
         {"--bs", "N", "samples per optimizer step (the global batch)", std::to_string(d.bs)},
-        {"--eval-bs", "N", "samples per evaluation batch", std::to_string(d.eval_bs)},
+        {"--eval-bs", "N", "samples per evaluation batch, of the --samples/8 that evaluate",
+         d.eval_bs == 0 ? std::string("all of them") : std::to_string(d.eval_bs)},
         {"--epochs", "N", "passes over the training set", std::to_string(d.epochs)},
         {"--samples", "N", "training samples (another eighth evaluates)", std::to_string(d.samples)},
         {"--hidden", "N", "hidden units of the MLP", std::to_string(d.hidden)},
@@ -54,7 +57,8 @@ inline std::vector<Flag> flags(Args const& d) {
          "\"fp32>bf16\""},
         {"--resume", "on|off", "keep the micro-batches that completed before an OOM", "on"},
         {"--device-memory", "SIZE", "capacity of the simulated GPU: 1MiB, 64KiB, 1GB (not on a GPU)", "1GiB"},
-        {"--fault-rate", "P", "chance that a training allocation fails as a transient OOM (simulated GPU)", "0"},
+        {"--fault-rate", "P", "chance that an allocation after setup fails as a transient OOM (simulated GPU)",
+         "0"},
         {"--trace", "FILE", "write a Chrome trace (open it in ui.perfetto.dev)", "none"},
         {"--report-json", "FILE", "write the report as JSON", "none"},
         {"--plot", "FILE.svg", "draw memory, OOMs and the plan over time as SVG", "none"},
@@ -95,7 +99,8 @@ inline std::size_t count(std::string const& flag, std::string const& v, std::siz
 
 inline double real(std::string const& flag, std::string const& v, double lo, double hi, char const* range) {
     char* end = nullptr;
-    bool plain = !v.empty() && v.find_first_not_of("0123456789.") == std::string::npos;
+    // Decimal or with an exponent (1e-3); no sign, hex, inf or nan.
+    bool plain = !v.empty() && v.find_first_not_of("0123456789.eE-") == std::string::npos && v[0] != '-';
     double x = plain ? std::strtod(v.c_str(), &end) : -1.0;
     if (!plain || end == nullptr || *end != '\0' || !(x >= lo && x <= hi))
         fail("bad value '" + v + "' for " + flag + ": give a number in " + range);
@@ -107,18 +112,25 @@ inline double real(std::string const& flag, std::string const& v, double lo, dou
 /// Reads OOMGUARD_CONF, then the flags; exits 0 after --help and 2 on anything bad.
 inline Args parse(int argc, char** argv) {
     Args a;
+    for (int i = 1; i < argc; ++i) {  // --help answers even when OOMGUARD_CONF is wrong
+        std::string f = argv[i];
+        if (f == "--help" || f == "-h") {
+            detail::help(a);  // nothing read yet: the defaults
+            std::exit(0);
+        }
+        if (f.rfind("--help=", 0) == 0) fail("--help takes no value");
+    }
     try {
         a.conf = oomguard::config_from_env();
     } catch (oomguard::config_error const& e) {
         fail(e.what());
     }
+    if (a.conf.budget) a.budget_from = "OOMGUARD_CONF's budget";
+    if (!a.conf.precisions.empty()) a.precision_from = "OOMGUARD_CONF's precision";
     auto const known = detail::flags(a);
+    std::vector<std::string> seen;
     for (int i = 1; i < argc; ++i) {
         std::string f = argv[i], v;
-        if (f == "--help" || f == "-h") {
-            detail::help(Args{});
-            std::exit(0);
-        }
         std::size_t eq = f.find('=');
         bool inline_value = f.rfind("--", 0) == 0 && eq != std::string::npos;
         if (inline_value) {
@@ -128,27 +140,36 @@ inline Args parse(int argc, char** argv) {
         bool found = false;
         for (auto const& k : known) found = found || f == k.name;
         if (!found) fail("unknown flag '" + f + "'");
+        for (auto const& g : seen)
+            if (g == f) fail(f + " is given twice");
+        seen.push_back(f);
         if (!inline_value) {
             if (i + 1 >= argc) fail(f + " needs a value");
             v = argv[++i];
+            if (v.rfind("--", 0) == 0 && v.size() > 2) fail(f + " needs a value, not the flag " + v);
         }
+        if (v.empty()) fail(f + " needs a value, not an empty one");
         if (f == "--bs") a.bs = detail::count(f, v, 1, 1 << 24);
         else if (f == "--eval-bs") a.eval_bs = detail::count(f, v, 1, 1 << 24);
         else if (f == "--epochs") a.epochs = detail::count(f, v, 1, 100000);
         else if (f == "--samples") a.samples = detail::count(f, v, 1, 1 << 24);
         else if (f == "--hidden") a.hidden = detail::count(f, v, 1, 1 << 16);
         else if (f == "--seed") a.seed = detail::count(f, v, 0, 0xffffffffu);
-        else if (f == "--lr") a.lr = detail::real(f, v, 1e-9, 10.0, "(0, 10]");
+        else if (f == "--lr") a.lr = detail::real(f, v, 1e-9, 10.0, "[1e-9, 10]");
         else if (f == "--fault-rate") a.fault_rate = detail::real(f, v, 0.0, 0.5, "[0, 0.5]");
         else if (f == "--trace") a.trace = v;
         else if (f == "--report-json") a.report_json = v;
         else if (f == "--plot") a.plot = v;
-        else if (f == "--budget")
+        else if (f == "--budget") {
             a.conf.budget = detail::checked<oomguard::Limit>(v, [&](std::string const& s) { return oomguard::parse_limit(s, f); });
+            a.budget_from = "--budget";
+        }
         else if (f == "--policy")
             a.conf.policy = detail::checked<oomguard::ShrinkPolicy>(v, [&](std::string const& s) { return oomguard::parse_policy(s, f); });
-        else if (f == "--precision")
+        else if (f == "--precision") {
             a.conf.precisions = detail::checked<std::vector<oomguard::Precision>>(v, [&](std::string const& s) { return oomguard::parse_precisions(s, f); });
+            a.precision_from = "--precision";
+        }
         else if (f == "--device-memory") {
             a.device_memory = detail::checked<std::size_t>(v, [&](std::string const& s) { return oomguard::parse_size(s, f); });
             if (a.device_memory == 0) fail("bad value '" + v + "' for --device-memory: give a size above 0");
@@ -164,8 +185,8 @@ inline Args parse(int argc, char** argv) {
     // The example stores activations at fp32 or bf16 only.
     for (oomguard::Precision p : a.conf.precisions)
         if (p != oomguard::Precision::fp32 && p != oomguard::Precision::bf16)
-            fail(std::string("the precision ladder may hold fp32 and bf16 (this model stores its activations in "
-                             "those), not ") + oomguard::to_string(p));
+            fail(a.precision_from + ": the precision ladder may hold fp32 and bf16 (this model stores its "
+                 "activations in those), not " + oomguard::to_string(p));
     if (!a.conf.budget) a.conf.budget = oomguard::Limit::fraction(0.9);
     if (!a.conf.policy) a.conf.policy = oomguard::ShrinkPolicy::predictive();
     if (a.conf.precisions.empty()) a.conf.precisions = {oomguard::Precision::fp32, oomguard::Precision::bf16};

@@ -21,9 +21,11 @@
 #include <oomguard/trace.hpp>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
@@ -37,10 +39,13 @@ constexpr bool on_gpu = false;
 
 namespace {
 
-// An output file, opened before training so that a bad path costs nothing.
+// An output file, opened once every setting has been checked and before
+// training, so that a bad path costs no training and a bad flag no old file.
 struct Output {
+    std::string path;
+    char const* flag;
     std::FILE* file = nullptr;
-    Output(std::string const& path, char const* flag) {
+    Output(std::string p, char const* f) : path(std::move(p)), flag(f) {
         if (path.empty()) return;
         file = std::fopen(path.c_str(), "wb");
         if (file == nullptr) {
@@ -48,11 +53,17 @@ struct Output {
             std::exit(1);
         }
     }
-    void write(std::string const& text) {
-        if (file == nullptr) return;
-        bool ok = std::fwrite(text.data(), 1, text.size(), file) == text.size();
-        if (std::fclose(file) != 0 || !ok) throw std::runtime_error("writing an output file failed");
+    Output(Output const&) = delete;
+    Output& operator=(Output const&) = delete;
+    // Writes `text` and closes the file; false (with a message naming it) if that failed.
+    bool write(std::string const& text) {
+        if (file == nullptr) return true;
+        std::FILE* f = file;
         file = nullptr;
+        bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+        ok = std::fclose(f) == 0 && ok;
+        if (!ok) std::fprintf(stderr, "train_loop: writing %s %s failed: %s\n", flag, path.c_str(), std::strerror(errno));
+        return ok;
     }
     ~Output() {
         if (file != nullptr) std::fclose(file);
@@ -63,14 +74,6 @@ struct Output {
 
 int main(int argc, char** argv) {
     demo::Args const args = demo::parse(argc, argv);  // exits 2 on a bad flag or OOMGUARD_CONF
-    std::unique_ptr<oomguard::Trace> trace;
-    try {
-        if (!args.trace.empty()) trace.reset(new oomguard::Trace(args.trace));
-    } catch (std::runtime_error const& e) {
-        std::fprintf(stderr, "train_loop: --trace: %s\n", e.what());
-        return 1;
-    }
-    Output report_json(args.report_json, "--report-json"), plot(args.plot, "--plot");
 
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
     if (args.fault_rate > 0 || args.device_memory_given)
@@ -79,120 +82,179 @@ int main(int argc, char** argv) {
 #else
     oomguard::SimulatedDevices backend({{args.device_memory, 0, "oomguard simulated GPU"}});
     if (args.conf.budget->type() == oomguard::Limit::kind::bytes && args.conf.budget->amount() > args.device_memory)
-        demo::fail(std::string("the budget's ") + oomguard::format_bytes(args.conf.budget->amount()).c_str() +
-                   " is more than the simulated GPU's " + oomguard::format_bytes(args.device_memory).c_str() +
+        demo::fail(args.budget_from + " of " + std::to_string(args.conf.budget->amount()) +
+                   " bytes is more than the simulated GPU's " + std::to_string(args.device_memory) +
                    ": give less, or a larger --device-memory");
 #endif
     // The cap: --budget, else OOMGUARD_CONF's budget= or headroom=, else 90 %.
-    auto budget = oomguard::make_budget(backend, 0, args.conf, oomguard::Limit::fraction(0.9));
+    std::optional<oomguard::MemoryBudget<Backend>> budget;
+    try {
+        budget.emplace(backend, 0, args.conf.limit_or(oomguard::Limit::fraction(0.9)));
+    } catch (std::invalid_argument const& e) {  // headroom above what is free, say
+        demo::fail(args.budget_from + ": " + e.what());
+    } catch (std::exception const& e) {  // no usable GPU: say so
+        std::fprintf(stderr, "train_loop: %s\n", e.what());
+        return 1;
+    }
     std::size_t free = 0, capacity = 0;
     (void)backend.memory_info(0, &free, &capacity);
-    std::size_t const N = args.samples, NE = N / 8 > 0 ? N / 8 : 1;
-    mlp::Data data(N + NE, 16, static_cast<int>(args.hidden), args.seed);  // the first N train, the rest evaluate
+    std::size_t const N = args.samples, NE = N / 8 > 0 ? N / 8 : 1;  // the first N samples train, the next NE evaluate
+    if (args.eval_bs > NE)
+        demo::fail("--eval-bs " + std::to_string(args.eval_bs) + " is above the " + std::to_string(NE) +
+                   " samples that evaluate (--samples / 8)");
+    std::size_t const eval_bs = args.eval_bs != 0 ? args.eval_bs : NE;
 
+    // One plan per workload; a short last batch (of training or evaluation) keeps a plan of its own.
+    // Evaluation steps only return their loss (nothing to undo), so they always resume after an OOM.
+    auto options = [&](std::size_t global_batch, bool resume) {
+        oomguard::BatchOptions o;
+        o.global_batch = global_batch;
+        o.max_attempts = 1000;
+        o.resume = resume;
+        o.apply(args.conf);  // policy, precision ladder, min_batch, ... from OOMGUARD_CONF and the flags
+        return o;
+    };
+    struct Workload {
+        char const* name;
+        std::size_t global_batch;
+        bool resume;
+        std::unique_ptr<oomguard::AdaptiveBatch> batch;
+    };
+    Workload workloads[] = {{"train", args.bs, args.resume, nullptr},
+                            {"tail", N % args.bs, args.resume, nullptr},
+                            {"eval", eval_bs, true, nullptr},
+                            {"eval tail", NE % eval_bs, true, nullptr},
+                            {"final", N, true, nullptr}};
+    for (auto& w : workloads) {
+        if (w.global_batch == 0) continue;  // no short last batch
+        try {
+            w.batch = std::make_unique<oomguard::AdaptiveBatch>(options(w.global_batch, w.resume));
+        } catch (std::invalid_argument const& e) {  // min_batch=600 above an evaluation batch of 500, say
+            demo::fail(std::string("the ") + w.name + " batch of " + std::to_string(w.global_batch) +
+                       " samples: " + e.what() + " (from OOMGUARD_CONF or the flags)");
+        }
+    }
+    oomguard::AdaptiveBatch &train = *workloads[0].batch, &eval = *workloads[2].batch, &final_pass = *workloads[4].batch;
+
+    std::unique_ptr<oomguard::Trace> trace;
     try {
-        mlp::Model<Backend> model(budget, data);
+        if (!args.trace.empty()) trace = std::make_unique<oomguard::Trace>(args.trace);
+    } catch (std::runtime_error const& e) {
+        std::fprintf(stderr, "train_loop: --trace: %s\n", e.what());
+        return 1;
+    }
+    Output report_json(args.report_json, "--report-json"), plot(args.plot, "--plot");
+    oomguard::Report report;
+    report.track("GPU 0", *budget);
+    if (trace) trace->track("GPU 0", *budget);
+    for (auto& w : workloads) {
+        if (!w.batch) continue;
+        w.batch->measure_with(*budget);  // peaks for the predictive policy, the report and the plot
+        report.attach(*w.batch, w.name);
+        if (trace) trace->attach(*w.batch, w.name);
+    }
+    std::string first_oom;  // the first OOM survived, as oomguard reported it
+    train.observe(
+        [](oomguard::BatchEvent const& e, void* out) {
+            auto& text = *static_cast<std::string*>(out);
+            if (e.kind == oomguard::BatchEventKind::oom_caught && text.empty()) text = e.what;
+        },
+        &first_oom);
+
+    int status = 0;
+    mlp::Data data(N + NE, 16, static_cast<int>(args.hidden), args.seed);
+    try {
+        mlp::Model<Backend> model(*budget, data);
         // The model's activation workspace is a cache: adaptive_batch empties it before a retry.
         auto workspace = oomguard::CacheRegistry::global().add(
             "activation workspace", 0, [&] { return model.workspace_bytes(); },
             [&] { return model.release_workspace(); });
 #if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
-        if (args.fault_rate > 0) {  // transient OOMs while training (the model is set up)
+        if (args.fault_rate > 0) {  // transient OOMs from here on (the model is set up)
             oomguard::FaultPlan faults;
             faults.probability = args.fault_rate;
             faults.seed = args.seed;
             backend.set_faults(0, faults);
         }
 #endif
-        // One plan per workload. Evaluation steps only return their loss (nothing to
-        // undo), so they always resume after an OOM.
-        auto options = [&](std::size_t global_batch, bool resume) {
-            oomguard::BatchOptions o;
-            o.global_batch = global_batch;
-            o.max_attempts = 1000;
-            o.resume = resume;
-            o.apply(args.conf);  // policy, precision ladder, min_batch, ... from OOMGUARD_CONF and the flags
-            return o;
-        };
-        std::size_t const tail_size = N % args.bs;  // a short last batch keeps a plan of its own
-        oomguard::AdaptiveBatch train(options(args.bs, args.resume));
-        oomguard::AdaptiveBatch tail(options(tail_size != 0 ? tail_size : 1, args.resume));
-        oomguard::AdaptiveBatch eval(options(args.eval_bs < NE ? args.eval_bs : NE, true));
-        oomguard::AdaptiveBatch final_pass(options(N, true));  // the final loss over the training set
-
-        oomguard::Report report;
-        report.track("GPU 0", budget);
-        if (trace) trace->track("GPU 0", budget);
-        struct Named {
-            oomguard::AdaptiveBatch& batch;
-            char const* name;
-        };
-        for (Named w : {Named{train, "train"}, Named{tail, "tail"}, Named{eval, "eval"}, Named{final_pass, "final"}}) {
-            if (&w.batch == &tail && tail_size == 0) continue;  // --samples is a multiple of --bs
-            w.batch.measure_with(budget);  // peaks for the predictive policy, the report and the plot
-            report.attach(w.batch, w.name);
-            if (trace) trace->attach(w.batch, w.name);
-        }
-        std::string first_oom;  // the first OOM survived, as oomguard reported it
-        train.observe(
-            [](oomguard::BatchEvent const& e, void* out) {
-                auto& text = *static_cast<std::string*>(out);
-                if (e.kind == oomguard::BatchEventKind::oom_caught && text.empty()) text = e.what;
-            },
-            &first_oom);
-
         std::printf("train_loop on %s: %zu samples, MLP 16-%zu-1, --bs %zu, budget %s of %s\n",
                     on_gpu ? "the GPU" : "a simulated GPU", N, args.hidden, args.bs,
-                    oomguard::format_bytes(budget.limit()).c_str(),
-                    oomguard::format_bytes(capacity).c_str());
-        auto train_step = [&](std::size_t first) {
-            return [&model, first](oomguard::MicroBatch const& mb) { return model.step(first, mb, true); };
-        };
+                    oomguard::format_bytes(budget->limit()).c_str(), oomguard::format_bytes(capacity).c_str());
         auto sum = [](double a, double b) { return a + b; };
-        for (std::size_t epoch = 1; epoch <= args.epochs; ++epoch) {
-            double loss_sum = 0;
-            for (std::size_t first = 0; first < N; first += args.bs) {
-                oomguard::AdaptiveBatch& runner = N - first < args.bs ? tail : train;
-                // reduce() sums the losses of the micro-batches the committed attempt
-                // kept: a failed attempt's losses never count.
-                loss_sum += runner
-                                .reduce(train_step(first), 0.0, sum,
-                                        [&] { model.commit(static_cast<float>(args.lr)); },  // optimizer step
-                                        [&] { model.rollback(); })                            // zero_grad
+        auto pass = [&](std::size_t begin, std::size_t count, std::size_t batch, Workload& full, Workload& tail,
+                        bool learn) {
+            double loss = 0;
+            for (std::size_t first = begin; first < begin + count; first += batch) {
+                oomguard::AdaptiveBatch& runner = begin + count - first < batch ? *tail.batch : *full.batch;
+                auto step = [&model, first, learn](oomguard::MicroBatch const& mb) { return model.step(first, mb, learn); };
+                // reduce() sums the losses of the micro-batches the committed attempt kept:
+                // a failed attempt's losses never count.
+                if (learn)
+                    loss += runner
+                                .reduce(step, 0.0, sum, [&] { model.commit(static_cast<float>(args.lr)); },  // optimizer step
+                                        [&] { model.rollback(); })                                           // zero_grad
                                 .value;
+                else
+                    loss += runner.run(step).value;
             }
-            double eval_loss = eval.run([&](oomguard::MicroBatch const& mb) { return model.step(N, mb, false); }).value;
+            return loss / static_cast<double>(count);
+        };
+        for (std::size_t epoch = 1; epoch <= args.epochs; ++epoch) {
+            double loss = pass(0, N, args.bs, workloads[0], workloads[1], true);
+            double eval_loss = pass(N, NE, eval_bs, workloads[2], workloads[3], false);
             oomguard::Plan const& plan = train.plan();
+            std::size_t ooms = 0;
+            for (auto& w : workloads) ooms += w.batch ? w.batch->counters().ooms : 0;
             std::printf("epoch %zu/%zu  loss %.6f  eval %.6f  plan m=%zu %s  OOMs survived %zu\n", epoch, args.epochs,
-                        loss_sum / static_cast<double>(N), eval_loss / static_cast<double>(eval.options().global_batch),
-                        plan.micro_batch, oomguard::to_string(plan.precision),
-                        train.counters().ooms + tail.counters().ooms + eval.counters().ooms);
+                        loss, eval_loss, plan.micro_batch, oomguard::to_string(plan.precision), ooms);
         }
-        double final_loss = final_pass.run([&](oomguard::MicroBatch const& mb) { return model.step(0, mb, false); }).value;
-
+        (void)eval;
+        double final_loss = final_pass.run([&](oomguard::MicroBatch const& mb) { return model.step(0, mb, false); }).value /
+                            static_cast<double>(N);
         if (!first_oom.empty()) std::printf("survived: %s\n", first_oom.c_str());
         std::printf("%s", report.table().c_str());
-        std::printf("final loss %.9g\n", final_loss / static_cast<double>(N));
-        report_json.write(report.json());
-        plot.write(oomguard::plot_svg(report, "train_loop --bs " + std::to_string(args.bs) + " on " +
-                                                  oomguard::format_bytes(capacity).c_str()));
-        if (!args.plot.empty()) std::printf("plot: %s\n", args.plot.c_str());
-        if (trace) {
-            trace->write();
-            std::printf("trace: %s (open it in https://ui.perfetto.dev)\n", args.trace.c_str());
+        std::printf("final loss %.9g\n", final_loss);
+        if (!std::isfinite(final_loss)) {
+            std::fprintf(stderr, "train_loop: training diverged (final loss %g): lower --lr or raise --bs\n", final_loss);
+            status = 1;
         }
     } catch (oomguard::out_of_memory const& e) {  // recovery_failed too: nothing fit
         std::fprintf(stderr, "train_loop: %s\n", e.what());
-        return 1;
+        status = 1;
     } catch (std::exception const& e) {
         std::fprintf(stderr, "train_loop: %s\n", e.what());
-        return 1;
+        status = 1;
+    }
+    // An observer (the report, the trace) that failed: its exception, never dropped.
+    for (auto& w : workloads)
+        if (w.batch && w.batch->observer_error()) {
+            try {
+                std::rethrow_exception(w.batch->observer_error());
+            } catch (std::exception const& e) {
+                std::fprintf(stderr, "train_loop: an observer of %s failed: %s\n", w.name, e.what());
+            }
+            status = 1;
+        }
+    // What happened, written even when training failed: that is when it is needed.
+    if (!report_json.write(report.json())) status = 1;
+    if (!plot.write(oomguard::plot_svg(report, "train_loop --bs " + std::to_string(args.bs) + " on " +
+                                                   oomguard::format_bytes(capacity).c_str())))
+        status = 1;
+    if (!args.plot.empty() && status == 0) std::printf("plot: %s\n", args.plot.c_str());
+    if (trace) {
+        try {
+            trace->write();
+            if (status == 0) std::printf("trace: %s (open it in https://ui.perfetto.dev)\n", args.trace.c_str());
+        } catch (std::exception const& e) {
+            std::fprintf(stderr, "train_loop: --trace: %s\n", e.what());
+            status = 1;
+        }
     }
 #if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
-    if (backend.live_bytes() != 0 || budget.used() != 0) {  // the simulator counts every byte
+    if (status == 0 && (backend.live_bytes() != 0 || budget->used() != 0)) {  // the simulator counts every byte
         std::fprintf(stderr, "train_loop: %zu bytes still held on the simulated GPU\n", backend.live_bytes());
-        return 1;
+        status = 1;
     }
 #endif
-    return 0;
+    return status;
 }

@@ -19,6 +19,7 @@ function(expect name text source)
     set(_n ${_n} PARENT_SCOPE)
 endfunction()
 
+if(CUDA_INCLUDE)
 # A simulated budget given to DeviceBuffer<>, which is the GPU's when CUDA is found.
 expect(device_buffer_backend "DeviceBuffer<oomguard::SimulatedDevices> for a simulated budget" [=[
 #include <oomguard/oomguard.hpp>
@@ -43,6 +44,21 @@ expect(thrust_without_device_system "-DTHRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM
 #include <oomguard/thrust.hpp>
 int main() {}
 ]=] -isystem ${CUDA_INCLUDE} -isystem ${CUDA_INCLUDE}/cccl)
+# ... also when a Thrust header came first and picked CUDA by default.
+expect(thrust_included_first "define THRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_CPP before any Thrust header" [=[
+#include <thrust/device_vector.h>
+#include <oomguard/thrust.hpp>
+int main() {}
+]=] -isystem ${CUDA_INCLUDE} -isystem ${CUDA_INCLUDE}/cccl)
+endif()
+# A budget over CudaRuntime where there is no toolkit.
+expect(budget_without_cuda "CudaRuntime is one only where the CUDA toolkit's headers are found" [=[
+#include <oomguard/oomguard.hpp>
+int main() {
+    oomguard::CudaRuntime* cuda = nullptr;
+    oomguard::MemoryBudget<oomguard::CudaRuntime> budget(*cuda, 0);
+}
+]=] -DOOMGUARD_HAS_CUDA=0)
 # An older standard: the pkg-config file leaves -std to the user.
 expect(cplusplus_14 "oomguard needs C++17 or later" [=[
 #include <oomguard/backend.hpp>

@@ -2,7 +2,7 @@
 # enough, same seed: at least one recovered OOM, the report, and the same final
 # loss within 1e-5 relative. Then the demo's trace must parse.
 function(run out)
-    execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE o ERROR_VARIABLE e)
+    execute_process(COMMAND ${CMAKE_COMMAND} -E env --unset=OOMGUARD_CONF ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE o ERROR_VARIABLE e)
     if(NOT rc EQUAL 0)
         message(FATAL_ERROR "failed (${rc}): ${ARGN}\n${o}\n${e}")
     endif()

@@ -20,5 +20,31 @@ foreach(part "<svg xmlns=\"http://www.w3.org/2000/svg\"" "device memory (" "micr
         message(FATAL_ERROR "${svg} has no '${part}'")
     endif()
 endforeach()
+# The data, not only the frame and the legend: both memory series, one marker per OOM.
+string(REGEX MATCHALL "<polyline " lines "${text}")
+list(LENGTH lines n)
+if(n LESS 2)
+    message(FATAL_ERROR "${svg}: ${n} memory series drawn, expected the peaks and the held bytes")
+endif()
+string(REGEX MATCH "OOM \\(([0-9]+)\\)" _ "${text}")
+set(ooms ${CMAKE_MATCH_1})
+string(REGEX MATCHALL "stroke=\"#d62728\" stroke-width=\"2.5\"" markers "${text}")
+list(LENGTH markers m)
+math(EXPR drawn "${m} - 1")  # the legend's
+if(ooms STREQUAL "" OR ooms EQUAL 0 OR NOT drawn EQUAL ooms)
+    message(FATAL_ERROR "${svg}: ${drawn} OOM markers for '${ooms}' OOMs")
+endif()
 run(${RSVG} --format=png --output=${png} ${svg})
-run(${PYTHON} ${PNG_CHECK} ${png} 0.02 6)
+# Blue: the peaks (a line across the run; the legend's key alone is ~60 pixels).
+# Red: the OOM markers (each ~30 pixels).
+math(EXPR red "${ooms} * 15 + 40")
+run(${PYTHON} ${PNG_CHECK} ${png} 0.02 6 1f77b4:600 d62728:${red})
+# The unit test's plot, whose labels hold markup and control characters, parses too.
+execute_process(COMMAND ${CMAKE_COMMAND} -E env OOMGUARD_PLOT_FILE=${WORK}/escaped.plot.svg ${REPORT_TEST}
+                        --test-case=*plot*
+                RESULT_VARIABLE rc OUTPUT_VARIABLE o ERROR_VARIABLE e)
+if(NOT rc EQUAL 0 OR NOT EXISTS ${WORK}/escaped.plot.svg)
+    message(FATAL_ERROR "the plot unit test failed or wrote nothing:\n${o}\n${e}")
+endif()
+run(${XMLLINT} --noout ${WORK}/escaped.plot.svg)
+message("${ooms} OOMs, ${drawn} markers, ${n} memory series")

@@ -4,7 +4,7 @@
 # training batches; evaluation always resumes) -- so what a failed attempt
 # computed never leaks into a result.
 function(run out)
-    execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE o ERROR_VARIABLE e)
+    execute_process(COMMAND ${CMAKE_COMMAND} -E env --unset=OOMGUARD_CONF ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE o ERROR_VARIABLE e)
     if(NOT rc EQUAL 0)
         message(FATAL_ERROR "failed (${rc}): ${ARGN}\n${o}\n${e}")
     endif()

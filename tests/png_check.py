@@ -3,7 +3,9 @@
 not a blank page: decodes it with the standard library alone and requires that
 at least MIN_INK of its pixels differ from the background (the most common
 colour) and that it holds at least MIN_COLOURS distinct colours.
-Usage: png_check.py FILE.png [MIN_INK=0.02] [MIN_COLOURS=6]"""
+Each further RRGGBB:N argument requires at least N pixels within a small
+distance of that colour (a series or marker drawn, not just the frame).
+Usage: png_check.py FILE.png [MIN_INK=0.02] [MIN_COLOURS=6] [RRGGBB:N ...]"""
 import struct
 import sys
 import zlib
@@ -66,6 +68,13 @@ def main():
     print(f"{path}: {width}x{height}, {len(counts)} colours, {ink:.1%} of the pixels drawn on the background")
     if ink < min_ink or len(counts) < min_colours:
         sys.exit(f"{path}: looks blank (need {min_ink:.0%} drawn and {min_colours} colours)")
+    for spec in sys.argv[4:]:
+        hexa, need = spec.split(":")
+        want = tuple(int(hexa[i:i + 2], 16) for i in (0, 2, 4))
+        have = sum(n for px, n in counts.items() if sum(abs(px[i] - want[i]) for i in range(3)) <= 60)
+        print(f"{path}: {have} pixels of #{hexa} (need {need})")
+        if have < int(need):
+            sys.exit(f"{path}: too little #{hexa}: {have} pixels, need {need}")
 
 
 main()

@@ -896,3 +896,59 @@ TEST_CASE("observers see each global batch and micro-batch: its samples, what it
     CHECK(events[2].held == oom_info::unknown);
     CHECK(events[2].bytes == 0);
 }
+
+namespace {
+// A meter of an allocator oomguard does not own (libtorch's caching allocator is one):
+// it counts its own bytes, and its OOM is the library's, not a budget's.
+struct CountingMeter {
+    std::size_t capacity, held = 0, high = 0, resets = 0;
+    int device() const { return 0; }
+    std::size_t used() const { return held; }
+    std::size_t peak() const { return high; }
+    std::size_t reset_peak() {
+        ++resets;
+        std::size_t old = high;
+        high = held;
+        return old;
+    }
+    void raise_peak(std::size_t v) { high = v > high ? v : high; }
+    std::size_t available() const { return capacity - held; }
+    void take(std::size_t b) {
+        if (b > capacity - held) throw std::runtime_error("CUDA out of memory. Tried to allocate (a library's OOM)");
+        held += b;
+        raise_peak(held);
+    }
+    void give(std::size_t b) { held -= b; }
+};
+}  // namespace
+
+TEST_CASE("measure_with takes any meter: the predictive policy fits what it measures") {
+    static_assert(detail::is_meter<CountingMeter>::value, "a meter");
+    static_assert(!detail::is_meter<Budget>::value, "a budget has its own overload");
+    static_assert(!detail::is_meter<int>::value, "not a meter");
+    CountingMeter meter{200 * KiB};
+    BatchOptions o;
+    o.global_batch = 256;
+    o.policy = ShrinkPolicy::predictive();
+    AdaptiveBatch a(o);
+    a.measure_with(meter);
+    std::vector<std::pair<std::size_t, std::size_t>> calibration;  // size, measured bytes
+    a.observe(
+        [](BatchEvent const& e, void* u) {
+            if (e.kind == BatchEventKind::calibration)
+                static_cast<std::vector<std::pair<std::size_t, std::size_t>>*>(u)->push_back({e.to.micro_batch, e.bytes});
+        },
+        &calibration);
+    auto step = [&](MicroBatch const& mb) {  // 1 KiB a sample
+        meter.take(mb.size * KiB);
+        meter.give(mb.size * KiB);
+    };
+    a.run(step, [] {}, [] {});
+    REQUIRE(calibration.size() == 1);
+    CHECK(calibration[0].first > 0);
+    CHECK(calibration[0].second == calibration[0].first * KiB);  // measured through the meter
+    CHECK(meter.resets >= 3);
+    CHECK(a.plan().micro_batch >= 180);  // the fit: close to the 200 that fit, under the margin
+    CHECK(a.plan().micro_batch <= 200);
+    CHECK(meter.held == 0);
+}

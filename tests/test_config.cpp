@@ -144,6 +144,10 @@ TEST_CASE("units are read whatever their case; a size without one is bytes") {
     CHECK_THROWS_WITH_AS(parse_size("1m", "--device-memory"),
                          doctest::Contains("bad value '1m' for --device-memory: give a size"), config_error);
     CHECK(parse_config("budget=512mib").budget->amount() == (512ull << 20));
+    CHECK(parse_size("1.5KiB") == 1536u);
+    for (char const* fractional_bytes : {"1.5", "1.5B", "0.5", "1000.9"})
+        CHECK_THROWS_WITH_AS(parse_size(fractional_bytes, "--device-memory"), doctest::Contains("whole bytes"),
+                             config_error);
 }
 
 TEST_CASE("one value parsed on its own names its flag, not OOMGUARD_CONF") {

@@ -171,14 +171,14 @@ TEST_CASE("the report's timeline: a memory point per micro-batch, every OOM at i
 TEST_CASE("the plot: one self-contained SVG with both panels, the OOMs, the precision and escaped labels") {
     Run run;
     Report report;
-    report.track("GPU <0> & \"1\"", run.budget);
+    report.track("GPU <0> & \"1\"\x01\xff\xc3", run.budget);  // markup, a control character, bytes not UTF-8
     report.attach(run.a, "train");
     run.go();
     std::string svg = plot_svg(report);
     CHECK(svg.rfind("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\"", 0) == 0);
     CHECK(svg.size() - svg.rfind("</svg>\n") == 7);
-    CHECK(svg.find("GPU &lt;0&gt; &amp; &quot;1&quot; budget cap") == std::string::npos);  // cap == capacity: one line
-    CHECK(svg.find("GPU &lt;0&gt; &amp; &quot;1&quot; capacity") != std::string::npos);
+    CHECK(svg.find("budget cap</text>\n<polyline") == std::string::npos);  // cap == capacity: one line
+    CHECK(svg.find("GPU &lt;0&gt; &amp; &quot;1&quot;??? capacity") != std::string::npos);
     CHECK(svg.find("OOM (3), at its demand") != std::string::npos);
     CHECK(count(svg, "stroke=\"#d62728\"") == 3 + 1);  // each OOM and the legend's
     CHECK(count(svg, ">bf16</text>") == 1);
@@ -193,7 +193,18 @@ TEST_CASE("the plot: one self-contained SVG with both panels, the OOMs, the prec
     std::string e = plot_svg(empty, "a <title>");
     CHECK(e.find("no micro-batch ran yet") != std::string::npos);
     CHECK(e.find("a &lt;title&gt;") != std::string::npos);
-    // Where a test machine has the tools (scripts/test installs them), the document must parse as XML.
+    // UTF-8 that is well formed passes whole; one point draws a dot; a sixth workload is counted, not drawn.
+    CHECK(detail::xml_text("\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xed\xa0\x80") == "\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 ???");
+    Timeline one;
+    one.devices.push_back({"GPU 0", 0, 0, 1000});
+    for (int i = 0; i < 7; ++i) one.workloads.push_back("w" + std::to_string(i));
+    one.memory.push_back({0.5, 0, 100, 200, 0, Plan{4, Precision::fp32, 0, 0}});
+    one.end = 1;
+    std::string dot = plot_svg(one);
+    CHECK(count(dot, "<circle ") == 2);  // the peak and the held bytes
+    CHECK(dot.find("and 2 more workloads") != std::string::npos);
+    CHECK(dot.find(">0.5</text>") == std::string::npos);  // whole sizes on the micro-batch axis
+    // The demo's plot test (demo_plot.cmake) sets this, and validates the file with xmllint.
     char const* out = std::getenv("OOMGUARD_PLOT_FILE");
     if (out != nullptr) {
         std::ofstream f(out);

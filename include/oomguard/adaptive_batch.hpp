@@ -180,6 +180,20 @@ struct FailoverRequest {
     oom_info last;
 };
 
+namespace detail {
+template <class M, class = void>
+struct is_meter : std::false_type {};
+template <class M>
+struct is_meter<M, std::void_t<decltype(std::size_t{std::declval<M const&>().used()}),
+                               decltype(std::size_t{std::declval<M const&>().peak()}),
+                               decltype(std::declval<M&>().reset_peak()),
+                               decltype(std::declval<M&>().raise_peak(std::size_t{})),
+                               decltype(std::size_t{std::declval<M const&>().available()}),
+                               decltype(int{std::declval<M const&>().device()})>> : std::true_type {};
+template <class B>
+struct is_meter<MemoryBudget<B>, void> : std::false_type {};  // measure_with(MemoryBudget&) is its own
+}  // namespace detail
+
 /// Runs global batches under an adaptive plan and remembers the last good one
 /// across calls. Keep one per workload: training and evaluation (`--bs` and
 /// `--eval_bs`) are tuned apart. The decisions are RecoveryPlanner's; this class
@@ -210,13 +224,29 @@ public:
             if (mb->backend().memory_info(mb->device(), &free, &total).ok() && free < avail) avail = free;
             return avail;
         };
-        for (auto& existing : meters_)
-            if (existing.device == m.device) {
-                existing = m;
-                return *this;
-            }
-        meters_.push_back(m);
-        return *this;
+        return add_meter(m);
+    }
+
+    /// Measures through any other meter: an object with `int device() const`,
+    /// `std::size_t used() const` (bytes held now), `std::size_t peak() const`
+    /// (the most held since the last reset), `std::size_t reset_peak()` (restarts
+    /// the peak at what is held now), `void raise_peak(std::size_t)` (the peak is
+    /// at least this) and `std::size_t available() const` (what a step could
+    /// still take). libtorch's caching allocator is one (<oomguard/torch.hpp>).
+    template <class Meter_, std::enable_if_t<detail::is_meter<Meter_>::value, int> = 0>
+    AdaptiveBatch& measure_with(Meter_& meter) {
+        Meter m;
+        m.device = meter.device();
+        m.object = &meter;
+        m.start = [](void* o) -> std::size_t {
+            auto* x = static_cast<Meter_*>(o);
+            x->reset_peak();
+            return x->used();
+        };
+        m.peak = [](void* o) -> std::size_t { return static_cast<Meter_*>(o)->peak(); };
+        m.raise = [](void* o, std::size_t v) { static_cast<Meter_*>(o)->raise_peak(v); };
+        m.available = [](void* o) -> std::size_t { return static_cast<Meter_*>(o)->available(); };
+        return add_meter(m);
     }
 
     /// Adds an observer: `fn(event, user)` is called for every decision, in the
@@ -885,6 +915,16 @@ private:
         e.held = held;
         emit(e);
     }
+    AdaptiveBatch& add_meter(Meter const& m) {
+        for (auto& existing : meters_)
+            if (existing.device == m.device) {
+                existing = m;
+                return *this;
+            }
+        meters_.push_back(m);
+        return *this;
+    }
+
     // Observers never change what happens to a batch: what one throws is kept.
     void emit(BatchEvent const& e) noexcept {
         for (auto const& o : observers_) {

@@ -143,6 +143,7 @@ inline bool parse_bytes(std::string_view s, std::size_t& out, bool& had_unit) no
         out = static_cast<std::size_t>(n);
         return true;
     }
+    if (!integral && mult == 1.0) return false;  // bytes are whole: 1.5 or 1.5B is not a size
     double bytes = v * mult;
     // 2^64 is the first double above every size_t.
     if (!(bytes < 18446744073709551616.0)) return false;
@@ -182,7 +183,7 @@ inline std::size_t parse_size(std::string_view v, std::string_view key, std::str
     bool had_unit = false;
     if (!parse_bytes(v, b, had_unit))
         bad_value(key, v,
-                  "give a size such as 2GiB, 512MiB or 1048576 (bytes); units B, KiB, MiB, GiB, TiB, "
+                  "give a size such as 2GiB, 512MiB or 1048576 (whole bytes); units B, KiB, MiB, GiB, TiB, "
                   "KB, MB, GB, TB in any case",
                   source);
     return b;
@@ -335,19 +336,19 @@ inline Config config_from_env(char const* variable = "OOMGUARD_CONF") {
 
 /// A cap, as budget= reads it: 0.9, 90% or 70GiB.
 inline Limit parse_limit(std::string_view text, std::string_view name = "budget") {
-    return detail::parse_limit(detail::trim(text), name, {});
+    return detail::parse_limit(detail::trim(text), name, "");
 }
 /// A size in bytes: 4096, 512MiB, 1.5GB (units in any case).
 inline std::size_t parse_size(std::string_view text, std::string_view name = "size") {
-    return detail::parse_size(detail::trim(text), name, {});
+    return detail::parse_size(detail::trim(text), name, "");
 }
 /// halve, geometric (factor 0.9), bisect or predictive.
 inline ShrinkPolicy parse_policy(std::string_view text, std::string_view name = "policy") {
-    return detail::make_policy(detail::parse_policy_kind(detail::trim(text), name, {}), 0.9);
+    return detail::make_policy(detail::parse_policy_kind(detail::trim(text), name, ""), 0.9);
 }
 /// A precision ladder, fp32>bf16>fp16: no repeats, never more bytes per value than the rung before.
 inline std::vector<Precision> parse_precisions(std::string_view text, std::string_view name = "precision") {
-    return detail::parse_precisions(detail::trim(text), name, {});
+    return detail::parse_precisions(detail::trim(text), name, "");
 }
 
 /// A budget on `device` of `backend` capped by the Config's budget= or

@@ -144,7 +144,8 @@ public:
     /// device, no_device_error when there is no usable device.
     MemoryBudget(Backend& backend, int device, Limit limit = Limit::unlimited())
         : backend_(&backend), device_(device), spec_(limit) {
-        static_assert(is_backend_v<Backend>, "MemoryBudget needs a backend (see backend.hpp)");
+        static_assert(is_backend_v<Backend>, "MemoryBudget needs a backend (see backend.hpp); CudaRuntime is one "
+                                            "only where the CUDA toolkit's headers are found (OOMGUARD_HAS_CUDA=1)");
         int count = 0;
         status s = backend.device_count(&count);
         if (!s.ok()) detail::throw_status(s, "MemoryBudget: counting devices");

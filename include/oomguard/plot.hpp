@@ -26,19 +26,44 @@ namespace oomguard {
 
 namespace detail {
 
+// The length of the well-formed UTF-8 sequence at s[i] (0: none), by RFC 3629's table.
+inline std::size_t utf8_length(std::string_view s, std::size_t i) noexcept {
+    auto b = [&](std::size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
+    unsigned c = b(0);
+    auto cont = [&](std::size_t k, unsigned lo = 0x80, unsigned hi = 0xBF) { return b(k) >= lo && b(k) <= hi; };
+    if (c >= 0xC2 && c <= 0xDF) return cont(1) ? 2 : 0;
+    if (c == 0xE0) return cont(1, 0xA0) && cont(2) ? 3 : 0;
+    if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) return cont(1) && cont(2) ? 3 : 0;
+    if (c == 0xED) return cont(1, 0x80, 0x9F) && cont(2) ? 3 : 0;  // no surrogates
+    if (c == 0xF0) return cont(1, 0x90) && cont(2) && cont(3) ? 4 : 0;
+    if (c >= 0xF1 && c <= 0xF3) return cont(1) && cont(2) && cont(3) ? 4 : 0;
+    if (c == 0xF4) return cont(1, 0x80, 0x8F) && cont(2) && cont(3) ? 4 : 0;
+    return 0;
+}
+
+// Text as XML character data: markup escaped; control characters, which XML 1.0
+// forbids even escaped, and bytes that are not UTF-8 become '?'.
 inline std::string xml_text(std::string_view s) {
     std::string o;
-    for (char c : s) {
+    for (std::size_t i = 0; i < s.size(); ++i) {
+        char c = s[i];
+        if (static_cast<unsigned char>(c) >= 0x80) {
+            std::size_t n = utf8_length(s, i);
+            if (n == 0) {
+                o += '?';
+            } else {
+                o.append(s.data() + i, n);
+                i += n - 1;
+            }
+            continue;
+        }
         switch (c) {
             case '&': o += "&amp;"; break;
             case '<': o += "&lt;"; break;
             case '>': o += "&gt;"; break;
             case '"': o += "&quot;"; break;
             case '\'': o += "&apos;"; break;
-            default:
-                // XML 1.0 forbids most control characters even escaped.
-                if (static_cast<unsigned char>(c) >= 0x20 || c == '\t' || c == '\n') o += c;
-                else o += '?';
+            default: o += static_cast<unsigned char>(c) >= 0x20 || c == '\t' || c == '\n' ? c : '?';
         }
     }
     return o;
@@ -108,7 +133,8 @@ inline std::string plot_svg(Timeline const& t, std::string const& title = "") {
 
     std::size_t mmax = 1;
     for (auto const& m : t.memory) mmax = m.plan.micro_batch > mmax ? m.plan.micro_batch : mmax;
-    double const mstep = detail::nice_step(static_cast<double>(mmax) * 1.1, 4);
+    double mstep = detail::nice_step(static_cast<double>(mmax) * 1.1, 4);
+    if (mstep < 1) mstep = 1;  // sizes are whole samples
     double const mtop = std::ceil(static_cast<double>(mmax) * 1.1 / mstep) * mstep;
 
     auto X = [&](double s) { return x0 + (x1 - x0) * s / tmax; };
@@ -168,15 +194,24 @@ inline std::string plot_svg(Timeline const& t, std::string const& title = "") {
             if (!pts.empty())
                 s += "<polyline points=\"" + pts + "\" fill=\"none\" stroke=\"" + color + "\" stroke-width=\"" +
                      fixed(width) + "\" stroke-linejoin=\"round\"/>\n";
+            if (pts.find(' ') == pts.size() - 1)  // one point draws no line: a dot
+                for (auto const& m : t.memory)
+                    if (m.device == d.device)
+                        s += "<circle cx=\"" + fixed(X(m.t)) + "\" cy=\"" +
+                             fixed(Y(static_cast<double>(peak ? m.peak : m.held))) + "\" r=\"3\" fill=\"" + color +
+                             "\"/>\n";
         }
     };
     series(false, "#7f7f7f", 1.5);
     series(true, "#1f77b4", 1.5);
+    double last_label_x = -1e9, label_dy = 0;
     for (auto const& o : t.ooms) {
         double cx = X(o.t), cy = o.demand != 0 ? Y(static_cast<double>(o.demand)) : my0 + 8;
         if (o.demand != 0 && static_cast<double>(o.demand) > ymax) {  // off the scale: say how far
             cy = my0 + 8;
-            s += "<text x=\"" + fixed(cx + 8) + "\" y=\"" + fixed(cy + 4) + "\" fill=\"#d62728\">" +
+            label_dy = cx - last_label_x < 70 ? label_dy + 14 : 0;  // labels close together step down
+            last_label_x = cx;
+            s += "<text x=\"" + fixed(cx + 8) + "\" y=\"" + fixed(cy + 4 + label_dy) + "\" fill=\"#d62728\">" +
                  xml_text(format_bytes(o.demand).c_str()) + "</text>\n";
         }
         s += "<path d=\"M" + fixed(cx - 5) + " " + fixed(cy - 5) + " L" + fixed(cx + 5) + " " + fixed(cy + 5) + " M" +
@@ -257,10 +292,15 @@ inline std::string plot_svg(Timeline const& t, std::string const& title = "") {
     s += "<text x=\"" + fixed(lx + 32) + "\" y=\"" + fixed(ly + 4) + "\">OOM (" + std::to_string(t.ooms.size()) +
          "), at its demand</text>\n";
     ly = py0 + 6;
-    for (std::size_t w = 0; w < t.workloads.size(); ++w)
-        key(std::string("stroke=\"") + workload_colors[w % (sizeof workload_colors / sizeof *workload_colors)] +
-                "\" stroke-width=\"2.5\"",
+    std::size_t const colors = sizeof workload_colors / sizeof *workload_colors, shown = t.workloads.size() < 5 ? t.workloads.size() : 5;
+    for (std::size_t w = 0; w < shown; ++w)
+        key(std::string("stroke=\"") + workload_colors[w % colors] + "\" stroke-width=\"2.5\"",
             t.workloads[w] + " micro-batch");
+    if (t.workloads.size() > shown) {  // the legend has room for five
+        s += "<text x=\"" + fixed(lx + 32) + "\" y=\"" + fixed(ly + 4) + "\">and " +
+             std::to_string(t.workloads.size() - shown) + " more workloads</text>\n";
+        ly += 20;
+    }
     key("stroke=\"#444444\" stroke-width=\"2\" stroke-dasharray=\"6 3\"", "lower precision");
     if (t.memory.empty() && t.plans.empty())
         s += "<text x=\"" + fixed((x0 + x1) / 2) + "\" y=\"" + fixed((my0 + my1) / 2) +

@@ -341,7 +341,9 @@ private:
                       e.kind == BatchEventKind::failover || e.kind == BatchEventKind::grow_back ||
                       e.kind == BatchEventKind::jump || e.kind == BatchEventKind::give_up || probe;
         if (change && r->changes_.size() < max_plan_changes)
-            r->changes_.push_back(Change{w->label, w->batch->counters().global_batches, e.attempt, e.kind, e.from, e.to});
+            // A commit is counted before it is announced: its batch is the one before the count.
+            r->changes_.push_back(Change{w->label, w->batch->counters().global_batches - (probe ? 1 : 0), e.attempt,
+                                         e.kind, e.from, e.to});
         if (change && r->timeline_.plans.size() < max_points &&
             (e.to.micro_batch != e.from.micro_batch || e.to.precision != e.from.precision ||
              e.to.device != e.from.device))

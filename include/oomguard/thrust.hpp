@@ -27,6 +27,10 @@
 #include <thrust/system/detail/bad_alloc.h>
 #include <thrust/system_error.h>
 
+#if !defined(__CUDACC__) && THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+#error "oomguard: <oomguard/thrust.hpp>: Thrust's device system is CUDA, but a host compiler cannot build it (a Thrust header included first picked CUDA by default): define THRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_CPP before any Thrust header (on the command line), or build the file with nvcc"
+#endif
+
 #include <cstddef>
 #include <limits>
 #include <new>

@@ -47,7 +47,7 @@ inline std::string_view trim(std::string_view s) noexcept {
 inline void append_cut(char* buf, std::size_t size, std::size_t& len, std::string_view s) noexcept {
     std::size_t room = size - 1 - len;
     std::size_t n = s.size() < room ? s.size() : room;
-    std::memcpy(buf + len, s.data(), n);
+    if (n != 0) std::memcpy(buf + len, s.data(), n);  // an empty view's data() may be null
     len += n;
     buf[len] = '\0';
     if (n < s.size() && len >= 3) std::memcpy(buf + len - 3, "...", 3);
