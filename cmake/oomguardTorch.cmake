@@ -1,0 +1,40 @@
+# libtorch from a PyPI `torch` wheel (scripts/test installs it, --no-deps, in a
+# virtual environment under build/): -DOOMGUARD_TORCH_DIR=<site-packages>/torch.
+# Defines oomguard_libtorch, an interface target with the wheel's headers and
+# CPU libraries (and its CUDA allocator library where the CUDA toolkit is
+# found, for the parts of <oomguard/torch.hpp> that need it). Only oomguard's
+# own torch tests and example use it; the library itself needs nothing.
+set(OOMGUARD_TORCH_DIR "" CACHE PATH "A libtorch tree (the torch package of a PyPI wheel) for the torch tests")
+set(OOMGUARD_HAVE_TORCH OFF)
+if(NOT OOMGUARD_TORCH_DIR)
+    return()
+endif()
+foreach(_f include/torch/csrc/api/include/torch/torch.h include/c10/core/Allocator.h lib/libtorch_cpu.so lib/libc10.so)
+    if(NOT EXISTS "${OOMGUARD_TORCH_DIR}/${_f}")
+        message(FATAL_ERROR "OOMGUARD_TORCH_DIR=${OOMGUARD_TORCH_DIR} has no ${_f}: give the torch package "
+                            "directory of a PyPI wheel (<venv>/lib/python3.X/site-packages/torch)")
+    endif()
+endforeach()
+add_library(oomguard_libtorch INTERFACE)
+target_include_directories(oomguard_libtorch SYSTEM INTERFACE
+    "${OOMGUARD_TORCH_DIR}/include" "${OOMGUARD_TORCH_DIR}/include/torch/csrc/api/include")
+target_link_libraries(oomguard_libtorch INTERFACE
+    "${OOMGUARD_TORCH_DIR}/lib/libtorch_cpu.so" "${OOMGUARD_TORCH_DIR}/lib/libc10.so")
+target_link_options(oomguard_libtorch INTERFACE "-Wl,-rpath,${OOMGUARD_TORCH_DIR}/lib")
+target_compile_features(oomguard_libtorch INTERFACE cxx_std_20)
+if(TARGET CUDA::cudart AND EXISTS "${OOMGUARD_TORCH_DIR}/lib/libc10_cuda.so")
+    target_link_libraries(oomguard_libtorch INTERFACE "${OOMGUARD_TORCH_DIR}/lib/libc10_cuda.so" CUDA::cudart)
+    target_compile_definitions(oomguard_libtorch INTERFACE OOMGUARD_TORCH_CUDA=1)
+else()
+    target_compile_definitions(oomguard_libtorch INTERFACE OOMGUARD_TORCH_CUDA=0)
+endif()
+set(_oomguard_torch_version "")
+foreach(_h include/torch/headeronly/version.h include/torch/version.h)
+    if(NOT _oomguard_torch_version AND EXISTS "${OOMGUARD_TORCH_DIR}/${_h}")
+        file(STRINGS "${OOMGUARD_TORCH_DIR}/${_h}" _lines REGEX "#define TORCH_VERSION_(MAJOR|MINOR|PATCH) ")
+        string(REGEX REPLACE "[^;]*TORCH_VERSION_[A-Z]+ ([0-9]+)" "\\1" _parts "${_lines}")
+        string(REPLACE ";" "." _oomguard_torch_version "${_parts}")
+    endif()
+endforeach()
+set(OOMGUARD_HAVE_TORCH ON)
+message(STATUS "oomguard: libtorch ${_oomguard_torch_version} from ${OOMGUARD_TORCH_DIR}: the torch tests and example are built")

@@ -1,0 +1,208 @@
+// oomguard in a libtorch training loop (C++20, as libtorch requires).
+//
+// A torch::nn MLP learns a synthetic regression. Each global batch runs under
+// oomguard::AdaptiveBatch: micro-batches are cut with narrow(), each loss is
+// scaled by mb.weight so the accumulated gradients equal the whole batch's,
+// the optimizer steps in commit and zero_grad undoes a failed attempt. When
+// fp32 does not fit even at the smallest size, bf16 autocast is the next rung.
+//
+// On a CPU machine every tensor is allocated through a MemoryBudget over a
+// simulated GPU (oomguard::ScopedTorchCpuAllocator), so the OOMs and the
+// recovery are libtorch's own: a c10::OutOfMemoryError out of the allocator.
+// With CUDA (a libtorch build with it, and a GPU) the same loop runs on the GPU,
+// with the caching allocator as a registered cache and as the meter.
+//
+//   torch_train_loop --bs 1024 --device-memory 3MiB        (a batch that does not fit)
+//   torch_train_loop --bs 1024 --device-memory 1GiB        (the same run, unpressured)
+#include <oomguard/oomguard.hpp>
+#include <oomguard/config.hpp>
+#include <oomguard/report.hpp>
+#include <oomguard/simulated_devices.hpp>
+#include <oomguard/torch.hpp>
+
+#include <ATen/autocast_mode.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+
+namespace {
+
+struct NetImpl : torch::nn::Module {
+    torch::nn::Linear fc1{nullptr}, fc2{nullptr}, out{nullptr};
+    NetImpl(int inputs, int hidden)
+        : fc1(register_module("fc1", torch::nn::Linear(inputs, hidden))),
+          fc2(register_module("fc2", torch::nn::Linear(hidden, hidden))),
+          out(register_module("out", torch::nn::Linear(hidden, 1))) {}
+    torch::Tensor forward(torch::Tensor x) {
+        x = torch::tanh(fc1->forward(x));
+        x = torch::tanh(fc2->forward(x));
+        return out->forward(x);
+    }
+};
+TORCH_MODULE(Net);
+
+// bf16 autocast on `device` for a scope (the precision ladder's second rung).
+class Autocast {
+public:
+    Autocast(c10::DeviceType device, bool on) : device_(device), was_(at::autocast::is_autocast_enabled(device)) {
+        if (on) {
+            at::autocast::set_autocast_dtype(device, at::kBFloat16);
+            at::autocast::set_autocast_enabled(device, true);
+        }
+    }
+    ~Autocast() {
+        at::autocast::set_autocast_enabled(device_, was_);
+        at::autocast::clear_cache();
+    }
+
+private:
+    c10::DeviceType device_;
+    bool was_;
+};
+
+struct Args {
+    std::size_t bs = 1024, epochs = 3, samples = 4096, hidden = 128;
+    std::size_t device_memory = std::size_t{1} << 30;
+    oomguard::ShrinkPolicy policy = oomguard::ShrinkPolicy::predictive();
+};
+
+[[noreturn]] void fail(std::string const& why) {
+    std::fprintf(stderr, "torch_train_loop: %s\nflags: --bs N  --epochs N  --samples N  --hidden N  "
+                         "--device-memory SIZE  --policy halve|geometric|bisect|predictive\n", why.c_str());
+    std::exit(2);
+}
+
+Args parse(int argc, char** argv) {
+    Args a;
+    for (int i = 1; i < argc; ++i) {
+        std::string f = argv[i];
+        if (f == "--help") fail("usage");
+        if (i + 1 >= argc) fail(f + " needs a value");
+        std::string v = argv[++i];
+        try {
+            auto count = [&] {
+                std::size_t n = oomguard::parse_size(v, f);
+                if (n == 0 || v.find_first_not_of("0123456789") != std::string::npos)
+                    fail("bad value '" + v + "' for " + f + ": give a whole number >= 1");
+                return n;
+            };
+            if (f == "--bs") a.bs = count();
+            else if (f == "--epochs") a.epochs = count();
+            else if (f == "--samples") a.samples = count();
+            else if (f == "--hidden") a.hidden = count();
+            else if (f == "--device-memory") a.device_memory = oomguard::parse_size(v, f);
+            else if (f == "--policy") a.policy = oomguard::parse_policy(v, f);
+            else fail("unknown flag '" + f + "'");
+        } catch (oomguard::config_error const& e) {
+            fail(e.what());
+        }
+    }
+    if (a.bs > a.samples) fail("--bs is above --samples");
+    return a;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Args const args = parse(argc, argv);
+    torch::manual_seed(1);
+    at::set_num_threads(1);  // the same reduction order in every run
+    bool const on_gpu = torch::cuda::is_available();
+    torch::Device const device = on_gpu ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+
+    // CPU: a simulated GPU of --device-memory, and libtorch's CPU allocator through a budget on it.
+    oomguard::SimulatedDevices sim({{args.device_memory, 0, "simulated GPU"}});
+    oomguard::MemoryBudget<oomguard::SimulatedDevices> budget(sim, 0);
+    std::unique_ptr<oomguard::ScopedTorchCpuAllocator<oomguard::SimulatedDevices>> cpu;
+    if (!on_gpu) cpu = std::make_unique<oomguard::ScopedTorchCpuAllocator<oomguard::SimulatedDevices>>(budget);
+
+    int status = 0;
+    try {
+        int const inputs = 32;
+        auto const N = static_cast<std::int64_t>(args.samples);
+        // Synthetic data, held on the device like a dataset that fits.
+        torch::Tensor X = torch::randn({N, inputs}).to(device);
+        torch::Tensor w = torch::randn({inputs, 1}).to(device);
+        torch::Tensor Y = torch::sin(X.matmul(w) / 4) + 0.01 * torch::randn({N, 1}).to(device);
+        Net model(inputs, static_cast<int>(args.hidden));
+        model->to(device);
+        torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+
+        oomguard::BatchOptions opts;
+        opts.global_batch = args.bs;
+        opts.precisions = {oomguard::Precision::fp32, oomguard::Precision::bf16};
+        opts.policy = args.policy;
+        opts.max_attempts = 100;
+        oomguard::AdaptiveBatch train(opts);
+        oomguard::Report report;
+#if OOMGUARD_TORCH_CUDA
+        oomguard::TorchCudaCache cache(0);
+        oomguard::TorchCudaMeter meter(0);
+        oomguard::CacheRegistration registered;
+        if (on_gpu) {
+            registered = oomguard::CacheRegistry::global().add("libtorch caching allocator", 10, cache);
+            train.measure_with(meter);
+        }
+#endif
+        if (!on_gpu) {
+            train.measure_with(budget);
+            report.track("sim GPU", budget);
+        }
+        report.attach(train, "train");
+
+        std::printf("torch_train_loop on %s: %zu samples, MLP %d-%zu-%zu-1, --bs %zu\n",
+                    on_gpu ? "CUDA" : "the CPU over a simulated GPU", args.samples, inputs, args.hidden,
+                    args.hidden, args.bs);
+        auto const G = static_cast<std::int64_t>(args.bs);
+        for (std::size_t epoch = 1; epoch <= args.epochs; ++epoch) {
+            double loss_sum = 0;
+            model->train();
+            for (std::int64_t first = 0; first + G <= N; first += G) {
+                loss_sum += train
+                                .reduce(
+                                    [&](oomguard::MicroBatch const& mb) {
+                                        auto off = first + static_cast<std::int64_t>(mb.offset);
+                                        auto n = static_cast<std::int64_t>(mb.size);
+                                        Autocast bf16(device.type(), mb.precision == oomguard::Precision::bf16);
+                                        torch::Tensor pred = model->forward(X.narrow(0, off, n)).to(torch::kFloat);
+                                        torch::Tensor loss = torch::mse_loss(pred, Y.narrow(0, off, n));
+                                        (loss * mb.weight).backward();  // accumulates: sum = the batch's gradient
+                                        return loss.item<double>() * static_cast<double>(n);
+                                    },
+                                    0.0, [](double a, double b) { return a + b; },
+                                    [&] { optimizer.step(), optimizer.zero_grad(); },  // commit
+                                    [&] { optimizer.zero_grad(); })                     // rollback
+                                .value;
+            }
+            std::printf("epoch %zu  loss %.6f  plan m=%zu %s  OOMs survived %zu\n", epoch,
+                        loss_sum / static_cast<double>(N / G * G), train.plan().micro_batch,
+                        oomguard::to_string(train.plan().precision), train.counters().ooms);
+        }
+        // The final loss over the whole set, evaluated in chunks that fit.
+        torch::NoGradGuard no_grad;
+        model->eval();
+        oomguard::BatchOptions eval_opts;
+        eval_opts.global_batch = args.samples;
+        eval_opts.resume = true;  // evaluation applies nothing: it keeps what completed
+        oomguard::AdaptiveBatch eval(eval_opts);
+        double total = eval.run([&](oomguard::MicroBatch const& mb) {
+                               auto off = static_cast<std::int64_t>(mb.offset);
+                               auto n = static_cast<std::int64_t>(mb.size);
+                               torch::Tensor pred = model->forward(X.narrow(0, off, n));
+                               return torch::mse_loss(pred, Y.narrow(0, off, n)).item<double>() *
+                                      static_cast<double>(n);
+                           }).value;
+        std::fputs(report.table().c_str(), stdout);
+        std::printf("final loss %.9g\n", total / static_cast<double>(N));
+    } catch (oomguard::recovery_failed const& e) {
+        std::fprintf(stderr, "torch_train_loop: %s\n", e.what());
+        status = 1;
+    } catch (std::exception const& e) {
+        std::fprintf(stderr, "torch_train_loop: %s\n", e.what());
+        status = 1;
+    }
+    return status;
+}
