@@ -22,9 +22,17 @@ target_link_libraries(oomguard_libtorch INTERFACE
     "${OOMGUARD_TORCH_DIR}/lib/libtorch_cpu.so" "${OOMGUARD_TORCH_DIR}/lib/libc10.so")
 target_link_options(oomguard_libtorch INTERFACE "-Wl,-rpath,${OOMGUARD_TORCH_DIR}/lib")
 target_compile_features(oomguard_libtorch INTERFACE cxx_std_20)
+# Link libtorch_cuda too, so that torch runs on the GPU: needs the wheel's CUDA
+# dependencies (a full `pip install torch`, as scripts/gpu-check uses).
+option(OOMGUARD_TORCH_CUDA_RUNTIME "Link libtorch_cuda (torch on the GPU; needs torch's CUDA wheels)" OFF)
 if(TARGET CUDA::cudart AND EXISTS "${OOMGUARD_TORCH_DIR}/lib/libc10_cuda.so")
     target_link_libraries(oomguard_libtorch INTERFACE "${OOMGUARD_TORCH_DIR}/lib/libc10_cuda.so" CUDA::cudart)
     target_compile_definitions(oomguard_libtorch INTERFACE OOMGUARD_TORCH_CUDA=1)
+    if(OOMGUARD_TORCH_CUDA_RUNTIME)
+        # Nothing names a libtorch_cuda symbol: keep it linked, so its CUDA hooks register.
+        target_link_libraries(oomguard_libtorch INTERFACE
+            "-Wl,--no-as-needed" "${OOMGUARD_TORCH_DIR}/lib/libtorch_cuda.so" "-Wl,--as-needed")
+    endif()
 else()
     target_compile_definitions(oomguard_libtorch INTERFACE OOMGUARD_TORCH_CUDA=0)
 endif()

@@ -66,12 +66,14 @@ private:
 struct Args {
     std::size_t bs = 1024, epochs = 3, samples = 4096, hidden = 128;
     std::size_t device_memory = std::size_t{1} << 30;
+    double fraction = 0;  // on CUDA: cap the caching allocator at this fraction of the GPU (0: no cap)
     oomguard::ShrinkPolicy policy = oomguard::ShrinkPolicy::predictive();
 };
 
 [[noreturn]] void fail(std::string const& why) {
     std::fprintf(stderr, "torch_train_loop: %s\nflags: --bs N  --epochs N  --samples N  --hidden N  "
-                         "--device-memory SIZE  --policy halve|geometric|bisect|predictive\n", why.c_str());
+                         "--device-memory SIZE (CPU)  --fraction F (CUDA)  --policy halve|geometric|bisect|predictive\n",
+                 why.c_str());
     std::exit(2);
 }
 
@@ -95,6 +97,12 @@ Args parse(int argc, char** argv) {
             else if (f == "--hidden") a.hidden = count();
             else if (f == "--device-memory") a.device_memory = oomguard::parse_size(v, f);
             else if (f == "--policy") a.policy = oomguard::parse_policy(v, f);
+            else if (f == "--fraction") {
+                oomguard::Limit l = oomguard::parse_limit(v, f);
+                if (l.type() != oomguard::Limit::kind::fraction)
+                    fail("bad value '" + v + "' for --fraction: give a fraction of the GPU in (0, 1]");
+                a.fraction = l.ratio();
+            }
             else fail("unknown flag '" + f + "'");
         } catch (oomguard::config_error const& e) {
             fail(e.what());
@@ -112,6 +120,7 @@ int main(int argc, char** argv) {
     at::set_num_threads(1);  // the same reduction order in every run
     bool const on_gpu = torch::cuda::is_available();
     torch::Device const device = on_gpu ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+    if (!on_gpu && args.fraction > 0) fail("--fraction caps the CUDA caching allocator; on the CPU give --device-memory");
 
     // CPU: a simulated GPU of --device-memory, and libtorch's CPU allocator through a budget on it.
     oomguard::SimulatedDevices sim({{args.device_memory, 0, "simulated GPU"}});
@@ -145,7 +154,10 @@ int main(int argc, char** argv) {
         if (on_gpu) {
             registered = oomguard::CacheRegistry::global().add("libtorch caching allocator", 10, cache);
             train.measure_with(meter);
+            if (args.fraction > 0) oomguard::set_torch_memory_fraction(oomguard::Limit::fraction(args.fraction), 0);
         }
+#else
+        if (on_gpu) fail("this build has no libtorch CUDA headers: the caching allocator cannot be measured");
 #endif
         if (!on_gpu) {
             train.measure_with(budget);
@@ -197,6 +209,9 @@ int main(int argc, char** argv) {
                            }).value;
         std::fputs(report.table().c_str(), stdout);
         std::printf("final loss %.9g\n", total / static_cast<double>(N));
+        std::printf("torch_train_loop: %zu OOMs survived, caches released %s, final m=%zu %s\n",
+                    train.counters().ooms, oomguard::format_bytes(train.counters().bytes_released).c_str(),
+                    train.plan().micro_batch, oomguard::to_string(train.plan().precision));
     } catch (oomguard::recovery_failed const& e) {
         std::fprintf(stderr, "torch_train_loop: %s\n", e.what());
         status = 1;
