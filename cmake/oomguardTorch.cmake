@@ -21,6 +21,9 @@ target_include_directories(oomguard_libtorch SYSTEM INTERFACE
 target_link_libraries(oomguard_libtorch INTERFACE
     "${OOMGUARD_TORCH_DIR}/lib/libtorch_cpu.so" "${OOMGUARD_TORCH_DIR}/lib/libc10.so")
 target_link_options(oomguard_libtorch INTERFACE "-Wl,-rpath,${OOMGUARD_TORCH_DIR}/lib")
+if(CUDAToolkit_LIBRARY_DIR)  # the wheel's CPU library loads libcudart.so.13 and libcupti.so.13
+    target_link_options(oomguard_libtorch INTERFACE "-Wl,-rpath,${CUDAToolkit_LIBRARY_DIR}")
+endif()
 target_compile_features(oomguard_libtorch INTERFACE cxx_std_20)
 # Link libtorch_cuda too, so that torch runs on the GPU: needs the wheel's CUDA
 # dependencies (a full `pip install torch`, as scripts/gpu-check uses).

@@ -26,7 +26,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -47,7 +49,9 @@ TORCH_MODULE(Net);
 // bf16 autocast on `device` for a scope (the precision ladder's second rung).
 class Autocast {
 public:
-    Autocast(c10::DeviceType device, bool on) : device_(device), was_(at::autocast::is_autocast_enabled(device)) {
+    Autocast(c10::DeviceType device, bool on)
+        : device_(device), was_(at::autocast::is_autocast_enabled(device)),
+          dtype_(at::autocast::get_autocast_dtype(device)) {
         if (on) {
             at::autocast::set_autocast_dtype(device, at::kBFloat16);
             at::autocast::set_autocast_enabled(device, true);
@@ -55,60 +59,72 @@ public:
     }
     ~Autocast() {
         at::autocast::set_autocast_enabled(device_, was_);
+        at::autocast::set_autocast_dtype(device_, dtype_);
         at::autocast::clear_cache();
     }
 
 private:
     c10::DeviceType device_;
     bool was_;
+    at::ScalarType dtype_;
 };
 
 struct Args {
-    std::size_t bs = 1024, epochs = 3, samples = 4096, hidden = 128;
+    std::size_t bs = 1024, epochs = 3, samples = 4096, hidden = 128, min_batch = 64;
     std::size_t device_memory = std::size_t{1} << 30;
-    double fraction = 0;  // on CUDA: cap the caching allocator at this fraction of the GPU (0: no cap)
+    std::optional<oomguard::Limit> cap;  // on CUDA: cap the caching allocator (set_torch_memory_fraction)
     oomguard::ShrinkPolicy policy = oomguard::ShrinkPolicy::predictive();
 };
 
+constexpr char const* flag_list =
+    "flags: --bs N (1024)  --epochs N (3)  --samples N (4096)  --hidden N (128)  --min-batch N (64)\n"
+    "       --device-memory SIZE (CPU: the simulated GPU, 1GiB)  --cap 0.5|2GiB (CUDA: the caching allocator's cap)\n"
+    "       --policy halve|geometric|bisect|predictive (predictive)\n";
+
 [[noreturn]] void fail(std::string const& why) {
-    std::fprintf(stderr, "torch_train_loop: %s\nflags: --bs N  --epochs N  --samples N  --hidden N  "
-                         "--device-memory SIZE (CPU)  --fraction F (CUDA)  --policy halve|geometric|bisect|predictive\n",
-                 why.c_str());
+    std::fprintf(stderr, "torch_train_loop: %s\n%s", why.c_str(), flag_list);
     std::exit(2);
 }
 
 Args parse(int argc, char** argv) {
     Args a;
+    std::vector<std::string> seen;
     for (int i = 1; i < argc; ++i) {
         std::string f = argv[i];
-        if (f == "--help") fail("usage");
+        if (f == "--help" || f == "-h") {
+            std::printf("usage: torch_train_loop [flags]\n%s", flag_list);
+            std::exit(0);
+        }
+        for (auto const& g : seen)
+            if (g == f) fail(f + " is given twice");
+        seen.push_back(f);
         if (i + 1 >= argc) fail(f + " needs a value");
         std::string v = argv[++i];
         try {
-            auto count = [&] {
-                std::size_t n = oomguard::parse_size(v, f);
-                if (n == 0 || v.find_first_not_of("0123456789") != std::string::npos)
-                    fail("bad value '" + v + "' for " + f + ": give a whole number >= 1");
+            auto count = [&](std::size_t hi) {
+                bool digits = !v.empty() && v.find_first_not_of("0123456789") == std::string::npos;
+                std::size_t n = digits && v.size() < 10 ? oomguard::parse_size(v, f) : 0;
+                if (n == 0 || n > hi)
+                    fail("bad value '" + v + "' for " + f + ": give a whole number in [1, " + std::to_string(hi) + "]");
                 return n;
             };
-            if (f == "--bs") a.bs = count();
-            else if (f == "--epochs") a.epochs = count();
-            else if (f == "--samples") a.samples = count();
-            else if (f == "--hidden") a.hidden = count();
-            else if (f == "--device-memory") a.device_memory = oomguard::parse_size(v, f);
-            else if (f == "--policy") a.policy = oomguard::parse_policy(v, f);
-            else if (f == "--fraction") {
-                oomguard::Limit l = oomguard::parse_limit(v, f);
-                if (l.type() != oomguard::Limit::kind::fraction)
-                    fail("bad value '" + v + "' for --fraction: give a fraction of the GPU in (0, 1]");
-                a.fraction = l.ratio();
-            }
+            if (f == "--bs") a.bs = count(1 << 24);
+            else if (f == "--epochs") a.epochs = count(100000);
+            else if (f == "--samples") a.samples = count(1 << 24);
+            else if (f == "--hidden") a.hidden = count(1 << 16);
+            else if (f == "--min-batch") a.min_batch = count(1 << 24);
+            else if (f == "--device-memory") {
+                a.device_memory = oomguard::parse_size(v, f);
+                if (a.device_memory == 0) fail("bad value '" + v + "' for --device-memory: give a size above 0");
+            } else if (f == "--policy") a.policy = oomguard::parse_policy(v, f);
+            else if (f == "--cap") a.cap = oomguard::parse_limit(v, f);
             else fail("unknown flag '" + f + "'");
         } catch (oomguard::config_error const& e) {
             fail(e.what());
         }
     }
-    if (a.bs > a.samples) fail("--bs is above --samples");
+    if (a.bs > a.samples) fail("--bs " + std::to_string(a.bs) + " is above --samples " + std::to_string(a.samples));
+    if (a.min_batch > a.bs) fail("--min-batch " + std::to_string(a.min_batch) + " is above --bs " + std::to_string(a.bs));
     return a;
 }
 
@@ -120,7 +136,7 @@ int main(int argc, char** argv) {
     at::set_num_threads(1);  // the same reduction order in every run
     bool const on_gpu = torch::cuda::is_available();
     torch::Device const device = on_gpu ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
-    if (!on_gpu && args.fraction > 0) fail("--fraction caps the CUDA caching allocator; on the CPU give --device-memory");
+    if (!on_gpu && args.cap) fail("--cap caps the CUDA caching allocator; on the CPU give --device-memory");
 
     // CPU: a simulated GPU of --device-memory, and libtorch's CPU allocator through a budget on it.
     oomguard::SimulatedDevices sim({{args.device_memory, 0, "simulated GPU"}});
@@ -145,6 +161,9 @@ int main(int argc, char** argv) {
         opts.precisions = {oomguard::Precision::fp32, oomguard::Precision::bf16};
         opts.policy = args.policy;
         opts.max_attempts = 100;
+        // bf16 autocast keeps bf16 copies of the weights: it saves memory only where the
+        // activations outweigh them, so the ladder turns to it at a size that still has some.
+        opts.min_micro_batch = args.min_batch;
         oomguard::AdaptiveBatch train(opts);
         oomguard::Report report;
 #if OOMGUARD_TORCH_CUDA
@@ -154,7 +173,10 @@ int main(int argc, char** argv) {
         if (on_gpu) {
             registered = oomguard::CacheRegistry::global().add("libtorch caching allocator", 10, cache);
             train.measure_with(meter);
-            if (args.fraction > 0) oomguard::set_torch_memory_fraction(oomguard::Limit::fraction(args.fraction), 0);
+            if (args.cap) {
+                (void)torch::empty({1}, torch::Device(torch::kCUDA, 0));  // the allocator initialised first
+                oomguard::set_torch_memory_fraction(*args.cap, 0);
+            }
         }
 #else
         if (on_gpu) fail("this build has no libtorch CUDA headers: the caching allocator cannot be measured");
@@ -200,6 +222,8 @@ int main(int argc, char** argv) {
         eval_opts.global_batch = args.samples;
         eval_opts.resume = true;  // evaluation applies nothing: it keeps what completed
         oomguard::AdaptiveBatch eval(eval_opts);
+        if (!on_gpu) eval.measure_with(budget);
+        report.attach(eval, "eval");
         double total = eval.run([&](oomguard::MicroBatch const& mb) {
                                auto off = static_cast<std::int64_t>(mb.offset);
                                auto n = static_cast<std::int64_t>(mb.size);
@@ -214,6 +238,9 @@ int main(int argc, char** argv) {
                     train.plan().micro_batch, oomguard::to_string(train.plan().precision));
     } catch (oomguard::recovery_failed const& e) {
         std::fprintf(stderr, "torch_train_loop: %s\n", e.what());
+        status = 1;
+    } catch (c10::Error const& e) {  // libtorch's own: its message without the C++ backtrace
+        std::fprintf(stderr, "torch_train_loop: %s\n", e.what_without_backtrace());
         status = 1;
     } catch (std::exception const& e) {
         std::fprintf(stderr, "torch_train_loop: %s\n", e.what());

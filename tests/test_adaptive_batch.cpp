@@ -926,6 +926,19 @@ TEST_CASE("measure_with takes any meter: the predictive policy fits what it meas
     static_assert(detail::is_meter<CountingMeter>::value, "a meter");
     static_assert(!detail::is_meter<Budget>::value, "a budget has its own overload");
     static_assert(!detail::is_meter<int>::value, "not a meter");
+    struct Int64Meter {  // c10's statistics are int64_t
+        int device() const { return 0; }
+        std::int64_t used() const { return 0; }
+        std::int64_t peak() const { return 0; }
+        std::int64_t reset_peak() { return 0; }
+        void raise_peak(std::size_t) {}
+        std::int64_t available() const { return 0; }
+    };
+    static_assert(detail::is_meter<Int64Meter>::value, "any integer type");
+    struct DerivedBudget : Budget {
+        using Budget::Budget;
+    };
+    static_assert(!detail::is_meter<DerivedBudget>::value, "a budget, derived or not, has its own overload");
     CountingMeter meter{200 * KiB};
     BatchOptions o;
     o.global_batch = 256;

@@ -44,9 +44,11 @@ TEST_CASE("c10::OutOfMemoryError is a device OOM by its type, whatever it says; 
 TEST_CASE("CPU tensors through a budget: counted, aligned, freed, and an OOM as libtorch raises it") {
     Sim sim({{1u << 20, 0, "simulated GPU"}});
     oomguard::MemoryBudget<Sim> budget(sim, 0);
+    c10::Allocator* const before = c10::GetCPUAllocator();
     {
         oomguard::ScopedTorchCpuAllocator<Sim> cpu(budget);
         CHECK(c10::GetCPUAllocator() == &cpu.allocator());
+        CHECK(cpu.allocator().live_blocks() == 0);
         torch::Tensor a = torch::zeros({1000}, torch::kFloat);
         CHECK(reinterpret_cast<std::uintptr_t>(a.data_ptr()) % 64 == 0);
         CHECK(budget.used() >= 4000);
@@ -65,10 +67,17 @@ TEST_CASE("CPU tensors through a budget: counted, aligned, freed, and an OOM as 
         }
         torch::Tensor none = torch::empty({0}, torch::kFloat);
         CHECK(none.numel() == 0);
+        CHECK(cpu.allocator().live_blocks() == 2);  // a and b; the OOM left nothing, the empty one takes no block
     }
     CHECK(budget.used() == 0);
     CHECK(sim.live_bytes() == 0);
-    CHECK(c10::GetCPUAllocator() != nullptr);
+    CHECK(c10::GetCPUAllocator() == before);  // libtorch's own allocator is back
+    // Phantom addresses are no memory a CPU kernel may touch.
+    Sim phantom({{1u << 20, 0, "phantom"}}, oomguard::SimulatedMemory::phantom);
+    oomguard::MemoryBudget<Sim> phantom_budget(phantom, 0);
+    CHECK_THROWS_WITH_AS(oomguard::ScopedTorchCpuAllocator<Sim>{phantom_budget}, doctest::Contains("phantom"),
+                         std::invalid_argument);
+    CHECK(c10::GetCPUAllocator() == before);
 }
 
 namespace {

@@ -26,3 +26,21 @@ if(NOT rc EQUAL 0)
     message(FATAL_ERROR "${o}")
 endif()
 message("torch example: ${o}")
+# The precision ladder's second rung: with wider layers and a floor of 256
+# samples a micro-batch, fp32 does not fit in 5 MiB at the floor and bf16
+# autocast does. The run completes; bf16 rounding moves the loss, so it is held
+# to 1e-3 of the fp32 run's.
+run(bf16 ${TRAIN} --bs 1024 --hidden 512 --min-batch 256 --device-memory 5MiB)
+run(bf16_ref ${TRAIN} --bs 1024 --hidden 512 --min-batch 256 --device-memory 1GiB)
+if(NOT bf16 MATCHES "precision_change +m=256 fp32 GPU 0 -> m=256 bf16 GPU 0")
+    message(FATAL_ERROR "the ladder never reached bf16:\n${bf16}")
+endif()
+string(REGEX MATCH "final loss ([0-9.eE+-]+)" _ "${bf16}")
+set(a ${CMAKE_MATCH_1})
+string(REGEX MATCH "final loss ([0-9.eE+-]+)" _ "${bf16_ref}")
+set(b ${CMAKE_MATCH_1})
+execute_process(COMMAND ${CHECK} --demo-loss=${a} --reference-loss=${b} --limit=1e-3 RESULT_VARIABLE rc OUTPUT_VARIABLE o)
+if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "bf16: ${o}")
+endif()
+message("torch example, bf16 rung: ${o}")

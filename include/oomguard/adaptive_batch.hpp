@@ -182,16 +182,27 @@ struct FailoverRequest {
 
 namespace detail {
 template <class M, class = void>
-struct is_meter : std::false_type {};
+struct has_meter_members : std::false_type {};
 template <class M>
-struct is_meter<M, std::void_t<decltype(std::size_t{std::declval<M const&>().used()}),
-                               decltype(std::size_t{std::declval<M const&>().peak()}),
-                               decltype(std::declval<M&>().reset_peak()),
-                               decltype(std::declval<M&>().raise_peak(std::size_t{})),
-                               decltype(std::size_t{std::declval<M const&>().available()}),
-                               decltype(int{std::declval<M const&>().device()})>> : std::true_type {};
+struct has_meter_members<M, std::void_t<decltype(std::declval<M const&>().used()),
+                                        decltype(std::declval<M const&>().peak()),
+                                        decltype(std::declval<M&>().reset_peak()),
+                                        decltype(std::declval<M&>().raise_peak(std::size_t{})),
+                                        decltype(std::declval<M const&>().available()),
+                                        decltype(std::declval<M const&>().device())>>
+    : std::integral_constant<bool, std::is_convertible<decltype(std::declval<M const&>().used()), std::size_t>::value &&
+                                       std::is_convertible<decltype(std::declval<M const&>().peak()), std::size_t>::value &&
+                                       std::is_convertible<decltype(std::declval<M const&>().available()), std::size_t>::value &&
+                                       std::is_convertible<decltype(std::declval<M const&>().device()), int>::value> {};
 template <class B>
-struct is_meter<MemoryBudget<B>, void> : std::false_type {};  // measure_with(MemoryBudget&) is its own
+std::true_type is_budget_test(MemoryBudget<B> const*);
+std::false_type is_budget_test(void const*);
+// A meter: the members measure_with reads (returning any integer type), and not
+// a MemoryBudget (or one derived from it): measure_with(MemoryBudget&) is its own.
+template <class M>
+struct is_meter
+    : std::integral_constant<bool, has_meter_members<M>::value &&
+                                       !decltype(is_budget_test(std::declval<M const*>()))::value> {};
 }  // namespace detail
 
 /// Runs global batches under an adaptive plan and remembers the last good one
@@ -241,11 +252,13 @@ public:
         m.start = [](void* o) -> std::size_t {
             auto* x = static_cast<Meter_*>(o);
             x->reset_peak();
-            return x->used();
+            return static_cast<std::size_t>(x->used());
         };
-        m.peak = [](void* o) -> std::size_t { return static_cast<Meter_*>(o)->peak(); };
+        m.peak = [](void* o) -> std::size_t { return static_cast<std::size_t>(static_cast<Meter_*>(o)->peak()); };
         m.raise = [](void* o, std::size_t v) { static_cast<Meter_*>(o)->raise_peak(v); };
-        m.available = [](void* o) -> std::size_t { return static_cast<Meter_*>(o)->available(); };
+        m.available = [](void* o) -> std::size_t {
+            return static_cast<std::size_t>(static_cast<Meter_*>(o)->available());
+        };
         return add_meter(m);
     }
 

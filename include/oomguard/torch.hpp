@@ -29,15 +29,20 @@
 #include <oomguard/cache_registry.hpp>
 #include <oomguard/errors.hpp>
 #include <oomguard/memory_budget.hpp>
+#include <oomguard/simulated_devices.hpp>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <new>
+#include <type_traits>
 
 #if !defined(OOMGUARD_TORCH_CUDA)
 #if __has_include(<c10/cuda/CUDACachingAllocator.h>) && __has_include(<cuda_runtime_api.h>)
@@ -64,19 +69,41 @@ namespace detail {
 inline OomRuleRegistration const torch_oom_rule{&is_torch_oom};
 }  // namespace detail
 
-/// A c10::Allocator for CPU tensors over a MemoryBudget: every CPU tensor's
-/// storage is counted, capped and, on a simulated device, limited by its
-/// capacity. A request the budget or the device refuses throws
-/// c10::OutOfMemoryError carrying oomguard's message (requested, free, held,
-/// cap), so libtorch reports it, and adaptive_batch recovers from it, as from
-/// a CUDA OOM. Storage is 64-byte aligned, as libtorch's CPU kernels expect;
-/// the budget counts the alignment slack too.
-template <class Backend = default_backend>
+namespace detail {
+// Whether a backend's allocations are host memory a CPU kernel may touch: not
+// the GPU's, not the simulator's phantom addresses.
+template <class Backend>
+bool host_memory(Backend const&) noexcept {
+    return true;  // a backend of your own over host memory
+}
+inline bool host_memory(SimulatedDevices const& sim) noexcept { return sim.memory() == SimulatedMemory::host; }
+}  // namespace detail
+
+/// A c10::Allocator for CPU tensors over a MemoryBudget of a backend whose
+/// memory is on the host (SimulatedDevices with SimulatedMemory::host, or one
+/// of your own): every CPU tensor's storage is counted, capped and, on a
+/// simulated device, limited by its capacity. A request the budget or the
+/// device refuses throws c10::OutOfMemoryError carrying oomguard's message
+/// (requested, free, held, cap), so libtorch reports it, and adaptive_batch
+/// recovers from it, as from a CUDA OOM. Storage is 64-byte aligned, as
+/// libtorch's CPU kernels expect; the budget counts the alignment slack too.
+template <class Backend>
 class TorchCpuAllocator final : public c10::Allocator {
 public:
+    static_assert(!std::is_same<Backend, CudaRuntime>::value,
+                  "oomguard: TorchCpuAllocator hands CPU kernels the budget's memory: give it a budget over host "
+                  "memory (MemoryBudget<SimulatedDevices>), not over the GPU");
     static constexpr std::size_t alignment = 64;
 
-    explicit TorchCpuAllocator(MemoryBudget<Backend>& budget) noexcept : budget_(&budget) {}
+    explicit TorchCpuAllocator(MemoryBudget<Backend>& budget) : budget_(&budget) {
+        if (!detail::host_memory(budget.backend()))
+            detail::throw_invalid("oomguard: TorchCpuAllocator: the budget's device hands out phantom addresses "
+                                  "(SimulatedMemory::phantom) that no CPU kernel may touch; give it a "
+                                  "SimulatedDevices with SimulatedMemory::host");
+    }
+
+    /// Tensors' storage blocks allocated here and not yet freed.
+    std::size_t live_blocks() const noexcept { return live_.load(std::memory_order_relaxed); }
 
     c10::DataPtr allocate(std::size_t n) override {
         if (n == 0) return c10::DataPtr(nullptr, nullptr, &TorchCpuAllocator::free, c10::Device(c10::DeviceType::CPU));
@@ -93,6 +120,7 @@ public:
         auto aligned = (base + alignment - 1) & ~static_cast<std::uintptr_t>(alignment - 1);
         void* data = reinterpret_cast<void*>(aligned);
         ::new (static_cast<void*>(static_cast<Block*>(data) - 1)) Block{budget_->device(), raw, bytes, this};
+        live_.fetch_add(1, std::memory_order_relaxed);
         return c10::DataPtr(data, data, &TorchCpuAllocator::free, c10::Device(c10::DeviceType::CPU));
     }
 
@@ -121,20 +149,27 @@ private:
     static void free(void* data) noexcept {
         if (data == nullptr) return;
         Block const* b = static_cast<Block const*>(data) - 1;
-        b->owner->budget_->deallocate(b->raw, b->bytes);
+        TorchCpuAllocator const* owner = b->owner;
+        owner->budget_->deallocate(b->raw, b->bytes);
+        owner->live_.fetch_sub(1, std::memory_order_relaxed);
     }
 
     MemoryBudget<Backend>* budget_;
+    mutable std::atomic<std::size_t> live_{0};
 };
 
-/// Installs a TorchCpuAllocator as libtorch's CPU allocator for its lifetime
-/// and puts the previous one back on destruction (c10::SetCPUAllocator, at
-/// `priority`, which must be at least the installed allocator's). Tensors
-/// allocated meanwhile must be freed before it ends. Neither copyable nor movable.
-template <class Backend = default_backend>
+/// Installs a TorchCpuAllocator as libtorch's CPU allocator (process-wide:
+/// every thread's CPU tensors) for its lifetime, and puts the previous one back
+/// on destruction. c10::SetCPUAllocator keeps the priority it was last given,
+/// so `priority` (at least the installed allocator's; 0 for libtorch's own)
+/// stays in force after the scope. Every tensor allocated meanwhile must be
+/// freed before the scope ends -- declare it before the tensors and the model:
+/// one still alive then would be freed through a destroyed allocator, so the
+/// destructor ends the program with a message instead. Neither copyable nor movable.
+template <class Backend>
 class ScopedTorchCpuAllocator {
 public:
-    explicit ScopedTorchCpuAllocator(MemoryBudget<Backend>& budget, std::uint8_t priority = 100)
+    explicit ScopedTorchCpuAllocator(MemoryBudget<Backend>& budget, std::uint8_t priority = 0)
         : allocator_(budget), previous_(c10::GetCPUAllocator()), priority_(priority) {
         c10::SetCPUAllocator(&allocator_, priority_);
         if (c10::GetCPUAllocator() != &allocator_)
@@ -143,7 +178,17 @@ public:
     }
     ScopedTorchCpuAllocator(ScopedTorchCpuAllocator const&) = delete;
     ScopedTorchCpuAllocator& operator=(ScopedTorchCpuAllocator const&) = delete;
-    ~ScopedTorchCpuAllocator() { c10::SetCPUAllocator(previous_, priority_); }
+    ~ScopedTorchCpuAllocator() {
+        c10::SetCPUAllocator(previous_, priority_);
+        if (std::size_t n = allocator_.live_blocks()) {
+            std::fprintf(stderr,
+                         "oomguard: ScopedTorchCpuAllocator ends with %zu tensor storages it allocated still alive; "
+                         "they would be freed through it later. Declare it before the tensors, the model and the "
+                         "optimizer, so that it outlives them.\n",
+                         n);
+            std::abort();
+        }
+    }
 
     TorchCpuAllocator<Backend>& allocator() noexcept { return allocator_; }
 
@@ -156,9 +201,16 @@ private:
 #if OOMGUARD_TORCH_CUDA
 
 namespace detail {
-// Set while the caching allocator runs our free-memory callback: it holds its
-// own lock then, so releasing it from inside would deadlock.
+// Set while the caching allocator runs our free-memory callback: it is then
+// looking for room to allocate, and emptying its own cache from inside that
+// search would free the blocks it is choosing among.
 inline thread_local bool in_torch_free_callback = false;
+
+// The fraction set_torch_memory_fraction gave each device (0: none), for the meter.
+inline std::atomic<double>* torch_fractions() noexcept {
+    static std::atomic<double> f[64] = {};
+    return f;
+}
 
 inline c10::CachingDeviceAllocator::DeviceStats torch_stats(int device) {
     return c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
@@ -168,7 +220,8 @@ constexpr std::size_t aggregate = static_cast<std::size_t>(c10::CachingAllocator
 
 /// libtorch's CUDA caching allocator on `device` as a cache for CacheRegistry:
 /// releasable is what it reserves beyond what tensors use; release() empties
-/// it (emptyCache) and returns the reserved bytes it gave back.
+/// it (emptyCache, which frees the cached blocks of every device) and returns
+/// the reserved bytes `device` gave back.
 class TorchCudaCache {
 public:
     explicit TorchCudaCache(int device) noexcept : device_(device) {}
@@ -191,9 +244,11 @@ private:
 };
 
 /// The caching allocator as a meter for AdaptiveBatch::measure_with: bytes
-/// allocated to tensors now and at their peak (resetPeakStats restarts it),
-/// and available = the device's free memory plus what the allocator reserves
-/// but does not use.
+/// allocated to tensors now and at their peak, and available = the device's
+/// free memory plus what the allocator reserves but does not use, within the
+/// cap set_torch_memory_fraction gave. reset_peak() is resetPeakStats: it
+/// restarts every peak statistic of the device (torch.cuda.max_memory_allocated
+/// and a profiler's too) at each micro-batch.
 class TorchCudaMeter {
 public:
     explicit TorchCudaMeter(int device) noexcept : device_(device) {}
@@ -225,7 +280,14 @@ public:
         auto s = detail::torch_stats(device_);
         auto reserved = static_cast<std::size_t>(s.reserved_bytes[detail::aggregate].current);
         auto allocated = static_cast<std::size_t>(s.allocated_bytes[detail::aggregate].current);
-        return free + (reserved > allocated ? reserved - allocated : 0);
+        std::size_t avail = free + (reserved > allocated ? reserved - allocated : 0);
+        double f = device_ >= 0 && device_ < 64 ? detail::torch_fractions()[device_].load() : 0.0;
+        if (f > 0) {  // the caching allocator refuses to reserve past fraction x total
+            auto cap = static_cast<std::size_t>(f * static_cast<double>(total));
+            std::size_t room = cap > allocated ? cap - allocated : 0;
+            avail = room < avail ? room : avail;
+        }
+        return avail;
     }
 
 private:
@@ -238,9 +300,12 @@ private:
 /// allocator reserves -- not the CUDA context, not cuBLAS/cuDNN handles' own
 /// memory, not NCCL or other libraries -- so it does not bound the whole
 /// process, and a byte or headroom limit is turned into a fraction of the total
-/// once, now. For an exact cap on every byte libtorch allocates, route it
-/// through a MemoryBudget with torch::cuda::CUDAPluggableAllocator (which
-/// gives up the cache), or count other allocations in the budget with reserve().
+/// once, now (headroom: what is free plus what the allocator already reserves,
+/// less the headroom). Call it once libtorch has initialised CUDA (after the
+/// first CUDA tensor): the allocator asserts otherwise. For an exact cap on
+/// every byte libtorch allocates, route it through a MemoryBudget with
+/// torch::cuda::CUDAPluggableAllocator (which gives up the cache), or count
+/// other allocations in the budget with reserve().
 inline double set_torch_memory_fraction(Limit limit, int device) {
     std::size_t free = 0, total = 0;
     int previous = 0;
@@ -256,29 +321,45 @@ inline double set_torch_memory_fraction(Limit limit, int device) {
     switch (limit.type()) {
         case Limit::kind::fraction: f = limit.ratio(); break;
         case Limit::kind::bytes: f = static_cast<double>(limit.amount()) / static_cast<double>(total); break;
-        case Limit::kind::headroom:
-            f = free > limit.amount() ? static_cast<double>(free - limit.amount()) / static_cast<double>(total) : 0.0;
+        case Limit::kind::headroom: {
+            auto reserved = static_cast<std::size_t>(detail::torch_stats(device).reserved_bytes[detail::aggregate].current);
+            std::size_t could = free + reserved;
+            f = could > limit.amount() ? static_cast<double>(could - limit.amount()) / static_cast<double>(total) : 0.0;
             break;
+        }
         default: f = 1.0; break;
     }
     if (!(f > 0.0 && f <= 1.0))
         detail::throw_invalid("oomguard: set_torch_memory_fraction: the limit leaves no memory for libtorch, or is "
                               "above the device's total; give a cap in (0, total]");
     c10::cuda::CUDACachingAllocator::setMemoryFraction(f, static_cast<c10::DeviceIndex>(device));
+    if (device >= 0 && device < 64) detail::torch_fractions()[device].store(f);
     return f;
 }
 
-/// The caching allocator's free-memory callback: before it reports an OOM it
-/// asks each registered callback to free memory, then retries. This one
-/// releases every cache in CacheRegistry::global() (a Thrust or RMM pool in the
-/// same process; a TorchCudaCache there does nothing while the allocator asks).
-/// Register it once, at namespace scope: OOMGUARD_TORCH_FREE_MEMORY_CALLBACK();
+/// The caching allocator's free-memory callback. The allocator runs its
+/// callbacks whenever its pool has no block for a request, before it asks
+/// cudaMalloc, and retries when one freed something. This one releases every
+/// cache in CacheRegistry::global() (a Thrust or RMM pool in the same process;
+/// a TorchCudaCache there does nothing while the allocator asks) -- but only
+/// when the device is short: less than `pressure` (default 1/16) of its memory
+/// free, so that ordinary growth of the pool does not empty the others' caches.
+/// Register it once, at global namespace scope: OOMGUARD_TORCH_FREE_MEMORY_CALLBACK();
 class TorchFreeMemoryCallback : public c10::FreeMemoryCallback {
 public:
+    static inline std::atomic<double> pressure{1.0 / 16};
+
     bool Execute() override {
+        std::size_t free = 0, total = 0;
+        if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
+            (void)cudaGetLastError();
+            return false;
+        }
+        if (static_cast<double>(free) >= pressure.load() * static_cast<double>(total)) return false;
         struct Flag {
+            bool was = detail::in_torch_free_callback;
             Flag() { detail::in_torch_free_callback = true; }
-            ~Flag() { detail::in_torch_free_callback = false; }
+            ~Flag() { detail::in_torch_free_callback = was; }
         } flag;
         try {
             return CacheRegistry::global().release_all().bytes() > 0;
@@ -288,7 +369,8 @@ public:
     }
 };
 
-// libtorch's registry macro names its registry unqualified: it must expand inside namespace c10.
+// libtorch's registry macro names its registry unqualified: it must expand inside
+// namespace c10, so use this at global namespace scope.
 #define OOMGUARD_TORCH_FREE_MEMORY_CALLBACK()                                                      \
     namespace c10 {                                                                                \
     REGISTER_FREE_MEMORY_CALLBACK("oomguard_cache_registry", ::oomguard::TorchFreeMemoryCallback) \

@@ -6,7 +6,7 @@ import sys, time
 
 def main():
     args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-    bs = int(args.get("--bs", 1024)); fraction = float(args.get("--fraction", 0.01))
+    bs = int(args.get("--bs", 4096)); cap = int(args.get("--cap-mib", 96)) << 20
     samples = int(args.get("--samples", 4096)); hidden = int(args.get("--hidden", 128))
     try:
         import torch
@@ -18,7 +18,8 @@ def main():
         print("torch_mlp_find_batch: skipped (no GPU visible to torch)")
         return 0
     torch.manual_seed(1)
-    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    torch.empty(1, device="cuda")  # initialise the allocator, then cap it as the C++ example does
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.mem_get_info()[1], 0)
     X = torch.randn(samples, 32).cuda(); w = torch.randn(32, 1).cuda()
     Y = torch.sin(X @ w / 4) + 0.01 * torch.randn(samples, 1).cuda()
     model = torch.nn.Sequential(torch.nn.Linear(32, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden),
