@@ -965,3 +965,31 @@ TEST_CASE("measure_with takes any meter: the predictive policy fits what it meas
     CHECK(a.plan().micro_batch <= 200);
     CHECK(meter.held == 0);
 }
+
+TEST_CASE("an OOM caused only by frees pending on another stream: release synchronizes, the same size again") {
+    SimulatedDevices sim(1, 1024 * KiB);
+    Budget budget(sim, 0);
+    CacheRegistry reg;
+    SimulatedPendingFrees pending(sim, 0);
+    auto r = reg.add("stream-ordered pool", 0, pending);
+    {  // a previous phase freed 800 KiB on stream 9 and never synchronized
+        void* p = budget.allocate_async(800 * KiB, 9);
+        budget.deallocate_async(p, 800 * KiB, 9);
+    }
+    BatchOptions o;
+    o.global_batch = 128;
+    o.micro_batch = 64;
+    o.caches = &reg;
+    AdaptiveBatch a(o);
+    a.measure_with(budget);
+    auto step = [&](MicroBatch const& mb) { StreamBuffer buf(budget, mb.size * 4 * KiB, SimulatedDevices::stream_type{1}); };
+    BatchResult res = a.run(step, [] {}, [] {});
+    CHECK(a.counters().ooms == 1);
+    CHECK(a.counters().retries_same == 1);  // the release freed 800 KiB: the same size once more
+    CHECK(a.counters().shrinks == 0);
+    CHECK(a.counters().bytes_released == 800 * KiB);
+    CHECK(res.plan.micro_batch == 64);
+    REQUIRE(sim.synchronize(0).ok());
+    CHECK(sim.live_bytes() == 0);
+    CHECK(budget.used() == 0);
+}

@@ -191,3 +191,31 @@ TEST_CASE("a device that cannot be restored is the answer, and the allocation is
     CHECK(fake_cudart::pending_error() == cudaSuccess);  // and not left pending
     fake_cudart::refuse_set_device(-1, cudaSuccess);
 }
+
+TEST_CASE("stream-ordered allocation through cudaMallocFromPoolAsync: counted as the pool takes it, typed OOM") {
+    fake_cudart::reset({4 * MiB});
+    static_assert(is_stream_ordered_v<CudaRuntime>, "CudaRuntime is a stream-ordered backend");
+    CudaRuntime cuda;
+    Budget budget(cuda, 0, Limit::unlimited());
+    cudaStream_t stream = nullptr;  // the default stream
+    void* p = budget.allocate_async(1000, stream);
+    CHECK(p != nullptr);
+    CHECK(budget.used() == 1024);                       // two 512-byte blocks
+    CHECK(fake_cudart::pool_reserved(0) == 1000);       // the pool took what it was asked
+    CHECK(fake_cudart::live_bytes(0) == 1000);
+    budget.deallocate_async(p, 1000, stream);
+    CHECK(budget.used() == 0);
+    CHECK(fake_cudart::pool_reserved(0) == 1000);       // freed into the pool, still reserved
+    CHECK(cuda.synchronize_stream(0, stream).ok());
+    fake_cudart::fail_next_mallocs(1);
+    try {
+        (void)budget.allocate_async(64, stream);
+        FAIL("expected out_of_memory");
+    } catch (out_of_memory const& e) {
+        CHECK(e.info().source == oom_source::device);
+        CHECK(std::string(e.info().code_name) == "cudaErrorMemoryAllocation");
+    }
+    CHECK(fake_cudart::pending_error() == cudaSuccess);  // cleared: a recovered OOM is not reported again
+    CHECK(budget.used() == 0);
+    CHECK(cuda.allocate_async(&p, 64, 7, stream).kind == status_kind::invalid_argument);  // no device 7
+}

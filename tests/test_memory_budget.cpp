@@ -1,3 +1,4 @@
+#include <oomguard/device_buffer.hpp>
 #include <oomguard/memory_budget.hpp>
 #include <oomguard/simulated_devices.hpp>
 
@@ -288,4 +289,51 @@ TEST_CASE("set_limit from two threads while a third reads: the spec always match
     Limit spec = b.limit_spec();
     if (spec.resolve(0, 0) != b.limit()) ++mismatches;
     CHECK(mismatches.load() == 0);
+}
+
+TEST_CASE("stream-ordered allocation through a budget counts what the pool takes") {
+    SimulatedDevices sim(1, 1 << 20);
+    MemoryBudget<SimulatedDevices> budget(sim, 0, Limit::bytes(2048));
+    void* a = budget.allocate_async(1, 7);  // one byte takes a 512-byte block
+    CHECK(budget.used() == 512);
+    CHECK(budget.async_bytes(1) == 512);
+    CHECK(budget.async_bytes(513) == 1024);
+    void* b = budget.allocate_async(1536, 7);
+    CHECK(budget.used() == 2048);  // exactly at the cap
+    try {
+        (void)budget.allocate_async(1, 8);
+        FAIL("expected out_of_memory");
+    } catch (out_of_memory const& e) {
+        CHECK(e.info().source == oom_source::budget);
+        CHECK(e.info().requested == 1);
+    }
+    budget.deallocate_async(b, 1536, 7);
+    budget.deallocate_async(a, 1, 7);
+    CHECK(budget.used() == 0);
+    CHECK(budget.accounting_errors() == 0);
+    CHECK(sim.pending_bytes(0) == 2048);
+    // The device refuses while frees are pending on another stream: a device OOM, typed.
+    MemoryBudget<SimulatedDevices> all(sim, 0);
+    void* big = all.allocate_async((1 << 20) - 2048, 7);
+    try {
+        (void)all.allocate_async(4096, 8);
+        FAIL("expected out_of_memory");
+    } catch (out_of_memory const& e) {
+        CHECK(e.info().source == oom_source::device);
+    }
+    REQUIRE(sim.synchronize_stream(0, 7).ok());
+    void* now_fits = all.allocate_async(2048, 8);
+    all.deallocate_async(now_fits, 2048, 8);
+    all.deallocate_async(big, (1 << 20) - 2048, 7);
+    REQUIRE(sim.synchronize(0).ok());
+    CHECK(sim.live_bytes() == 0);
+    CHECK(all.used() == 0);
+    {
+        StreamBuffer buf(all, 1000, SimulatedDevices::stream_type{3});
+        static_assert(std::is_same<decltype(buf), StreamBuffer<SimulatedDevices>>::value, "CTAD");
+        CHECK(all.used() == 1024);
+        CHECK(buf.stream() == 3);
+    }
+    CHECK(all.used() == 0);
+    CHECK(sim.pending_bytes(0, 3) == 1024);  // freed on its stream
 }

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <limits>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -175,4 +176,47 @@ TEST_CASE("thread-safe: concurrent allocate/free keeps exact counts") {
     CHECK(gpus.live_bytes() == 0);
     CHECK(gpus.live_allocations() == 0);
     CHECK(gpus.allocation_calls(0) == 20000);
+}
+
+TEST_CASE("the stream-ordered pool: a free is reusable at once on its stream, elsewhere after a synchronize") {
+    SimulatedDevices sim(1, 4096);
+    static_assert(is_stream_ordered_v<SimulatedDevices>, "the simulator is a stream-ordered backend");
+    SimulatedDevices::stream_type const s1 = 1, s2 = 2;
+    void* a = nullptr;
+    REQUIRE(sim.allocate_async(&a, 3000, 0, s1).ok());  // rounds to 3072
+    CHECK(sim.live_bytes(0) == 3072);
+    REQUIRE(sim.deallocate_async(a, 3000, 0, s1).ok());
+    CHECK(sim.live_bytes(0) == 0);
+    CHECK(sim.pending_bytes(0) == 3072);
+    CHECK(sim.pending_bytes(0, s1) == 3072);
+    std::size_t free = 0, total = 0;
+    REQUIRE(sim.memory_info(0, &free, &total).ok());
+    CHECK(free == 1024);  // pending memory is still the pool's
+    void* b = nullptr;
+    CHECK(sim.allocate_async(&b, 2048, 0, s2).kind == status_kind::out_of_memory);  // only pending frees in the way
+    void* c = nullptr;
+    CHECK(sim.allocate(&c, 2048, 0).kind == status_kind::out_of_memory);             // for cudaMalloc too
+    REQUIRE(sim.allocate_async(&b, 2048, 0, s1).ok());                               // its own stream reuses them
+    CHECK(sim.pending_bytes(0, s1) == 1024);
+    CHECK(sim.live_bytes(0) == 2048);
+    REQUIRE(sim.deallocate_async(b, 2048, 0, s1).ok());
+    REQUIRE(sim.synchronize_stream(0, s1).ok());
+    CHECK(sim.pending_bytes(0) == 0);
+    REQUIRE(sim.allocate_async(&b, 4096, 0, s2).ok());  // all of it, on the other stream
+    REQUIRE(sim.deallocate_async(b, 4096, 0, s2).ok());
+    CHECK(sim.pending_bytes(0, s2) == 4096);
+    REQUIRE(sim.synchronize(0).ok());  // the device: every stream
+    CHECK(sim.pending_bytes(0) == 0);
+    CHECK(sim.deallocate_async(b, 4096, 0, s2).kind == status_kind::invalid_argument);  // a double free
+    CHECK(sim.live_allocations() == 0);
+    // A request the size type cannot round is an OOM, not a wrap.
+    CHECK(sim.allocate_async(&b, std::numeric_limits<std::size_t>::max() - 10, 0, s1).kind ==
+          status_kind::out_of_memory);
+    SimulatedPendingFrees cache(sim, 0);
+    REQUIRE(sim.allocate_async(&b, 100, 0, s1).ok());
+    REQUIRE(sim.deallocate_async(b, 100, 0, s1).ok());
+    CHECK(cache.releasable_bytes() == 512);
+    CHECK(cache.release() == 512);
+    CHECK(cache.releasable_bytes() == 0);
+    CHECK_THROWS_AS(SimulatedPendingFrees(sim, 3), std::out_of_range);
 }

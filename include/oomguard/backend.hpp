@@ -15,6 +15,15 @@
 //   status synchronize(int device) noexcept;
 //   static constexpr char const* backend_name;   // "cuda", "simulated", ...
 //
+// A stream-ordered backend (is_stream_ordered_v) adds the pool behind
+// cudaMallocAsync: allocations and frees ordered on a stream.
+//
+//   using stream_type = ...;                      // cudaStream_t for CudaRuntime
+//   static constexpr std::size_t async_granularity;  // the pool's block size
+//   status allocate_async(void** out, std::size_t bytes, int device, stream_type s) noexcept;
+//   status deallocate_async(void* p, std::size_t bytes, int device, stream_type s) noexcept;
+//   status synchronize_stream(int device, stream_type s) noexcept;
+//
 // `allocate` on a device must leave the calling thread's current device as it
 // found it, and must clear any per-thread "last error" that a failed allocation
 // leaves behind, so that a recovered OOM is not reported again by an unrelated
@@ -97,5 +106,23 @@ struct is_backend<
 /// True when `B` models the backend concept described at the top of this header.
 template <class B>
 constexpr bool is_backend_v = detail::is_backend<B>::value;
+
+namespace detail {
+template <class B, class = void>
+struct is_stream_ordered : std::false_type {};
+template <class B>
+struct is_stream_ordered<
+    B, void_t<typename B::stream_type, decltype(B::async_granularity),
+              decltype(std::declval<B&>().allocate_async(std::declval<void**>(), std::size_t{}, int{},
+                                                         std::declval<typename B::stream_type>())),
+              decltype(std::declval<B&>().deallocate_async(std::declval<void*>(), std::size_t{}, int{},
+                                                           std::declval<typename B::stream_type>())),
+              decltype(std::declval<B&>().synchronize_stream(int{}, std::declval<typename B::stream_type>()))>>
+    : std::integral_constant<bool, is_backend<B>::value && (B::async_granularity > 0)> {};
+}  // namespace detail
+
+/// True when `B` also has the stream-ordered members (see the top of this header).
+template <class B>
+constexpr bool is_stream_ordered_v = detail::is_stream_ordered<B>::value;
 
 }  // namespace oomguard

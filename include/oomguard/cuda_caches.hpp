@@ -26,10 +26,13 @@ public:
         return reserved > used ? reserved - used : 0;
     }
 
-    /// Trims the pool; throws cuda_error when the runtime fails (a sticky error
-    /// is reported by the registry, never taken for "nothing to free").
+    /// Synchronizes the device -- so that frees still pending on a stream are
+    /// back in the pool -- then trims it; throws cuda_error when the runtime
+    /// fails (a sticky error is reported by the registry, never taken for
+    /// "nothing to free").
     std::size_t release() {
         std::size_t before = 0, after = 0, used = 0;
+        check(cuda_->synchronize(device_));
         check(cuda_->default_pool_usage(device_, &before, &used));
         check(cuda_->trim_default_pool(device_, keep_));
         check(cuda_->default_pool_usage(device_, &after, &used));

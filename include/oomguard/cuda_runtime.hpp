@@ -21,6 +21,11 @@ namespace oomguard {
 class CudaRuntime {
 public:
     static constexpr char const* backend_name = "cuda";
+    using stream_type = cudaStream_t;
+    /// What a budget counts for a stream-ordered request: the pool hands out
+    /// blocks in multiples of this (RMM and cuDF count 512 too; counting 256
+    /// under-counts a pool that rounds to 512).
+    static constexpr std::size_t async_granularity = 512;
 
     /// Classifies a cudart code. Sticky errors are exactly those of which CUDA
     /// 13's driver_types.h says "to continue using CUDA, the process must be
@@ -73,6 +78,32 @@ public:
     status deallocate(void* p, std::size_t /*bytes*/, int device) noexcept {
         if (p == nullptr) return status::success();
         return on_device(device, [&] { return cudaFree(p); });
+    }
+
+    /// Stream-ordered: cudaMallocFromPoolAsync on `device`'s default pool, ordered on `stream`.
+    status allocate_async(void** out, std::size_t bytes, int device, cudaStream_t stream) noexcept {
+        return on_device(
+            device,
+            [&] {
+                cudaMemPool_t pool = nullptr;
+                cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, device);
+                return e != cudaSuccess ? e : cudaMallocFromPoolAsync(out, bytes, pool, stream);
+            },
+            [&] {
+                (void)cudaFreeAsync(*out, stream);
+                *out = nullptr;
+            });
+    }
+
+    /// cudaFreeAsync: the memory returns to the pool once `stream` reaches the free.
+    status deallocate_async(void* p, std::size_t /*bytes*/, int device, cudaStream_t stream) noexcept {
+        if (p == nullptr) return status::success();
+        return on_device(device, [&] { return cudaFreeAsync(p, stream); });
+    }
+
+    /// Waits for `stream` (on `device`): its pending frees are back in the pool.
+    status synchronize_stream(int device, cudaStream_t stream) noexcept {
+        return on_device(device, [&] { return cudaStreamSynchronize(stream); });
     }
 
     /// Note: cudaMemGetInfo creates a CUDA context on `device` if it has none

@@ -91,4 +91,62 @@ DeviceBuffer<Backend> make_device_buffer(MemoryBudget<Backend>& budget, std::siz
 template <class Backend>
 DeviceBuffer(MemoryBudget<Backend>&, std::size_t) -> DeviceBuffer<Backend>;
 
+/// DeviceBuffer's stream-ordered twin: allocated on a stream through
+/// MemoryBudget::allocate_async and freed on the same stream (or the one given
+/// to reset) when it goes, so the free is ordered after the work that used it.
+/// Move-only. `StreamBuffer buf(budget, bytes, stream)` deduces the backend.
+template <class Backend>
+class StreamBuffer {
+public:
+    static_assert(is_stream_ordered_v<Backend>, "oomguard: StreamBuffer needs a stream-ordered backend "
+                                                "(CudaRuntime or SimulatedDevices; see backend.hpp)");
+    using stream_type = typename Backend::stream_type;
+
+    StreamBuffer() noexcept = default;
+    StreamBuffer(MemoryBudget<Backend>& budget, std::size_t bytes, stream_type stream)
+        : budget_(&budget), data_(budget.allocate_async(bytes, stream)), size_(bytes), stream_(stream) {}
+    StreamBuffer(StreamBuffer&& o) noexcept : budget_(o.budget_), data_(o.data_), size_(o.size_), stream_(o.stream_) {
+        o.data_ = nullptr;
+        o.size_ = 0;
+    }
+    StreamBuffer& operator=(StreamBuffer&& o) noexcept {
+        if (this != &o) {
+            reset();
+            budget_ = o.budget_;
+            data_ = o.data_;
+            size_ = o.size_;
+            stream_ = o.stream_;
+            o.data_ = nullptr;
+            o.size_ = 0;
+        }
+        return *this;
+    }
+    StreamBuffer(StreamBuffer const&) = delete;
+    StreamBuffer& operator=(StreamBuffer const&) = delete;
+    ~StreamBuffer() { reset(); }
+
+    void* data() const noexcept { return data_; }
+    std::size_t size() const noexcept { return size_; }
+    stream_type stream() const noexcept { return stream_; }
+
+    /// Frees now, ordered on the buffer's stream.
+    void reset() noexcept { reset(stream_); }
+    /// Frees now, ordered on `stream` (work on the buffer's own stream must be
+    /// ordered before it, by an event or a synchronization).
+    void reset(stream_type stream) noexcept {
+        if (budget_ != nullptr && data_ != nullptr) budget_->deallocate_async(data_, size_, stream);
+        data_ = nullptr;
+        size_ = 0;
+    }
+
+private:
+    MemoryBudget<Backend>* budget_ = nullptr;
+    void* data_ = nullptr;
+    std::size_t size_ = 0;
+    stream_type stream_{};
+};
+
+template <class Backend, class Stream>
+StreamBuffer(MemoryBudget<Backend>&, std::size_t, Stream) -> StreamBuffer<Backend>;
+
 }  // namespace oomguard

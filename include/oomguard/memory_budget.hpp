@@ -196,6 +196,52 @@ public:
         release(bytes);
     }
 
+    /// Stream-ordered (a backend with is_stream_ordered_v): allocates `bytes`
+    /// from the device's pool, ordered on `stream` (cudaMallocFromPoolAsync on
+    /// CudaRuntime). The budget counts what the pool takes: `bytes` rounded up to
+    /// Backend::async_granularity. The same errors as allocate(). Memory freed on
+    /// another stream and not yet synchronized is the pool's, not the budget's:
+    /// a device OOM here may be only that (release the caches, which synchronize).
+    template <class B = Backend, std::enable_if_t<is_stream_ordered_v<B>, int> = 0>
+    void* allocate_async(std::size_t bytes, typename B::stream_type stream) {
+        if (bytes == 0) return nullptr;
+        if (bytes > max_limit - B::async_granularity)  // no cap holds it
+            throw out_of_memory(denial(bytes, oom_source::budget, status{}));
+        std::size_t const counted = async_bytes(bytes);
+        std::size_t now = 0;
+        if (!take(counted, count_one, now)) throw out_of_memory(denial(bytes, oom_source::budget, status{}));
+        void* p = nullptr;
+        status s = backend_->allocate_async(&p, bytes, device_, stream);
+        if (s.ok()) raise_peak(now);
+        if (!s.ok()) {
+            give_back(counted, count_one);
+            if (s.kind == status_kind::out_of_memory) {
+                device_ooms_.fetch_add(1, std::memory_order_relaxed);
+                throw out_of_memory(denial(bytes, oom_source::device, s));
+            }
+            detail::throw_status(s, (detail::Message() << "MemoryBudget::allocate_async(" << bytes
+                                                       << " bytes) on device " << device_)
+                                        .c_str());
+        }
+        return p;
+    }
+
+    /// Frees, ordered on `stream`, what allocate_async(bytes, ...) returned, and
+    /// gives its counted bytes back to the cap. Never throws (see deallocate()).
+    template <class B = Backend, std::enable_if_t<is_stream_ordered_v<B>, int> = 0>
+    void deallocate_async(void* p, std::size_t bytes, typename B::stream_type stream) noexcept {
+        if (p == nullptr) return;
+        status s = backend_->deallocate_async(p, bytes, device_, stream);
+        if (!s.ok()) free_failures_.fetch_add(1, std::memory_order_relaxed);
+        release(async_bytes(bytes));
+    }
+
+    /// What the budget counts for a stream-ordered request of `bytes`.
+    template <class B = Backend, std::enable_if_t<is_stream_ordered_v<B>, int> = 0>
+    static constexpr std::size_t async_bytes(std::size_t bytes) noexcept {
+        return (bytes + B::async_granularity - 1) / B::async_granularity * B::async_granularity;
+    }
+
     /// Takes `bytes` of the cap without allocating (memory a caller obtains some
     /// other way). False, and a denial counted, when it would exceed the cap.
     bool try_reserve(std::size_t bytes) noexcept {

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <initializer_list>
 #include <limits>
+#include <map>
 #include <memory>
 #include <new>
 #include <stdexcept>
@@ -72,6 +73,11 @@ class SimulatedDevices {
 public:
     static constexpr char const* backend_name = "simulated";
     static constexpr std::size_t alignment = 256;  // cudaMalloc's guarantee
+    /// A stream: any number you choose; 0 is the default stream. Streams are
+    /// per simulator, shared by its devices.
+    using stream_type = std::uint64_t;
+    /// What the stream-ordered pool takes for any request: sizes round up to it.
+    static constexpr std::size_t async_granularity = 512;
 
     /// One spec per device. `track_pointers` keeps a map of live allocations so a bad free is caught
     /// (cudaErrorInvalidValue) and the true size is used; benchmarks turn it off.
@@ -147,7 +153,9 @@ public:
             }
         }
         if (bytes == 0) return status::success();
-        std::size_t cap = d->capacity - d->others.load(std::memory_order_relaxed);
+        // Memory freed on a stream and not yet synchronized is still the pool's.
+        std::size_t const held = d->others.load(std::memory_order_relaxed) + d->pending_total.load(std::memory_order_relaxed);
+        std::size_t cap = held >= d->capacity ? 0 : d->capacity - held;
         std::size_t cur = d->used.load(std::memory_order_relaxed);
         do {
             if (bytes > cap || cur > cap - bytes) {
@@ -198,6 +206,130 @@ public:
         return d->sticky.load(std::memory_order_relaxed) ? detail::sim_sticky() : status::success();
     }
 
+    // ---- stream-ordered allocation (the pool behind cudaMallocAsync) -------
+    //
+    // As a real pool does: memory freed on a stream is reusable at once by later
+    // allocations on that stream, and by other streams only after the stream
+    // (or the device) is synchronized -- until then it is "pending" and counts
+    // as used, so an allocation on another stream can run out of memory while
+    // frees are pending. At a synchronization pending memory returns to the
+    // device (a release threshold of 0, CUDA's default). Sizes round up to
+    // async_granularity, as the pool's own accounting does.
+
+    status allocate_async(void** out, std::size_t bytes, int device, stream_type stream) noexcept {
+        if (out == nullptr) return detail::sim_invalid_value();
+        *out = nullptr;
+        Device* d = find(device);
+        if (d == nullptr) return detail::sim_invalid_device();
+        if (d->sticky.load(std::memory_order_relaxed)) return detail::sim_sticky();
+        touch(*d);
+        std::uint64_t call = d->calls.fetch_add(1, std::memory_order_relaxed) + 1;
+        if (d->faults_on.load(std::memory_order_acquire)) {
+            status s = apply_faults(*d, call, bytes);
+            if (!s.ok()) {
+                d->failures.fetch_add(1, std::memory_order_relaxed);
+                return s;
+            }
+        }
+        if (bytes == 0) return status::success();
+        if (bytes > std::numeric_limits<std::size_t>::max() - async_granularity) {
+            d->failures.fetch_add(1, std::memory_order_relaxed);
+            return detail::sim_oom();
+        }
+        std::size_t const rounded = round_async(bytes);
+        void* p = nullptr;
+        {
+            detail::SpinLock lock(d->mutex);
+            auto it = d->pending.find(stream);  // never inserts: no allocation on this path
+            std::size_t const mine = it == d->pending.end() ? 0 : it->second;
+            std::size_t const others_pending = d->pending_total.load(std::memory_order_relaxed) - mine;
+            std::size_t const cap = d->capacity - d->others.load(std::memory_order_relaxed);
+            std::size_t const busy = d->used.load(std::memory_order_relaxed) + others_pending;
+            std::size_t const reuse = mine < rounded ? mine : rounded;
+            // Fits when what this stream may use -- free memory plus its own pending -- holds it.
+            if (busy > cap || rounded > cap - busy) {
+                d->failures.fetch_add(1, std::memory_order_relaxed);
+                return detail::sim_oom();
+            }
+            if (memory_ == SimulatedMemory::host) {
+                p = ::operator new(rounded, std::align_val_t(alignment), std::nothrow);
+                if (p == nullptr) {
+                    d->failures.fetch_add(1, std::memory_order_relaxed);
+                    return detail::sim_oom();
+                }
+            } else {
+                p = reinterpret_cast<void*>(d->next_phantom.fetch_add(rounded, std::memory_order_relaxed));
+            }
+            if (track_) {
+                try {
+                    d->live.insert(p, rounded);
+                } catch (...) {
+                    if (memory_ == SimulatedMemory::host) ::operator delete(p, std::align_val_t(alignment));
+                    return detail::sim_oom();
+                }
+            }
+            if (reuse != 0) {
+                it->second -= reuse;
+                if (it->second == 0) d->pending.erase(it);
+            }
+            d->pending_total.fetch_sub(reuse, std::memory_order_relaxed);
+            d->used.fetch_add(rounded, std::memory_order_relaxed);
+        }
+        d->live_count.fetch_add(1, std::memory_order_relaxed);
+        *out = p;
+        return status::success();
+    }
+
+    /// Frees on `stream`: the memory is pending until `stream` or the device is synchronized.
+    status deallocate_async(void* p, std::size_t bytes, int device, stream_type stream) noexcept {
+        Device* d = find(device);
+        if (d == nullptr) return detail::sim_invalid_device();
+        if (p == nullptr) return status::success();
+        std::size_t rounded = round_async(bytes);  // with the map: the size it was allocated with
+        {
+            detail::SpinLock lock(d->mutex);
+            if (track_ && !d->live.erase(p, rounded)) return detail::sim_invalid_value();
+            try {
+                d->pending[stream] += rounded;
+            } catch (...) {  // no room to note it pending: it is free at once
+                release_memory(*d, p, rounded);
+                return status::success();
+            }
+            d->pending_total.fetch_add(rounded, std::memory_order_relaxed);
+            if (memory_ == SimulatedMemory::host) ::operator delete(p, std::align_val_t(alignment));
+            d->used.fetch_sub(rounded, std::memory_order_relaxed);
+            d->live_count.fetch_sub(1, std::memory_order_relaxed);
+        }
+        return d->sticky.load(std::memory_order_relaxed) ? detail::sim_sticky() : status::success();
+    }
+
+    /// Waits for `stream` on `device`: what was freed on it becomes free for every stream.
+    status synchronize_stream(int device, stream_type stream) noexcept {
+        Device* d = find(device);
+        if (d == nullptr) return detail::sim_invalid_device();
+        {
+            detail::SpinLock lock(d->mutex);
+            auto it = d->pending.find(stream);
+            if (it != d->pending.end()) {
+                d->pending_total.fetch_sub(it->second, std::memory_order_relaxed);
+                d->pending.erase(it);
+            }
+        }
+        return d->sticky.load(std::memory_order_relaxed) ? detail::sim_sticky() : status::success();
+    }
+
+    /// Bytes freed on some stream and not yet synchronized (on every stream, or on one).
+    std::size_t pending_bytes(int device) const { return at(device).pending_total.load(); }
+    std::size_t pending_bytes(int device, stream_type stream) const {
+        Device& d = at(device);
+        detail::SpinLock lock(d.mutex);
+        auto it = d.pending.find(stream);
+        return it == d.pending.end() ? 0 : it->second;
+    }
+    static constexpr std::size_t round_async(std::size_t bytes) noexcept {
+        return (bytes + async_granularity - 1) / async_granularity * async_granularity;
+    }
+
     status memory_info(int device, std::size_t* free, std::size_t* total) noexcept {
         Device* d = find(device);
         if (d == nullptr) return detail::sim_invalid_device();
@@ -213,7 +345,8 @@ public:
         Device* d = find(device);
         if (d == nullptr) return detail::sim_invalid_device();
         if (free == nullptr || total == nullptr) return detail::sim_invalid_value();
-        std::size_t held = d->used.load(std::memory_order_relaxed) + d->others.load(std::memory_order_relaxed);
+        std::size_t held = d->used.load(std::memory_order_relaxed) + d->others.load(std::memory_order_relaxed) +
+                           d->pending_total.load(std::memory_order_relaxed);
         *total = d->capacity;
         *free = held >= d->capacity ? 0 : d->capacity - held;
         return status::success();
@@ -254,9 +387,15 @@ public:
         return status::success();
     }
 
+    /// Waits for the device: every stream's pending frees become free.
     status synchronize(int device) noexcept {
         Device* d = find(device);
         if (d == nullptr) return detail::sim_invalid_device();
+        {
+            detail::SpinLock lock(d->mutex);
+            d->pending.clear();
+            d->pending_total.store(0, std::memory_order_relaxed);
+        }
         return d->sticky.load(std::memory_order_relaxed) ? detail::sim_sticky() : status::success();
     }
 
@@ -357,8 +496,10 @@ private:
         std::atomic<bool> sticky{false};
         std::atomic<bool> context{false};
         std::atomic<std::uintptr_t> next_phantom;
-        detail::SpinMutex mutex;  // guards `live`
+        detail::SpinMutex mutex;  // guards `live` and `pending`
         detail::PointerMap live;
+        std::map<stream_type, std::size_t> pending;  // freed on a stream, not yet synchronized
+        std::atomic<std::size_t> pending_total{0};
         detail::SpinMutex fault_mutex;  // guards the plan and its random stream
         FaultPlan plan;
         std::uint64_t plan_base = 0;
@@ -437,6 +578,32 @@ private:
         return counter.fetch_add(1, std::memory_order_relaxed) + 1;
     }
     std::uint64_t id_ = next_id();
+};
+
+/// The simulated stream-ordered pool's pending frees as a cache for
+/// CacheRegistry: releasable is what streams freed and nobody has synchronized;
+/// release() synchronizes the device (as a release step must before it trims a
+/// real pool) and returns those bytes.
+class SimulatedPendingFrees {
+public:
+    SimulatedPendingFrees(SimulatedDevices& sim, int device) : sim_(&sim), device_(device) {
+        (void)sim.pending_bytes(device);  // std::out_of_range for a device that does not exist
+    }
+    std::size_t releasable_bytes() const { return sim_->pending_bytes(device_); }
+    std::size_t release() {
+        std::size_t before = sim_->pending_bytes(device_);
+        status s = sim_->synchronize(device_);
+        if (!s.ok())
+            throw std::runtime_error((detail::Message() << "oomguard: SimulatedPendingFrees: synchronizing device "
+                                                        << device_ << " failed: " << s.name)
+                                         .c_str());
+        std::size_t after = sim_->pending_bytes(device_);
+        return before > after ? before - after : 0;
+    }
+
+private:
+    SimulatedDevices* sim_;
+    int device_;
 };
 
 }  // namespace oomguard

@@ -186,6 +186,53 @@ cudaError_t CUDARTAPI cudaFree(void* p) {
     return cudaSuccess;
 }
 
+// The stream-ordered pool, as the real one accounts it: allocations reserve
+// from the device and count as the pool's used bytes; a free on a stream gives
+// its bytes back to the pool (reserved, not used) until a trim. Streams are
+// not modelled beyond that (SimulatedDevices models pending frees).
+cudaError_t CUDARTAPI cudaMallocFromPoolAsync(void** p, size_t size, cudaMemPool_t pool, cudaStream_t) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    ++s.malloc_calls;
+    if (cudaError_t e = gate(s)) return e;
+    if (p == nullptr || pool == nullptr) return fail(cudaErrorInvalidValue);
+    *p = nullptr;
+    if (s.fail_mallocs > 0) {
+        --s.fail_mallocs;
+        return fail(s.fail_code);
+    }
+    auto d = static_cast<std::size_t>(static_cast<int>(reinterpret_cast<int*>(pool) - s.pool_tag));
+    std::size_t spare = s.pool_reserved[d] - s.pool_used[d], need = size > spare ? size - spare : 0;
+    if (need > s.capacity[d] - s.used[d]) return fail(cudaErrorMemoryAllocation);
+    void* q = std::malloc(size == 0 ? 1 : size);
+    if (q == nullptr) return fail(cudaErrorMemoryAllocation);
+    s.used[d] += need;
+    s.pool_reserved[d] += need;
+    s.pool_used[d] += size;
+    s.live[q] = {static_cast<int>(d) + 1000, size};  // 1000+: the pool's, freed by cudaFreeAsync
+    *p = q;
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaFreeAsync(void* p, cudaStream_t) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    if (cudaError_t e = gate(s)) return e;
+    if (p == nullptr) return cudaSuccess;
+    auto it = s.live.find(p);
+    if (it == s.live.end() || it->second.first < 1000) return fail(cudaErrorInvalidValue);
+    s.pool_used[static_cast<std::size_t>(it->second.first - 1000)] -= it->second.second;
+    std::free(p);
+    s.live.erase(it);
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaStreamSynchronize(cudaStream_t) {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.m);
+    return gate(s);
+}
+
 cudaError_t CUDARTAPI cudaMemGetInfo(size_t* free, size_t* total) {
     State& s = state();
     std::lock_guard<std::mutex> lock(s.m);
