@@ -251,6 +251,15 @@ public:
         return true;
     }
 
+    /// For a resource that allocates elsewhere (BudgetAdaptor): takes `bytes` of
+    /// the cap and counts an allocation, as allocate() does before it calls the
+    /// backend; `held` is what is held with them. False, and a denial counted,
+    /// when it would exceed the cap. Then either raise_peak(held) once the
+    /// allocation succeeded, or give the bytes back with release() (and count the
+    /// allocator's refusal with note_device_oom()): the peak counts only what was held.
+    bool try_account(std::size_t bytes, std::size_t& held) noexcept { return take(bytes, count_one, held); }
+    void note_device_oom() noexcept { device_ooms_.fetch_add(1, std::memory_order_relaxed); }
+
     /// Like try_reserve, but returns an RAII Reservation or throws out_of_memory.
     Reservation<Backend> reserve(std::size_t bytes);
 

@@ -1,0 +1,276 @@
+// The budget as a CCCL `cuda::mr` memory resource -- what RMM 26 and CCCL code
+// plug in (rmm::mr::set_current_device_resource takes any such resource).
+// Opt-in; needs the CUDA toolkit's headers (CCCL). Two forms:
+//
+// - BudgetResource<Backend>: allocates through a MemoryBudget on a backend
+//   (cudaMalloc / cudaMallocFromPoolAsync on CudaRuntime; the simulator on CPU).
+// - BudgetAdaptor<Upstream>: a budget in front of any upstream resource (RMM's
+//   cuda_async_memory_resource or pool_memory_resource, CCCL's pools): every
+//   request takes the cap first, with one compare-and-swap and no lock.
+//
+// Both are synchronous and stream-ordered resources with the device_accessible
+// property, copyable (copies share the budget), equal when they share it, and
+// throw oomguard's typed out_of_memory -- a std::bad_alloc, so RMM's
+// failure_callback_resource_adaptor<..., std::bad_alloc> and code that catches
+// bad_alloc keep working. Both spellings of the interface are provided, chosen
+// by CCCL_VERSION: CCCL 3.0 as shipped with CUDA 13.0 (experimental:
+// allocate(bytes, alignment), allocate_async(bytes, alignment, stream)) and
+// CCCL >= 3.1 (allocate_sync(bytes, alignment), allocate(stream, bytes, alignment)).
+// Alignments up to 256 bytes (what cudaMalloc and the pools guarantee) are honoured.
+#pragma once
+
+#include <oomguard/classify.hpp>
+#include <oomguard/cuda_runtime.hpp>
+#include <oomguard/errors.hpp>
+#include <oomguard/memory_budget.hpp>
+
+#if !defined(LIBCUDACXX_ENABLE_EXPERIMENTAL_MEMORY_RESOURCE)
+#define LIBCUDACXX_ENABLE_EXPERIMENTAL_MEMORY_RESOURCE  // CCCL 3.0 keeps cuda::mr behind it; later ones ignore it
+#endif
+#include <cuda/memory_resource>
+#include <cuda/stream_ref>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <memory>
+#include <new>
+#include <type_traits>
+#include <utility>
+
+#if !defined(CCCL_VERSION)
+#error "oomguard: <oomguard/resource.hpp> needs CCCL (the CUDA toolkit's include/cccl, or RMM's bundled copy)"
+#endif
+#if CCCL_VERSION >= 3001000
+#define OOMGUARD_CCCL_MR_STREAM_FIRST 1  // CCCL >= 3.1: allocate(stream, bytes, alignment), allocate_sync
+#else
+#define OOMGUARD_CCCL_MR_STREAM_FIRST 0  // CCCL 3.0: allocate(bytes, alignment), allocate_async
+#endif
+
+namespace oomguard {
+
+namespace detail {
+constexpr std::size_t resource_alignment = 256;
+
+inline void check_alignment(std::size_t alignment, char const* who) {
+    if (alignment == 0 || (alignment & (alignment - 1)) != 0 || alignment > resource_alignment)
+        throw_invalid(Message() << "oomguard: " << who << ": alignment " << alignment
+                                << " is not a power of two up to 256 (what cudaMalloc and the pools give)");
+}
+
+// A CCCL cuda::cuda_error whose status is cudaErrorMemoryAllocation (2). CCCL
+// >= 3.1 says so by status(); CCCL 3.0 only in its fixed text, "cudaError 2: ...".
+inline bool is_cccl_oom(std::exception const& e) noexcept {
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+    if (auto const* c = dynamic_cast<::cuda::cuda_error const*>(&e)) return static_cast<int>(c->status()) == 2;
+    return false;
+#else
+    if (dynamic_cast<::cuda::cuda_error const*>(&e) == nullptr) return false;
+    char const* w = e.what();
+    static constexpr char prefix[] = "cudaError 2:";
+    for (std::size_t i = 0; i + 1 < sizeof prefix; ++i)
+        if (w == nullptr || w[i] != prefix[i]) return false;
+    return true;
+#endif
+}
+// Registered once per program by the first translation unit that includes this header.
+inline OomRuleRegistration const cccl_oom_rule{&is_cccl_oom};
+
+template <class Backend>
+typename Backend::stream_type to_backend_stream(::cuda::stream_ref s) noexcept {
+    if constexpr (std::is_pointer<typename Backend::stream_type>::value)
+        return reinterpret_cast<typename Backend::stream_type>(s.get());
+    else  // the simulator's streams are numbers: the stream's handle is its number
+        return static_cast<typename Backend::stream_type>(reinterpret_cast<std::uintptr_t>(s.get()));
+}
+}  // namespace detail
+
+/// A cuda::mr resource that allocates through `budget` (which must outlive it):
+/// synchronously through MemoryBudget::allocate, stream-ordered through
+/// allocate_async on the backend's pool.
+template <class Backend>
+class BudgetResource {
+public:
+    static_assert(is_stream_ordered_v<Backend>, "oomguard: BudgetResource needs a stream-ordered backend "
+                                                "(CudaRuntime, SimulatedDevices; see backend.hpp)");
+    explicit BudgetResource(MemoryBudget<Backend>& budget) noexcept : budget_(&budget) {}
+
+    MemoryBudget<Backend>& budget() const noexcept { return *budget_; }
+
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+    void* allocate_sync(std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
+        return sync_allocate(bytes, alignment);
+    }
+    void deallocate_sync(void* p, std::size_t bytes, std::size_t = detail::resource_alignment) noexcept {
+        budget_->deallocate(p, bytes);
+    }
+    void* allocate(::cuda::stream_ref stream, std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
+        return stream_allocate(stream, bytes, alignment);
+    }
+    void deallocate(::cuda::stream_ref stream, void* p, std::size_t bytes,
+                    std::size_t = detail::resource_alignment) noexcept {
+        budget_->deallocate_async(p, bytes, detail::to_backend_stream<Backend>(stream));
+    }
+#else
+    void* allocate(std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
+        return sync_allocate(bytes, alignment);
+    }
+    void deallocate(void* p, std::size_t bytes, std::size_t = detail::resource_alignment) noexcept {
+        budget_->deallocate(p, bytes);
+    }
+    void* allocate_async(std::size_t bytes, std::size_t alignment, ::cuda::stream_ref stream) {
+        return stream_allocate(stream, bytes, alignment);
+    }
+    void deallocate_async(void* p, std::size_t bytes, std::size_t, ::cuda::stream_ref stream) noexcept {
+        budget_->deallocate_async(p, bytes, detail::to_backend_stream<Backend>(stream));
+    }
+#endif
+
+    bool operator==(BudgetResource const& o) const noexcept { return budget_ == o.budget_; }
+    bool operator!=(BudgetResource const& o) const noexcept { return budget_ != o.budget_; }
+    friend constexpr void get_property(BudgetResource const&, ::cuda::mr::device_accessible) noexcept {}
+
+private:
+    void* sync_allocate(std::size_t bytes, std::size_t alignment) {
+        detail::check_alignment(alignment, "BudgetResource");
+        return budget_->allocate(bytes);
+    }
+    void* stream_allocate(::cuda::stream_ref stream, std::size_t bytes, std::size_t alignment) {
+        detail::check_alignment(alignment, "BudgetResource");
+        return budget_->allocate_async(bytes, detail::to_backend_stream<Backend>(stream));
+    }
+
+    MemoryBudget<Backend>* budget_;
+};
+
+/// The backend a BudgetAdaptor's budget counts against: it allocates nothing
+/// itself (the upstream does), and knows the device only by the capacity it
+/// is given (0: unknown, so only a byte cap can be resolved).
+class UpstreamAccounting {
+public:
+    static constexpr char const* backend_name = "upstream resource";
+    explicit UpstreamAccounting(std::size_t capacity = 0) noexcept : capacity_(capacity) {}
+    status allocate(void**, std::size_t, int) noexcept { return no_call(); }
+    status deallocate(void*, std::size_t, int) noexcept { return no_call(); }
+    status memory_info(int, std::size_t* free, std::size_t* total) noexcept {
+        if (capacity_ == 0) return no_call();
+        *free = capacity_;  // as far as the accounting knows: the budget tracks what is held
+        *total = capacity_;
+        return status::success();
+    }
+    status device_count(int* n) noexcept {
+        *n = 1;
+        return status::success();
+    }
+    status current_device(int* d) noexcept {
+        *d = 0;
+        return status::success();
+    }
+    status set_device(int) noexcept { return status::success(); }
+    status synchronize(int) noexcept { return status::success(); }
+
+private:
+    static status no_call() noexcept { return {status_kind::other, 801, "cudaErrorNotSupported"}; }
+    std::size_t capacity_;
+};
+
+/// A budget in front of any upstream cuda::mr resource (held by value: give a
+/// resource_ref or a shared handle for one that must not be copied). Each
+/// request takes `bytes` rounded up to 256 from the cap first -- one CAS, no
+/// lock -- and a refusal is an out_of_memory naming the cap and what is held;
+/// an upstream failure that is a device OOM (a bad_alloc, rmm::out_of_memory,
+/// a cuda::cuda_error of status 2) becomes an out_of_memory too, and any other
+/// exception passes through unchanged. Copies share the budget.
+template <class Upstream>
+class BudgetAdaptor {
+public:
+    /// `cap` in bytes (Limit::bytes), or a fraction/headroom of `capacity` when that is given.
+    BudgetAdaptor(Upstream upstream, Limit cap, std::size_t capacity = 0)
+        : upstream_(std::move(upstream)), state_(std::make_shared<State>(cap, capacity)) {}
+
+    /// The budget: used(), peak(), denials(), for a Report, for measure_with.
+    MemoryBudget<UpstreamAccounting>& budget() const noexcept { return state_->budget; }
+    Upstream& upstream() noexcept { return upstream_; }
+
+    static constexpr std::size_t counted(std::size_t bytes) noexcept {
+        return (bytes + detail::resource_alignment - 1) / detail::resource_alignment * detail::resource_alignment;
+    }
+
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+    void* allocate_sync(std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
+        return guarded(bytes, alignment, [&] { return upstream_.allocate_sync(bytes, alignment); });
+    }
+    void deallocate_sync(void* p, std::size_t bytes, std::size_t alignment = detail::resource_alignment) noexcept {
+        upstream_.deallocate_sync(p, bytes, alignment);
+        state_->budget.release(counted(bytes));
+    }
+    void* allocate(::cuda::stream_ref stream, std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
+        return guarded(bytes, alignment, [&] { return upstream_.allocate(stream, bytes, alignment); });
+    }
+    void deallocate(::cuda::stream_ref stream, void* p, std::size_t bytes,
+                    std::size_t alignment = detail::resource_alignment) noexcept {
+        upstream_.deallocate(stream, p, bytes, alignment);
+        state_->budget.release(counted(bytes));
+    }
+#else
+    void* allocate(std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
+        return guarded(bytes, alignment, [&] { return upstream_.allocate(bytes, alignment); });
+    }
+    void deallocate(void* p, std::size_t bytes, std::size_t alignment = detail::resource_alignment) noexcept {
+        upstream_.deallocate(p, bytes, alignment);
+        state_->budget.release(counted(bytes));
+    }
+    void* allocate_async(std::size_t bytes, std::size_t alignment, ::cuda::stream_ref stream) {
+        return guarded(bytes, alignment, [&] { return upstream_.allocate_async(bytes, alignment, stream); });
+    }
+    void deallocate_async(void* p, std::size_t bytes, std::size_t alignment, ::cuda::stream_ref stream) noexcept {
+        upstream_.deallocate_async(p, bytes, alignment, stream);
+        state_->budget.release(counted(bytes));
+    }
+#endif
+
+    bool operator==(BudgetAdaptor const& o) const noexcept { return state_ == o.state_; }
+    bool operator!=(BudgetAdaptor const& o) const noexcept { return state_ != o.state_; }
+    friend constexpr void get_property(BudgetAdaptor const&, ::cuda::mr::device_accessible) noexcept {}
+
+private:
+    struct State {
+        UpstreamAccounting accounting;
+        MemoryBudget<UpstreamAccounting> budget;
+        State(Limit cap, std::size_t capacity) : accounting(capacity), budget(accounting, 0, cap) {}
+    };
+
+    template <class F>
+    void* guarded(std::size_t bytes, std::size_t alignment, F&& upstream_allocate) {
+        detail::check_alignment(alignment, "BudgetAdaptor");
+        MemoryBudget<UpstreamAccounting>& b = state_->budget;
+        if (bytes > MemoryBudget<UpstreamAccounting>::max_limit - detail::resource_alignment)
+            throw out_of_memory(b.denial(bytes, oom_source::budget, status{}));
+        std::size_t const c = counted(bytes);
+        std::size_t held = 0;
+        if (!b.try_account(c, held)) throw out_of_memory(b.denial(bytes, oom_source::budget, status{}));
+        try {
+            void* p = upstream_allocate();
+            b.raise_peak(held);
+            return p;
+        } catch (std::exception const& e) {
+            b.release(c);
+            if (!is_device_oom(e) && dynamic_cast<std::bad_alloc const*>(&e) == nullptr) throw;  // not ours to type
+            b.note_device_oom();
+            oom_info i = b.denial(bytes, oom_source::device, status{status_kind::out_of_memory, 2,
+                                                                   "cudaErrorMemoryAllocation"});
+            detail::Message m = detail::describe(i);
+            m << " The upstream resource said: " << e.what();
+            throw out_of_memory(i, m);
+        } catch (...) {
+            b.release(c);
+            throw;
+        }
+    }
+
+    Upstream upstream_;
+    std::shared_ptr<State> state_;
+};
+
+}  // namespace oomguard

@@ -1,0 +1,212 @@
+// <oomguard/resource.hpp> against the CCCL it is compiled with: the toolkit's
+// CCCL 3.0 here, RMM's CCCL 3.5 in the rmm leg. The concept checks, then the
+// resource and the adaptor over stream-ordered simulated devices.
+#include <oomguard/resource.hpp>
+#include <oomguard/simulated_devices.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+using namespace oomguard;
+using Sim = SimulatedDevices;
+constexpr std::size_t KiB = 1024;
+
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+static_assert(cuda::mr::synchronous_resource_with<BudgetResource<Sim>, cuda::mr::device_accessible>, "sync");
+static_assert(cuda::mr::resource_with<BudgetResource<Sim>, cuda::mr::device_accessible>, "stream-ordered");
+static_assert(cuda::mr::resource_with<BudgetAdaptor<BudgetResource<Sim>>, cuda::mr::device_accessible>, "adaptor");
+#else
+static_assert(cuda::mr::resource_with<BudgetResource<Sim>, cuda::mr::device_accessible>, "sync");
+static_assert(cuda::mr::async_resource_with<BudgetResource<Sim>, cuda::mr::device_accessible>, "stream-ordered");
+static_assert(cuda::mr::async_resource_with<BudgetAdaptor<BudgetResource<Sim>>, cuda::mr::device_accessible>,
+              "adaptor");
+#endif
+static_assert(cuda::has_property<BudgetResource<CudaRuntime>, cuda::mr::device_accessible>, "over the GPU too");
+static_assert(!(cuda::has_property<BudgetResource<Sim>, cuda::mr::host_accessible>), "device memory only");
+
+namespace {
+cuda::stream_ref stream(std::uintptr_t n) { return cuda::stream_ref(reinterpret_cast<cudaStream_t>(n)); }
+
+// The two spellings behind one call, so each test reads the same on either CCCL.
+template <class R>
+void* sync_alloc(R& r, std::size_t bytes, std::size_t alignment = 256) {
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+    return r.allocate_sync(bytes, alignment);
+#else
+    return r.allocate(bytes, alignment);
+#endif
+}
+template <class R>
+void sync_free(R& r, void* p, std::size_t bytes) {
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+    r.deallocate_sync(p, bytes, 256);
+#else
+    r.deallocate(p, bytes, 256);
+#endif
+}
+template <class R>
+void* stream_alloc(R& r, cuda::stream_ref s, std::size_t bytes) {
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+    return r.allocate(s, bytes, 256);
+#else
+    return r.allocate_async(bytes, 256, s);
+#endif
+}
+template <class R>
+void stream_free(R& r, cuda::stream_ref s, void* p, std::size_t bytes) {
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+    r.deallocate(s, p, bytes, 256);
+#else
+    r.deallocate_async(p, bytes, 256, s);
+#endif
+}
+
+// An upstream whose failures the test picks.
+struct Flaky {
+    BudgetResource<Sim> inner;
+    int* mode;  // 0: pass, 1: std::bad_alloc, 2: a logic_error (not an OOM), 3: cuda::cuda_error status 2
+    void* go(std::size_t bytes) {
+        if (*mode == 1) throw std::bad_alloc();
+        if (*mode == 2) throw std::logic_error("upstream bug");
+        if (*mode == 3) throw cuda::cuda_error(cudaErrorMemoryAllocation, "pool exhausted");
+        return sync_alloc(inner, bytes);
+    }
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+    void* allocate_sync(std::size_t b, std::size_t) { return go(b); }
+    void deallocate_sync(void* p, std::size_t b, std::size_t) noexcept { sync_free(inner, p, b); }
+    void* allocate(cuda::stream_ref, std::size_t b, std::size_t) { return go(b); }
+    void deallocate(cuda::stream_ref, void* p, std::size_t b, std::size_t) noexcept { sync_free(inner, p, b); }
+#else
+    void* allocate(std::size_t b, std::size_t) { return go(b); }
+    void deallocate(void* p, std::size_t b, std::size_t) noexcept { sync_free(inner, p, b); }
+    void* allocate_async(std::size_t b, std::size_t, cuda::stream_ref) { return go(b); }
+    void deallocate_async(void* p, std::size_t b, std::size_t, cuda::stream_ref) noexcept { sync_free(inner, p, b); }
+#endif
+    bool operator==(Flaky const& o) const noexcept { return inner == o.inner; }
+    bool operator!=(Flaky const& o) const noexcept { return inner != o.inner; }
+    friend constexpr void get_property(Flaky const&, cuda::mr::device_accessible) noexcept {}
+};
+}  // namespace
+
+TEST_CASE("BudgetResource: the budget's accounting and typed errors behind cuda::mr, both ways of allocating") {
+    Sim sim(1, 64 * KiB);
+    MemoryBudget<Sim> budget(sim, 0, Limit::bytes(32 * KiB));
+    BudgetResource<Sim> res(budget), copy = res;
+    CHECK(res == copy);
+    MemoryBudget<Sim> other(sim, 0);
+    CHECK(res != BudgetResource<Sim>(other));
+
+    void* a = sync_alloc(res, 1000);
+    CHECK(budget.used() == 1000);  // cudaMalloc's path counts the bytes asked
+    void* b = stream_alloc(res, stream(5), 1000);
+    CHECK(budget.used() == 1000 + 1024);  // the pool's: 512-byte blocks
+    CHECK(reinterpret_cast<std::uintptr_t>(b) % 256 == 0);
+    try {
+        (void)stream_alloc(res, stream(5), 40 * KiB);
+        FAIL("expected out_of_memory");
+    } catch (std::bad_alloc const& e) {  // what RMM-style code catches
+        auto const* oom = dynamic_cast<out_of_memory const*>(&e);
+        REQUIRE(oom != nullptr);
+        CHECK(oom->info().source == oom_source::budget);
+    }
+    CHECK_THROWS_WITH_AS(sync_alloc(res, 64, 512), doctest::Contains("alignment 512 is not a power of two up to 256"),
+                         std::invalid_argument);
+    CHECK_THROWS_AS(sync_alloc(res, 64, 3), std::invalid_argument);
+    stream_free(res, stream(5), b, 1000);
+    sync_free(res, a, 1000);
+    CHECK(budget.used() == 0);
+    CHECK(sim.pending_bytes(0, 5) == 1024);  // freed on its stream, pending until it synchronizes
+
+    // Through a type-erased reference, as CCCL and RMM code hold resources.
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+    cuda::mr::resource_ref<cuda::mr::device_accessible> ref{res};
+    void* c = ref.allocate(stream(6), 2048, 256);
+    ref.deallocate(stream(6), c, 2048, 256);
+#else
+    cuda::mr::async_resource_ref<cuda::mr::device_accessible> ref{res};
+    void* c = ref.allocate_async(2048, 256, stream(6));
+    ref.deallocate_async(c, 2048, 256, stream(6));
+#endif
+    CHECK(budget.used() == 0);
+    CHECK(budget.allocations() == 3);
+    REQUIRE(sim.synchronize(0).ok());
+    CHECK(sim.live_bytes() == 0);
+}
+
+TEST_CASE("BudgetResource over pending frees: the device OOM, then a synchronize, then it fits") {
+    Sim sim(1, 8 * KiB);
+    MemoryBudget<Sim> budget(sim, 0);
+    BudgetResource<Sim> res(budget);
+    void* a = stream_alloc(res, stream(1), 6 * KiB);
+    stream_free(res, stream(1), a, 6 * KiB);
+    try {
+        (void)stream_alloc(res, stream(2), 4 * KiB);
+        FAIL("expected out_of_memory");
+    } catch (out_of_memory const& e) {
+        CHECK(e.info().source == oom_source::device);
+    }
+    REQUIRE(sim.synchronize_stream(0, 1).ok());
+    void* b = stream_alloc(res, stream(2), 4 * KiB);
+    stream_free(res, stream(2), b, 4 * KiB);
+    REQUIRE(sim.synchronize(0).ok());
+    CHECK(sim.live_bytes() == 0);
+}
+
+TEST_CASE("BudgetAdaptor: a cap in front of any upstream; the upstream's OOMs typed, its other errors untouched") {
+    Sim sim(1, 1024 * KiB);
+    MemoryBudget<Sim> unlimited(sim, 0);
+    int mode = 0;
+    BudgetAdaptor<Flaky> capped(Flaky{BudgetResource<Sim>(unlimited), &mode}, Limit::bytes(8 * KiB));
+    BudgetAdaptor<Flaky> same = capped;
+    CHECK(capped == same);
+    void* a = sync_alloc(capped, 1);  // counted as 256
+    CHECK(capped.budget().used() == 256);
+    void* b = stream_alloc(same, stream(3), 7 * KiB + 700);  // 7936 counted: exactly at the cap, through a copy
+    CHECK(capped.budget().used() == 8 * KiB);
+    CHECK(capped.budget().allocations() == 2);
+    try {
+        (void)sync_alloc(capped, 1);
+        FAIL("expected out_of_memory");
+    } catch (out_of_memory const& e) {
+        CHECK(e.info().source == oom_source::budget);
+        CHECK(std::string(e.what()).find("held under this budget of 8.00 KiB") != std::string::npos);
+    }
+    CHECK(capped.budget().denials() == 1);
+    stream_free(same, stream(3), b, 7 * KiB + 700);
+    CHECK(capped.budget().peak() == 8 * KiB);
+
+    mode = 1;  // the upstream is out of memory: typed, the cap's bytes back
+    try {
+        (void)sync_alloc(capped, 4096);
+        FAIL("expected out_of_memory");
+    } catch (out_of_memory const& e) {
+        CHECK(e.info().source == oom_source::device);
+        CHECK(std::string(e.what()).find("The upstream resource said: std::bad_alloc") != std::string::npos);
+    }
+    mode = 3;  // CCCL's cuda_error with status 2 is a device OOM by its type
+    CHECK_THROWS_AS(stream_alloc(capped, stream(3), 4096), out_of_memory);
+    CHECK(capped.budget().device_ooms() == 2);
+    mode = 2;  // not an OOM: passes through as it was thrown
+    CHECK_THROWS_WITH_AS(sync_alloc(capped, 4096), "upstream bug", std::logic_error);
+    CHECK(capped.budget().used() == 256);
+    CHECK(capped.budget().peak() == 8 * KiB);  // the refused requests were never held
+    mode = 0;
+    sync_free(capped, a, 1);
+    CHECK(capped.budget().used() == 0);
+    CHECK(unlimited.used() == 0);
+    // A fraction needs the capacity it is a fraction of.
+    CHECK_THROWS_AS(BudgetAdaptor<Flaky>(Flaky{BudgetResource<Sim>(unlimited), &mode}, Limit::fraction(0.5)),
+                    cuda_error);
+    BudgetAdaptor<Flaky> half(Flaky{BudgetResource<Sim>(unlimited), &mode}, Limit::fraction(0.5), 64 * KiB);
+    CHECK(half.budget().limit() == 32 * KiB);
+}
+
+TEST_CASE("CCCL's cuda::cuda_error is a device OOM only with cudaErrorMemoryAllocation") {
+    CHECK(is_device_oom(cuda::cuda_error(cudaErrorMemoryAllocation, "out of memory")));
+    CHECK_FALSE(is_device_oom(cuda::cuda_error(cudaErrorIllegalAddress, "an illegal address")));
+    CHECK_FALSE(is_device_oom(cuda::cuda_error(cudaErrorInvalidValue, "invalid value: cudaError 2: not really")));
+}
