@@ -1,0 +1,117 @@
+// oomguard with RAPIDS RMM 26 (librmm-cu13 from PyPI; the rmm leg of
+// scripts/test): RMM's own adaptors composed with oomguard's resource, run on
+// the CPU over stream-ordered simulated devices, and the GPU compositions
+// compiled (they need a driver to run: scripts/gpu-check).
+#include <oomguard/rmm.hpp>
+#include <oomguard/simulated_devices.hpp>
+
+#include <rmm/cuda_stream_view.hpp>
+#include <rmm/mr/cuda_async_memory_resource.hpp>
+#include <rmm/mr/failure_callback_resource_adaptor.hpp>
+#include <rmm/mr/limiting_resource_adaptor.hpp>
+#include <rmm/mr/per_device_resource.hpp>
+#include <rmm/mr/statistics_resource_adaptor.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <new>
+
+using namespace oomguard;
+using Sim = SimulatedDevices;
+constexpr std::size_t KiB = 1024;
+
+static_assert(CCCL_VERSION >= 3005000, "built against RMM's CCCL");
+static_assert(cuda::mr::resource_with<BudgetResource<Sim>, cuda::mr::device_accessible>, "a CCCL 3.5 resource");
+static_assert(cuda::mr::resource_with<BudgetAdaptor<rmm::mr::cuda_async_memory_resource>, cuda::mr::device_accessible>,
+              "in front of RMM's async pool");
+
+namespace {
+cuda::stream_ref stream(std::uintptr_t n) { return cuda::stream_ref(reinterpret_cast<cudaStream_t>(n)); }
+
+// Never called here: it needs a driver. It must compile, as a user writes it.
+[[maybe_unused]] void budget_in_front_of_the_async_pool() {
+    rmm::mr::cuda_async_memory_resource pool;
+    BudgetAdaptor<rmm::mr::cuda_async_memory_resource> capped(pool, Limit::bytes(std::size_t{70} << 30));
+    rmm::mr::set_current_device_resource(capped);
+    rmm::mr::statistics_resource_adaptor stats(capped);
+    void* p = stats.allocate(rmm::cuda_stream_view{}, 1 << 20, 256);
+    stats.deallocate(rmm::cuda_stream_view{}, p, 1 << 20, 256);
+}
+}  // namespace
+
+// RMM's synchronous calls synchronize a CUDA stream, which needs a driver: on
+// the CPU the RMM adaptors are driven through their stream-ordered calls.
+TEST_CASE("RMM's statistics adaptor over oomguard's resource: both count the same bytes") {
+    Sim sim(1, 64 * KiB);
+    MemoryBudget<Sim> budget(sim, 0);
+    rmm::mr::statistics_resource_adaptor stats(BudgetResource<Sim>{budget});
+    void* a = stats.allocate(stream(3), 1000, 256);
+    void* b = stats.allocate(stream(3), 2048, 256);
+    CHECK(stats.get_bytes_counter().value == 3048);
+    CHECK(budget.used() == 1024 + 2048);  // the pool's 512-byte blocks
+    stats.deallocate(stream(3), b, 2048, 256);
+    stats.deallocate(stream(3), a, 1000, 256);
+    CHECK(stats.get_bytes_counter().value == 0);
+    CHECK(budget.used() == 0);
+    CHECK(sim.pending_bytes(0, 3) == 1024 + 2048);
+}
+
+TEST_CASE("RMM's failure callback adaptor with oomguard's caches: release, then retry") {
+    Sim sim(1, 16 * KiB);
+    MemoryBudget<Sim> budget(sim, 0);
+    CacheRegistry reg;
+    SimulatedPendingFrees pending(sim, 0);
+    auto r = reg.add("stream-ordered pool", 0, pending);
+    rmm::mr::failure_callback_resource_adaptor<std::bad_alloc> retrying(BudgetResource<Sim>{budget},
+                                                                      release_caches_and_retry, &reg);
+    void* a = retrying.allocate(stream(1), 12 * KiB, 256);
+    retrying.deallocate(stream(1), a, 12 * KiB, 256);  // pending on stream 1
+    void* b = retrying.allocate(stream(2), 12 * KiB, 256);  // fails, the callback synchronizes, the retry fits
+    CHECK(b != nullptr);
+    CHECK(budget.device_ooms() == 1);
+    retrying.deallocate(stream(2), b, 12 * KiB, 256);
+    REQUIRE(sim.synchronize(0).ok());
+    // Nothing left to release: the callback says so, and oomguard's typed OOM reaches the caller.
+    CHECK_THROWS_AS((void)retrying.allocate(stream(2), 32 * KiB, 256), out_of_memory);
+    CHECK(sim.live_bytes() == 0);
+}
+
+TEST_CASE("RMM's limiting adaptor and oomguard's budget: each refusal says whose it is") {
+    Sim sim(1, 1024 * KiB);
+    MemoryBudget<Sim> budget(sim, 0, Limit::bytes(64 * KiB));
+    rmm::mr::limiting_resource_adaptor limited(BudgetResource<Sim>{budget}, 32 * KiB);
+    void* a = limited.allocate(stream(1), 30 * KiB, 256);
+    try {
+        (void)limited.allocate(stream(1), 8 * KiB, 256);  // RMM's limit: its own exception
+        FAIL("expected rmm::out_of_memory");
+    } catch (rmm::out_of_memory const& e) {
+        CHECK(is_device_oom(e));  // by type (<oomguard/rmm.hpp>)
+        CHECK(is_rmm_oom(e));
+    }
+    limited.deallocate(stream(1), a, 30 * KiB, 256);
+    rmm::mr::limiting_resource_adaptor loose(BudgetResource<Sim>{budget}, 1024 * KiB);
+    try {
+        (void)loose.allocate(stream(1), 100 * KiB, 256);  // oomguard's cap, behind it: typed, with the figures
+        FAIL("expected out_of_memory");
+    } catch (out_of_memory const& e) {
+        CHECK(e.info().source == oom_source::budget);
+    }
+    CHECK(budget.used() == 0);
+    CHECK_FALSE(is_device_oom(rmm::bad_alloc("a host allocation failed")));
+}
+
+TEST_CASE("oomguard's adaptor in front of an RMM adaptor chain, as set_current_device_resource takes it") {
+    Sim sim(1, 1024 * KiB);
+    MemoryBudget<Sim> unlimited(sim, 0);
+    rmm::mr::statistics_resource_adaptor stats(BudgetResource<Sim>{unlimited});
+    BudgetAdaptor<rmm::mr::statistics_resource_adaptor> capped(stats, Limit::bytes(16 * KiB));
+    cuda::mr::any_resource<cuda::mr::device_accessible> held{capped};  // what RMM stores
+    void* p = held.allocate(stream(4), 10 * KiB, 256);
+    CHECK(capped.budget().used() == 10 * KiB);
+    CHECK(stats.get_bytes_counter().value == 10 * KiB);
+    CHECK_THROWS_AS((void)held.allocate(stream(4), 10 * KiB, 256), out_of_memory);
+    held.deallocate(stream(4), p, 10 * KiB, 256);
+    CHECK(capped.budget().used() == 0);
+    CHECK(stats.get_bytes_counter().value == 0);
+}
