@@ -42,7 +42,8 @@ int main() {
     cudaStreamCreate(&async.stream);
     oomguard::MemoryBudget<> budget(cuda, 0, oomguard::Limit::fraction(0.9));
     oomguard::MemoryBudget<AsyncRuntime> abudget(async, 0, oomguard::Limit::fraction(0.9));
-    std::vector<double> raw, guarded, araw, aguarded;
+    std::vector<double> raw, guarded, araw, aguarded, pooled;
+    cudaStream_t const stream = async.stream;
     for (int r = 0; r < 7; ++r) {
         raw.push_back(ns_per_pair([] {
             void* p = nullptr;
@@ -56,11 +57,16 @@ int main() {
             cudaFreeAsync(p, async.stream);
         }));
         aguarded.push_back(ns_per_pair([&] { abudget.deallocate(abudget.allocate(kBytes), kBytes); }));
+        // The stream-ordered path itself: cudaMallocFromPoolAsync on the default pool, through the budget.
+        pooled.push_back(ns_per_pair([&] { budget.deallocate_async(budget.allocate_async(kBytes, stream), kBytes, stream); }));
     }
     std::printf("gpu_overhead: cudaMalloc+cudaFree %.0f ns, through MemoryBudget %.0f ns (+%.1f ns)\n", median(raw),
                 median(guarded), median(guarded) - median(raw));
     std::printf("gpu_overhead: cudaMallocAsync+cudaFreeAsync %.0f ns, through MemoryBudget %.0f ns (+%.1f ns)\n",
                 median(araw), median(aguarded), median(aguarded) - median(araw));
+    std::printf("gpu_overhead: MemoryBudget::allocate_async+deallocate_async %.0f ns against cudaMallocAsync+cudaFreeAsync "
+                "%.0f ns (%+.1f %%, target <= +2 %%)\n",
+                median(pooled), median(araw), 100.0 * (median(pooled) - median(araw)) / median(araw));
     cudaStreamDestroy(async.stream);
     return 0;
 }

@@ -1,0 +1,71 @@
+// The cost one adaptor adds to a stream-ordered allocate+free of 4 KiB, side by
+// side in one run, over the same upstream: oomguard's BudgetAdaptor (a
+// MemoryBudget: one compare-and-swap in, one fetch-sub out), RMM's
+// limiting_resource_adaptor, and RMM's statistics_resource_adaptor (a lock).
+// The upstream shares nothing between threads and does no work (each thread
+// gets its own address back), so what is measured is the adaptor. One and two
+// threads. Built with RMM by the rmm leg (needs no GPU); scripts/bench-rmm runs it.
+#include <oomguard/resource.hpp>
+
+#include <rmm/mr/limiting_resource_adaptor.hpp>
+#include <rmm/mr/statistics_resource_adaptor.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace {
+
+constexpr std::size_t kBytes = 4096;
+
+// A CCCL resource that does no work and shares nothing between threads.
+struct NullUpstream {
+    static void* slot() noexcept {
+        alignas(256) thread_local unsigned char s[256];
+        return s;
+    }
+    void* allocate_sync(std::size_t, std::size_t) { return slot(); }
+    void deallocate_sync(void*, std::size_t, std::size_t) noexcept {}
+    void* allocate(cuda::stream_ref, std::size_t, std::size_t) { return slot(); }
+    void deallocate(cuda::stream_ref, void*, std::size_t, std::size_t) noexcept {}
+    bool operator==(NullUpstream const&) const noexcept { return true; }
+    bool operator!=(NullUpstream const&) const noexcept { return false; }
+    friend constexpr void get_property(NullUpstream const&, cuda::mr::device_accessible) noexcept {}
+};
+
+cuda::stream_ref stream() { return cuda::stream_ref(reinterpret_cast<cudaStream_t>(std::uintptr_t{7})); }
+
+template <class R>
+void churn(benchmark::State& state, R& r) {
+    for (auto _ : state) {
+        void* p = r.allocate(stream(), kBytes, 256);
+        benchmark::DoNotOptimize(p);
+        r.deallocate(stream(), p, kBytes, 256);
+    }
+}
+
+void bare_upstream(benchmark::State& state) {
+    static NullUpstream up;
+    churn(state, up);
+}
+void oomguard_budget_adaptor(benchmark::State& state) {
+    static oomguard::BudgetAdaptor<NullUpstream> a(NullUpstream{}, oomguard::Limit::bytes(std::size_t{1} << 40));
+    churn(state, a);
+}
+void rmm_limiting_adaptor(benchmark::State& state) {
+    static rmm::mr::limiting_resource_adaptor a(NullUpstream{}, std::size_t{1} << 40);
+    churn(state, a);
+}
+void rmm_statistics_adaptor(benchmark::State& state) {
+    static rmm::mr::statistics_resource_adaptor a(NullUpstream{});
+    churn(state, a);
+}
+
+}  // namespace
+
+BENCHMARK(bare_upstream)->Threads(1)->Threads(2)->UseRealTime();
+BENCHMARK(oomguard_budget_adaptor)->Threads(1)->Threads(2)->UseRealTime();
+BENCHMARK(rmm_limiting_adaptor)->Threads(1)->Threads(2)->UseRealTime();
+BENCHMARK(rmm_statistics_adaptor)->Threads(1)->Threads(2)->UseRealTime();
+BENCHMARK_MAIN();
