@@ -219,3 +219,17 @@ TEST_CASE("stream-ordered allocation through cudaMallocFromPoolAsync: counted as
     CHECK(budget.used() == 0);
     CHECK(cuda.allocate_async(&p, 64, 7, stream).kind == status_kind::invalid_argument);  // no device 7
 }
+
+TEST_CASE("stream-ordered allocation from a pool the backend is given") {
+    fake_cudart::reset({4 * MiB, 4 * MiB});
+    cudaMemPool_t pool1 = nullptr;
+    REQUIRE(cudaDeviceGetDefaultMemPool(&pool1, 1) == cudaSuccess);
+    CudaRuntime cuda(pool1);
+    CHECK(cuda.pool() == pool1);
+    Budget budget(cuda, 1, Limit::unlimited());
+    void* p = budget.allocate_async(4096, nullptr);
+    CHECK(fake_cudart::pool_reserved(1) == 4096);  // device 1's pool, the one given
+    CHECK(fake_cudart::pool_reserved(0) == 0);
+    budget.deallocate_async(p, 4096, nullptr);
+    CHECK(CudaRuntime().pool() == nullptr);  // by default: each device's default pool
+}

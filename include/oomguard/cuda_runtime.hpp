@@ -16,10 +16,18 @@
 
 namespace oomguard {
 
-/// A backend (see backend.hpp) over the CUDA runtime API. Stateless: copies are
-/// free and all refer to the process's one runtime.
+/// A backend (see backend.hpp) over the CUDA runtime API. Copies are free and
+/// all refer to the process's one runtime; the only state is the memory pool
+/// the stream-ordered calls use (each device's default pool, unless one is given).
 class CudaRuntime {
 public:
+    CudaRuntime() noexcept = default;
+    /// Stream-ordered allocations come from `pool` (cudaMemPoolCreate's, with its
+    /// own release threshold and limits) instead of the device's default pool.
+    /// `pool` belongs to one device: give this backend's budgets that device.
+    explicit CudaRuntime(cudaMemPool_t pool) noexcept : pool_(pool) {}
+    cudaMemPool_t pool() const noexcept { return pool_; }
+
     static constexpr char const* backend_name = "cuda";
     using stream_type = cudaStream_t;
     /// What a budget counts for a stream-ordered request: the pool hands out
@@ -80,13 +88,14 @@ public:
         return on_device(device, [&] { return cudaFree(p); });
     }
 
-    /// Stream-ordered: cudaMallocFromPoolAsync on `device`'s default pool, ordered on `stream`.
+    /// Stream-ordered: cudaMallocFromPoolAsync, ordered on `stream`, from the pool
+    /// given at construction or else `device`'s default pool.
     status allocate_async(void** out, std::size_t bytes, int device, cudaStream_t stream) noexcept {
         return on_device(
             device,
             [&] {
-                cudaMemPool_t pool = nullptr;
-                cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, device);
+                cudaMemPool_t pool = pool_;
+                cudaError_t e = pool != nullptr ? cudaSuccess : cudaDeviceGetDefaultMemPool(&pool, device);
                 return e != cudaSuccess ? e : cudaMallocFromPoolAsync(out, bytes, pool, stream);
             },
             [&] {
@@ -165,6 +174,8 @@ public:
     }
 
 private:
+    cudaMemPool_t pool_ = nullptr;
+
     /// Runs `f` with `device` current, restoring the caller's device after. When
     /// the restore fails (the caller's device went to another process in
     /// exclusive mode, say), that failure is the answer: `undo` takes back what
