@@ -89,6 +89,33 @@ TEST_CASE("the same sort under a larger budget succeeds and frees its temporarie
     CHECK(f.live() == 0);
 }
 
+TEST_CASE("a sort on a stream: its temporaries from the budget's stream-ordered pool, freed on that stream") {
+    Fixture f;
+    if (!f.usable()) return;
+    Budget budget(f.backend, 0, 64 * N * sizeof(int));
+    Backend::stream_type const stream{};  // the default stream (CUDA), stream 0 (the simulator)
+    {
+        thrust_vector<int, Backend> v(N, ThrustAllocator<int, Backend>(budget));
+        fill_descending(v);
+        std::size_t const allocations = budget.allocations();
+        thrust::sort(thrust_policy(budget, stream), v.begin(), v.end());
+        CHECK(v[0] == 1);
+        CHECK(v[N - 1] == static_cast<int>(N));
+        CHECK(budget.allocations() > allocations);  // temporaries through allocate_async
+        CHECK(budget.used() == N * sizeof(int));
+#if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA
+        CHECK(f.backend.pending_bytes(0, stream) > 0);  // freed on the stream, pending until it synchronizes
+        REQUIRE(f.backend.synchronize_stream(0, stream).ok());
+#endif
+        // Too small for the temporaries: the typed OOM, and nothing left behind.
+        Budget tight(f.backend, 0, 16);
+        CHECK_THROWS_AS(thrust::sort(thrust_policy(tight, stream), v.begin(), v.end()), out_of_memory);
+        CHECK(tight.used() == 0);
+    }
+    CHECK(budget.used() == 0);
+    CHECK(f.live() == 0);
+}
+
 TEST_CASE("device_vector growth past the budget is a typed OOM and leaks nothing") {
     Fixture f;
     if (!f.usable()) return;

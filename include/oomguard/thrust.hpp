@@ -116,11 +116,49 @@ private:
 };
 
 /// An execution policy whose temporaries are allocated through `budget`:
-/// `thrust::sort(oomguard::thrust_policy(budget), first, last)`. For a stream,
-/// use `thrust::cuda::par(ThrustTemporaryAllocator<CudaRuntime>(budget)).on(s)`.
+/// `thrust::sort(oomguard::thrust_policy(budget), first, last)`. On a stream:
+/// thrust_policy(budget, stream), below.
 template <class Backend>
 auto thrust_policy(MemoryBudget<Backend>& budget) {
     return thrust::device(ThrustTemporaryAllocator<Backend>(budget));
+}
+
+/// Algorithm temporaries through the budget's stream-ordered path: allocated and
+/// freed on `stream` (MemoryBudget::allocate_async), so they are ordered with
+/// the algorithm's own work. Used by thrust_policy(budget, stream).
+template <class Backend>
+class ThrustStreamAllocator {
+public:
+    static_assert(is_stream_ordered_v<Backend>, "oomguard: ThrustStreamAllocator needs a stream-ordered backend");
+    using value_type = char;
+    using stream_type = typename Backend::stream_type;
+
+    ThrustStreamAllocator(MemoryBudget<Backend>& budget, stream_type stream) noexcept
+        : budget_(&budget), stream_(stream) {}
+    char* allocate(std::size_t n) { return static_cast<char*>(budget_->allocate_async(n, stream_)); }
+    void deallocate(char* p, std::size_t n) noexcept { budget_->deallocate_async(p, n, stream_); }
+
+    MemoryBudget<Backend>& budget() const noexcept { return *budget_; }
+    stream_type stream() const noexcept { return stream_; }
+
+private:
+    MemoryBudget<Backend>* budget_;
+    stream_type stream_;
+};
+
+/// An execution policy on `stream` whose temporaries come from the budget's
+/// stream-ordered pool on that stream: `thrust::sort(oomguard::thrust_policy(budget, s), ...)`.
+/// On CUDA the algorithm runs on `stream` (thrust::cuda::par.on); on Thrust's
+/// host systems, which have no streams, it runs as thrust::device does.
+template <class Backend, std::enable_if_t<is_stream_ordered_v<Backend>, int> = 0>
+auto thrust_policy(MemoryBudget<Backend>& budget, typename Backend::stream_type stream) {
+#if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
+    static_assert(std::is_same<typename Backend::stream_type, cudaStream_t>::value,
+                  "oomguard: on Thrust's CUDA system the budget's backend must be CudaRuntime");
+    return thrust::cuda::par(ThrustStreamAllocator<Backend>(budget, stream)).on(stream);
+#else
+    return thrust::device(ThrustStreamAllocator<Backend>(budget, stream));
+#endif
 }
 
 /// A Thrust memory resource over a budget: the upstream of a Thrust `mr` pool
