@@ -5,7 +5,9 @@
 //   <oomguard/simulated_devices.hpp>  simulated GPUs and fault plans for tests
 //                                     (included here only when there is no CUDA
 //                                     toolkit, where it is the default backend)
-//   Thrust, MPI and NCCL integrations have their own headers.
+//   <oomguard/report.hpp>, <oomguard/trace.hpp>, <oomguard/plot.hpp>  what happened
+//   Thrust, MPI, NCCL, CCCL cuda::mr (resource.hpp), RMM and libtorch (torch.hpp,
+//   C++20) integrations have their own headers.
 #pragma once
 
 #include <oomguard/version.hpp>
