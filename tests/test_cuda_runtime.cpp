@@ -231,5 +231,11 @@ TEST_CASE("stream-ordered allocation from a pool the backend is given") {
     CHECK(fake_cudart::pool_reserved(1) == 4096);  // device 1's pool, the one given
     CHECK(fake_cudart::pool_reserved(0) == 0);
     budget.deallocate_async(p, 4096, nullptr);
+    std::size_t reserved = 0, used = 0;
+    REQUIRE(cuda.default_pool_usage(0, &reserved, &used).ok());  // the pool given, whatever the device
+    CHECK(reserved == 4096);
+    CHECK(used == 0);
+    REQUIRE(cuda.trim_default_pool(0, 0).ok());  // what CudaDefaultPoolCache's release calls
+    CHECK(fake_cudart::pool_reserved(1) == 0);
     CHECK(CudaRuntime().pool() == nullptr);  // by default: each device's default pool
 }

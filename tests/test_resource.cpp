@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <cstdint>
+#include <limits>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -28,7 +29,8 @@ static_assert(cuda::mr::async_resource_with<BudgetAdaptor<BudgetResource<Sim>>, 
 static_assert(cuda::has_property<BudgetResource<CudaRuntime>, cuda::mr::device_accessible>, "over the GPU too");
 static_assert(!(cuda::has_property<BudgetResource<Sim>, cuda::mr::host_accessible>), "device memory only");
 
-namespace {
+// A named namespace: clang would call the friends of an unnamed one's types unused.
+namespace resource_test {
 cuda::stream_ref stream(std::uintptr_t n) { return cuda::stream_ref(reinterpret_cast<cudaStream_t>(n)); }
 
 // The two spellings behind one call, so each test reads the same on either CCCL.
@@ -68,11 +70,18 @@ void stream_free(R& r, cuda::stream_ref s, void* p, std::size_t bytes) {
 // An upstream whose failures the test picks.
 struct Flaky {
     BudgetResource<Sim> inner;
-    int* mode;  // 0: pass, 1: std::bad_alloc, 2: a logic_error (not an OOM), 3: cuda::cuda_error status 2
+    int* mode;  // 0: pass, 1: a host std::bad_alloc, 2: a logic_error, 3: cuda::cuda_error status 2,
+                // 4: a sticky cuda::cuda_error, 5: oomguard's own out_of_memory (a budget upstream)
     void* go(std::size_t bytes) {
         if (*mode == 1) throw std::bad_alloc();
         if (*mode == 2) throw std::logic_error("upstream bug");
         if (*mode == 3) throw cuda::cuda_error(cudaErrorMemoryAllocation, "pool exhausted");
+        if (*mode == 4) throw cuda::cuda_error(cudaErrorIllegalAddress, "an illegal address");
+        if (*mode == 5) {
+            oom_info i;
+            i.requested = bytes;
+            throw out_of_memory(i);
+        }
         return sync_alloc(inner, bytes);
     }
 #if OOMGUARD_CCCL_MR_STREAM_FIRST
@@ -90,7 +99,8 @@ struct Flaky {
     bool operator!=(Flaky const& o) const noexcept { return inner != o.inner; }
     friend constexpr void get_property(Flaky const&, cuda::mr::device_accessible) noexcept {}
 };
-}  // namespace
+}  // namespace resource_test
+using namespace resource_test;
 
 TEST_CASE("BudgetResource: the budget's accounting and typed errors behind cuda::mr, both ways of allocating") {
     Sim sim(1, 64 * KiB);
@@ -141,17 +151,20 @@ TEST_CASE("BudgetResource over pending frees: the device OOM, then a synchronize
     Sim sim(1, 8 * KiB);
     MemoryBudget<Sim> budget(sim, 0);
     BudgetResource<Sim> res(budget);
-    void* a = stream_alloc(res, stream(1), 6 * KiB);
+    void* a = stream_alloc(res, stream(1), 6 * KiB);  // cudaStreamLegacy: the simulator's default stream, 0
     stream_free(res, stream(1), a, 6 * KiB);
+    CHECK(sim.pending_bytes(0, 0) == 6 * KiB);
     try {
-        (void)stream_alloc(res, stream(2), 4 * KiB);
+        (void)stream_alloc(res, stream(4), 4 * KiB);
         FAIL("expected out_of_memory");
     } catch (out_of_memory const& e) {
         CHECK(e.info().source == oom_source::device);
     }
-    REQUIRE(sim.synchronize_stream(0, 1).ok());
-    void* b = stream_alloc(res, stream(2), 4 * KiB);
-    stream_free(res, stream(2), b, 4 * KiB);
+    void* c = stream_alloc(res, stream(0), 4 * KiB);  // the same stream as cudaStreamLegacy: reuses it at once
+    stream_free(res, stream(0), c, 4 * KiB);
+    REQUIRE(sim.synchronize_stream(0, 0).ok());
+    void* b = stream_alloc(res, stream(4), 4 * KiB);
+    stream_free(res, stream(4), b, 4 * KiB);
     REQUIRE(sim.synchronize(0).ok());
     CHECK(sim.live_bytes() == 0);
 }
@@ -160,9 +173,11 @@ TEST_CASE("BudgetAdaptor: a cap in front of any upstream; the upstream's OOMs ty
     Sim sim(1, 1024 * KiB);
     MemoryBudget<Sim> unlimited(sim, 0);
     int mode = 0;
-    BudgetAdaptor<Flaky> capped(Flaky{BudgetResource<Sim>(unlimited), &mode}, Limit::bytes(8 * KiB));
+    BudgetAdaptor<Flaky> capped(Flaky{BudgetResource<Sim>(unlimited), &mode}, Limit::bytes(8 * KiB), 64 * KiB,
+                                /*granularity=*/256);
     BudgetAdaptor<Flaky> same = capped;
     CHECK(capped == same);
+    CHECK(BudgetAdaptor<Flaky>(Flaky{BudgetResource<Sim>(unlimited), &mode}, Limit::bytes(1)).granularity() == 512);
     void* a = sync_alloc(capped, 1);  // counted as 256
     CHECK(capped.budget().used() == 256);
     void* b = stream_alloc(same, stream(3), 7 * KiB + 700);  // 7936 counted: exactly at the cap, through a copy
@@ -174,33 +189,54 @@ TEST_CASE("BudgetAdaptor: a cap in front of any upstream; the upstream's OOMs ty
     } catch (out_of_memory const& e) {
         CHECK(e.info().source == oom_source::budget);
         CHECK(std::string(e.what()).find("held under this budget of 8.00 KiB") != std::string::npos);
+        CHECK(e.info().free == 56 * KiB);  // the capacity given, less what the budget holds
     }
     CHECK(capped.budget().denials() == 1);
     stream_free(same, stream(3), b, 7 * KiB + 700);
     CHECK(capped.budget().peak() == 8 * KiB);
 
-    mode = 1;  // the upstream is out of memory: typed, the cap's bytes back
+    mode = 3;  // the upstream is out of memory (CCCL's cuda_error, status 2): typed, the cap's bytes back
     try {
-        (void)sync_alloc(capped, 4096);
+        (void)stream_alloc(capped, stream(3), 4096);
         FAIL("expected out_of_memory");
     } catch (out_of_memory const& e) {
         CHECK(e.info().source == oom_source::device);
-        CHECK(std::string(e.what()).find("The upstream resource said: std::bad_alloc") != std::string::npos);
+        std::string w = e.what();
+        CHECK(w.find("The upstream resource said: ") != std::string::npos);
+        CHECK(w.find("pool exhausted") != std::string::npos);
     }
-    mode = 3;  // CCCL's cuda_error with status 2 is a device OOM by its type
-    CHECK_THROWS_AS(stream_alloc(capped, stream(3), 4096), out_of_memory);
+    mode = 5;  // oomguard's own, from a budget behind: passes as it is
+    CHECK_THROWS_AS(sync_alloc(capped, 4096), out_of_memory);
     CHECK(capped.budget().device_ooms() == 2);
+    mode = 1;  // a host std::bad_alloc is no device OOM: passes through unchanged
+    try {
+        (void)sync_alloc(capped, 4096);
+        FAIL("expected std::bad_alloc");
+    } catch (out_of_memory const&) {
+        FAIL("a host bad_alloc was typed as a device OOM");
+    } catch (std::bad_alloc const&) {
+    }
+    mode = 4;  // a sticky CUDA error: unchanged, never an OOM to retry
+    CHECK_THROWS_AS(sync_alloc(capped, 4096), cuda::cuda_error);
     mode = 2;  // not an OOM: passes through as it was thrown
     CHECK_THROWS_WITH_AS(sync_alloc(capped, 4096), "upstream bug", std::logic_error);
+    CHECK(capped.budget().device_ooms() == 2);
     CHECK(capped.budget().used() == 256);
-    CHECK(capped.budget().peak() == 8 * KiB);  // the refused requests were never held
+    CHECK(capped.budget().allocations() == 2);  // the failed requests left no count behind
+    CHECK(capped.budget().peak() == 8 * KiB);   // nor a peak: they were never held
+    // A request no cap could hold is a counted refusal, not a wrap.
+    std::size_t const denials = capped.budget().denials();
+    CHECK_THROWS_AS(sync_alloc(capped, std::numeric_limits<std::size_t>::max() - 100), out_of_memory);
+    CHECK(capped.budget().denials() == denials + 1);
     mode = 0;
     sync_free(capped, a, 1);
     CHECK(capped.budget().used() == 0);
     CHECK(unlimited.used() == 0);
-    // A fraction needs the capacity it is a fraction of.
-    CHECK_THROWS_AS(BudgetAdaptor<Flaky>(Flaky{BudgetResource<Sim>(unlimited), &mode}, Limit::fraction(0.5)),
-                    cuda_error);
+    // A fraction needs the capacity it is a fraction of; the granularity is a power of two.
+    CHECK_THROWS_WITH_AS(BudgetAdaptor<Flaky>(Flaky{BudgetResource<Sim>(unlimited), &mode}, Limit::fraction(0.5)),
+                         doctest::Contains("needs the device's capacity"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS(BudgetAdaptor<Flaky>(Flaky{BudgetResource<Sim>(unlimited), &mode}, Limit::bytes(1), 0, 384),
+                         doctest::Contains("granularity 384 is not a power of two"), std::invalid_argument);
     BudgetAdaptor<Flaky> half(Flaky{BudgetResource<Sim>(unlimited), &mode}, Limit::fraction(0.5), 64 * KiB);
     CHECK(half.budget().limit() == 32 * KiB);
 }

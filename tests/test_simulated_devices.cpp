@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <limits>
 #include <cstring>
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -219,4 +220,40 @@ TEST_CASE("the stream-ordered pool: a free is reusable at once on its stream, el
     CHECK(cache.release() == 512);
     CHECK(cache.releasable_bytes() == 0);
     CHECK_THROWS_AS(SimulatedPendingFrees(sim, 3), std::out_of_range);
+}
+
+TEST_CASE("cudaMalloc and stream-ordered calls from many threads never hold more than the device") {
+    constexpr std::size_t capacity = 64 * 1024;
+    SimulatedDevices sim(1, capacity);
+    std::atomic<bool> over{false};
+    std::atomic<std::size_t> successes{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t)
+        threads.emplace_back([&, t] {
+            SimulatedDevices::stream_type const s = static_cast<SimulatedDevices::stream_type>(t % 2 + 1);
+            std::uint64_t x = 12345u + static_cast<std::uint64_t>(t);
+            for (int i = 0; i < 4000; ++i) {
+                x = x * 6364136223846793005ull + 1442695040888963407ull;
+                std::size_t bytes = 1024 + (x >> 33) % (24 * 1024);
+                void* p = nullptr;
+                bool async = (x >> 20) & 1;
+                status st = async ? sim.allocate_async(&p, bytes, 0, s) : sim.allocate(&p, bytes, 0);
+                if (!st.ok()) continue;
+                successes.fetch_add(1);
+                if (sim.live_bytes(0) > capacity) over.store(true);
+                if (async) {
+                    REQUIRE(sim.deallocate_async(p, bytes, 0, s).ok());
+                    if ((x >> 40) % 8 == 0) REQUIRE(sim.synchronize_stream(0, s).ok());
+                } else {
+                    REQUIRE(sim.deallocate(p, bytes, 0).ok());
+                }
+            }
+        });
+    for (auto& th : threads) th.join();
+    CHECK_FALSE(over.load());
+    CHECK(successes.load() > 1000);
+    REQUIRE(sim.synchronize(0).ok());
+    CHECK(sim.live_bytes() == 0);
+    CHECK(sim.pending_bytes(0) == 0);
+    CHECK(sim.live_allocations() == 0);
 }

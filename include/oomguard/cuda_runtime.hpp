@@ -129,12 +129,14 @@ public:
         return on_device(device, [] { return cudaDeviceSynchronize(); });
     }
 
-    /// Returns the unused memory of the device's default pool (cudaMallocAsync)
-    /// to the driver, keeping at most `keep_bytes` reserved.
+    /// Returns the unused memory of the pool the stream-ordered calls use (the
+    /// one given at construction, else the device's default pool) to the
+    /// driver, keeping at most `keep_bytes` reserved. (The *_default_pool names
+    /// predate pools of one's own: they act on that same pool.)
     status trim_default_pool(int device, std::size_t keep_bytes) noexcept {
         return on_device(device, [&] {
-            cudaMemPool_t pool = nullptr;
-            cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, device);
+            cudaMemPool_t pool = pool_;
+            cudaError_t e = pool != nullptr ? cudaSuccess : cudaDeviceGetDefaultMemPool(&pool, device);
             return e != cudaSuccess ? e : cudaMemPoolTrimTo(pool, keep_bytes);
         });
     }
@@ -142,8 +144,8 @@ public:
     /// Bytes the default pool holds from the driver, and how many of them are in use.
     status default_pool_usage(int device, std::size_t* reserved, std::size_t* used) noexcept {
         return on_device(device, [&] {
-            cudaMemPool_t pool = nullptr;
-            cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, device);
+            cudaMemPool_t pool = pool_;
+            cudaError_t e = pool != nullptr ? cudaSuccess : cudaDeviceGetDefaultMemPool(&pool, device);
             std::uint64_t r = 0, u = 0;
             if (e == cudaSuccess) e = cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &r);
             if (e == cudaSuccess) e = cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemCurrent, &u);
@@ -157,8 +159,8 @@ public:
     /// of returning it to the driver (cudaMemPoolAttrReleaseThreshold).
     status set_default_pool_release_threshold(int device, std::size_t bytes) noexcept {
         return on_device(device, [&] {
-            cudaMemPool_t pool = nullptr;
-            cudaError_t e = cudaDeviceGetDefaultMemPool(&pool, device);
+            cudaMemPool_t pool = pool_;
+            cudaError_t e = pool != nullptr ? cudaSuccess : cudaDeviceGetDefaultMemPool(&pool, device);
             std::uint64_t v = bytes;
             return e != cudaSuccess ? e : cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &v);
         });

@@ -205,8 +205,10 @@ public:
     template <class B = Backend, std::enable_if_t<is_stream_ordered_v<B>, int> = 0>
     void* allocate_async(std::size_t bytes, typename B::stream_type stream) {
         if (bytes == 0) return nullptr;
-        if (bytes > max_limit - B::async_granularity)  // no cap holds it
+        if (bytes > max_limit - B::async_granularity) {  // no cap holds it
+            note_denial();
             throw out_of_memory(denial(bytes, oom_source::budget, status{}));
+        }
         std::size_t const counted = async_bytes(bytes);
         std::size_t now = 0;
         if (!take(counted, count_one, now)) throw out_of_memory(denial(bytes, oom_source::budget, status{}));
@@ -258,7 +260,11 @@ public:
     /// allocation succeeded, or give the bytes back with release() (and count the
     /// allocator's refusal with note_device_oom()): the peak counts only what was held.
     bool try_account(std::size_t bytes, std::size_t& held) noexcept { return take(bytes, count_one, held); }
+    /// Undoes a try_account whose allocation failed: the bytes and the count.
+    void cancel_account(std::size_t bytes) noexcept { give_back(bytes, count_one); }
     void note_device_oom() noexcept { device_ooms_.fetch_add(1, std::memory_order_relaxed); }
+    /// Counts a refusal made without asking the cap (a request no cap could hold).
+    void note_denial() noexcept { denials_.fetch_add(1, std::memory_order_relaxed); }
 
     /// Like try_reserve, but returns an RAII Reservation or throws out_of_memory.
     Reservation<Backend> reserve(std::size_t bytes);

@@ -25,6 +25,9 @@
 #include <oomguard/memory_budget.hpp>
 
 #if !defined(LIBCUDACXX_ENABLE_EXPERIMENTAL_MEMORY_RESOURCE)
+#if defined(_CUDA_MEMORY_RESOURCE)
+#error "oomguard: <cuda/memory_resource> was included before <oomguard/resource.hpp> without LIBCUDACXX_ENABLE_EXPERIMENTAL_MEMORY_RESOURCE, so CCCL 3.0 left cuda::mr out: include oomguard's header first, or define the macro on the command line"
+#endif
 #define LIBCUDACXX_ENABLE_EXPERIMENTAL_MEMORY_RESOURCE  // CCCL 3.0 keeps cuda::mr behind it; later ones ignore it
 #endif
 #include <cuda/memory_resource>
@@ -79,10 +82,13 @@ inline OomRuleRegistration const cccl_oom_rule{&is_cccl_oom};
 
 template <class Backend>
 typename Backend::stream_type to_backend_stream(::cuda::stream_ref s) noexcept {
-    if constexpr (std::is_pointer<typename Backend::stream_type>::value)
+    if constexpr (std::is_pointer<typename Backend::stream_type>::value) {
         return reinterpret_cast<typename Backend::stream_type>(s.get());
-    else  // the simulator's streams are numbers: the stream's handle is its number
-        return static_cast<typename Backend::stream_type>(reinterpret_cast<std::uintptr_t>(s.get()));
+    } else {  // the simulator's streams are numbers: the stream's handle is its number,
+        // and cudaStreamLegacy (1) is the default stream (0), as in CUDA
+        auto n = reinterpret_cast<std::uintptr_t>(s.get());
+        return static_cast<typename Backend::stream_type>(n == 1 ? 0 : n);
+    }
 }
 }  // namespace detail
 
@@ -146,16 +152,22 @@ private:
 
 /// The backend a BudgetAdaptor's budget counts against: it allocates nothing
 /// itself (the upstream does), and knows the device only by the capacity it
-/// is given (0: unknown, so only a byte cap can be resolved).
+/// is given (0: unknown -- only a byte cap can be resolved, and OOM messages
+/// leave the device's figures out). Free is the capacity less what the budget holds.
 class UpstreamAccounting {
 public:
     static constexpr char const* backend_name = "upstream resource";
     explicit UpstreamAccounting(std::size_t capacity = 0) noexcept : capacity_(capacity) {}
+    void watch(std::size_t (*held)(void const*), void const* budget) noexcept {
+        held_ = held;
+        budget_ = budget;
+    }
     status allocate(void**, std::size_t, int) noexcept { return no_call(); }
     status deallocate(void*, std::size_t, int) noexcept { return no_call(); }
     status memory_info(int, std::size_t* free, std::size_t* total) noexcept {
         if (capacity_ == 0) return no_call();
-        *free = capacity_;  // as far as the accounting knows: the budget tracks what is held
+        std::size_t held = held_ != nullptr ? held_(budget_) : 0;
+        *free = held < capacity_ ? capacity_ - held : 0;
         *total = capacity_;
         return status::success();
     }
@@ -173,28 +185,46 @@ public:
 private:
     static status no_call() noexcept { return {status_kind::other, 801, "cudaErrorNotSupported"}; }
     std::size_t capacity_;
+    std::size_t (*held_)(void const*) = nullptr;
+    void const* budget_ = nullptr;
 };
 
 /// A budget in front of any upstream cuda::mr resource (held by value: give a
 /// resource_ref or a shared handle for one that must not be copied). Each
-/// request takes `bytes` rounded up to 256 from the cap first -- one CAS, no
-/// lock -- and a refusal is an out_of_memory naming the cap and what is held;
-/// an upstream failure that is a device OOM (a bad_alloc, rmm::out_of_memory,
-/// a cuda::cuda_error of status 2) becomes an out_of_memory too, and any other
-/// exception passes through unchanged. Copies share the budget.
+/// request takes `bytes` rounded up to `granularity` from the cap first -- one
+/// CAS, no lock -- and a refusal is an out_of_memory naming the cap and what is
+/// held. An upstream failure that is a device OOM (rmm::out_of_memory, a
+/// cuda::cuda_error of status 2, CUDA's error names: is_device_oom) becomes an
+/// out_of_memory with the budget's figures; one that is already oomguard's
+/// passes as it is; any other exception -- a sticky CUDA error, a host
+/// std::bad_alloc, rmm::bad_alloc -- passes through unchanged. Copies share the
+/// budget; two adaptors are equal when they share it and their upstreams are equal.
 template <class Upstream>
 class BudgetAdaptor {
 public:
-    /// `cap` in bytes (Limit::bytes), or a fraction/headroom of `capacity` when that is given.
-    BudgetAdaptor(Upstream upstream, Limit cap, std::size_t capacity = 0)
-        : upstream_(std::move(upstream)), state_(std::make_shared<State>(cap, capacity)) {}
+    /// `cap` in bytes (Limit::bytes), or a fraction/headroom of `capacity`, which
+    /// it then needs. `granularity` (a power of two): what the upstream takes for
+    /// any request; 512 for CUDA's stream-ordered pool, whose blocks are that
+    /// large, 256 for cudaMalloc.
+    BudgetAdaptor(Upstream upstream, Limit cap, std::size_t capacity = 0, std::size_t granularity = 512)
+        : upstream_(std::move(upstream)), granularity_(granularity) {
+        if (granularity == 0 || (granularity & (granularity - 1)) != 0 || granularity > (std::size_t{1} << 30))
+            detail::throw_invalid(detail::Message() << "oomguard: BudgetAdaptor: granularity " << granularity
+                                                    << " is not a power of two up to 1 GiB (512 for CUDA's pool)");
+        if (cap.type() != Limit::kind::bytes && cap.type() != Limit::kind::unlimited && capacity == 0)
+            detail::throw_invalid("oomguard: BudgetAdaptor: a fraction or headroom cap needs the device's "
+                                  "capacity (the third argument); or give Limit::bytes");
+        state_ = std::make_shared<State>(cap, capacity);
+    }
 
     /// The budget: used(), peak(), denials(), for a Report, for measure_with.
     MemoryBudget<UpstreamAccounting>& budget() const noexcept { return state_->budget; }
     Upstream& upstream() noexcept { return upstream_; }
+    std::size_t granularity() const noexcept { return granularity_; }
 
-    static constexpr std::size_t counted(std::size_t bytes) noexcept {
-        return (bytes + detail::resource_alignment - 1) / detail::resource_alignment * detail::resource_alignment;
+    /// What the budget counts for a request of `bytes`.
+    std::size_t counted(std::size_t bytes) const noexcept {
+        return (bytes + granularity_ - 1) / granularity_ * granularity_;
     }
 
 #if OOMGUARD_CCCL_MR_STREAM_FIRST
@@ -230,23 +260,30 @@ public:
     }
 #endif
 
-    bool operator==(BudgetAdaptor const& o) const noexcept { return state_ == o.state_; }
-    bool operator!=(BudgetAdaptor const& o) const noexcept { return state_ != o.state_; }
+    bool operator==(BudgetAdaptor const& o) const noexcept {
+        return state_ == o.state_ && upstream_ == o.upstream_;
+    }
+    bool operator!=(BudgetAdaptor const& o) const noexcept { return !(*this == o); }
     friend constexpr void get_property(BudgetAdaptor const&, ::cuda::mr::device_accessible) noexcept {}
 
 private:
     struct State {
         UpstreamAccounting accounting;
         MemoryBudget<UpstreamAccounting> budget;
-        State(Limit cap, std::size_t capacity) : accounting(capacity), budget(accounting, 0, cap) {}
+        State(Limit cap, std::size_t capacity) : accounting(capacity), budget(accounting, 0, cap) {
+            accounting.watch([](void const* b) { return static_cast<MemoryBudget<UpstreamAccounting> const*>(b)->used(); },
+                             &budget);
+        }
     };
 
     template <class F>
     void* guarded(std::size_t bytes, std::size_t alignment, F&& upstream_allocate) {
         detail::check_alignment(alignment, "BudgetAdaptor");
         MemoryBudget<UpstreamAccounting>& b = state_->budget;
-        if (bytes > MemoryBudget<UpstreamAccounting>::max_limit - detail::resource_alignment)
+        if (bytes > MemoryBudget<UpstreamAccounting>::max_limit - granularity_) {  // no cap holds it
+            b.note_denial();
             throw out_of_memory(b.denial(bytes, oom_source::budget, status{}));
+        }
         std::size_t const c = counted(bytes);
         std::size_t held = 0;
         if (!b.try_account(c, held)) throw out_of_memory(b.denial(bytes, oom_source::budget, status{}));
@@ -254,9 +291,13 @@ private:
             void* p = upstream_allocate();
             b.raise_peak(held);
             return p;
+        } catch (out_of_memory const&) {  // oomguard's own, from a budget upstream: as it is
+            b.cancel_account(c);
+            b.note_device_oom();
+            throw;
         } catch (std::exception const& e) {
-            b.release(c);
-            if (!is_device_oom(e) && dynamic_cast<std::bad_alloc const*>(&e) == nullptr) throw;  // not ours to type
+            b.cancel_account(c);
+            if (!is_device_oom(e)) throw;  // a sticky error, a host bad_alloc: not ours to type
             b.note_device_oom();
             oom_info i = b.denial(bytes, oom_source::device, status{status_kind::out_of_memory, 2,
                                                                    "cudaErrorMemoryAllocation"});
@@ -264,12 +305,13 @@ private:
             m << " The upstream resource said: " << e.what();
             throw out_of_memory(i, m);
         } catch (...) {
-            b.release(c);
+            b.cancel_account(c);
             throw;
         }
     }
 
     Upstream upstream_;
+    std::size_t granularity_;
     std::shared_ptr<State> state_;
 };
 

@@ -33,7 +33,20 @@ inline OomRuleRegistration const rmm_oom_rule{&is_rmm_oom};
 /// (nullptr: CacheRegistry::global()) and asks for one retry when that freed
 /// something -- RMM's "release, then retry", with oomguard's caches.
 ///   rmm::mr::failure_callback_resource_adaptor<std::bad_alloc> mr(upstream, oomguard::release_caches_and_retry, nullptr);
-inline bool release_caches_and_retry(std::size_t /*bytes*/, void* arg) {
+/// RMM retries for as long as the callback says so: this one says so at most
+/// `max_retries` (3) times in a row for the same request size on a thread, so a
+/// cache that refills itself cannot loop forever.
+inline bool release_caches_and_retry(std::size_t bytes, void* arg) {
+    constexpr int max_retries = 3;
+    thread_local std::size_t last_bytes = 0;
+    thread_local int in_a_row = 0;
+    in_a_row = bytes == last_bytes ? in_a_row + 1 : 1;
+    last_bytes = bytes;
+    if (in_a_row > max_retries) {
+        in_a_row = 0;
+        last_bytes = 0;
+        return false;
+    }
     CacheRegistry& reg = arg != nullptr ? *static_cast<CacheRegistry*>(arg) : CacheRegistry::global();
     return reg.release_all().bytes() > 0;
 }

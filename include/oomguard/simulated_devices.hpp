@@ -153,16 +153,10 @@ public:
             }
         }
         if (bytes == 0) return status::success();
-        // Memory freed on a stream and not yet synchronized is still the pool's.
-        std::size_t const held = d->others.load(std::memory_order_relaxed) + d->pending_total.load(std::memory_order_relaxed);
-        std::size_t cap = held >= d->capacity ? 0 : d->capacity - held;
-        std::size_t cur = d->used.load(std::memory_order_relaxed);
-        do {
-            if (bytes > cap || cur > cap - bytes) {
-                d->failures.fetch_add(1, std::memory_order_relaxed);
-                return detail::sim_oom();
-            }
-        } while (!d->used.compare_exchange_weak(cur, cur + bytes, std::memory_order_relaxed));
+        if (!take_room(*d, bytes)) {
+            d->failures.fetch_add(1, std::memory_order_relaxed);
+            return detail::sim_oom();
+        }
 
         void* p = nullptr;
         if (memory_ == SimulatedMemory::host) {
@@ -237,43 +231,44 @@ public:
             return detail::sim_oom();
         }
         std::size_t const rounded = round_async(bytes);
-        void* p = nullptr;
         {
+            // Memory this stream freed is its own to reuse at once: it counts as
+            // room for this request (a credit), and leaves the pending bytes only
+            // once the room is taken -- until then others see it as still pending,
+            // so no allocation on another stream can take it meanwhile.
             detail::SpinLock lock(d->mutex);
-            auto it = d->pending.find(stream);  // never inserts: no allocation on this path
-            std::size_t const mine = it == d->pending.end() ? 0 : it->second;
-            std::size_t const others_pending = d->pending_total.load(std::memory_order_relaxed) - mine;
-            std::size_t const cap = d->capacity - d->others.load(std::memory_order_relaxed);
-            std::size_t const busy = d->used.load(std::memory_order_relaxed) + others_pending;
-            std::size_t const reuse = mine < rounded ? mine : rounded;
-            // Fits when what this stream may use -- free memory plus its own pending -- holds it.
-            if (busy > cap || rounded > cap - busy) {
+            auto it = d->pending.find(stream);  // never inserts: no allocation under the lock
+            std::size_t const reuse = it == d->pending.end() ? 0 : (it->second < rounded ? it->second : rounded);
+            if (!take_room(*d, rounded, reuse)) {
                 d->failures.fetch_add(1, std::memory_order_relaxed);
                 return detail::sim_oom();
             }
-            if (memory_ == SimulatedMemory::host) {
-                p = ::operator new(rounded, std::align_val_t(alignment), std::nothrow);
-                if (p == nullptr) {
-                    d->failures.fetch_add(1, std::memory_order_relaxed);
-                    return detail::sim_oom();
-                }
-            } else {
-                p = reinterpret_cast<void*>(d->next_phantom.fetch_add(rounded, std::memory_order_relaxed));
-            }
-            if (track_) {
-                try {
-                    d->live.insert(p, rounded);
-                } catch (...) {
-                    if (memory_ == SimulatedMemory::host) ::operator delete(p, std::align_val_t(alignment));
-                    return detail::sim_oom();
-                }
-            }
             if (reuse != 0) {
+                d->pending_total.fetch_sub(reuse, std::memory_order_acq_rel);
                 it->second -= reuse;
                 if (it->second == 0) d->pending.erase(it);
             }
-            d->pending_total.fetch_sub(reuse, std::memory_order_relaxed);
-            d->used.fetch_add(rounded, std::memory_order_relaxed);
+        }
+        void* p = nullptr;
+        if (memory_ == SimulatedMemory::host) {
+            p = ::operator new(rounded, std::align_val_t(alignment), std::nothrow);
+            if (p == nullptr) {  // the host ran out: as the device would say
+                d->used.fetch_sub(rounded, std::memory_order_acq_rel);
+                d->failures.fetch_add(1, std::memory_order_relaxed);
+                return detail::sim_oom();
+            }
+        } else {
+            p = reinterpret_cast<void*>(d->next_phantom.fetch_add(rounded, std::memory_order_relaxed));
+        }
+        if (track_) {
+            try {
+                detail::SpinLock lock(d->mutex);
+                d->live.insert(p, rounded);
+            } catch (...) {  // the host could not grow the map: undo, report OOM
+                if (memory_ == SimulatedMemory::host) ::operator delete(p, std::align_val_t(alignment));
+                d->used.fetch_sub(rounded, std::memory_order_acq_rel);
+                return detail::sim_oom();
+            }
         }
         d->live_count.fetch_add(1, std::memory_order_relaxed);
         *out = p;
@@ -295,9 +290,11 @@ public:
                 release_memory(*d, p, rounded);
                 return status::success();
             }
-            d->pending_total.fetch_add(rounded, std::memory_order_relaxed);
+            // Pending first, then free: a concurrent allocation that sees the lower
+            // `used` (take_room loads it first) sees the pending bytes too.
+            d->pending_total.fetch_add(rounded, std::memory_order_acq_rel);
             if (memory_ == SimulatedMemory::host) ::operator delete(p, std::align_val_t(alignment));
-            d->used.fetch_sub(rounded, std::memory_order_relaxed);
+            d->used.fetch_sub(rounded, std::memory_order_acq_rel);
             d->live_count.fetch_sub(1, std::memory_order_relaxed);
         }
         return d->sticky.load(std::memory_order_relaxed) ? detail::sim_sticky() : status::success();
@@ -557,6 +554,22 @@ private:
         }
         return status::success();
     }
+    // Takes `bytes` of the device for this process when what it holds, what other
+    // processes hold and what is pending on streams (less `credit`: pending bytes
+    // the caller may reuse) leave room; one CAS on `used`, which rereads the
+    // pending bytes each time it is retried.
+    static bool take_room(Device& d, std::size_t bytes, std::size_t credit = 0) noexcept {
+        std::size_t cur = d.used.load(std::memory_order_acquire);
+        for (;;) {
+            std::size_t const pend = d.pending_total.load(std::memory_order_acquire);
+            std::size_t const busy = d.others.load(std::memory_order_relaxed) + (pend > credit ? pend - credit : 0);
+            std::size_t const cap = busy >= d.capacity ? 0 : d.capacity - busy;
+            if (bytes > cap || cur > cap - bytes) return false;
+            if (d.used.compare_exchange_weak(cur, cur + bytes, std::memory_order_acq_rel, std::memory_order_acquire))
+                return true;
+        }
+    }
+
     void release_memory(Device& d, void* p, std::size_t bytes) noexcept {
         if (memory_ == SimulatedMemory::host) ::operator delete(p, std::align_val_t(alignment));
         d.used.fetch_sub(bytes, std::memory_order_relaxed);
