@@ -138,20 +138,9 @@ public:
     // ---- backend concept -------------------------------------------------
 
     status allocate(void** out, std::size_t bytes, int device) noexcept {
-        if (out == nullptr) return detail::sim_invalid_value();
-        *out = nullptr;
-        Device* d = find(device);
-        if (d == nullptr) return detail::sim_invalid_device();
-        if (d->sticky.load(std::memory_order_relaxed)) return detail::sim_sticky();
-        touch(*d);
-        std::uint64_t call = d->calls.fetch_add(1, std::memory_order_relaxed) + 1;
-        if (d->faults_on.load(std::memory_order_acquire)) {
-            status s = apply_faults(*d, call, bytes);
-            if (!s.ok()) {
-                d->failures.fetch_add(1, std::memory_order_relaxed);
-                return s;
-            }
-        }
+        Device* d = nullptr;
+        status const entry = enter_allocation(out, device, bytes, d);
+        if (!entry.ok()) return entry;
         if (bytes == 0) return status::success();
         if (!take_room(*d, bytes)) {
             d->failures.fetch_add(1, std::memory_order_relaxed);
@@ -211,20 +200,9 @@ public:
     // async_granularity, as the pool's own accounting does.
 
     status allocate_async(void** out, std::size_t bytes, int device, stream_type stream) noexcept {
-        if (out == nullptr) return detail::sim_invalid_value();
-        *out = nullptr;
-        Device* d = find(device);
-        if (d == nullptr) return detail::sim_invalid_device();
-        if (d->sticky.load(std::memory_order_relaxed)) return detail::sim_sticky();
-        touch(*d);
-        std::uint64_t call = d->calls.fetch_add(1, std::memory_order_relaxed) + 1;
-        if (d->faults_on.load(std::memory_order_acquire)) {
-            status s = apply_faults(*d, call, bytes);
-            if (!s.ok()) {
-                d->failures.fetch_add(1, std::memory_order_relaxed);
-                return s;
-            }
-        }
+        Device* d = nullptr;
+        status const entry = enter_allocation(out, device, bytes, d);
+        if (!entry.ok()) return entry;
         if (bytes == 0) return status::success();
         if (bytes > std::numeric_limits<std::size_t>::max() - async_granularity) {
             d->failures.fetch_add(1, std::memory_order_relaxed);
@@ -554,6 +532,26 @@ private:
         }
         return status::success();
     }
+    // The checks every allocation makes first, in cudart's order, then the fault
+    // plan; `d` is the device when they pass.
+    status enter_allocation(void** out, int device, std::size_t bytes, Device*& d) noexcept {
+        if (out == nullptr) return detail::sim_invalid_value();
+        *out = nullptr;
+        d = find(device);
+        if (d == nullptr) return detail::sim_invalid_device();
+        if (d->sticky.load(std::memory_order_relaxed)) return detail::sim_sticky();
+        touch(*d);
+        std::uint64_t call = d->calls.fetch_add(1, std::memory_order_relaxed) + 1;
+        if (d->faults_on.load(std::memory_order_acquire)) {
+            status s = apply_faults(*d, call, bytes);
+            if (!s.ok()) {
+                d->failures.fetch_add(1, std::memory_order_relaxed);
+                return s;
+            }
+        }
+        return status::success();
+    }
+
     // Takes `bytes` of the device for this process when what it holds, what other
     // processes hold and what is pending on streams (less `credit`: pending bytes
     // the caller may reuse) leave room; one CAS on `used`, which rereads the
