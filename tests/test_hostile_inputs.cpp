@@ -10,6 +10,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <string>
@@ -163,6 +164,34 @@ TEST_CASE("hostile inputs: a typed error naming the value, every time") {
          }},
         {"ThreadConsensus", Kind::invalid_argument, "at least 1 rank, got 0", [] { ThreadConsensus t(0); }},
         {"Trace::write", Kind::runtime, "/no/such/dir/t.json", [] { Trace t("/no/such/dir/t.json"); t.write(); }},
+        {"Trace (opened when made)", Kind::runtime, "cannot open '/no/such/dir/u.json'",
+         [] { Trace t("/no/such/dir/u.json"); }},
+        {"parse_size fractional bytes", Kind::config, "bad value '1.5' for --device-memory",
+         [] { parse_size("1.5", "--device-memory"); }},
+        {"parse_limit names its flag", Kind::config, "bad value '1.5' for --budget", [] { parse_limit("1.5", "--budget"); }},
+        {"parse_precisions upward", Kind::config, "fp32 (4 bytes per value) after bf16 (2)",
+         [] { parse_precisions("bf16>fp32", "--precision"); }},
+        {"parse_policy", Kind::config, "bad value 'fast' for --policy", [] { parse_policy("fast", "--policy"); }},
+        {"BatchOptions.precisions upward", Kind::invalid_argument, "puts fp16 (2 bytes per value) after fp8 (1)",
+         [] {
+             BatchOptions o = batch(8);
+             o.precisions = {Precision::fp32, Precision::fp8, Precision::fp16};
+             AdaptiveBatch a(o);
+         }},
+        {"config_from_env names its variable", Kind::config, "OOMGUARD_HOSTILE_CONF: unknown key 'x'",
+         [] {
+             ::setenv("OOMGUARD_HOSTILE_CONF", "x=1", 1);
+             struct Unset {
+                 ~Unset() { ::unsetenv("OOMGUARD_HOSTILE_CONF"); }
+             } unset;
+             config_from_env("OOMGUARD_HOSTILE_CONF");
+         }},
+        {"MemoryBudget::allocate_async(SIZE_MAX)", Kind::oom, "tried to allocate",
+         [&] { (void)budget.allocate_async(max, 1); }},
+        {"StreamBuffer over the cap", Kind::oom, "held under this budget",
+         [&] { StreamBuffer<Sim> b(budget, std::size_t{1} << 17, 2); }},
+        {"SimulatedPendingFrees", Kind::out_of_range, "simulated device 5 does not exist",
+         [&] { SimulatedPendingFrees c(gpus, 5); }},
     };
     int checked = 0;
     for (auto const& c : cases) {
