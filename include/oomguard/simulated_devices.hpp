@@ -146,33 +146,7 @@ public:
             d->failures.fetch_add(1, std::memory_order_relaxed);
             return detail::sim_oom();
         }
-
-        void* p = nullptr;
-        if (memory_ == SimulatedMemory::host) {
-            p = ::operator new(bytes, std::align_val_t(alignment), std::nothrow);
-            if (p == nullptr) {  // the host itself ran out: report it as the device would
-                d->used.fetch_sub(bytes, std::memory_order_relaxed);
-                d->failures.fetch_add(1, std::memory_order_relaxed);
-                return detail::sim_oom();
-            }
-        } else {
-            std::size_t rounded = (bytes + alignment - 1) / alignment * alignment;
-            p = reinterpret_cast<void*>(d->next_phantom.fetch_add(rounded, std::memory_order_relaxed));
-        }
-        if (track_) {
-            try {
-                detail::SpinLock lock(d->mutex);
-                d->live.insert(p, bytes);
-            } catch (...) {  // the host could not grow the map: undo, report OOM
-                if (memory_ == SimulatedMemory::host)
-                    ::operator delete(p, std::align_val_t(alignment));
-                d->used.fetch_sub(bytes, std::memory_order_relaxed);
-                return detail::sim_oom();
-            }
-        }
-        d->live_count.fetch_add(1, std::memory_order_relaxed);
-        *out = p;
-        return status::success();
+        return place(*d, bytes, out);
     }
 
     status deallocate(void* p, std::size_t bytes, int device) noexcept {
@@ -227,30 +201,7 @@ public:
                 if (it->second == 0) d->pending.erase(it);
             }
         }
-        void* p = nullptr;
-        if (memory_ == SimulatedMemory::host) {
-            p = ::operator new(rounded, std::align_val_t(alignment), std::nothrow);
-            if (p == nullptr) {  // the host ran out: as the device would say
-                d->used.fetch_sub(rounded, std::memory_order_acq_rel);
-                d->failures.fetch_add(1, std::memory_order_relaxed);
-                return detail::sim_oom();
-            }
-        } else {
-            p = reinterpret_cast<void*>(d->next_phantom.fetch_add(rounded, std::memory_order_relaxed));
-        }
-        if (track_) {
-            try {
-                detail::SpinLock lock(d->mutex);
-                d->live.insert(p, rounded);
-            } catch (...) {  // the host could not grow the map: undo, report OOM
-                if (memory_ == SimulatedMemory::host) ::operator delete(p, std::align_val_t(alignment));
-                d->used.fetch_sub(rounded, std::memory_order_acq_rel);
-                return detail::sim_oom();
-            }
-        }
-        d->live_count.fetch_add(1, std::memory_order_relaxed);
-        *out = p;
-        return status::success();
+        return place(*d, rounded, out);
     }
 
     /// Frees on `stream`: the memory is pending until `stream` or the device is synchronized.
@@ -549,6 +500,37 @@ private:
                 return s;
             }
         }
+        return status::success();
+    }
+
+    // The room for `bytes` is taken: gives the block an address (host memory, or
+    // a phantom one) and records it. When the host fails either, the room goes
+    // back and the answer is an OOM, as the device would give.
+    status place(Device& d, std::size_t bytes, void** out) noexcept {
+        void* p = nullptr;
+        if (memory_ == SimulatedMemory::host) {
+            p = ::operator new(bytes, std::align_val_t(alignment), std::nothrow);
+            if (p == nullptr) {
+                d.used.fetch_sub(bytes, std::memory_order_acq_rel);
+                d.failures.fetch_add(1, std::memory_order_relaxed);
+                return detail::sim_oom();
+            }
+        } else {
+            std::size_t rounded = (bytes + alignment - 1) / alignment * alignment;
+            p = reinterpret_cast<void*>(d.next_phantom.fetch_add(rounded, std::memory_order_relaxed));
+        }
+        if (track_) {
+            try {
+                detail::SpinLock lock(d.mutex);
+                d.live.insert(p, bytes);
+            } catch (...) {  // the host could not grow the map
+                if (memory_ == SimulatedMemory::host) ::operator delete(p, std::align_val_t(alignment));
+                d.used.fetch_sub(bytes, std::memory_order_acq_rel);
+                return detail::sim_oom();
+            }
+        }
+        d.live_count.fetch_add(1, std::memory_order_relaxed);
+        *out = p;
         return status::success();
     }
 
