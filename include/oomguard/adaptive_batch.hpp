@@ -900,7 +900,7 @@ private:
                 continue;
             }
             AttemptRecord const& a = history[k];
-            m << " [m=" << a.plan.micro_batch << ' ' << to_string(a.plan.precision) << " GPU " << a.plan.device;
+            m << " [" << detail::plan_text(a.plan).view();
             if (a.in_commit)
                 m << ", the commit failed";
             else if (a.peer)

@@ -81,6 +81,15 @@ struct Plan {
     int device = 0;
 };
 
+namespace detail {
+/// "m=64 bf16 GPU 0": a plan as reports, traces and give-up messages write it.
+inline Message plan_text(Plan const& p) noexcept {
+    Message m;
+    m << "m=" << p.micro_batch << ' ' << to_string(p.precision) << " GPU " << p.device;
+    return m;
+}
+}  // namespace detail
+
 inline bool operator==(Plan const& a, Plan const& b) noexcept {
     return a.micro_batch == b.micro_batch && a.precision_index == b.precision_index && a.device == b.device;
 }

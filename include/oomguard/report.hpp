@@ -154,10 +154,10 @@ public:
         t += line;
         for (auto const& w : workloads_) {
             auto const& c = w->batch->counters();
-            std::snprintf(line, sizeof line, "  %-8.8s %8zu %8zu %6zu %7zu %7zu %9zu %9zu %7zu %8zu  %s\n",
+            std::snprintf(line, sizeof line, "  %-8.8s %8zu %8zu %6zu %7zu %7zu %9zu %9zu %7zu %8zu  %.63s\n",
                           w->label.c_str(), c.global_batches, c.micro_batches, c.ooms, c.retries_same, c.shrinks,
                           c.precision_changes, c.failovers, c.grow_backs, c.give_ups,
-                          plan_text(w->batch->plan()).c_str());
+                          detail::plan_text(w->batch->plan()).c_str());
             t += line;
         }
         t += "caches released\n";
@@ -176,9 +176,9 @@ public:
                 t += line;
                 break;
             }
-            std::snprintf(line, sizeof line, "  %-8.8s batch %-6zu attempt %-3u %-16s %s -> %s\n", ch.workload.c_str(),
-                          ch.batch, ch.attempt, change_name(ch.kind), plan_text(ch.from).c_str(),
-                          plan_text(ch.to).c_str());
+            std::snprintf(line, sizeof line, "  %-8.8s batch %-6zu attempt %-3u %-16s %.63s -> %.63s\n", ch.workload.c_str(),
+                          ch.batch, ch.attempt, change_name(ch.kind), detail::plan_text(ch.from).c_str(),
+                          detail::plan_text(ch.to).c_str());
             t += line;
         }
         return t;
@@ -273,11 +273,6 @@ private:
 
     static char const* change_name(BatchEventKind k) noexcept {
         return k == BatchEventKind::commit ? "probe" : to_string(k);
-    }
-    static std::string plan_text(Plan const& p) {
-        char buf[64];
-        std::snprintf(buf, sizeof buf, "m=%zu %s GPU %d", p.micro_batch, to_string(p.precision), p.device);
-        return buf;
     }
     static std::string plan_json(Plan const& p) {
         return "{\"micro_batch\": " + std::to_string(p.micro_batch) + ", \"precision\": \"" + to_string(p.precision) +

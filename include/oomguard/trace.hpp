@@ -156,11 +156,6 @@ private:
         std::snprintf(buf, sizeof buf, "%.3f", v);
         return buf;
     }
-    static std::string plan_text(Plan const& p) {
-        char buf[64];
-        std::snprintf(buf, sizeof buf, "m=%zu %s GPU %d", p.micro_batch, to_string(p.precision), p.device);
-        return buf;
-    }
 
     static void on_event(BatchEvent const& e, void* user) {
         auto* w = static_cast<Workload*>(user);
@@ -206,16 +201,14 @@ private:
                              "\"offset\": " + std::to_string(e.offset) + ", \"size\": " + std::to_string(e.size) +
                                  ", \"attempt\": " + std::to_string(e.attempt));
                 }
-                char buf[200];
+                detail::Message d = detail::plan_text(e.to);
                 if (e.size != 0)
-                    std::snprintf(buf, sizeof buf, "%s, samples [%zu, %zu), attempt %u: asked for %zu bytes", plan_text(e.to).c_str(),
-                                  e.offset, e.offset + e.size, e.attempt, e.bytes);
+                    d << ", samples [" << e.offset << ", " << e.offset + e.size << ")";
                 else
-                    std::snprintf(buf, sizeof buf, "%s, in the commit, attempt %u: asked for %zu bytes",
-                                  plan_text(e.to).c_str(), e.attempt, e.bytes);
-                std::string d = buf;
-                if (known) d += " holding " + std::to_string(e.held);
-                t->instant(w->label + ": oom_caught", d);
+                    d << ", in the commit";
+                d << ", attempt " << e.attempt << ": asked for " << e.bytes << " bytes";
+                if (known) d << " holding " << e.held;
+                t->instant(w->label + ": oom_caught", d.c_str());
                 // The demand that failed: the spike the samples between steps never see.
                 if (known && e.bytes != oom_info::unknown) t->peak(e.to.device, ts, e.held + e.bytes);
                 t->sample();
@@ -223,10 +216,9 @@ private:
             }
             default: break;
         }
-        char buf[200];
-        std::snprintf(buf, sizeof buf, "%s -> %s, %zu bytes, attempt %u", plan_text(e.from).c_str(),
-                      plan_text(e.to).c_str(), e.bytes, e.attempt);
-        t->instant(w->label + ": " + to_string(e.kind), buf);
+        detail::Message d = detail::plan_text(e.from);
+        d << " -> " << detail::plan_text(e.to).view() << ", " << e.bytes << " bytes, attempt " << e.attempt;
+        t->instant(w->label + ": " + to_string(e.kind), d.c_str());
         t->sample();
     }
 
