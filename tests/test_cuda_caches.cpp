@@ -26,6 +26,25 @@ TEST_CASE("the default pool: releasable is reserved minus used, release trims to
     CHECK(fake_cudart::pool_release_threshold(1) == 64 * MiB);
 }
 
+TEST_CASE("the default pool at CUDA's default release threshold: what the synchronization gives back counts") {
+    // Threshold 0: the synchronize that release() makes so that pending frees
+    // come back already returns every unused byte to the driver; the trim then
+    // finds nothing. Those bytes were released all the same, and adaptive_batch
+    // takes its same-size retry only when release() says it freed something.
+    fake_cudart::reset({100 * MiB});
+    fake_cudart::set_pool(0, 64 * MiB, 0);  // 64 MiB freed on a stream, not yet synchronized
+    CudaRuntime cuda;
+    CudaDefaultPoolCache pool(cuda, 0);
+    CHECK(pool.release() == 64 * MiB);
+    CHECK(fake_cudart::pool_reserved(0) == 0);
+    // With a threshold the synchronization keeps it, and the trim gives it back: the same answer.
+    fake_cudart::set_pool(0, 64 * MiB, 16 * MiB);
+    pool.set_release_threshold(128 * MiB);
+    CHECK(pool.release() == 48 * MiB);
+    CHECK(fake_cudart::pool_reserved(0) == 16 * MiB);
+    CHECK(pool.release() == 0);  // nothing left: nothing claimed
+}
+
 TEST_CASE("a sticky error during a trim is reported as a failure, not as zero bytes") {
     fake_cudart::reset({100 * MiB});
     fake_cudart::set_pool(0, 40 * MiB, 0);

@@ -27,13 +27,15 @@ public:
     }
 
     /// Synchronizes the device -- so that frees still pending on a stream are
-    /// back in the pool -- then trims it; throws cuda_error when the runtime
-    /// fails (a sticky error is reported by the registry, never taken for
-    /// "nothing to free").
+    /// back in the pool -- then trims it, and returns what the pool gave back to
+    /// the driver: counted from before the synchronization, which at CUDA's
+    /// default release threshold (0) already gives back everything unused.
+    /// Throws cuda_error when the runtime fails (a sticky error is reported by
+    /// the registry, never taken for "nothing to free").
     std::size_t release() {
         std::size_t before = 0, after = 0, used = 0;
-        check(cuda_->synchronize(device_));
         check(cuda_->default_pool_usage(device_, &before, &used));
+        check(cuda_->synchronize(device_));
         check(cuda_->trim_default_pool(device_, keep_));
         check(cuda_->default_pool_usage(device_, &after, &used));
         return before > after ? before - after : 0;

@@ -248,7 +248,13 @@ cudaError_t CUDARTAPI cudaMemGetInfo(size_t* free, size_t* total) {
 cudaError_t CUDARTAPI cudaDeviceSynchronize(void) {
     State& s = state();
     std::lock_guard<std::mutex> lock(s.m);
-    return gate(s);
+    if (cudaError_t e = gate(s)) return e;
+    // As CUDA's pool does at a synchronization: what it holds unused above its
+    // release threshold goes back to the driver (all of it at CUDA's default, 0).
+    auto d = static_cast<std::size_t>(current_device);
+    std::size_t keep = s.pool_used[d] > s.pool_threshold[d] ? s.pool_used[d] : s.pool_threshold[d];
+    if (s.pool_reserved[d] > keep) s.pool_reserved[d] = keep;
+    return cudaSuccess;
 }
 
 cudaError_t CUDARTAPI cudaGetLastError(void) {

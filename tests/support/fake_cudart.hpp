@@ -24,7 +24,8 @@ void refuse_set_device(int device, cudaError_t e);
 void set_sticky(cudaError_t e);
 
 /// What the default pool of `device` holds from the driver and uses; trimming
-/// lowers `reserved` to max(used, keep).
+/// lowers `reserved` to max(used, keep), and a synchronization of the device to
+/// max(used, release threshold), as CUDA's pool does.
 void set_pool(int device, std::size_t reserved, std::size_t used);
 std::size_t pool_reserved(int device);
 std::size_t pool_release_threshold(int device);
