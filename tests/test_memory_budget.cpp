@@ -291,6 +291,21 @@ TEST_CASE("set_limit from two threads while a third reads: the spec always match
     CHECK(mismatches.load() == 0);
 }
 
+TEST_CASE("stream-ordered: the largest request a budget can count is taken, one byte more is not") {
+    // 2^48 - 512 rounds to itself, within the largest cap (2^48 - 1); one byte
+    // more rounds to 2^48, which no budget counts: a typed refusal, not a wrap.
+    std::size_t const top = Budget::max_limit / 512 * 512;
+    SimulatedDevices sim({{std::size_t{1} << 50}}, SimulatedMemory::phantom, false);
+    Budget budget(sim, 0);
+    void* p = budget.allocate_async(top, 7);
+    CHECK(budget.used() == top);
+    budget.deallocate_async(p, top, 7);
+    CHECK(budget.used() == 0);
+    CHECK_THROWS_AS(budget.allocate_async(top + 1, 7), out_of_memory);
+    CHECK(budget.denials() == 1);
+    CHECK(budget.used() == 0);
+}
+
 TEST_CASE("stream-ordered allocation through a budget counts what the pool takes") {
     SimulatedDevices sim(1, 1 << 20);
     MemoryBudget<SimulatedDevices> budget(sim, 0, Limit::bytes(2048));

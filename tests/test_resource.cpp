@@ -241,6 +241,62 @@ TEST_CASE("BudgetAdaptor: a cap in front of any upstream; the upstream's OOMs ty
     CHECK(half.budget().limit() == 32 * KiB);
 }
 
+namespace resource_test {
+// An upstream that hands out one address and counts its calls.
+struct Counting {
+    int* calls;
+    void* go() {
+        ++*calls;
+        static unsigned char slot[512];
+        return slot;
+    }
+#if OOMGUARD_CCCL_MR_STREAM_FIRST
+    void* allocate_sync(std::size_t, std::size_t) { return go(); }
+    void deallocate_sync(void*, std::size_t, std::size_t) noexcept {}
+    void* allocate(cuda::stream_ref, std::size_t, std::size_t) { return go(); }
+    void deallocate(cuda::stream_ref, void*, std::size_t, std::size_t) noexcept {}
+#else
+    void* allocate(std::size_t, std::size_t) { return go(); }
+    void deallocate(void*, std::size_t, std::size_t) noexcept {}
+    void* allocate_async(std::size_t, std::size_t, cuda::stream_ref) { return go(); }
+    void deallocate_async(void*, std::size_t, std::size_t, cuda::stream_ref) noexcept {}
+#endif
+    bool operator==(Counting const& o) const noexcept { return calls == o.calls; }
+    bool operator!=(Counting const& o) const noexcept { return calls != o.calls; }
+    friend constexpr void get_property(Counting const&, cuda::mr::device_accessible) noexcept {}
+};
+}  // namespace resource_test
+
+TEST_CASE("BudgetAdaptor at the edges: the largest request a budget counts, and zero bytes") {
+    using Accounted = MemoryBudget<UpstreamAccounting>;
+    int calls = 0;
+    std::size_t const gib = std::size_t{1} << 30;
+    BudgetAdaptor<Counting> a(Counting{&calls}, Limit::unlimited(), 0, gib);
+    std::size_t const top = Accounted::max_limit / gib * gib;  // 2^48 - 1 GiB: rounds to itself
+    void* p = stream_alloc(a, stream(1), top);
+    CHECK(a.budget().used() == top);
+    stream_free(a, stream(1), p, top);
+    CHECK_THROWS_AS(stream_alloc(a, stream(1), top + 1), out_of_memory);  // rounds to 2^48: no budget counts it
+    CHECK(calls == 1);
+    CHECK(a.budget().denials() == 1);
+
+    // Zero bytes take nothing from the cap, even one already below what is held:
+    // the upstream answers, as a resource without a budget would.
+    BudgetAdaptor<Counting> small(Counting{&calls}, Limit::bytes(4 * KiB), 0, 512);
+    void* held = sync_alloc(small, 4 * KiB);
+    small.budget().set_limit(Limit::bytes(KiB));  // lowered below what is held
+    void* none = sync_alloc(small, 0);
+    void* none_too = stream_alloc(small, stream(2), 0);
+    CHECK(calls == 4);
+    CHECK(small.budget().allocations() == 1);
+    CHECK(small.budget().denials() == 0);
+    sync_free(small, none, 0);
+    stream_free(small, stream(2), none_too, 0);
+    sync_free(small, held, 4 * KiB);
+    CHECK(small.budget().used() == 0);
+    CHECK(small.budget().accounting_errors() == 0);
+}
+
 TEST_CASE("CCCL's cuda::cuda_error is a device OOM only with cudaErrorMemoryAllocation") {
     CHECK(is_device_oom(cuda::cuda_error(cudaErrorMemoryAllocation, "out of memory")));
     CHECK_FALSE(is_device_oom(cuda::cuda_error(cudaErrorIllegalAddress, "an illegal address")));

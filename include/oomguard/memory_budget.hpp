@@ -205,7 +205,7 @@ public:
     template <class B = Backend, std::enable_if_t<is_stream_ordered_v<B>, int> = 0>
     void* allocate_async(std::size_t bytes, typename B::stream_type stream) {
         if (bytes == 0) return nullptr;
-        if (bytes > max_limit - B::async_granularity) {  // no cap holds it
+        if (bytes > max_limit / B::async_granularity * B::async_granularity) {  // rounds past any cap
             note_denial();
             throw out_of_memory(denial(bytes, oom_source::budget, status{}));
         }
@@ -317,6 +317,11 @@ public:
         std::size_t l = limit(), u = used();
         return u >= l ? 0 : l - u;
     }
+    /// The most the budget has counted at once. A request counts from the moment
+    /// the cap grants it, so while one thread's allocation is in the backend a
+    /// block another thread frees meanwhile still counts with it: an upper bound
+    /// of what the device held at once, never below it. A request the device
+    /// refused never counts.
     std::size_t peak() const noexcept { return peak_.load(std::memory_order_relaxed); }
     /// Successful allocations through allocate().
     std::size_t allocations() const noexcept {

@@ -199,6 +199,7 @@ private:
 /// passes as it is; any other exception -- a sticky CUDA error, a host
 /// std::bad_alloc, rmm::bad_alloc -- passes through unchanged. Copies share the
 /// budget; two adaptors are equal when they share it and their upstreams are equal.
+/// A request of 0 bytes goes to the upstream and takes nothing from the cap.
 template <class Upstream>
 class BudgetAdaptor {
 public:
@@ -280,7 +281,8 @@ private:
     void* guarded(std::size_t bytes, std::size_t alignment, F&& upstream_allocate) {
         detail::check_alignment(alignment, "BudgetAdaptor");
         MemoryBudget<UpstreamAccounting>& b = state_->budget;
-        if (bytes > MemoryBudget<UpstreamAccounting>::max_limit - granularity_) {  // no cap holds it
+        if (bytes == 0) return upstream_allocate();  // takes nothing: the upstream's answer, uncounted
+        if (bytes > MemoryBudget<UpstreamAccounting>::max_limit / granularity_ * granularity_) {  // rounds past any cap
             b.note_denial();
             throw out_of_memory(b.denial(bytes, oom_source::budget, status{}));
         }
