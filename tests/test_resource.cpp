@@ -297,6 +297,78 @@ TEST_CASE("BudgetAdaptor at the edges: the largest request a budget counts, and 
     CHECK(small.budget().accounting_errors() == 0);
 }
 
+namespace resource_test {
+// A cache that always has something to give back (one that others refill), counting its releases.
+struct Bottomless {
+    int* releases;
+    std::size_t give = KiB;
+    std::size_t releasable_bytes() const { return give; }
+    std::size_t release() {
+        ++*releases;
+        return give;
+    }
+};
+}  // namespace resource_test
+
+TEST_CASE("BudgetAdaptor's release, then retry: every OOM of a run recovered, bounded per request") {
+    Sim sim(1, 16 * KiB);
+    MemoryBudget<Sim> inner(sim, 0);
+    BudgetAdaptor<BudgetResource<Sim>> a(BudgetResource<Sim>{inner}, Limit::bytes(64 * KiB));
+    CacheRegistry reg;
+    SimulatedPendingFrees pending(sim, 0);
+    auto r = reg.add("stream-ordered pool", 0, pending);
+    BudgetAdaptor<BudgetResource<Sim>> copy = a;
+    copy.release_caches_on_oom(reg, 1);  // copies share it
+    for (int step = 0; step < 6; ++step) {  // the same request, step after step: each one recovered
+        CAPTURE(step);
+        void* x = stream_alloc(a, stream(1), 12 * KiB);
+        stream_free(a, stream(1), x, 12 * KiB);  // pending on stream 1
+        void* y = stream_alloc(a, stream(2), 12 * KiB);  // the pool's OOM, the release synchronizes, the retry fits
+        stream_free(a, stream(2), y, 12 * KiB);
+        REQUIRE(sim.synchronize(0).ok());
+    }
+    CHECK(a.budget().device_ooms() == 6);
+    CHECK(a.budget().used() == 0);
+    CHECK(inner.used() == 0);
+    // Nothing pending: the release frees nothing, so no retry; the typed OOM reaches the caller.
+    void* big = stream_alloc(a, stream(1), 12 * KiB);
+    CHECK_THROWS_AS(stream_alloc(a, stream(2), 12 * KiB), out_of_memory);
+    CHECK(a.budget().device_ooms() == 7);
+    CHECK(a.budget().used() == 12 * KiB);
+    stream_free(a, stream(1), big, 12 * KiB);
+
+    // A cache that is never empty: at most max_retries releases for one request, then the typed OOM.
+    int mode = 3, releases = 0;
+    Bottomless bottomless{&releases};
+    CacheRegistry refilled;
+    auto r2 = refilled.add("refilled", 0, bottomless);
+    MemoryBudget<Sim> plenty(sim, 0);
+    BudgetAdaptor<Flaky> flaky(Flaky{BudgetResource<Sim>(plenty), &mode}, Limit::bytes(64 * KiB), 0, 256);
+    flaky.release_caches_on_oom(refilled, 3);
+    CHECK_THROWS_AS(stream_alloc(flaky, stream(1), 4 * KiB), out_of_memory);
+    CHECK(releases == 3);
+    CHECK(flaky.budget().device_ooms() == 4);  // each refusal of the upstream
+    CHECK(flaky.budget().used() == 0);
+    mode = 1;  // a host bad_alloc is no device OOM: nothing released, nothing retried
+    CHECK_THROWS_AS(stream_alloc(flaky, stream(1), 4 * KiB), std::bad_alloc);
+    mode = 4;  // nor a sticky CUDA error
+    CHECK_THROWS_AS(stream_alloc(flaky, stream(1), 4 * KiB), cuda::cuda_error);
+    CHECK(releases == 3);
+    mode = 0;
+    void* fine = sync_alloc(flaky, 4 * KiB);
+    CHECK(releases == 3);  // a success releases nothing
+    sync_free(flaky, fine, 4 * KiB);
+    flaky.release_caches_on_oom(refilled, 0);  // off
+    mode = 3;
+    CHECK_THROWS_AS(stream_alloc(flaky, stream(1), 4 * KiB), out_of_memory);
+    CHECK(releases == 3);
+    CHECK(flaky.budget().used() == 0);
+    CHECK_THROWS_WITH_AS(flaky.release_caches_on_oom(refilled, -1), doctest::Contains("max_retries -1 is outside 0..64"),
+                         std::invalid_argument);
+    CHECK_THROWS_WITH_AS(flaky.release_caches_on_oom(refilled, 65), doctest::Contains("max_retries 65"),
+                         std::invalid_argument);
+}
+
 TEST_CASE("CCCL's cuda::cuda_error is a device OOM only with cudaErrorMemoryAllocation") {
     CHECK(is_device_oom(cuda::cuda_error(cudaErrorMemoryAllocation, "out of memory")));
     CHECK_FALSE(is_device_oom(cuda::cuda_error(cudaErrorIllegalAddress, "an illegal address")));

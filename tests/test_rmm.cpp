@@ -63,8 +63,8 @@ TEST_CASE("RMM's failure callback adaptor with oomguard's caches: release, then 
     CacheRegistry reg;
     SimulatedPendingFrees pending(sim, 0);
     auto r = reg.add("stream-ordered pool", 0, pending);
-    rmm::mr::failure_callback_resource_adaptor<std::bad_alloc> retrying(BudgetResource<Sim>{budget},
-                                                                      release_caches_and_retry, &reg);
+    rmm::mr::failure_callback_resource_adaptor<out_of_memory> retrying(BudgetResource<Sim>{budget},
+                                                                     release_caches_and_retry, &reg);
     void* a = retrying.allocate(stream(1), 12 * KiB, 256);
     retrying.deallocate(stream(1), a, 12 * KiB, 256);  // pending on stream 1
     void* b = retrying.allocate(stream(2), 12 * KiB, 256);  // fails, the callback synchronizes, the retry fits
@@ -75,6 +75,69 @@ TEST_CASE("RMM's failure callback adaptor with oomguard's caches: release, then 
     // Nothing left to release: the callback says so, and oomguard's typed OOM reaches the caller.
     CHECK_THROWS_AS((void)retrying.allocate(stream(2), 32 * KiB, 256), out_of_memory);
     CHECK(sim.live_bytes() == 0);
+}
+
+TEST_CASE("RMM's failure callback adaptor: every OOM of a long run is released and retried, not only the first three") {
+    Sim sim(1, 16 * KiB);
+    MemoryBudget<Sim> budget(sim, 0);
+    CacheRegistry reg;
+    SimulatedPendingFrees pending(sim, 0);
+    auto r = reg.add("stream-ordered pool", 0, pending);
+    rmm::mr::failure_callback_resource_adaptor<out_of_memory> retrying(BudgetResource<Sim>{budget},
+                                                                     release_caches_and_retry, &reg);
+    for (int step = 0; step < 6; ++step) {  // the same request size, step after step, each recovered
+        CAPTURE(step);
+        void* a = retrying.allocate(stream(1), 12 * KiB, 256);
+        retrying.deallocate(stream(1), a, 12 * KiB, 256);  // pending on stream 1
+        void* b = retrying.allocate(stream(2), 12 * KiB, 256);  // the device OOM, a release, the retry fits
+        retrying.deallocate(stream(2), b, 12 * KiB, 256);
+        REQUIRE(sim.synchronize(0).ok());
+    }
+    CHECK(budget.device_ooms() == 6);
+    CHECK(sim.live_bytes() == 0);
+}
+
+namespace {
+// An upstream whose every allocation fails the way the test sets.
+struct Failing {
+    int* mode;  // 1: a host std::bad_alloc, 2: rmm::bad_alloc (RMM's host failure), 3: rmm::out_of_memory
+    [[noreturn]] void* fail() {
+        if (*mode == 1) throw std::bad_alloc();
+        if (*mode == 2) throw rmm::bad_alloc("a host allocation failed");
+        throw rmm::out_of_memory("the pool is exhausted");
+    }
+    void* allocate_sync(std::size_t, std::size_t) { fail(); }
+    void deallocate_sync(void*, std::size_t, std::size_t) noexcept {}
+    void* allocate(cuda::stream_ref, std::size_t, std::size_t) { fail(); }
+    void deallocate(cuda::stream_ref, void*, std::size_t, std::size_t) noexcept {}
+    bool operator==(Failing const& o) const noexcept { return mode == o.mode; }
+    bool operator!=(Failing const& o) const noexcept { return mode != o.mode; }
+    friend constexpr void get_property(Failing const&, cuda::mr::device_accessible) noexcept {}
+};
+// A cache that always has something to give back, and counts how often it is asked.
+struct Bottomless {
+    int* releases;
+    std::size_t releasable_bytes() const { return KiB; }
+    std::size_t release() {
+        ++*releases;
+        return KiB;
+    }
+};
+}  // namespace
+
+TEST_CASE("RMM's failure callback adaptor keyed on oomguard's out_of_memory: only device OOMs release and retry") {
+    int mode = 1, releases = 0;
+    CacheRegistry reg;
+    Bottomless cache{&releases};
+    auto r = reg.add("always something", 0, cache);
+    BudgetAdaptor<Failing> capped(Failing{&mode}, Limit::bytes(64 * KiB));
+    rmm::mr::failure_callback_resource_adaptor<out_of_memory> retrying(capped, release_caches_and_retry, &reg);
+    CHECK_THROWS_AS((void)retrying.allocate(stream(1), KiB, 256), std::bad_alloc);  // a host failure: as it was
+    mode = 2;
+    CHECK_THROWS_AS((void)retrying.allocate(stream(1), KiB, 256), rmm::bad_alloc);
+    CHECK(releases == 0);  // neither released a cache nor was retried
+    CHECK(capped.budget().device_ooms() == 0);
+    CHECK(capped.budget().used() == 0);
 }
 
 TEST_CASE("RMM's limiting adaptor and oomguard's budget: each refusal says whose it is") {

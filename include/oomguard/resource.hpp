@@ -10,15 +10,16 @@
 //
 // Both are synchronous and stream-ordered resources with the device_accessible
 // property, copyable (copies share the budget), equal when they share it, and
-// throw oomguard's typed out_of_memory -- a std::bad_alloc, so RMM's
-// failure_callback_resource_adaptor<..., std::bad_alloc> and code that catches
-// bad_alloc keep working. Both spellings of the interface are provided, chosen
+// throw oomguard's typed out_of_memory -- a std::bad_alloc, so code that catches
+// bad_alloc keeps working, and RMM's failure_callback_resource_adaptor keyed on
+// oomguard::out_of_memory retries device OOMs and nothing else. Both spellings of the interface are provided, chosen
 // by CCCL_VERSION: CCCL 3.0 as shipped with CUDA 13.0 (experimental:
 // allocate(bytes, alignment), allocate_async(bytes, alignment, stream)) and
 // CCCL >= 3.1 (allocate_sync(bytes, alignment), allocate(stream, bytes, alignment)).
 // Alignments up to 256 bytes (what cudaMalloc and the pools guarantee) are honoured.
 #pragma once
 
+#include <oomguard/cache_registry.hpp>
 #include <oomguard/classify.hpp>
 #include <oomguard/cuda_runtime.hpp>
 #include <oomguard/errors.hpp>
@@ -33,6 +34,7 @@
 #include <cuda/memory_resource>
 #include <cuda/stream_ref>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -228,6 +230,22 @@ public:
         return (bytes + granularity_ - 1) / granularity_ * granularity_;
     }
 
+    /// "Release, then retry" for every request through this adaptor and its
+    /// copies: when the upstream runs out of memory, the caches of `registry` are
+    /// released and the upstream asked again -- while a release frees something,
+    /// and at most `max_retries` times for one request (0 turns it off). Each
+    /// refusal of the upstream counts in budget().device_ooms(). Unlike a callback
+    /// of RMM's failure_callback_resource_adaptor, which cannot tell one
+    /// request's retries from the next request's, the bound is per request.
+    /// Throws std::invalid_argument for `max_retries` outside 0..64.
+    void release_caches_on_oom(CacheRegistry& registry, int max_retries = 2) {
+        if (max_retries < 0 || max_retries > 64)
+            detail::throw_invalid(detail::Message() << "oomguard: BudgetAdaptor::release_caches_on_oom: max_retries "
+                                                    << max_retries << " is outside 0..64");
+        state_->max_retries.store(max_retries, std::memory_order_relaxed);
+        state_->registry.store(&registry, std::memory_order_release);
+    }
+
 #if OOMGUARD_CCCL_MR_STREAM_FIRST
     void* allocate_sync(std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
         return guarded(bytes, alignment, [&] { return upstream_.allocate_sync(bytes, alignment); });
@@ -271,6 +289,8 @@ private:
     struct State {
         UpstreamAccounting accounting;
         MemoryBudget<UpstreamAccounting> budget;
+        std::atomic<CacheRegistry*> registry{nullptr};  // release_caches_on_oom
+        std::atomic<int> max_retries{0};
         State(Limit cap, std::size_t capacity) : accounting(capacity), budget(accounting, 0, cap) {
             accounting.watch([](void const* b) { return static_cast<MemoryBudget<UpstreamAccounting> const*>(b)->used(); },
                              &budget);
@@ -289,27 +309,43 @@ private:
         std::size_t const c = counted(bytes);
         std::size_t held = 0;
         if (!b.try_account(c, held)) throw out_of_memory(b.denial(bytes, oom_source::budget, status{}));
-        try {
-            void* p = upstream_allocate();
-            b.raise_peak(held);
-            return p;
-        } catch (out_of_memory const&) {  // oomguard's own, from a budget upstream: as it is
-            b.cancel_account(c);
-            b.note_device_oom();
-            throw;
-        } catch (std::exception const& e) {
-            b.cancel_account(c);
-            if (!is_device_oom(e)) throw;  // a sticky error, a host bad_alloc: not ours to type
-            b.note_device_oom();
-            oom_info i = b.denial(bytes, oom_source::device, status{status_kind::out_of_memory, 2,
-                                                                   "cudaErrorMemoryAllocation"});
-            detail::Message m = detail::describe(i);
-            m << " The upstream resource said: " << e.what();
-            throw out_of_memory(i, m);
-        } catch (...) {
-            b.cancel_account(c);
-            throw;
+        for (int attempt = 0;; ++attempt) {
+            try {
+                void* p = upstream_allocate();
+                b.raise_peak(held);
+                return p;
+            } catch (out_of_memory const&) {  // oomguard's own, from a budget upstream: as it is
+                b.note_device_oom();
+                if (release_for_retry(attempt)) continue;
+                b.cancel_account(c);
+                throw;
+            } catch (std::exception const& e) {
+                if (!is_device_oom(e)) {  // a sticky error, a host bad_alloc: not ours to type
+                    b.cancel_account(c);
+                    throw;
+                }
+                b.note_device_oom();
+                if (release_for_retry(attempt)) continue;
+                b.cancel_account(c);
+                oom_info i = b.denial(bytes, oom_source::device, status{status_kind::out_of_memory, 2,
+                                                                       "cudaErrorMemoryAllocation"});
+                detail::Message m = detail::describe(i);
+                m << " The upstream resource said: " << e.what();
+                throw out_of_memory(i, m);
+            } catch (...) {
+                b.cancel_account(c);
+                throw;
+            }
         }
+    }
+
+    // After the upstream's `attempt`-th OOM of one request: releases the caches
+    // and says whether to ask again (a registry is set, retries are left, and
+    // the release freed something).
+    bool release_for_retry(int attempt) {
+        CacheRegistry* reg = state_->registry.load(std::memory_order_acquire);
+        if (reg == nullptr || attempt >= state_->max_retries.load(std::memory_order_relaxed)) return false;
+        return reg->release_all().bytes() > 0;
     }
 
     Upstream upstream_;

@@ -30,23 +30,18 @@ inline OomRuleRegistration const rmm_oom_rule{&is_rmm_oom};
 
 /// A callback for rmm::mr::failure_callback_resource_adaptor: on a failed
 /// allocation it releases every cache of the CacheRegistry passed as `arg`
-/// (nullptr: CacheRegistry::global()) and asks for one retry when that freed
-/// something -- RMM's "release, then retry", with oomguard's caches.
-///   rmm::mr::failure_callback_resource_adaptor<std::bad_alloc> mr(upstream, oomguard::release_caches_and_retry, nullptr);
-/// RMM retries for as long as the callback says so: this one says so at most
-/// `max_retries` (3) times in a row for the same request size on a thread, so a
-/// cache that refills itself cannot loop forever.
-inline bool release_caches_and_retry(std::size_t bytes, void* arg) {
-    constexpr int max_retries = 3;
-    thread_local std::size_t last_bytes = 0;
-    thread_local int in_a_row = 0;
-    in_a_row = bytes == last_bytes ? in_a_row + 1 : 1;
-    last_bytes = bytes;
-    if (in_a_row > max_retries) {
-        in_a_row = 0;
-        last_bytes = 0;
-        return false;
-    }
+/// (nullptr: CacheRegistry::global()) and asks for a retry when that freed
+/// something -- RMM's "release, then retry", with oomguard's caches. Key the
+/// adaptor on oomguard's out_of_memory, which BudgetResource and BudgetAdaptor
+/// throw for a device OOM and a refusal of the cap alike, so that a host
+/// std::bad_alloc or a sticky error (rmm::bad_alloc) is never retried:
+///   rmm::mr::failure_callback_resource_adaptor<oomguard::out_of_memory> mr(capped, oomguard::release_caches_and_retry, nullptr);
+/// RMM retries for as long as the callback says so, and a callback cannot tell
+/// one request's retries from the next request's: this one keeps no count and
+/// asks again only while a release frees memory, so it stops once the caches
+/// are empty. Where other threads keep refilling them, bound it per request
+/// with BudgetAdaptor::release_caches_on_oom instead.
+inline bool release_caches_and_retry(std::size_t, void* arg) {
     CacheRegistry& reg = arg != nullptr ? *static_cast<CacheRegistry*>(arg) : CacheRegistry::global();
     return reg.release_all().bytes() > 0;
 }
