@@ -142,7 +142,7 @@ public:
         status const entry = enter_allocation(out, device, bytes, d);
         if (!entry.ok()) return entry;
         if (bytes == 0) return status::success();
-        if (!take_room(*d, bytes)) {
+        if (!take_room_sync(*d, bytes)) {
             d->failures.fetch_add(1, std::memory_order_relaxed);
             return detail::sim_oom();
         }
@@ -183,6 +183,7 @@ public:
             return detail::sim_oom();
         }
         std::size_t const rounded = round_async(bytes);
+        note_streams(*d);
         {
             // Memory this stream freed is its own to reuse at once: it counts as
             // room for this request (a credit), and leaves the pending bytes only
@@ -210,6 +211,7 @@ public:
         if (d == nullptr) return detail::sim_invalid_device();
         if (p == nullptr) return status::success();
         std::size_t rounded = round_async(bytes);  // with the map: the size it was allocated with
+        note_streams(*d);
         {
             detail::SpinLock lock(d->mutex);
             if (track_ && !d->live.erase(p, rounded)) return detail::sim_invalid_value();
@@ -421,6 +423,7 @@ private:
         std::atomic<bool> faults_on{false};
         std::atomic<bool> sticky{false};
         std::atomic<bool> context{false};
+        std::atomic<bool> streams{false};  // a stream-ordered call has been made (note_streams)
         std::atomic<std::uintptr_t> next_phantom;
         detail::SpinMutex mutex;  // guards `live` and `pending`
         detail::PointerMap live;
@@ -548,6 +551,26 @@ private:
             if (d.used.compare_exchange_weak(cur, cur + bytes, std::memory_order_acq_rel, std::memory_order_acquire))
                 return true;
         }
+    }
+
+    // Once a device has seen a stream-ordered call, pending bytes move under its
+    // mutex, and a cudaMalloc takes its room under the mutex too: its CAS on
+    // `used` alone cannot see that a free on a stream moved bytes from `used` to
+    // pending and an allocation took them back into `used`, meanwhile.
+    static void note_streams(Device& d) noexcept {
+        if (!d.streams.load(std::memory_order_relaxed)) d.streams.store(true, std::memory_order_seq_cst);
+    }
+    static bool take_room_sync(Device& d, std::size_t bytes) noexcept {
+        if (!d.streams.load(std::memory_order_acquire)) {
+            bool const taken = take_room(d, bytes);
+            // Still no stream-ordered call: nothing was pending, the answer stands.
+            // (Had one moved `used` under this CAS, the CAS's acquire would show it
+            // here.) Otherwise decide again, under the mutex.
+            if (!d.streams.load(std::memory_order_acquire)) return taken;
+            if (taken) d.used.fetch_sub(bytes, std::memory_order_acq_rel);
+        }
+        detail::SpinLock lock(d.mutex);
+        return take_room(d, bytes);
     }
 
     void release_memory(Device& d, void* p, std::size_t bytes) noexcept {
