@@ -57,7 +57,7 @@ TEST_CASE("RMM's statistics adaptor over oomguard's resource: both count the sam
     CHECK(sim.pending_bytes(0, 3) == 1024 + 2048);
 }
 
-TEST_CASE("RMM's failure callback adaptor with oomguard's caches: release, then retry") {
+TEST_CASE("RMM's failure callback adaptor with oomguard's caches: release, then retry, every time") {
     Sim sim(1, 16 * KiB);
     MemoryBudget<Sim> budget(sim, 0);
     CacheRegistry reg;
@@ -65,35 +65,18 @@ TEST_CASE("RMM's failure callback adaptor with oomguard's caches: release, then 
     auto r = reg.add("stream-ordered pool", 0, pending);
     rmm::mr::failure_callback_resource_adaptor<out_of_memory> retrying(BudgetResource<Sim>{budget},
                                                                      release_caches_and_retry, &reg);
-    void* a = retrying.allocate(stream(1), 12 * KiB, 256);
-    retrying.deallocate(stream(1), a, 12 * KiB, 256);  // pending on stream 1
-    void* b = retrying.allocate(stream(2), 12 * KiB, 256);  // fails, the callback synchronizes, the retry fits
-    CHECK(b != nullptr);
-    CHECK(budget.device_ooms() == 1);
-    retrying.deallocate(stream(2), b, 12 * KiB, 256);
-    REQUIRE(sim.synchronize(0).ok());
-    // Nothing left to release: the callback says so, and oomguard's typed OOM reaches the caller.
-    CHECK_THROWS_AS((void)retrying.allocate(stream(2), 32 * KiB, 256), out_of_memory);
-    CHECK(sim.live_bytes() == 0);
-}
-
-TEST_CASE("RMM's failure callback adaptor: every OOM of a long run is released and retried, not only the first three") {
-    Sim sim(1, 16 * KiB);
-    MemoryBudget<Sim> budget(sim, 0);
-    CacheRegistry reg;
-    SimulatedPendingFrees pending(sim, 0);
-    auto r = reg.add("stream-ordered pool", 0, pending);
-    rmm::mr::failure_callback_resource_adaptor<out_of_memory> retrying(BudgetResource<Sim>{budget},
-                                                                     release_caches_and_retry, &reg);
-    for (int step = 0; step < 6; ++step) {  // the same request size, step after step, each recovered
+    for (int step = 0; step < 6; ++step) {  // the same request, step after step: each one recovered, not only the first few
         CAPTURE(step);
         void* a = retrying.allocate(stream(1), 12 * KiB, 256);
         retrying.deallocate(stream(1), a, 12 * KiB, 256);  // pending on stream 1
-        void* b = retrying.allocate(stream(2), 12 * KiB, 256);  // the device OOM, a release, the retry fits
+        void* b = retrying.allocate(stream(2), 12 * KiB, 256);  // fails, the callback synchronizes, the retry fits
+        CHECK(b != nullptr);
         retrying.deallocate(stream(2), b, 12 * KiB, 256);
         REQUIRE(sim.synchronize(0).ok());
     }
     CHECK(budget.device_ooms() == 6);
+    // Nothing left to release: the callback says so, and oomguard's typed OOM reaches the caller.
+    CHECK_THROWS_AS((void)retrying.allocate(stream(2), 32 * KiB, 256), out_of_memory);
     CHECK(sim.live_bytes() == 0);
 }
 
