@@ -363,6 +363,27 @@ TEST_CASE("BudgetAdaptor's release, then retry: every OOM of a run recovered, bo
     CHECK_THROWS_AS(stream_alloc(flaky, stream(1), 4 * KiB), out_of_memory);
     CHECK(releases == 3);
     CHECK(flaky.budget().used() == 0);
+    // A cache that fails to release: what it threw reaches the caller unchanged
+    // (a sticky error is no OOM to shrink for), and the cap's bytes come back.
+    struct Poisoned {
+        bool sticky;
+        std::size_t releasable_bytes() const { return KiB; }
+        std::size_t release() {
+            if (sticky) throw cuda::cuda_error(cudaErrorIllegalAddress, "the context is gone");
+            throw std::runtime_error("the cache's own bug");
+        }
+    } poisoned{true};
+    CacheRegistry broken;
+    auto r3 = broken.add("poisoned", 0, poisoned);
+    flaky.release_caches_on_oom(broken, 2);
+    std::size_t const ooms = flaky.budget().device_ooms();
+    CHECK_THROWS_AS(stream_alloc(flaky, stream(1), 4 * KiB), cuda::cuda_error);
+    poisoned.sticky = false;
+    CHECK_THROWS_WITH_AS(stream_alloc(flaky, stream(1), 4 * KiB), "the cache's own bug", std::runtime_error);
+    CHECK(flaky.budget().device_ooms() == ooms + 2);  // the upstream's refusals, once each
+    CHECK(flaky.budget().used() == 0);
+    CHECK(flaky.budget().allocations() == 1);  // the one success above
+    CHECK(flaky.budget().accounting_errors() == 0);
     CHECK_THROWS_WITH_AS(flaky.release_caches_on_oom(refilled, -1), doctest::Contains("max_retries -1 is outside 0..64"),
                          std::invalid_argument);
     CHECK_THROWS_WITH_AS(flaky.release_caches_on_oom(refilled, 65), doctest::Contains("max_retries 65"),

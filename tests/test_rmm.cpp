@@ -108,6 +108,31 @@ struct Bottomless {
 };
 }  // namespace
 
+TEST_CASE("RMM's failure callback adaptor: at most three retries for one request, however much the caches give") {
+    int mode = 3, releases = 0;
+    CacheRegistry reg;
+    Bottomless cache{&releases};  // refilled as fast as it is released: every release frees something
+    auto r = reg.add("always something", 0, cache);
+    BudgetAdaptor<Failing> capped(Failing{&mode}, Limit::bytes(64 * KiB));
+    rmm::mr::failure_callback_resource_adaptor<out_of_memory> retrying(capped, release_caches_and_retry, &reg);
+    CHECK_THROWS_AS((void)retrying.allocate(stream(1), KiB, 256), out_of_memory);  // typed, with the figures
+    CHECK(releases == 3);
+    CHECK_THROWS_AS((void)retrying.allocate(stream(1), KiB, 256), out_of_memory);  // the next request: three of its own
+    CHECK(releases == 6);
+    CHECK(capped.budget().device_ooms() == 8);
+    CHECK(capped.budget().used() == 0);
+    // A cache whose release fails with a sticky error: that error reaches the caller, not an OOM.
+    struct Poisoned {
+        std::size_t releasable_bytes() const { return KiB; }
+        std::size_t release() { throw cuda::cuda_error(cudaErrorIllegalAddress, "the context is gone"); }
+    } poisoned;
+    CacheRegistry broken;
+    auto r2 = broken.add("poisoned", 0, poisoned);
+    rmm::mr::failure_callback_resource_adaptor<out_of_memory> on_broken(capped, release_caches_and_retry, &broken);
+    CHECK_THROWS_AS((void)on_broken.allocate(stream(1), KiB, 256), cuda::cuda_error);
+    CHECK(capped.budget().used() == 0);
+}
+
 TEST_CASE("RMM's failure callback adaptor keyed on oomguard's out_of_memory: only device OOMs release and retry") {
     int mode = 1, releases = 0;
     CacheRegistry reg;

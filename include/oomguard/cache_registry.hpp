@@ -31,6 +31,7 @@ struct CacheRelease {
     std::size_t bytes = 0;       ///< bytes the cache says it freed
     bool failed = false;         ///< its release() threw
     CacheErrorText error;        ///< what() of that exception
+    std::exception_ptr exception;  ///< that exception, to rethrow unchanged
 };
 
 /// What a release of the registry did, cache by cache, in the order they ran.
@@ -47,6 +48,12 @@ struct ReleaseReport {
         std::size_t n = 0;
         for (auto const& c : caches) n += c.failed ? 1 : 0;
         return n;
+    }
+    /// Rethrows, unchanged, what the first cache that failed threw (a sticky
+    /// CUDA error, say); returns when none failed.
+    void rethrow_failure() const {
+        for (auto const& c : caches)
+            if (c.failed && c.exception) std::rethrow_exception(c.exception);
     }
 };
 
@@ -210,9 +217,11 @@ public:
             } catch (std::exception const& ex) {
                 r.failed = true;
                 r.error = CacheErrorText(ex.what() != nullptr ? ex.what() : "(null what())");
+                r.exception = std::current_exception();
             } catch (...) {
                 r.failed = true;
                 r.error = CacheErrorText("unknown exception");
+                r.exception = std::current_exception();
             }
             leave(e);
             report.caches.push_back(std::move(r));

@@ -6,7 +6,8 @@
 //   (cudaMalloc / cudaMallocFromPoolAsync on CudaRuntime; the simulator on CPU).
 // - BudgetAdaptor<Upstream>: a budget in front of any upstream resource (RMM's
 //   cuda_async_memory_resource or pool_memory_resource, CCCL's pools): every
-//   request takes the cap first, with one compare-and-swap and no lock.
+//   request of at least one byte takes the cap first, with one compare-and-swap
+//   and no lock.
 //
 // Both are synchronous and stream-ordered resources with the device_accessible
 // property, copyable (copies share the budget), equal when they share it, and
@@ -94,6 +95,42 @@ typename Backend::stream_type to_backend_stream(::cuda::stream_ref s) noexcept {
 }
 }  // namespace detail
 
+namespace detail {
+// RMM's failure_callback_resource_adaptor calls its callback after each failure
+// of a request and retries while the callback says so; the callback is never
+// told whether the retry succeeded, so it cannot tell the same request failing
+// again from the next request. oomguard's resources see the success: the
+// callback (release_caches_and_retry, rmm.hpp) marks its thread's retry in
+// flight, and the next allocation they hand out on that thread ends the chain.
+// The success path pays one load of a word written only when a retry is asked for.
+inline std::atomic<int> retries_in_flight{0};
+struct RetryChain {
+    std::size_t bytes = 0;  // the request the retries are for
+    int asked = 0;          // retries asked for it so far
+    bool in_flight = false;
+    ~RetryChain() {
+        if (in_flight) retries_in_flight.fetch_sub(1, std::memory_order_relaxed);
+    }
+};
+inline RetryChain& retry_chain() noexcept {
+    static thread_local RetryChain chain;
+    return chain;
+}
+inline void end_retry_chain() noexcept {
+    RetryChain& c = retry_chain();
+    if (c.in_flight) {
+        c.in_flight = false;
+        retries_in_flight.fetch_sub(1, std::memory_order_relaxed);
+    }
+    c.asked = 0;
+}
+// A request through an oomguard resource ended, with memory or with an error
+// that is no OOM: any retry this thread asked for is through.
+inline void request_ended() noexcept {
+    if (retries_in_flight.load(std::memory_order_relaxed) != 0) end_retry_chain();
+}
+}  // namespace detail
+
 /// A cuda::mr resource that allocates through `budget` (which must outlive it):
 /// synchronously through MemoryBudget::allocate, stream-ordered through
 /// allocate_async on the backend's pool.
@@ -142,11 +179,27 @@ public:
 private:
     void* sync_allocate(std::size_t bytes, std::size_t alignment) {
         detail::check_alignment(alignment, "BudgetResource");
-        return budget_->allocate(bytes);
+        return ended([&] { return budget_->allocate(bytes); });
     }
     void* stream_allocate(::cuda::stream_ref stream, std::size_t bytes, std::size_t alignment) {
         detail::check_alignment(alignment, "BudgetResource");
-        return budget_->allocate_async(bytes, detail::to_backend_stream<Backend>(stream));
+        return ended([&] { return budget_->allocate_async(bytes, detail::to_backend_stream<Backend>(stream)); });
+    }
+    // Runs the allocation; on memory or an error that is no OOM, the request has
+    // ended (see detail::request_ended); an OOM may be retried.
+    template <class F>
+    static void* ended(F&& allocate) {
+        void* p = nullptr;
+        try {
+            p = allocate();
+        } catch (out_of_memory const&) {
+            throw;
+        } catch (...) {
+            detail::request_ended();
+            throw;
+        }
+        detail::request_ended();
+        return p;
     }
 
     MemoryBudget<Backend>* budget_;
@@ -234,7 +287,9 @@ public:
     /// copies: when the upstream runs out of memory, the caches of `registry` are
     /// released and the upstream asked again -- while a release frees something,
     /// and at most `max_retries` times for one request (0 turns it off). Each
-    /// refusal of the upstream counts in budget().device_ooms(). Unlike a callback
+    /// refusal of the upstream counts in budget().device_ooms(); what a cache
+    /// that fails to release throws (a sticky error) reaches the caller
+    /// unchanged, with the cap's bytes given back. Unlike a callback
     /// of RMM's failure_callback_resource_adaptor, which cannot tell one
     /// request's retries from the next request's, the bound is per request.
     /// Throws std::invalid_argument for `max_retries` outside 0..64.
@@ -310,42 +365,62 @@ private:
         std::size_t held = 0;
         if (!b.try_account(c, held)) throw out_of_memory(b.denial(bytes, oom_source::budget, status{}));
         for (int attempt = 0;; ++attempt) {
+            std::exception_ptr oom;  // the upstream's device OOM, as it was thrown
+            bool ours = false;       // already oomguard's out_of_memory
             try {
                 void* p = upstream_allocate();
                 b.raise_peak(held);
+                detail::request_ended();
                 return p;
-            } catch (out_of_memory const&) {  // oomguard's own, from a budget upstream: as it is
-                b.note_device_oom();
-                if (release_for_retry(attempt)) continue;
-                b.cancel_account(c);
-                throw;
+            } catch (out_of_memory const&) {  // oomguard's own, from a budget upstream
+                oom = std::current_exception();
+                ours = true;
             } catch (std::exception const& e) {
                 if (!is_device_oom(e)) {  // a sticky error, a host bad_alloc: not ours to type
                     b.cancel_account(c);
+                    detail::request_ended();
                     throw;
                 }
-                b.note_device_oom();
-                if (release_for_retry(attempt)) continue;
+                oom = std::current_exception();
+            } catch (...) {
                 b.cancel_account(c);
+                detail::request_ended();
+                throw;
+            }
+            // Out of the handler: a release that throws leaves no bytes held.
+            b.note_device_oom();
+            bool again = false;
+            try {
+                again = release_for_retry(attempt);
+            } catch (...) {
+                b.cancel_account(c);
+                detail::request_ended();
+                throw;
+            }
+            if (again) continue;
+            b.cancel_account(c);
+            if (ours) std::rethrow_exception(oom);
+            try {
+                std::rethrow_exception(oom);
+            } catch (std::exception const& e) {
                 oom_info i = b.denial(bytes, oom_source::device, status{status_kind::out_of_memory, 2,
                                                                        "cudaErrorMemoryAllocation"});
                 detail::Message m = detail::describe(i);
                 m << " The upstream resource said: " << e.what();
                 throw out_of_memory(i, m);
-            } catch (...) {
-                b.cancel_account(c);
-                throw;
             }
         }
     }
 
     // After the upstream's `attempt`-th OOM of one request: releases the caches
     // and says whether to ask again (a registry is set, retries are left, and
-    // the release freed something).
+    // the release freed something); rethrows what a cache that failed threw.
     bool release_for_retry(int attempt) {
         CacheRegistry* reg = state_->registry.load(std::memory_order_acquire);
         if (reg == nullptr || attempt >= state_->max_retries.load(std::memory_order_relaxed)) return false;
-        return reg->release_all().bytes() > 0;
+        ReleaseReport const r = reg->release_all();
+        r.rethrow_failure();  // a cache's sticky error reaches the caller unchanged, not as an OOM
+        return r.bytes() > 0;
     }
 
     Upstream upstream_;

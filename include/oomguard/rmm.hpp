@@ -36,14 +36,40 @@ inline OomRuleRegistration const rmm_oom_rule{&is_rmm_oom};
 /// throw for a device OOM and a refusal of the cap alike, so that a host
 /// std::bad_alloc or a sticky error (rmm::bad_alloc) is never retried:
 ///   rmm::mr::failure_callback_resource_adaptor<oomguard::out_of_memory> mr(capped, oomguard::release_caches_and_retry, nullptr);
-/// RMM retries for as long as the callback says so, and a callback cannot tell
-/// one request's retries from the next request's: this one keeps no count and
-/// asks again only while a release frees memory, so it stops once the caches
-/// are empty. Where other threads keep refilling them, bound it per request
-/// with BudgetAdaptor::release_caches_on_oom instead.
-inline bool release_caches_and_retry(std::size_t, void* arg) {
+/// It asks at most `max_retries` (3) times for one request. RMM never tells a
+/// callback whether its retry succeeded; the oomguard resource beneath sees it
+/// and ends the request's count, so every request gets its own three. (Over a
+/// resource that is not oomguard's, a success goes unseen, and the next request
+/// of the same size on the thread continues the count.) What a cache that fails
+/// to release throws (a sticky error) reaches the caller unchanged.
+inline bool release_caches_and_retry(std::size_t bytes, void* arg) {
+    constexpr int max_retries = 3;
+    detail::RetryChain& chain = detail::retry_chain();
+    if (!(chain.in_flight && chain.bytes == bytes)) detail::end_retry_chain();  // a new request, not our retry failing
+    if (chain.asked >= max_retries) {
+        detail::end_retry_chain();
+        return false;
+    }
     CacheRegistry& reg = arg != nullptr ? *static_cast<CacheRegistry*>(arg) : CacheRegistry::global();
-    return reg.release_all().bytes() > 0;
+    ReleaseReport r;
+    try {
+        r = reg.release_all();
+        r.rethrow_failure();
+    } catch (...) {
+        detail::end_retry_chain();
+        throw;
+    }
+    if (r.bytes() == 0) {
+        detail::end_retry_chain();
+        return false;
+    }
+    chain.bytes = bytes;
+    ++chain.asked;
+    if (!chain.in_flight) {
+        chain.in_flight = true;
+        detail::retries_in_flight.fetch_add(1, std::memory_order_relaxed);
+    }
+    return true;
 }
 
 }  // namespace oomguard
