@@ -1,6 +1,18 @@
+// A seam into SimulatedDevices' room-taking, between its reads and its CAS,
+// for the race test at the end; this file is the only one of its program
+// that includes the header.
+namespace race {
+inline void (*hook)() = nullptr;
+}  // namespace race
+#define OOMGUARD_SIMULATED_DEVICES_RACE_HOOK() \
+    do {                                       \
+        if (race::hook != nullptr) race::hook(); \
+    } while (false)
 #include <oomguard/simulated_devices.hpp>
 
 #include <doctest/doctest.h>
+
+#include <chrono>
 
 #include <algorithm>
 #include <limits>
@@ -258,36 +270,45 @@ TEST_CASE("cudaMalloc and stream-ordered calls from many threads never hold more
     CHECK(sim.live_allocations() == 0);
 }
 
-TEST_CASE("cudaMalloc racing stream-ordered frees and allocations never takes memory that is pending") {
-    // A cudaMalloc that read the pending bytes, then lost the race to a free on
-    // a stream (pending up, `used` down) and an allocation (`used` back up), once
-    // took its block on the old figure: `used` alone had not moved. Every block
-    // here is kept and nothing is synchronized, so an overshoot stays visible at
-    // the end of the round. (A race: a round catches it only when the threads
-    // interleave so; the rounds give them many chances.)
-    constexpr std::size_t capacity = 32 * 1024, block = 512;
-    for (int round = 0; round < 200; ++round) {
-        CAPTURE(round);
-        SimulatedDevices sim({{capacity}}, SimulatedMemory::phantom, false);
-        std::atomic<bool> go{false};
-        auto malloc_until_full = [&] {
-            while (!go.load()) {
-            }
-            for (int refused = 0; refused < 64;) {
-                void* p = nullptr;
-                if (sim.allocate(&p, block, 0).ok()) refused = 0;
-                else ++refused;
-            }
-        };
-        std::thread a(malloc_until_full), b(malloc_until_full);
-        go.store(true);
-        for (std::uintptr_t s = 1; s < 200; ++s) {  // a fresh stream each time: no credit to reuse
-            void* p = nullptr;
-            auto const stream = static_cast<SimulatedDevices::stream_type>(s);
-            if (sim.allocate_async(&p, block, 0, stream).ok()) REQUIRE(sim.deallocate_async(p, block, 0, stream).ok());
-        }
-        a.join();
-        b.join();
-        REQUIRE(sim.live_bytes(0) + sim.pending_bytes(0) <= capacity);
-    }
+namespace race {
+SimulatedDevices* sim = nullptr;
+void* held = nullptr;
+std::atomic<bool> fired{false}, done{false};
+std::thread other;
+status other_freed{}, other_got{};
+// In the first cudaMalloc's room-taking, between its reads and its CAS: another
+// thread frees 1 KiB on a stream and cudaMallocs 1 KiB, and this one waits for
+// it (for a while: under the device's mutex it cannot finish).
+void free_and_allocate_meanwhile() {
+    if (fired.exchange(true)) return;
+    other = std::thread([] {
+        other_freed = sim->deallocate_async(held, 1024, 0, 5);  // `used` down, pending up
+        void* e = nullptr;
+        other_got = sim->allocate(&e, 1024, 0);  // `used` back up, if it fits
+        done.store(true);
+    });
+    auto const until = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
+    while (!done.load() && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+}
+}  // namespace race
+
+TEST_CASE("a cudaMalloc that loses its race to a free on a stream and another cudaMalloc takes no pending memory") {
+    // Before: the cudaMalloc read the pending bytes (0), the free moved 1 KiB
+    // from `used` to pending, the other cudaMalloc took 1 KiB back into `used`,
+    // and the first CAS, on `used` alone, succeeded on the stale figure: 3 KiB
+    // busy on a 2 KiB device.
+    SimulatedDevices sim(1, 2048);
+    race::sim = &sim;
+    REQUIRE(sim.allocate_async(&race::held, 1024, 0, 5).ok());  // streams in use
+    race::hook = &race::free_and_allocate_meanwhile;
+    void* mine = nullptr;
+    status const got = sim.allocate(&mine, 1024, 0);
+    race::hook = nullptr;
+    race::other.join();
+    REQUIRE(race::other_freed.ok());
+    CHECK(got.ok());  // it fitted when it asked
+    CHECK_FALSE(race::other_got.ok());  // the other then did not: the freed KiB is pending
+    CHECK(sim.live_bytes(0) + sim.pending_bytes(0) <= 2048);
+    REQUIRE(sim.synchronize(0).ok());
+    CHECK(sim.live_bytes(0) == 1024);
 }

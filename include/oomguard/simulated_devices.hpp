@@ -548,6 +548,9 @@ private:
             std::size_t const busy = d.others.load(std::memory_order_relaxed) + (pend > credit ? pend - credit : 0);
             std::size_t const cap = busy >= d.capacity ? 0 : d.capacity - busy;
             if (bytes > cap || cur > cap - bytes) return false;
+#if defined(OOMGUARD_SIMULATED_DEVICES_RACE_HOOK)
+            OOMGUARD_SIMULATED_DEVICES_RACE_HOOK();  // oomguard's race tests: between the reads and the CAS
+#endif
             if (d.used.compare_exchange_weak(cur, cur + bytes, std::memory_order_acq_rel, std::memory_order_acquire))
                 return true;
         }
