@@ -83,15 +83,17 @@ TEST_CASE("RMM's failure callback adaptor with oomguard's caches: release, then 
 namespace {
 // An upstream whose every allocation fails the way the test sets.
 struct Failing {
-    int* mode;  // 1: a host std::bad_alloc, 2: rmm::bad_alloc (RMM's host failure), 3: rmm::out_of_memory
-    [[noreturn]] void* fail() {
+    int* mode;  // 0: it works, 1: a host std::bad_alloc, 2: rmm::bad_alloc (RMM's host failure), 3: rmm::out_of_memory
+    void* go() {
         if (*mode == 1) throw std::bad_alloc();
         if (*mode == 2) throw rmm::bad_alloc("a host allocation failed");
-        throw rmm::out_of_memory("the pool is exhausted");
+        if (*mode == 3) throw rmm::out_of_memory("the pool is exhausted");
+        alignas(256) static unsigned char slot[256];
+        return slot;
     }
-    void* allocate_sync(std::size_t, std::size_t) { fail(); }
+    void* allocate_sync(std::size_t, std::size_t) { return go(); }
     void deallocate_sync(void*, std::size_t, std::size_t) noexcept {}
-    void* allocate(cuda::stream_ref, std::size_t, std::size_t) { fail(); }
+    void* allocate(cuda::stream_ref, std::size_t, std::size_t) { return go(); }
     void deallocate(cuda::stream_ref, void*, std::size_t, std::size_t) noexcept {}
     bool operator==(Failing const& o) const noexcept { return mode == o.mode; }
     bool operator!=(Failing const& o) const noexcept { return mode != o.mode; }
@@ -108,7 +110,7 @@ struct Bottomless {
 };
 }  // namespace
 
-TEST_CASE("RMM's failure callback adaptor: at most three retries for one request, however much the caches give") {
+TEST_CASE("RMM's failure callback adaptor: at most three retries between two requests that end, however the caches refill") {
     int mode = 3, releases = 0;
     CacheRegistry reg;
     Bottomless cache{&releases};  // refilled as fast as it is released: every release frees something
@@ -117,20 +119,71 @@ TEST_CASE("RMM's failure callback adaptor: at most three retries for one request
     rmm::mr::failure_callback_resource_adaptor<out_of_memory> retrying(capped, release_caches_and_retry, &reg);
     CHECK_THROWS_AS((void)retrying.allocate(stream(1), KiB, 256), out_of_memory);  // typed, with the figures
     CHECK(releases == 3);
-    CHECK_THROWS_AS((void)retrying.allocate(stream(1), KiB, 256), out_of_memory);  // the next request: three of its own
+    CHECK(capped.budget().device_ooms() == 4);
+    // That request ended in an OOM, which RMM does not tell: the next one, with
+    // nothing between, gets what is left (nothing). One that succeeds through
+    // the budget ends the count; the one after gets its own three.
+    CHECK_THROWS_AS((void)retrying.allocate(stream(1), KiB, 256), out_of_memory);
+    CHECK(releases == 3);
+    mode = 0;
+    void* p = retrying.allocate(stream(1), KiB, 256);
+    retrying.deallocate(stream(1), p, KiB, 256);
+    mode = 3;
+    CHECK_THROWS_AS((void)retrying.allocate(stream(1), 2 * KiB, 256), out_of_memory);
     CHECK(releases == 6);
-    CHECK(capped.budget().device_ooms() == 8);
+    // Nested failure adaptors share the three: no level starts the count again.
+    mode = 0;
+    p = retrying.allocate(stream(1), KiB, 256);
+    retrying.deallocate(stream(1), p, KiB, 256);
+    mode = 3;
+    rmm::mr::failure_callback_resource_adaptor<out_of_memory> outer(retrying, release_caches_and_retry, &reg);
+    CHECK_THROWS_AS((void)outer.allocate(stream(1), KiB, 256), out_of_memory);
+    CHECK(releases == 9);
     CHECK(capped.budget().used() == 0);
-    // A cache whose release fails with a sticky error: that error reaches the caller, not an OOM.
-    struct Poisoned {
+}
+
+TEST_CASE("RMM's failure callback adaptor: a cache that allocates while released does not restart the count") {
+    Sim sim(1, 1024 * KiB);
+    MemoryBudget<Sim> scratch_budget(sim, 0);
+    BudgetResource<Sim> scratch(scratch_budget);
+    int mode = 0, releases = 0;
+    BudgetAdaptor<Failing> capped(Failing{&mode}, Limit::bytes(64 * KiB));
+    void* ok = capped.allocate(stream(1), KiB, 256);  // a request that ended: the count starts at zero
+    capped.deallocate(stream(1), ok, KiB, 256);
+    mode = 3;
+    struct Busy {  // its release allocates and frees scratch through an oomguard resource
+        BudgetResource<Sim>* scratch;
+        int* releases;
         std::size_t releasable_bytes() const { return KiB; }
-        std::size_t release() { throw cuda::cuda_error(cudaErrorIllegalAddress, "the context is gone"); }
-    } poisoned;
-    CacheRegistry broken;
-    auto r2 = broken.add("poisoned", 0, poisoned);
-    rmm::mr::failure_callback_resource_adaptor<out_of_memory> on_broken(capped, release_caches_and_retry, &broken);
-    CHECK_THROWS_AS((void)on_broken.allocate(stream(1), KiB, 256), cuda::cuda_error);
+        std::size_t release() {
+            ++*releases;
+            void* q = scratch->allocate(stream(9), 256, 256);
+            scratch->deallocate(stream(9), q, 256, 256);
+            return KiB;
+        }
+    } busy{&scratch, &releases};
+    CacheRegistry reg;
+    auto r = reg.add("busy", 0, busy);
+    rmm::mr::failure_callback_resource_adaptor<out_of_memory> retrying(capped, release_caches_and_retry, &reg);
+    CHECK_THROWS_AS((void)retrying.allocate(stream(1), KiB, 256), out_of_memory);
+    CHECK(releases == 3);
+    // A cache of the adaptor's own retry that throws oomguard's OOM: the request failed for
+    // want of memory, and the callback above it still stops at its three.
+    struct Starved {
+        std::size_t releasable_bytes() const { return KiB; }
+        std::size_t release() { throw out_of_memory(oom_info{}); }
+    } starved;
+    CacheRegistry own;
+    auto r2 = own.add("starved", 0, starved);
+    capped.release_caches_on_oom(own, 1);
+    mode = 0;
+    ok = capped.allocate(stream(1), KiB, 256);
+    capped.deallocate(stream(1), ok, KiB, 256);
+    mode = 3;
+    CHECK_THROWS_AS((void)retrying.allocate(stream(1), KiB, 256), out_of_memory);
+    CHECK(releases == 6);
     CHECK(capped.budget().used() == 0);
+    CHECK(scratch_budget.used() == 0);
 }
 
 TEST_CASE("RMM's failure callback adaptor keyed on oomguard's out_of_memory: only device OOMs release and retry") {

@@ -273,7 +273,7 @@ TEST_CASE("cudaMalloc and stream-ordered calls from many threads never hold more
 namespace race {
 SimulatedDevices* sim = nullptr;
 void* held = nullptr;
-std::atomic<bool> fired{false}, done{false};
+std::atomic<bool> fired{false}, started{false}, done{false};
 std::thread other;
 status other_freed{}, other_got{};
 // In the first cudaMalloc's room-taking, between its reads and its CAS: another
@@ -282,11 +282,13 @@ status other_freed{}, other_got{};
 void free_and_allocate_meanwhile() {
     if (fired.exchange(true)) return;
     other = std::thread([] {
+        started.store(true);
         other_freed = sim->deallocate_async(held, 1024, 0, 5);  // `used` down, pending up
         void* e = nullptr;
         other_got = sim->allocate(&e, 1024, 0);  // `used` back up, if it fits
         done.store(true);
     });
+    while (!started.load()) std::this_thread::yield();  // running: a race, not a slow scheduler
     auto const until = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
     while (!done.load() && std::chrono::steady_clock::now() < until) std::this_thread::yield();
 }

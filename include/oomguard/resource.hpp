@@ -97,38 +97,47 @@ typename Backend::stream_type to_backend_stream(::cuda::stream_ref s) noexcept {
 
 namespace detail {
 // RMM's failure_callback_resource_adaptor calls its callback after each failure
-// of a request and retries while the callback says so; the callback is never
-// told whether the retry succeeded, so it cannot tell the same request failing
-// again from the next request. oomguard's resources see the success: the
-// callback (release_caches_and_retry, rmm.hpp) marks its thread's retry in
-// flight, and the next allocation they hand out on that thread ends the chain.
-// The success path pays one load of a word written only when a retry is asked for.
-inline std::atomic<int> retries_in_flight{0};
-struct RetryChain {
-    std::size_t bytes = 0;  // the request the retries are for
-    int asked = 0;          // retries asked for it so far
-    bool in_flight = false;
-    ~RetryChain() {
-        if (in_flight) retries_in_flight.fetch_sub(1, std::memory_order_relaxed);
+// of a request and retries while the callback says so; it never says whether a
+// retry succeeded, nor where one request ends and the next begins, and adaptors
+// nest. So release_caches_and_retry (rmm.hpp) counts the retries it asks for on
+// a thread, and only an oomguard resource ending a request on that thread -- with
+// memory, or with an error that is no OOM -- starts the count again: at most
+// three retries between two such ends, however the adaptors nest, and a
+// request that ends in an OOM leaves the count to the next. Allocations made by
+// a cache while it is released for a retry end nothing. The success path pays
+// one load of a word written only when a retry is asked for.
+inline std::atomic<int> threads_retrying{0};
+struct RetryCount {
+    int asked = 0;           // retries asked since an oomguard resource last ended a request here
+    bool releasing = false;  // a release for a retry is running on this thread
+    ~RetryCount() {
+        if (asked != 0) threads_retrying.fetch_sub(1, std::memory_order_relaxed);
     }
 };
-inline RetryChain& retry_chain() noexcept {
-    static thread_local RetryChain chain;
-    return chain;
+inline RetryCount& retry_count() noexcept {
+    static thread_local RetryCount count;
+    return count;
 }
-inline void end_retry_chain() noexcept {
-    RetryChain& c = retry_chain();
-    if (c.in_flight) {
-        c.in_flight = false;
-        retries_in_flight.fetch_sub(1, std::memory_order_relaxed);
-    }
-    c.asked = 0;
-}
-// A request through an oomguard resource ended, with memory or with an error
-// that is no OOM: any retry this thread asked for is through.
 inline void request_ended() noexcept {
-    if (retries_in_flight.load(std::memory_order_relaxed) != 0) end_retry_chain();
+    if (threads_retrying.load(std::memory_order_relaxed) == 0) return;
+    RetryCount& c = retry_count();
+    if (c.asked != 0 && !c.releasing) {
+        c.asked = 0;
+        threads_retrying.fetch_sub(1, std::memory_order_relaxed);
+    }
 }
+// While a cache is released for a retry, on this thread.
+class ReleasingForRetry {
+public:
+    ReleasingForRetry() noexcept : c_(retry_count()), was_(c_.releasing) { c_.releasing = true; }
+    ReleasingForRetry(ReleasingForRetry const&) = delete;
+    ReleasingForRetry& operator=(ReleasingForRetry const&) = delete;
+    ~ReleasingForRetry() { c_.releasing = was_; }
+
+private:
+    RetryCount& c_;
+    bool was_;
+};
 }  // namespace detail
 
 /// A cuda::mr resource that allocates through `budget` (which must outlive it):
@@ -392,6 +401,9 @@ private:
             bool again = false;
             try {
                 again = release_for_retry(attempt);
+            } catch (out_of_memory const&) {  // a cache's own OOM: the request failed for want of memory
+                b.cancel_account(c);
+                throw;
             } catch (...) {
                 b.cancel_account(c);
                 detail::request_ended();
@@ -418,8 +430,12 @@ private:
     bool release_for_retry(int attempt) {
         CacheRegistry* reg = state_->registry.load(std::memory_order_acquire);
         if (reg == nullptr || attempt >= state_->max_retries.load(std::memory_order_relaxed)) return false;
-        ReleaseReport const r = reg->release_all();
-        r.rethrow_failure();  // a cache's sticky error reaches the caller unchanged, not as an OOM
+        ReleaseReport r;
+        {
+            detail::ReleasingForRetry releasing;
+            r = reg->release_all();
+        }
+        r.rethrow_failure();  // what a cache threw (a sticky error) reaches the caller unchanged, not as an OOM
         return r.bytes() > 0;
     }
 

@@ -36,39 +36,28 @@ inline OomRuleRegistration const rmm_oom_rule{&is_rmm_oom};
 /// throw for a device OOM and a refusal of the cap alike, so that a host
 /// std::bad_alloc or a sticky error (rmm::bad_alloc) is never retried:
 ///   rmm::mr::failure_callback_resource_adaptor<oomguard::out_of_memory> mr(capped, oomguard::release_caches_and_retry, nullptr);
-/// It asks at most `max_retries` (3) times for one request. RMM never tells a
-/// callback whether its retry succeeded; the oomguard resource beneath sees it
-/// and ends the request's count, so every request gets its own three. (Over a
-/// resource that is not oomguard's, a success goes unseen, and the next request
-/// of the same size on the thread continues the count.) What a cache that fails
-/// to release throws (a sticky error) reaches the caller unchanged.
-inline bool release_caches_and_retry(std::size_t bytes, void* arg) {
+/// RMM never tells a callback whether its retry succeeded, nor where a request
+/// ends, so the bound is per thread: at most `max_retries` (3) retries between
+/// two requests that an oomguard resource (BudgetResource, BudgetAdaptor) ends
+/// on the thread with memory or with an error that is no OOM. Each request
+/// through an oomguard resource that succeeds therefore leaves the next its
+/// own three; nested failure adaptors share them; a request that ends in an OOM
+/// leaves what is left of them to the next, and over a resource that is not
+/// oomguard's the count never starts again. What a cache throws (a sticky
+/// error, say) reaches the caller unchanged.
+inline bool release_caches_and_retry(std::size_t, void* arg) {
     constexpr int max_retries = 3;
-    detail::RetryChain& chain = detail::retry_chain();
-    if (!(chain.in_flight && chain.bytes == bytes)) detail::end_retry_chain();  // a new request, not our retry failing
-    if (chain.asked >= max_retries) {
-        detail::end_retry_chain();
-        return false;
-    }
+    detail::RetryCount& count = detail::retry_count();
+    if (count.asked >= max_retries) return false;
     CacheRegistry& reg = arg != nullptr ? *static_cast<CacheRegistry*>(arg) : CacheRegistry::global();
     ReleaseReport r;
-    try {
+    {
+        detail::ReleasingForRetry releasing;
         r = reg.release_all();
-        r.rethrow_failure();
-    } catch (...) {
-        detail::end_retry_chain();
-        throw;
     }
-    if (r.bytes() == 0) {
-        detail::end_retry_chain();
-        return false;
-    }
-    chain.bytes = bytes;
-    ++chain.asked;
-    if (!chain.in_flight) {
-        chain.in_flight = true;
-        detail::retries_in_flight.fetch_add(1, std::memory_order_relaxed);
-    }
+    r.rethrow_failure();
+    if (r.bytes() == 0) return false;
+    if (count.asked++ == 0) detail::threads_retrying.fetch_add(1, std::memory_order_relaxed);
     return true;
 }
 
