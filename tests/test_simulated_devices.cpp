@@ -1,20 +1,22 @@
 // A seam into SimulatedDevices' room-taking, between its reads and its CAS,
 // for the race test at the end; this file is the only one of its program
 // that includes the header.
+#include <atomic>
+
 namespace race {
-inline void (*hook)() = nullptr;
+using Hook = void (*)();
+inline std::atomic<Hook> hook{nullptr};  // read by every thread's room-taking
 }  // namespace race
-#define OOMGUARD_SIMULATED_DEVICES_RACE_HOOK() \
-    do {                                       \
-        if (race::hook != nullptr) race::hook(); \
+#define OOMGUARD_SIMULATED_DEVICES_RACE_HOOK()                     \
+    do {                                                           \
+        if (race::Hook h = race::hook.load()) h();                 \
     } while (false)
 #include <oomguard/simulated_devices.hpp>
 
 #include <doctest/doctest.h>
 
-#include <chrono>
-
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <cstring>
 #include <atomic>
@@ -302,10 +304,10 @@ TEST_CASE("a cudaMalloc that loses its race to a free on a stream and another cu
     SimulatedDevices sim(1, 2048);
     race::sim = &sim;
     REQUIRE(sim.allocate_async(&race::held, 1024, 0, 5).ok());  // streams in use
-    race::hook = &race::free_and_allocate_meanwhile;
+    race::hook.store(&race::free_and_allocate_meanwhile);
     void* mine = nullptr;
     status const got = sim.allocate(&mine, 1024, 0);
-    race::hook = nullptr;
+    race::hook.store(nullptr);
     race::other.join();
     REQUIRE(race::other_freed.ok());
     CHECK(got.ok());  // it fitted when it asked

@@ -13,10 +13,11 @@
 // property, copyable (copies share the budget), equal when they share it, and
 // throw oomguard's typed out_of_memory -- a std::bad_alloc, so code that catches
 // bad_alloc keeps working, and RMM's failure_callback_resource_adaptor keyed on
-// oomguard::out_of_memory retries device OOMs and nothing else. Both spellings of the interface are provided, chosen
-// by CCCL_VERSION: CCCL 3.0 as shipped with CUDA 13.0 (experimental:
-// allocate(bytes, alignment), allocate_async(bytes, alignment, stream)) and
-// CCCL >= 3.1 (allocate_sync(bytes, alignment), allocate(stream, bytes, alignment)).
+// oomguard::out_of_memory retries device OOMs and nothing else. Both spellings
+// of the interface are provided, chosen by CCCL_VERSION: CCCL 3.0 as shipped
+// with CUDA 13.0 (experimental: allocate(bytes, alignment),
+// allocate_async(bytes, alignment, stream)) and CCCL >= 3.1
+// (allocate_sync(bytes, alignment), allocate(stream, bytes, alignment)).
 // Alignments up to 256 bytes (what cudaMalloc and the pools guarantee) are honoured.
 #pragma once
 
@@ -93,9 +94,7 @@ typename Backend::stream_type to_backend_stream(::cuda::stream_ref s) noexcept {
         return static_cast<typename Backend::stream_type>(n == 1 ? 0 : n);
     }
 }
-}  // namespace detail
 
-namespace detail {
 // RMM's failure_callback_resource_adaptor calls its callback after each failure
 // of a request and retries while the callback says so; it never says whether a
 // retry succeeded, nor where one request ends and the next begins, and adaptors
