@@ -68,6 +68,12 @@ TEST_CASE("a throwing cache does not stop the others and its failure is reported
     CHECK(r.failures() == 2);
     CHECK(r.bytes() == 30);
     CHECK(log == std::vector<std::string>{"p1", "p2"});
+    // The first failure, in the order the caches ran, rethrown as it was thrown.
+    CHECK_THROWS_WITH_AS(r.rethrow_failure(), "driver said no", std::runtime_error);
+    r.caches[1].failed = false;
+    CHECK_THROWS_AS(r.rethrow_failure(), int);
+    r.caches[2].failed = false;
+    CHECK_NOTHROW(r.rethrow_failure());
 }
 
 TEST_CASE("RAII: a registration unregisters, and moves keep one owner") {
