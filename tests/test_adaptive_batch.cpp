@@ -226,6 +226,43 @@ TEST_CASE("one retry at the same size when releasing caches freed memory") {
     CHECK(a.counters().bytes_released == 128 * KiB);
 }
 
+TEST_CASE("a cache whose release throws during recovery: its exception reaches the caller, as thrown") {
+    // The registry runs the other caches and records the failure; adaptive_batch
+    // then rethrows it (a sticky error is no OOM to shrink for), after the trace
+    // has seen the release.
+    Workload w(256 * KiB, 0, 4 * KiB);
+    CacheRegistry reg;
+    bool released_other = false;
+    auto fine = reg.add("fine", 0, [] { return std::size_t{KiB}; }, [&] {
+        released_other = true;
+        return std::size_t{KiB};
+    });
+    auto bad = reg.add("poisoned", 1, [] { return std::size_t{KiB}; },
+                       []() -> std::size_t { throw std::runtime_error("the context is gone"); });
+    BatchOptions o;
+    o.global_batch = 128;  // 64 samples fit: the first attempt runs out
+    o.caches = &reg;
+    AdaptiveBatch a(o);
+    CHECK_THROWS_WITH_AS(a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {}), "the context is gone",
+                         std::runtime_error);
+    CHECK(released_other);
+    CHECK(a.counters().releases == 1);
+    CHECK(w.gpus.live_bytes() == 0);
+
+    // A cache that runs out of memory as it releases freed nothing: recovery goes on.
+    CacheRegistry starving;
+    auto fine2 = starving.add("fine", 0, [] { return std::size_t{KiB}; }, [] { return std::size_t{KiB}; });
+    auto starved = starving.add("starved", 1, [] { return std::size_t{KiB}; }, []() -> std::size_t {
+        throw out_of_memory(oom_info{});
+    });
+    o.caches = &starving;
+    AdaptiveBatch b(o);
+    BatchResult res = b.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
+    CHECK(res.plan.micro_batch == 64);
+    CHECK(b.counters().releases >= 1);
+    CHECK(w.gpus.live_bytes() == 0);
+}
+
 TEST_CASE("policies: halve, geometric, bisect, predictive, custom") {
     auto run_with = [](ShrinkPolicy p, std::size_t& failures) {
         Workload w(1000 * KiB, 100 * KiB, 10 * KiB);  // fits m <= 90

@@ -1,4 +1,5 @@
 #include <oomguard/cache_registry.hpp>
+#include <oomguard/classify.hpp>
 
 #include <doctest/doctest.h>
 
@@ -70,10 +71,19 @@ TEST_CASE("a throwing cache does not stop the others and its failure is reported
     CHECK(log == std::vector<std::string>{"p1", "p2"});
     // The first failure, in the order the caches ran, rethrown as it was thrown.
     CHECK_THROWS_WITH_AS(r.rethrow_failure(), "driver said no", std::runtime_error);
+    CHECK_THROWS_WITH_AS(r.rethrow_failure(&is_device_oom), "driver said no", std::runtime_error);  // no OOM
     r.caches[1].failed = false;
     CHECK_THROWS_AS(r.rethrow_failure(), int);
     r.caches[2].failed = false;
     CHECK_NOTHROW(r.rethrow_failure());
+    // A cache that ran out of memory as it released: passed over when OOMs are absorbed.
+    CacheRegistry oom_reg;
+    auto starved = oom_reg.add("starved", 0, [] { return std::size_t{1}; },
+                               []() -> std::size_t { throw out_of_memory(oom_info{}); });
+    ReleaseReport o = oom_reg.release_all();
+    CHECK(o.failures() == 1);
+    CHECK_THROWS_AS(o.rethrow_failure(), out_of_memory);
+    CHECK_NOTHROW(o.rethrow_failure(&is_device_oom));
 }
 
 TEST_CASE("RAII: a registration unregisters, and moves keep one owner") {

@@ -167,8 +167,8 @@ TEST_CASE("RMM's failure callback adaptor: a cache that allocates while released
     rmm::mr::failure_callback_resource_adaptor<out_of_memory> retrying(capped, release_caches_and_retry, &reg);
     CHECK_THROWS_AS((void)retrying.allocate(stream(1), KiB, 256), out_of_memory);
     CHECK(releases == 3);
-    // A cache of the adaptor's own retry that throws oomguard's OOM: the request failed for
-    // want of memory, and the callback above it still stops at its three.
+    // A cache of the adaptor's own retry that runs out of memory as it releases: it freed
+    // nothing, the adaptor's OOM goes up, and the callback above still stops at its three.
     struct Starved {
         std::size_t releasable_bytes() const { return KiB; }
         std::size_t release() { throw out_of_memory(oom_info{}); }

@@ -881,6 +881,7 @@ private:
         ++counters_.releases;
         counters_.bytes_released += r.bytes();
         emit(BatchEventKind::released, plan(), plan(), r.bytes(), attempt, "", &r);
+        r.rethrow_failure(&is_device_oom);  // a cache that threw no OOM (a sticky error, say): the failure path
         return r.bytes();
     }
 

@@ -50,10 +50,13 @@ struct ReleaseReport {
         return n;
     }
     /// Rethrows, unchanged, what the first cache that failed threw (a sticky
-    /// CUDA error, say); returns when none failed.
-    void rethrow_failure() const {
+    /// CUDA error, say), passing over failures that `absorb` accepts (give
+    /// is_device_oom: a cache that ran out of memory while releasing freed
+    /// nothing, and recovery goes on); returns when no other cache failed.
+    void rethrow_failure(bool (*absorb)(std::exception_ptr const&) noexcept = nullptr) const {
         for (auto const& c : caches)
-            if (c.failed && c.exception) std::rethrow_exception(c.exception);
+            if (c.failed && c.exception && (absorb == nullptr || !absorb(c.exception)))
+                std::rethrow_exception(c.exception);
     }
 };
 

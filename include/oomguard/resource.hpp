@@ -296,8 +296,9 @@ public:
     /// released and the upstream asked again -- while a release frees something,
     /// and at most `max_retries` times for one request (0 turns it off). Each
     /// refusal of the upstream counts in budget().device_ooms(); what a cache
-    /// that fails to release throws (a sticky error) reaches the caller
-    /// unchanged, with the cap's bytes given back. Unlike a callback
+    /// throws that is no device OOM (a sticky error, say) reaches the caller
+    /// unchanged, with the cap's bytes given back, while a cache that runs out of
+    /// memory as it releases counts as having freed nothing. Unlike a callback
     /// of RMM's failure_callback_resource_adaptor, which cannot tell one
     /// request's retries from the next request's, the bound is per request.
     /// Throws std::invalid_argument for `max_retries` outside 0..64.
@@ -400,9 +401,6 @@ private:
             bool again = false;
             try {
                 again = release_for_retry(attempt);
-            } catch (out_of_memory const&) {  // a cache's own OOM: the request failed for want of memory
-                b.cancel_account(c);
-                throw;
             } catch (...) {
                 b.cancel_account(c);
                 detail::request_ended();
@@ -434,7 +432,7 @@ private:
             detail::ReleasingForRetry releasing;
             r = reg->release_all();
         }
-        r.rethrow_failure();  // what a cache threw (a sticky error) reaches the caller unchanged, not as an OOM
+        r.rethrow_failure(&is_device_oom);  // a cache's sticky error reaches the caller unchanged, not as an OOM
         return r.bytes() > 0;
     }
 

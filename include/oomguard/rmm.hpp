@@ -43,8 +43,9 @@ inline OomRuleRegistration const rmm_oom_rule{&is_rmm_oom};
 /// through an oomguard resource that succeeds therefore leaves the next its
 /// own three; nested failure adaptors share them; a request that ends in an OOM
 /// leaves what is left of them to the next, and over a resource that is not
-/// oomguard's the count never starts again. What a cache throws (a sticky
-/// error, say) reaches the caller unchanged.
+/// oomguard's the count never starts again. What a cache throws that is no
+/// device OOM (a sticky error, say) reaches the caller unchanged; a cache that
+/// runs out of memory as it releases counts as having freed nothing.
 inline bool release_caches_and_retry(std::size_t, void* arg) {
     constexpr int max_retries = 3;
     detail::RetryCount& count = detail::retry_count();
@@ -55,7 +56,7 @@ inline bool release_caches_and_retry(std::size_t, void* arg) {
         detail::ReleasingForRetry releasing;
         r = reg.release_all();
     }
-    r.rethrow_failure();
+    r.rethrow_failure(&is_device_oom);
     if (r.bytes() == 0) return false;
     if (count.asked++ == 0) detail::threads_retrying.fetch_add(1, std::memory_order_relaxed);
     return true;
