@@ -168,22 +168,7 @@ public:
     /// or cuda_error / no_device_error for any other failure, which it never retries.
     void* allocate(std::size_t bytes) {
         if (bytes == 0) return nullptr;
-        std::size_t now = 0;
-        if (!take(bytes, count_one, now)) throw out_of_memory(denial(bytes, oom_source::budget, status{}));
-        void* p = nullptr;
-        status s = backend_->allocate(&p, bytes, device_);
-        if (s.ok()) raise_peak(now);  // what the device refused was never held
-        if (!s.ok()) {
-            give_back(bytes, count_one);
-            if (s.kind == status_kind::out_of_memory) {
-                device_ooms_.fetch_add(1, std::memory_order_relaxed);
-                throw out_of_memory(denial(bytes, oom_source::device, s));
-            }
-            detail::throw_status(s, (detail::Message() << "MemoryBudget::allocate(" << bytes
-                                                       << " bytes) on device " << device_)
-                                        .c_str());
-        }
-        return p;
+        return take_then(bytes, bytes, "allocate", [&](void** p) { return backend_->allocate(p, bytes, device_); });
     }
 
     /// Frees what `allocate(bytes)` returned, then gives the bytes back to the cap.
@@ -209,23 +194,8 @@ public:
             note_denial();
             throw out_of_memory(denial(bytes, oom_source::budget, status{}));
         }
-        std::size_t const counted = async_bytes(bytes);
-        std::size_t now = 0;
-        if (!take(counted, count_one, now)) throw out_of_memory(denial(bytes, oom_source::budget, status{}));
-        void* p = nullptr;
-        status s = backend_->allocate_async(&p, bytes, device_, stream);
-        if (s.ok()) raise_peak(now);
-        if (!s.ok()) {
-            give_back(counted, count_one);
-            if (s.kind == status_kind::out_of_memory) {
-                device_ooms_.fetch_add(1, std::memory_order_relaxed);
-                throw out_of_memory(denial(bytes, oom_source::device, s));
-            }
-            detail::throw_status(s, (detail::Message() << "MemoryBudget::allocate_async(" << bytes
-                                                       << " bytes) on device " << device_)
-                                        .c_str());
-        }
-        return p;
+        return take_then(bytes, async_bytes(bytes), "allocate_async",
+                         [&](void** p) { return backend_->allocate_async(p, bytes, device_, stream); });
     }
 
     /// Frees, ordered on `stream`, what allocate_async(bytes, ...) returned, and
@@ -379,6 +349,29 @@ private:
     static constexpr std::uint64_t bytes_mask = max_limit;
     static constexpr std::uint64_t count_one = std::uint64_t{1} << count_shift;
     static constexpr std::uint64_t count_top = (std::uint64_t{1} << count_bits) - 1;
+
+    // The allocation paths: takes `counted` of the cap for a request of `bytes`,
+    // then asks the backend (`call`); the peak rises only when the device said
+    // yes, and a refusal gives the bytes back and becomes a typed error.
+    template <class Call>
+    void* take_then(std::size_t bytes, std::size_t counted, char const* what, Call&& call) {
+        std::size_t now = 0;
+        if (!take(counted, count_one, now)) throw out_of_memory(denial(bytes, oom_source::budget, status{}));
+        void* p = nullptr;
+        status s = call(&p);
+        if (s.ok()) {
+            raise_peak(now);  // what the device refused was never held
+            return p;
+        }
+        give_back(counted, count_one);
+        if (s.kind == status_kind::out_of_memory) {
+            device_ooms_.fetch_add(1, std::memory_order_relaxed);
+            throw out_of_memory(denial(bytes, oom_source::device, s));
+        }
+        detail::throw_status(s, (detail::Message() << "MemoryBudget::" << what << '(' << bytes << " bytes) on device "
+                                                   << device_)
+                                    .c_str());
+    }
 
     // Takes `bytes` of the cap; `now` is what is held with them (the caller
     // raises the peak once the bytes are really held).

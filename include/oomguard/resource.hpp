@@ -137,6 +137,18 @@ private:
     RetryCount& c_;
     bool was_;
 };
+// Releases `registry` for a retry and returns the bytes it freed; what a cache
+// threw that is no device OOM (a sticky error, say) is rethrown unchanged, and
+// a cache that ran out of memory as it released counts as having freed nothing.
+inline std::size_t release_for_retry(CacheRegistry& registry) {
+    ReleaseReport r;
+    {
+        ReleasingForRetry releasing;
+        r = registry.release_all();
+    }
+    r.rethrow_failure(&is_device_oom);
+    return r.bytes();
+}
 }  // namespace detail
 
 /// A cuda::mr resource that allocates through `budget` (which must outlive it):
@@ -400,7 +412,7 @@ private:
             b.note_device_oom();
             bool again = false;
             try {
-                again = release_for_retry(attempt);
+                again = released_for_retry(attempt);
             } catch (...) {
                 b.cancel_account(c);
                 detail::request_ended();
@@ -424,16 +436,10 @@ private:
     // After the upstream's `attempt`-th OOM of one request: releases the caches
     // and says whether to ask again (a registry is set, retries are left, and
     // the release freed something); rethrows what a cache that failed threw.
-    bool release_for_retry(int attempt) {
+    bool released_for_retry(int attempt) {
         CacheRegistry* reg = state_->registry.load(std::memory_order_acquire);
         if (reg == nullptr || attempt >= state_->max_retries.load(std::memory_order_relaxed)) return false;
-        ReleaseReport r;
-        {
-            detail::ReleasingForRetry releasing;
-            r = reg->release_all();
-        }
-        r.rethrow_failure(&is_device_oom);  // a cache's sticky error reaches the caller unchanged, not as an OOM
-        return r.bytes() > 0;
+        return detail::release_for_retry(*reg) > 0;
     }
 
     Upstream upstream_;

@@ -51,13 +51,7 @@ inline bool release_caches_and_retry(std::size_t, void* arg) {
     detail::RetryCount& count = detail::retry_count();
     if (count.asked >= max_retries) return false;
     CacheRegistry& reg = arg != nullptr ? *static_cast<CacheRegistry*>(arg) : CacheRegistry::global();
-    ReleaseReport r;
-    {
-        detail::ReleasingForRetry releasing;
-        r = reg.release_all();
-    }
-    r.rethrow_failure(&is_device_oom);
-    if (r.bytes() == 0) return false;
+    if (detail::release_for_retry(reg) == 0) return false;
     if (count.asked++ == 0) detail::threads_retrying.fetch_add(1, std::memory_order_relaxed);
     return true;
 }
