@@ -1030,3 +1030,35 @@ TEST_CASE("an OOM caused only by frees pending on another stream: release synchr
     CHECK(sim.live_bytes() == 0);
     CHECK(budget.used() == 0);
 }
+
+TEST_CASE("an OOM in commit is charged to max_attempts with resume too: a commit that always fails gives up") {
+    // An optimizer whose step() always runs out of memory. With resume, an
+    // attempt that completed micro-batches but failed in commit keeps nothing,
+    // so it made no progress: it counts, and it does not restart the retries.
+    for (bool resume : {true, false}) {
+        CAPTURE(resume);
+        Workload w(1024 * KiB, 0, KiB);
+        BatchOptions o;
+        o.global_batch = 64;
+        o.micro_batch = 16;
+        o.resume = resume;
+        AdaptiveBatch a(o);
+        a.measure_with(w.budget);
+        int commits = 0, rollbacks = 0;
+        auto commit = [&] {
+            ++commits;
+            REQUIRE(commits < 200);  // the defect: retried forever at the same size
+            Buffer state(w.budget, 2048 * KiB);  // the optimizer's state never fits
+        };
+        CHECK_THROWS_AS(a.run([&](MicroBatch const& mb) { w.step(mb); }, commit, [&] { ++rollbacks; }),
+                        recovery_failed);
+        // The transient retries (3), one shrink for the commit, and the give-up:
+        // shrinking the micro-batch twice cannot help a commit that needs the same.
+        CHECK(commits == 5);
+        CHECK(a.counters().commit_ooms == 5);
+        CHECK(a.counters().shrinks == 1);
+        CHECK(a.counters().give_ups == 1);
+        CHECK(a.plan().micro_batch == 16);  // back at the last good plan
+        CHECK(w.budget.used() == 0);
+    }
+}

@@ -224,6 +224,56 @@ TEST_CASE("planner table: every action for every kind of observation") {
              for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(oom(8, 1)).action == PlanAction::retry_same);
          },
          oom(8, 1), PlanAction::shrink, 4, Precision::fp32},
+        {"resume: an OOM in commit keeps nothing, so its retries do not restart: shrink after three", [] {
+             BatchOptions o = options(64);
+             o.resume = true;
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(commit_oom()).action == PlanAction::retry_same);
+         },
+         commit_oom(), PlanAction::shrink, 32, Precision::fp32},
+        {"resume: an OOM in commit counts toward max_attempts", [] {
+             BatchOptions o = options(64);
+             o.resume = true;
+             o.max_attempts = 2;
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             REQUIRE(p.on_attempt(commit_oom()).action == PlanAction::retry_same);
+         },
+         commit_oom(), PlanAction::give_up, 64, Precision::fp32},
+        {"a commit that fails again after its one shrink: the next precision, not a second shrink",
+         with_precisions(options(64)),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(commit_oom()).action == PlanAction::retry_same);
+             REQUIRE(p.on_attempt(commit_oom()).action == PlanAction::shrink);
+         },
+         commit_oom(), PlanAction::next_precision, 32, Precision::bf16},
+        {"a commit that fails again after its one shrink, nothing below: give up at the last good plan",
+         options(64),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(commit_oom()).action == PlanAction::retry_same);
+             REQUIRE(p.on_attempt(commit_oom()).action == PlanAction::shrink);
+         },
+         commit_oom(), PlanAction::give_up, 64, Precision::fp32},
+        {"the commit's retries are the global batch's, not the size's: none are left after the shrink",
+         options(64),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             for (int i = 0; i < 3; ++i) REQUIRE(p.on_attempt(commit_oom()).action == PlanAction::retry_same);
+             REQUIRE(p.on_attempt(commit_oom()).action == PlanAction::shrink);
+             REQUIRE(p.on_attempt(oom(32, 1)).action == PlanAction::retry_same);  // 32 completed: a transient
+         },
+         commit_oom(), PlanAction::give_up, 64, Precision::fp32},
+        {"halving an odd size rounds down: 7 -> 3", options(7), nothing, oom(7), PlanAction::shrink, 3,
+         Precision::fp32},
+        {"halving an odd size rounds down: 63 -> 31", options(63), nothing, oom(63), PlanAction::shrink, 31,
+         Precision::fp32},
         {"bisect: a success probes upward at the next batch", [] {
              BatchOptions o = options(64);
              o.policy = ShrinkPolicy::bisect();
@@ -417,4 +467,42 @@ TEST_CASE("planner: a calibration segment cut short by the remainder leaves the 
     Decision d = p.on_attempt(cut);
     CHECK(d.action == PlanAction::commit);
     CHECK(d.to.micro_batch == 2);
+}
+
+TEST_CASE("a grow-back after a failed one aims at the midpoint below the failed ceiling") {
+    BatchOptions o = options(65);
+    o.grow_after = 1;
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    REQUIRE(p.on_attempt(oom(65)).action == PlanAction::shrink);  // 65 -> 32
+    REQUIRE(p.on_attempt(done()).action == PlanAction::commit);
+    Decision g = p.begin_batch();
+    REQUIRE(g.action == PlanAction::grow_back);
+    CHECK(g.to.micro_batch == 49);  // 32 + (65 - 32 + 1) / 2
+    REQUIRE(p.on_attempt(oom(49)).action == PlanAction::shrink);
+    CHECK(p.plan().micro_batch == 32);
+    CHECK(p.grow_ceiling() == 49);
+    // The wait doubles (plus one): 3 clean batches before the next grow-back.
+    for (int i = 0; i < 3; ++i) {
+        REQUIRE(p.begin_batch().action == PlanAction::keep);
+        REQUIRE(p.on_attempt(done()).action == PlanAction::commit);
+    }
+    g = p.begin_batch();
+    REQUIRE(g.action == PlanAction::grow_back);
+    CHECK(g.to.micro_batch == 40);  // 32 + (48 - 32 + 1) / 2: below the ceiling, rounded down
+}
+
+TEST_CASE("predictive: the fitted line is raised above what a failed size was seen to need") {
+    ShrinkPolicy pol = ShrinkPolicy::predictive(0.0);
+    pol.observe(10, 200);  // a + b*m = 100 + 10*m
+    pol.observe(20, 300);
+    pol.bound(40, 1200);   // 40 needed at least 1200: the slope is at least (1200 - 100) / 40
+    ShrinkContext ctx;
+    ctx.failed = 40;
+    ctx.minimum = 1;
+    ctx.requested = 64;
+    ctx.available_bytes = 1000;
+    std::size_t next = pol.on_failure(ctx);
+    CHECK(next >= 1);
+    CHECK(next <= 32);  // (1000 - 100) / 27.5 = 32.7; the unraised line would allow 39
 }

@@ -15,11 +15,15 @@
 //   4. above the minimum: shrink by the policy (from the plan's size, never from
 //      a short remainder), measuring two small sizes first when predictive has
 //      fewer than two points (a calibration segment, whose work is kept)
+//   (an OOM in the commit: up to `transient_retries` retries over the whole
+//    global batch, then one shrink, then on to 5: the commit's own memory
+//    hardly follows the micro-batch)
 //   5. the next precision of the ladder
 //   6. fail over to another device (when the runner has a failover hook)
 //   7. give up, back at the last good plan
 // and at any step: give up when the global batch has used `max_attempts` (with
-// resume, attempts that kept a micro-batch do not count).
+// resume, attempts that kept a micro-batch do not count; an OOM in the commit
+// keeps nothing, so it always counts).
 #pragma once
 
 #include <oomguard/detail/format.hpp>
@@ -233,11 +237,15 @@ public:
 
         clean_batches_ = 0;
         if (o.full_done > 0 && o.full_peak != 0) opt_.policy.observe(ran.micro_batch, o.full_peak);
+        // A commit that ran out of memory keeps nothing, with resume too: the
+        // whole global batch is rolled back. It made no progress.
+        bool const in_commit = o.outcome == Observation::Outcome::commit_oom;
+        bool const progressed = opt_.resume && !in_commit && (o.full_done > 0 || o.calibration_done);
         // Transient retries count failures in a row. With resume, an attempt that
         // completed a micro-batch of this size before failing made progress that
         // is kept, so its failure is a fresh one; without resume the progress is
         // rolled back, and a failure at the same place again is a repeat.
-        if (opt_.resume && o.full_done > 0) {
+        if (progressed && o.full_done > 0) {
             same_retries_ = 0;
             release_retried_ = false;
         }
@@ -256,7 +264,7 @@ public:
         }
         // With resume, an attempt that kept a micro-batch made progress: only the
         // attempts that did not count toward the limit.
-        if (!(opt_.resume && (o.full_done > 0 || o.calibration_done))) ++charged_;
+        if (!progressed) ++charged_;
         if (charged_ >= opt_.max_attempts) return give_up(ran, "the attempt limit was reached");
         Decision d = next_rung(ran, failed, o);
         if (d.action != PlanAction::failover && d.action != PlanAction::give_up)
@@ -443,6 +451,27 @@ private:
         // only when the failure was within reach.
         bool const within_reach =
             o.need != 0 && o.available != 0 && o.need <= o.available && o.device_had_room;
+        if (o.outcome == Observation::Outcome::commit_oom) {
+            // The commit's memory (the optimizer's state, its temporaries) hardly
+            // follows the micro-batch: transient retries of a commit are counted
+            // over the global batch, not per size, and the size is shrunk once
+            // for it -- a smaller micro-batch may leave less held at the commit.
+            // A commit that still fails after that is helped only further down
+            // the ladder (a lower precision, another device) or not at all.
+            if (commit_retries_ < opt_.transient_retries) {
+                ++commit_retries_;
+                return retry_same(ran, o);
+            }
+            same_retries_ = 0;
+            release_retried_ = false;
+            pending_failure_ = 0;
+            if (!commit_shrunk_ && failed > opt_.min_micro_batch) {
+                commit_shrunk_ = true;
+                plan_.micro_batch = opt_.policy.on_failure(context(failed, o.available));
+                return Decision{PlanAction::shrink, ran, plan_, ""};
+            }
+            return below_sizes(ran);
+        }
         if ((failed <= proven_ && !o.failed_short) || within_reach) {
             if (same_retries_ < opt_.transient_retries) {
                 ++same_retries_;
@@ -469,6 +498,11 @@ private:
             }
             return Decision{PlanAction::shrink, ran, plan_, ""};
         }
+        return below_sizes(ran);
+    }
+
+    // The rungs below the sizes: the next precision, another device, give up.
+    Decision below_sizes(Plan const& ran) {
         if (plan_.precision_index + 1 < opt_.precisions.size()) {
             set_precision(plan_.precision_index + 1);
             forget_sizes();
@@ -528,6 +562,8 @@ private:
         pending_failure_ = 0;
         calibration_ = 0;
         segment_ = 0;
+        commit_retries_ = 0;
+        commit_shrunk_ = false;
     }
 
     void set_precision(std::size_t index) noexcept {
@@ -550,6 +586,8 @@ private:
     unsigned same_retries_ = 0;       // transient retries of the current size
     unsigned charged_ = 0;            // attempts that count toward max_attempts
     bool release_retried_ = false;    // the retry after a release was used for this size
+    unsigned commit_retries_ = 0;     // transient retries of a commit that ran out of memory
+    bool commit_shrunk_ = false;      // the size was shrunk once for a commit that ran out of memory
     bool failover_pending_ = false;   // a failover decision awaits failed_over or no_failover
     std::size_t pending_failure_ = 0; // the size whose failure the calibration attempt answers
     std::size_t calibration_ = 0;     // the next attempt's calibration size
