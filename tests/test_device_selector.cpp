@@ -219,3 +219,58 @@ TEST_CASE("MIG through NVML: instances listed, both spellings valid, memory read
     CHECK_FALSE(Nvml::from(fake_nvml::api()).mig_memory(2, "MIG-none", free, total));
     a100.migs.clear();
 }
+
+TEST_CASE("failover: one move per device, then a give-up that names every device tried and why") {
+    // Both devices have room for the request that failed, but neither holds the
+    // step: a hook that excludes only the failing device sent the plan back to
+    // the one it had just left (0 1 0 1 ...) until max_attempts.
+    SimulatedDevices gpus({{4 * GiB, 0, "H100", "GPU-cccc1111", "00000000:3B:00.0"},
+                           {4 * GiB, 0, "H100", "GPU-cccc2222", "00000000:18:00.0"},
+                           {4 * GiB, 3 * GiB, "H100", "GPU-cccc3333", "00000000:AF:00.0"}},
+                          SimulatedMemory::phantom);
+    Sel sel(gpus, Nvml::none(), nullptr, nullptr);
+    MemoryBudget<SimulatedDevices> b0(gpus, 0, Limit::unlimited()), b1(gpus, 1, Limit::unlimited()),
+        b2(gpus, 2, Limit::unlimited());
+    MemoryBudget<SimulatedDevices>* budgets[] = {&b0, &b1, &b2};
+    BatchOptions o;
+    o.global_batch = 8;
+    o.min_micro_batch = 8;  // cannot shrink: only another device could help
+    AdaptiveBatch a(o);
+    std::vector<std::vector<int>> asked;  // the devices each request said were tried
+    struct Ctx {
+        Sel* sel;
+        std::vector<std::vector<int>>* asked;
+    } ctx{&sel, &asked};
+    a.failover(
+        [](void* u, FailoverRequest const& r) {
+            auto* c = static_cast<Ctx*>(u);
+            c->asked->push_back(r.tried);
+            return Sel::failover(c->sel, r);
+        },
+        &ctx);
+    std::vector<int> ran_on;
+    auto step = [&](MicroBatch const& mb) {
+        ran_on.push_back(mb.device);
+        DeviceBuffer<SimulatedDevices> x(*budgets[mb.device], 3 * GiB);
+        DeviceBuffer<SimulatedDevices> y(*budgets[mb.device], 3 * GiB);  // 3 + 3 > 4
+    };
+    try {
+        a.run(step, [] {}, [] {});
+        FAIL("expected recovery_failed");
+    } catch (recovery_failed const& e) {
+        std::string w = e.what();
+        CAPTURE(w);
+        CHECK(w.find("devices tried: GPU 0 (") != std::string::npos);
+        CHECK(w.find(", GPU 1 (") != std::string::npos);
+        CHECK(w.find("GPU 2 (") == std::string::npos);  // never run on: 1 GiB free is below the 3 GiB asked
+        CHECK(w.find("3.00 GiB") != std::string::npos);  // why: what each one could not give
+    }
+    CHECK(a.counters().failovers == 1);
+    CHECK(ran_on == std::vector<int>{0, 1});
+    REQUIRE(asked.size() == 2);
+    CHECK(asked[0] == std::vector<int>{0});
+    CHECK(asked[1] == std::vector<int>{0, 1});
+    CHECK(a.plan().device == 0);  // back at the last good plan
+    CHECK(b0.used() == 0);
+    CHECK(b1.used() == 0);
+}

@@ -174,10 +174,13 @@ struct Consensus {
 };
 
 /// What a failover hook is asked: the plan cannot fit on `plan.device` even at
-/// its minimum and lowest precision. Return another device, or -1.
+/// its minimum and lowest precision. Return another device, or -1 (a device in
+/// `tried` has already failed this global batch: sending the plan back there
+/// would only fail again).
 struct FailoverRequest {
     Plan plan;
-    oom_info last;
+    oom_info last;          ///< the OOM that ended the ladder on plan.device
+    std::vector<int> tried; ///< the devices this global batch has run out of memory on, in order, plan.device last
 };
 
 namespace detail {
@@ -421,6 +424,7 @@ private:
 
     template <class Step, class Commit, class Rollback>
     BatchResult run_batch(Step& step, Commit& commit, Rollback& rollback) {
+        tried_.clear();
         Decision const begin = planner_.begin_batch();
         emit(BatchEventKind::batch_begin, begin.from, begin.from, 0, 0, "");
         if (begin.action == PlanAction::grow_back) {
@@ -546,8 +550,12 @@ private:
         int next_device = -1;
         try {
             d = planner_.on_attempt(obs);
-            if (d.action == PlanAction::failover)
-                next_device = failover_(failover_user_, FailoverRequest{planner_.plan(), l.info});
+            if (d.action == PlanAction::failover) {
+                note_tried(at.plan.device, l.info);
+                FailoverRequest req{planner_.plan(), l.info, {}};
+                for (auto const& t : tried_) req.tried.push_back(t.device);
+                next_device = failover_(failover_user_, req);
+            }
         } catch (...) {
             err = std::current_exception();
         }
@@ -891,8 +899,25 @@ private:
         // long attempt list is elided in the middle rather than cut at the end.
         detail::Message m;
         m << "oomguard: adaptive_batch gave up on a global batch of " << planner_.options().global_batch
-          << " after " << static_cast<unsigned long>(history.size()) << " attempts (" << why << "); last error: "
-          << (l.what.view().empty() ? "another rank ran out of device memory" : l.what.view()) << "; attempts:";
+          << " after " << static_cast<unsigned long>(history.size()) << " attempts (" << why << ')';
+        if (!tried_.empty()) {
+            // After a failover, the devices and what each could not give: the
+            // attempt list below may elide some of them.
+            m << "; devices tried:";
+            for (std::size_t k = 0; k < tried_.size(); ++k) {
+                oom_info const& i = tried_[k].last;
+                m << (k == 0 ? " GPU " : ", GPU ") << tried_[k].device << " (";
+                if (i.requested_known && i.requested != oom_info::unknown) {
+                    m << "could not give " << detail::format_bytes(i.requested);
+                    if (i.free != oom_info::unknown) m << " with " << detail::format_bytes(i.free) << " free";
+                } else {
+                    m << "ran out of memory";
+                }
+                m << ')';
+            }
+        }
+        m << "; last error: " << (l.what.view().empty() ? "another rank ran out of device memory" : l.what.view())
+          << "; attempts:";
         std::size_t const n = history.size(), head = 2, tail = 3;
         for (std::size_t k = 0; k < n; ++k) {
             if (n > head + tail + 1 && k == head) {
@@ -914,6 +939,16 @@ private:
         emit(BatchEventKind::give_up, plan(), plan(), l.info.requested, static_cast<unsigned>(history.size()),
              m.c_str());
         throw recovery_failed(l.info, m, std::move(history));
+    }
+
+    // A device the ladder ended on in this global batch, with its last OOM.
+    void note_tried(int device, oom_info const& last) {
+        for (auto& t : tried_)
+            if (t.device == device) {
+                t.last = last;
+                return;
+            }
+        tried_.push_back(TriedDevice{device, last});
     }
 
     void emit(BatchEventKind k, Plan const& from, Plan const& to, std::size_t bytes, unsigned attempt,
@@ -961,6 +996,11 @@ private:
     };
     std::vector<Observer> observers_;
     int (*failover_)(void*, FailoverRequest const&) = nullptr;
+    struct TriedDevice {
+        int device;
+        oom_info last;
+    };
+    std::vector<TriedDevice> tried_;  // this global batch's devices whose ladder ended (failover)
     void* failover_user_ = nullptr;
     std::exception_ptr observer_error_;
     Observation last_observation_;

@@ -146,11 +146,13 @@ public:
     }
 
     /// A failover hook for AdaptiveBatch: the device, other than the failing
-    /// one, with the most free memory and at least the failed request free.
+    /// one and those this global batch already failed on (r.tried), with the
+    /// most free memory and at least the failed request free; -1 when none.
     static int failover(void* self, FailoverRequest const& r) {
         auto* s = static_cast<DeviceSelector*>(self);
         Exclude ex;
         ex.ordinals.push_back(r.plan.device);
+        ex.ordinals.insert(ex.ordinals.end(), r.tried.begin(), r.tried.end());
         std::size_t need = r.last.requested_known ? r.last.requested : 0;
         try {
             int best = s->pick(need, 0.0, ex, true);
