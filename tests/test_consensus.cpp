@@ -590,5 +590,63 @@ TEST_CASE("resume under consensus: every rank keeps the same micro-batches; with
     CHECK(std::string(outcome_of(errors[1])) == "logic_error");
 }
 
-// The README quotes the ballot's size (23 integers, 184 bytes per round).
-static_assert(detail::Ballot::count == 23, "update the README's consensus cost");
+// The README quotes the ballot's size (31 integers, 248 bytes per round).
+static_assert(detail::Ballot::count == 31, "update the README's consensus cost");
+
+TEST_CASE("a short remainder's failure on one rank does not hide another rank's full-size failure") {
+    // G = 10 at m = 8: micro-batches of 8 and 2. Rank 1 fails in its first (8,
+    // full size), rank 0 in its last (2, a short remainder). Both planned 8: the
+    // agreed failure is a full-size one, whose bound and transient rules apply.
+    DataParallel dp(2);
+    Observation seen[2];
+    run_ranks(2, [&](int r) {
+        SimulatedDevices gpus(1, 64 * KiB);
+        Budget budget(gpus, 0, Limit::unlimited());
+        BatchOptions o;
+        o.global_batch = 10;
+        o.micro_batch = 8;
+        AdaptiveBatch a(o);
+        a.measure_with(budget);
+        a.consensus(dp.group.hook());
+        int calls = 0;
+        a.run(
+            [&](MicroBatch const& mb) {
+                ++calls;
+                if (calls == 3) seen[r] = a.last_observation();  // the retry's first micro-batch
+                bool const fail = (r == 1 && calls == 1) || (r == 0 && calls == 2);
+                // The remainder holds a large temporary first: its need is large, and says nothing of 8.
+                Buffer temp(budget, r == 0 && calls == 2 ? 30 * KiB : 0);
+                if (fail) gpus.fail_next(0, 1);
+                Buffer act(budget, mb.size * KiB);
+            },
+            [] {}, [] {});
+    });
+    for (Observation const& o : seen) {
+        CHECK(o.outcome == Observation::Outcome::step_oom);
+        CHECK(o.failed_size == 8);
+        CHECK_FALSE(o.failed_short);
+        CHECK(o.need == 8 * KiB);  // rank 1's full-size need, not rank 0's remainder's
+    }
+}
+
+TEST_CASE("ThreadConsensus: a rank that passes a different count fails every rank, none is left waiting") {
+    ThreadConsensus group(3);
+    std::string messages[3];
+    run_ranks(3, [&](int r) {
+        std::uint64_t v[3] = {1, 2, 3};
+        try {
+            group.all_min(v, r == 1 ? 3 : 2);
+        } catch (std::invalid_argument const& e) {
+            messages[r] = e.what();
+        }
+    }, 20);
+    for (auto const& m : messages) {
+        CAPTURE(m);
+        CHECK(m.find("ThreadConsensus") != std::string::npos);
+        CHECK(m.find("different counts") != std::string::npos);
+        bool const both = m.find("(3 values and 2)") != std::string::npos || m.find("(2 values and 3)") != std::string::npos;
+        CHECK(both);
+    }
+    std::uint64_t v[2] = {1, 2};  // the group is broken: every later call says so, at once
+    CHECK_THROWS_AS(group.all_min(v, 2), std::invalid_argument);
+}

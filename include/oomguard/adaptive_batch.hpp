@@ -701,17 +701,18 @@ private:
         b.set_any(Ballot::any_oom, l.oom);
         b.set_any(Ballot::any_aborted, l.aborted);
         if (l.oom) {
+            // The figures of a failure go to its group: one rank's short remainder
+            // must not lend its shortness, room or need to another's full-size failure.
+            std::size_t const g = Ballot::group(l.failed_calibration, l.failed_short);
             b.set_min(Ballot::failed_size, l.failed_planned);
-            b.set_any(Ballot::any_short, l.failed_short);
-            b.set_all(Ballot::all_room, l.room);
+            b.set_any(Ballot::in_group(Ballot::failed_group, g), true);
+            b.set_all(Ballot::in_group(Ballot::room_group, g), l.room);
+            b.set_max(Ballot::in_group(Ballot::need_group, g), l.need);
         }
         b.set_all(Ballot::calibration_done, l.calibration_done);
         b.set_min(Ballot::full_done, l.full_done);
         b.set_max(Ballot::calibration_peak, l.calibration_peak);
         b.set_max(Ballot::full_peak, l.full_peak);
-        // A need belongs to the size that failed: one rank's failure in the
-        // calibration micro-batch must not lend its bytes to another's in a full one.
-        b.set_max(l.failed_calibration ? Ballot::need_calibration : Ballot::need_full, l.need);
         if (l.available_known) b.set_min(Ballot::available, l.available);
         b.set_min(Ballot::done_min, l.samples_done);
         b.set_max(Ballot::done_max, l.samples_done);
@@ -725,14 +726,19 @@ private:
     static Observation observation(Ballot const& t, Attempt const& at) noexcept {
         Observation o;
         o.failed_size = t.min_or_zero(Ballot::failed_size);
-        o.failed_short = t.any(Ballot::any_short);
-        o.device_had_room = o.failed_size != 0 && t.all(Ballot::all_room);
+        // The failure is the smallest planned size's; at that size, a whole
+        // micro-batch's failure on any rank outweighs a short remainder's.
         bool const in_calibration = at.calibration != 0 && o.failed_size == at.calibration;
+        std::size_t g = Ballot::group(in_calibration, false);
+        if (!t.any(Ballot::in_group(Ballot::failed_group, g))) g = Ballot::group(in_calibration, true);
+        bool const failed = o.failed_size != 0 && t.any(Ballot::in_group(Ballot::failed_group, g));
+        o.failed_short = failed && g == Ballot::group(in_calibration, true);
+        o.device_had_room = failed && t.all(Ballot::in_group(Ballot::room_group, g));
+        o.need = failed ? t.max(Ballot::in_group(Ballot::need_group, g)) : 0;
         o.calibration_done = t.all(Ballot::calibration_done);
         o.calibration_peak = t.max(Ballot::calibration_peak);
         o.full_done = t.min_or_zero(Ballot::full_done);
         o.full_peak = t.max(Ballot::full_peak);
-        o.need = t.max(in_calibration ? Ballot::need_calibration : Ballot::need_full);
         o.available = t.min_or_zero(Ballot::available);
         return o;
     }

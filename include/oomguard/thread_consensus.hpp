@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace oomguard {
@@ -39,16 +40,24 @@ public:
 
     /// The collective itself: blocks until every rank has called it, then each
     /// of values[0..count) holds its minimum over the ranks. Every rank must
-    /// pass the same count.
+    /// pass the same count: when one does not, the group is broken, and every
+    /// rank -- those already waiting, the one that differed and every later
+    /// call -- throws std::invalid_argument naming both counts, so none is left
+    /// waiting for a round that cannot complete.
     void all_min(std::uint64_t* values, std::size_t count) {
         std::unique_lock<std::mutex> lock(mutex_);
+        if (!broken_.empty()) detail::throw_invalid(broken_.c_str());
         if (arrived_ == 0) {
             acc_.assign(values, values + count);
         } else {
-            if (count != acc_.size())
-                detail::throw_invalid(detail::Message() << "oomguard: ThreadConsensus: a rank passed " << count
-                                                        << " values where another passed "
-                                                        << static_cast<unsigned long>(acc_.size()));
+            if (count != acc_.size()) {
+                detail::Message m;
+                m << "oomguard: ThreadConsensus: the ranks passed different counts (" << count << " values and "
+                  << static_cast<unsigned long>(acc_.size()) << "); every rank must pass the same count";
+                broken_ = m.c_str();
+                cv_.notify_all();
+                detail::throw_invalid(m);
+            }
             for (std::size_t i = 0; i < count; ++i)
                 if (values[i] < acc_[i]) acc_[i] = values[i];
         }
@@ -61,7 +70,8 @@ public:
         } else {
             // The result of this round stays in out_ until every rank has read
             // it: the next round cannot complete without this one arriving.
-            cv_.wait(lock, [&] { return generation_ != generation; });
+            cv_.wait(lock, [&] { return generation_ != generation || !broken_.empty(); });
+            if (generation_ == generation) detail::throw_invalid(broken_.c_str());
         }
         for (std::size_t i = 0; i < count; ++i) values[i] = out_[i];
     }
@@ -73,6 +83,7 @@ private:
     std::size_t arrived_ = 0;
     std::uint64_t generation_ = 0;
     std::vector<std::uint64_t> acc_, out_;
+    std::string broken_;  // why the group can no longer agree (empty: it can)
 };
 
 }  // namespace oomguard

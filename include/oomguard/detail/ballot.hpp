@@ -20,20 +20,29 @@ public:
         any_aborted,             // a step left a sync point because another rank had failed
         any_error,               // oomguard's failure path threw (rollback, release, policy, failover hook)
         any_commit_oom, all_commit_oom,
-        any_short,               // a failed micro-batch was a short remainder
-        all_room,                // every failed rank's device had room for the failed request
-        failed_size,             // the planned size of the micro-batch that failed (smallest)
+        // What the failed ranks saw, by the kind of micro-batch that failed (a
+        // failure group: the calibration or a full-size one, each whole or a short
+        // remainder), so the agreed failure takes its figures from its own group.
+        failed_group,            // 4 of them (any): a rank failed in this group
+        room_group = failed_group + 4,  // 4 (all): every rank that failed in it had room for its request
+        need_group = room_group + 4,    // 4 (largest): what it needed at least
+        failed_size = need_group + 4,   // the planned size of the micro-batch that failed (smallest)
         calibration_done,        // the calibration micro-batch completed (all)
         full_done,               // full-size micro-batches completed (fewest)
         done_min, done_max,      // samples of the global batch completed, where each rank stands
         calibration_peak, full_peak,  // bytes measured (largest)
-        need_calibration, need_full,  // what a failed micro-batch needed at least, by its planned size (largest)
         available,               // bytes a step could use (least)
         released,                // bytes the release freed on a rank that failed (least)
         all_failover,            // every rank got another device
         count
     };
     static constexpr std::uint64_t neutral = ~std::uint64_t{0};
+
+    /// The failure group of a micro-batch: calibration or full size, whole or a short remainder.
+    static constexpr std::size_t group(bool calibration, bool short_remainder) noexcept {
+        return (calibration ? 0u : 2u) + (short_remainder ? 1u : 0u);
+    }
+    static constexpr Field in_group(Field first, std::size_t g) noexcept { return static_cast<Field>(first + g); }
 
     Ballot(std::uint64_t serial, std::uint64_t phase) noexcept {
         for (auto& x : v_) x = neutral;
