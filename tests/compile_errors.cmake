@@ -59,6 +59,17 @@ int main() {
     oomguard::MemoryBudget<oomguard::CudaRuntime> budget(*cuda, 0);
 }
 ]=] -DOOMGUARD_HAS_CUDA=0)
+# reduce() folding a double step from an int init (std::accumulate's trap).
+expect(reduce_narrowing "reduce folds in the type of init" [=[
+#include <oomguard/adaptive_batch.hpp>
+#include <functional>
+int main() {
+    oomguard::BatchOptions o;
+    o.global_batch = 8;
+    oomguard::AdaptiveBatch a(o);
+    a.reduce([](oomguard::MicroBatch const& mb) { return 0.5 * static_cast<double>(mb.size); }, 0, std::plus<>{});
+}
+]=])
 # An older standard: the pkg-config file leaves -std to the user.
 expect(cplusplus_14 "oomguard needs C++17 or later" [=[
 #include <oomguard/backend.hpp>

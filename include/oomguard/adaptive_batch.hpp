@@ -197,6 +197,13 @@ struct has_meter_members<M, std::void_t<decltype(std::declval<M const&>().used()
                                        std::is_convertible<decltype(std::declval<M const&>().peak()), std::size_t>::value &&
                                        std::is_convertible<decltype(std::declval<M const&>().available()), std::size_t>::value &&
                                        std::is_convertible<decltype(std::declval<M const&>().device()), int>::value> {};
+// R's value can initialise a T with braces: no narrowing (double into int,
+// int into double, size_t into int are narrowing; int into long is not).
+template <class R, class T, class = void>
+struct converts_without_narrowing : std::false_type {};
+template <class R, class T>
+struct converts_without_narrowing<R, T, std::void_t<decltype(T{std::declval<R>()})>> : std::true_type {};
+
 template <class B>
 std::true_type is_budget_test(MemoryBudget<B> const*);
 std::false_type is_budget_test(void const*);
@@ -325,8 +332,16 @@ public:
     /// sum, a count of correct answers): the value is `combine` folded, from
     /// `init`, over the micro-batches the committed attempt kept, in order.
     /// What a failed attempt computed never reaches it.
+    /// The fold is in T, the type of `init`: a step whose result would narrow
+    /// into T (a double folded from `0`, an int) does not compile -- write the
+    /// init in the step's type (`0.0`).
     template <class T, class Step, class Combine, class Commit, class Rollback>
     Reduced<T> reduce(Step&& step, T init, Combine combine, Commit&& commit, Rollback&& rollback) {
+        using R = decltype(step(std::declval<MicroBatch const&>()));
+        static_assert(detail::converts_without_narrowing<R, T>::value,
+                      "oomguard: reduce folds in the type of init, and the step's result would narrow into it "
+                      "(std::accumulate's trap: a double step folded from 0 is an int); give init in the step's "
+                      "type, for example 0.0");
         require_callable(step, "step");
         require_callable(combine, "combine");
         require_callable(commit, "commit");
