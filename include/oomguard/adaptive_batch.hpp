@@ -758,9 +758,7 @@ private:
             oom_info info;
             info.device = planner_.attempt().plan.device;
             info.requested_known = false;
-            throw peer_out_of_memory(info, detail::Message()
-                                               << "oomguard: another rank ran out of device memory in this "
-                                                  "attempt; every rank leaves the step and retries together");
+            throw peer_out_of_memory(info, detail::Message() << detail::peer_oom_text);
         }
         detail::Message m;
         m << "oomguard: the ranks called MicroBatch::sync() at different points: micro-batch "
