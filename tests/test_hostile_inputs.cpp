@@ -63,6 +63,13 @@ TEST_CASE("hostile inputs: a typed error naming the value, every time") {
         {"Limit::fraction", Kind::invalid_argument, "nan", [] { Limit::fraction(std::nan("")); }},
         {"Limit::headroom", Kind::invalid_argument, "Limit::headroom(2.00 MiB)",
          [&] { MemoryBudget<Sim> b(gpus, 0, Limit::headroom(2 << 20)); }},
+        {"Limit::headroom re-applied", Kind::invalid_argument,
+         "Limit::headroom(2.00 MiB) is more than the 768.00 KiB free on the device plus the 256.00 KiB this budget holds",
+         [&] {
+             MemoryBudget<Sim> b(gpus, 1, Limit::headroom(0));
+             DeviceBuffer<Sim> held(b, 256 << 10);
+             b.set_limit(Limit::headroom(2 << 20));
+         }},
         {"MemoryBudget cap", Kind::invalid_argument, "is more than a budget can hold (281474976710655 bytes",
          [&] { MemoryBudget<Sim> b(gpus, 0, Limit::bytes(std::size_t{1} << 50)); }},
         {"MemoryBudget cap of a huge device", Kind::invalid_argument, "Limit::fraction(1)",
