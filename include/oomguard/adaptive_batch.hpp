@@ -809,6 +809,7 @@ private:
     std::size_t measured(Step& step, Meter const* meter, MicroBatch const& mb) {
         struct InStep {
             bool& flag;
+            detail::AdaptiveStepScope marked;  // an OOM in here is advised to lower the batch
             explicit InStep(bool& f) : flag(f) { flag = true; }
             ~InStep() { flag = false; }
         } in_step{in_step_};
