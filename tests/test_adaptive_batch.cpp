@@ -886,6 +886,46 @@ TEST_CASE("a give-up after many attempts still shows the last error and its advi
     }
 }
 
+TEST_CASE("an OOM's advice: a smaller batch inside a step, setup advice outside one") {
+    Workload w(100 * KiB, 0, KiB);
+    Budget capped(w.gpus, 0, Limit::bytes(10 * KiB));
+    auto what = [](Budget& b) {
+        try {
+            b.allocate(200 * KiB);
+        } catch (out_of_memory const& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    // Setup (weights, optimizer state) runs before any step: a batch is no lever there.
+    std::string const device_setup = what(w.budget), budget_setup = what(capped);
+    BatchOptions o;
+    o.global_batch = 4;
+    AdaptiveBatch a(o);
+    std::string device_step, budget_step;
+    a.run(
+        [&](MicroBatch const&) {
+            if (device_step.empty()) device_step = what(w.budget);  // swallowed here: the test reads it
+            if (budget_step.empty()) budget_step = what(capped);
+        },
+        [] {}, [] {});
+    std::string const device_after = what(w.budget);
+    for (std::string const* s : {&device_step, &budget_step}) {
+        CAPTURE(*s);
+        CHECK(s->find("lower the batch") != std::string::npos);
+        CHECK(s->find("outside an adaptive_batch step") == std::string::npos);
+    }
+    for (std::string const* s : {&device_setup, &budget_setup, &device_after}) {
+        CAPTURE(*s);
+        CHECK(s->find("lower the batch") == std::string::npos);
+        CHECK(s->find("outside an adaptive_batch step (setup: model weights, optimizer state)") != std::string::npos);
+        CHECK(s->find("lower the precision of the weights") != std::string::npos);
+    }
+    CHECK(budget_setup.find("raise the budget") != std::string::npos);
+    CHECK(device_setup.find("free memory held elsewhere") != std::string::npos);
+    CHECK(device_setup.find("DeviceSelector") != std::string::npos);
+}
+
 TEST_CASE("observers see each global batch and micro-batch: its samples, what it held and its peak; an OOM's demand") {
     Workload w(100 * KiB, 0, 4 * KiB);  // fits 25 samples at a time
     Buffer weights(w.budget, 10 * KiB);  // held across steps

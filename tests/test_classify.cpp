@@ -4,6 +4,7 @@
 
 #include <new>
 #include <stdexcept>
+#include <string>
 #include <system_error>
 #include <vector>
 
@@ -95,4 +96,65 @@ TEST_CASE("exception_ptr and status overloads") {
     CHECK_FALSE(is_device_oom(std::exception_ptr{}));
     CHECK(is_device_oom(status{status_kind::out_of_memory, 2, "cudaErrorMemoryAllocation"}));
     CHECK_FALSE(is_device_oom(status::success()));
+}
+
+TEST_CASE("a peer's OOM passed on as text is a device OOM, like oomguard's own") {
+    // A step that rewraps exceptions as runtime_error(e.what()) must still leave
+    // run() by the OOM path on every rank, or the others wait in the agreement.
+    char const* peer = "oomguard: another rank ran out of device memory in this attempt; every rank leaves the step "
+                       "and retries together";
+    CHECK(is_device_oom(std::runtime_error(peer)));
+    CHECK(is_device_oom(std::runtime_error(std::string("step 12: ") + peer)));
+    // Pieces of it are not oomguard's message.
+    CHECK_FALSE(is_device_oom(std::runtime_error("another rank ran out of device memory")));
+    CHECK_FALSE(is_device_oom(std::runtime_error("oomguard: another rank ran out of device memory in this attempt")));
+}
+
+TEST_CASE("cudart's own OOM string after \"CUDA error: \", as CUDA_CHECK macros and c10 write it") {
+    // c10_cuda_check_implementation: "CUDA error: " + cudaGetErrorString(err), then
+    // a help line, the async suffix, or the newline -- each starting with '\n'.
+    char const* accepted[] = {
+        "CUDA error: out of memory",
+        "CUDA error: out of memory\n",
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call, "
+        "so the stacktrace below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+        "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n",
+        "CUDA error: out of memory\nDevice-side assertions were explicitly omitted for this error check",
+    };
+    for (std::string t : accepted) {
+        CAPTURE(t);
+        CHECK(is_device_oom(std::runtime_error(t)));
+    }
+    char const* refused[] = {
+        "CUDA error: out of memory on the host",            // more words: not cudart's string
+        "CUDA error: out of memory.",                       // nor a documented separator
+        "CUDA error: out of memoryX",
+        "CUDA error: out of mem",
+        "CUDA error: Out of memory",                        // not cudart's spelling
+        "cuda error: out of memory",
+        "CUDA error:out of memory",
+        "CUDA Error: out of memory",
+        "HIP error: out of memory",
+        "loader: CUDA error: out of memory",                // not at the start
+        " CUDA error: out of memory",
+        "CUDA error: an illegal memory access was encountered",
+        "CUDA error: ",
+        "CUDA error: \nout of memory",
+        "out of memory\nCUDA error: out of memory",
+    };
+    for (std::string t : refused) {
+        CAPTURE(t);
+        CHECK_FALSE(is_device_oom(std::runtime_error(t)));
+    }
+}
+
+TEST_CASE("a cuda_error is never an OOM by type, even with a catch-all rule registered") {
+    auto everything = register_oom_rule([](std::exception const&) { return true; });
+    CHECK(is_device_oom(std::runtime_error("anything")));  // the rule is live
+    CHECK_FALSE(is_device_oom(cuda_error(status{status_kind::other, 999, "cudaErrorUnknown"}, "x")));
+    CHECK_FALSE(is_device_oom(cuda_error(status{status_kind::sticky, 700, "cudaErrorIllegalAddress"}, "x")));
+    CHECK_FALSE(is_device_oom(no_device_error(status{status_kind::no_device, 35, "cudaErrorInsufficientDriver"}, "x")));
+    CHECK_FALSE(is_device_oom(std::make_exception_ptr(cuda_error(status{status_kind::sticky, 700, "x"}, "y"))));
+    // Nor whatever its text says.
+    CHECK_FALSE(is_device_oom(cuda_error(status{status_kind::other, 2, "cudaErrorMemoryAllocation"}, "CUDA error: out of memory")));
 }

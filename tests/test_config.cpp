@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 using namespace oomguard;
@@ -23,7 +24,7 @@ TEST_CASE("valid settings") {
     CHECK(*c.max_attempts == 8);
 
     CHECK(parse_config("budget=90%").budget->ratio() == doctest::Approx(0.9));
-    CHECK(parse_config("budget=1").budget->ratio() == doctest::Approx(1.0));
+    CHECK(parse_config("budget=1.0").budget->ratio() == doctest::Approx(1.0));
     CHECK(parse_config("budget=1.5GB").budget->amount() == 1500000000ull);
     CHECK(parse_config("budget=512 MiB").budget->amount() == (512ull << 20));
     CHECK(parse_config("headroom=2GiB").budget->type() == Limit::kind::headroom);
@@ -43,7 +44,7 @@ TEST_CASE("every bad entry names itself and what is valid") {
         {"budgt=0.9", "budgt", "unknown key 'budgt'; valid keys: budget, headroom, min_batch, max_attempts, policy"},
         {"budget=0", "budget", "bad value '0' for budget"},
         {"budget=1.2", "budget", "fraction of device memory in (0, 1]"},
-        {"budget=5", "budget", "bad value '5'"},
+        {"budget=5.0", "budget", "bad value '5.0'"},
         {"budget=-0.5", "budget", "bad value '-0.5'"},
         {"budget=nan", "budget", "bad value 'nan'"},
         {"budget=1e9", "budget", "bad value '1e9'"},
@@ -187,4 +188,86 @@ TEST_CASE("a budget built from a Config in one call, its cap from budget= or hea
     CHECK(c.limit() == 900);
     CHECK(parse_config("min_batch=2").limit_or(Limit::bytes(7)).amount() == 7);
     CHECK(parse_config("budget=3KiB").limit_or(Limit::bytes(7)).amount() == 3072);
+}
+
+TEST_CASE("a size is whole bytes: a fraction of a byte is refused, never truncated") {
+    CHECK(parse_size("1.5KiB") == 1536u);
+    CHECK(parse_size("0.5KiB") == 512u);
+    CHECK(parse_size("1.00KiB") == 1024u);           // trailing zeros are still whole
+    CHECK(parse_size("0.0009765625KiB") == 1u);      // 2^-10 KiB: one byte exactly
+    CHECK(parse_size("0.001KB") == 1u);
+    CHECK(parse_size("1.1KB") == 1100u);             // exact, where a double gives 1100.0000000000002
+    CHECK(parse_size("0.3MB") == 300000u);
+    CHECK(parse_size("1.0B") == 1u);
+    CHECK(parse_size("1TiB") == (std::size_t{1} << 40));
+    struct Case {
+        char const* text;
+        char const* says;
+    };
+    Case const bad[] = {
+        {"1.0001KiB", "bad value '1.0001KiB' for --headroom: not a whole number of bytes (between 1024 and 1025)"},
+        {"0.0001KiB", "not a whole number of bytes (between 0 and 1)"},
+        {"0.00097656KiB", "not a whole number of bytes (between 0 and 1)"},
+        {"1.5B", "not a whole number of bytes (between 1 and 2)"},
+        {"0.0000001MB", "not a whole number of bytes (between 0 and 1)"},
+        {"1.5", "whole bytes"},                      // no unit: a bare number is whole bytes
+        {"1.0", "whole bytes"},
+        {"20000000TiB", "more than 18446744073709551615 bytes"},
+        {"18446744073709551616", "more than 18446744073709551615 bytes"},
+    };
+    for (auto const& b : bad) {
+        std::string text = b.text;
+        CAPTURE(text);
+        CHECK_THROWS_WITH_AS(parse_size(b.text, "--headroom"), doctest::Contains(b.says), config_error);
+    }
+    CHECK(parse_size("18446744073709551615") == std::numeric_limits<std::size_t>::max());
+    // headroom= and budget= take the same rule, and name the variable.
+    CHECK_THROWS_WITH_AS(parse_config("headroom=0.0001KiB"),
+                         doctest::Contains("OOMGUARD_CONF: bad value '0.0001KiB' for headroom: not a whole number"),
+                         config_error);
+    CHECK_THROWS_WITH_AS(parse_config("budget=1.0001KiB"),
+                         doctest::Contains("OOMGUARD_CONF: bad value '1.0001KiB' for budget: not a whole number"),
+                         config_error);
+    CHECK(parse_config("budget=0.5KiB").budget->amount() == 512u);
+}
+
+TEST_CASE("budget=: a bare number is bytes, a fraction has a decimal point, a percentage a '%'") {
+    // Bytes: digits alone, or a unit.
+    Limit l = parse_limit("1024");
+    CHECK(l.type() == Limit::kind::bytes);
+    CHECK(l.amount() == 1024u);
+    CHECK(parse_limit("1").type() == Limit::kind::bytes);
+    CHECK(parse_limit("1").amount() == 1u);
+    CHECK(parse_config("budget=4096").budget->amount() == 4096u);
+    CHECK(parse_limit("281474976710655").amount() == 281474976710655u);
+    // A fraction: a decimal point, in (0, 1].
+    CHECK(parse_limit("1.0").type() == Limit::kind::fraction);
+    CHECK(parse_limit("1.0").ratio() == doctest::Approx(1.0));
+    CHECK(parse_limit("0.9").ratio() == doctest::Approx(0.9));
+    CHECK(parse_limit("0.0001").ratio() == doctest::Approx(0.0001));
+    CHECK(parse_limit(".5").ratio() == doctest::Approx(0.5));
+    // A percentage, in (0, 100].
+    CHECK(parse_limit("100%").ratio() == doctest::Approx(1.0));
+    CHECK(parse_limit("0.5%").ratio() == doctest::Approx(0.005));
+    struct Case {
+        char const* text;
+        char const* says;
+    };
+    Case const bad[] = {
+        {"0", "bad value '0' for --budget: a budget of 0 bytes allows nothing"},
+        {"0B", "a budget of 0 bytes allows nothing"},
+        {"0.0", "bad value '0.0' for --budget: give a fraction"},
+        {"1.00001", "bad value '1.00001' for --budget: give a fraction"},
+        {"2.0", "give a fraction of device memory in (0, 1] with a decimal point"},
+        {"100.5%", "bad value '100.5%'"},
+        {"18446744073709551616", "more than 18446744073709551615 bytes"},
+        {"1.5B", "not a whole number of bytes (between 1 and 2)"},
+        {".", "bad value '.' for --budget: give a fraction"},
+        {"%", "bad value '%' for --budget"},
+    };
+    for (auto const& b : bad) {
+        std::string text = b.text;
+        CAPTURE(text);
+        CHECK_THROWS_WITH_AS(parse_limit(b.text, "--budget"), doctest::Contains(b.says), config_error);
+    }
 }

@@ -74,3 +74,40 @@ TEST_CASE("Message truncates long texts instead of overflowing") {
     n << "a" << 1 << ' ' << -2L << ' ' << 3ull << ' ' << 0.5 << ' ' << static_cast<char const*>(nullptr);
     CHECK(std::string(n.c_str()) == "a1 -2 3 0.5 (null)");
 }
+
+TEST_CASE("the advice follows the adaptive_batch step marker, nested and after a throw") {
+    oom_info device;
+    device.device = 0;
+    device.requested = 1000;
+    oom_info budget = device;
+    budget.source = oom_source::budget;
+    auto says = [](oom_info const& i, char const* text) {
+        return std::string(out_of_memory(i).what()).find(text) != std::string::npos;
+    };
+    CHECK_FALSE(detail::in_adaptive_step());
+    CHECK(says(device, "Advice: outside an adaptive_batch step (setup: model weights, optimizer state) a smaller "
+                       "batch does not help: free memory held elsewhere"));
+    CHECK(says(budget, "Advice: outside an adaptive_batch step (setup: model weights, optimizer state) a smaller "
+                       "batch does not help: raise the budget"));
+    CHECK_FALSE(says(device, "lower the batch"));
+    CHECK_FALSE(says(budget, "lower the batch"));
+    {
+        detail::AdaptiveStepScope outer;
+        {
+            detail::AdaptiveStepScope inner;
+            CHECK(detail::adaptive_step_depth() == 2);
+        }
+        CHECK(detail::in_adaptive_step());
+        CHECK(says(device, "Advice: release caches (ScopedCacheRelease), lower the batch"));
+        CHECK(says(budget, "Advice: lower the batch (adaptive_batch does it for you) or raise the budget."));
+        CHECK_FALSE(says(budget, "outside an adaptive_batch step"));
+    }
+    try {
+        detail::AdaptiveStepScope scope;
+        throw out_of_memory(device);
+    } catch (out_of_memory const& e) {
+        CHECK(std::string(e.what()).find("lower the batch") != std::string::npos);  // built inside the step
+    }
+    CHECK(detail::adaptive_step_depth() == 0);  // unwinding left the step
+    CHECK(says(device, "outside an adaptive_batch step"));
+}

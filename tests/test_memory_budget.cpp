@@ -96,6 +96,32 @@ TEST_CASE("caps as fraction and headroom resolve against the device") {
                          std::invalid_argument);
 }
 
+TEST_CASE("headroom re-applied: what the budget holds counts as its own, not as the device's") {
+    constexpr std::size_t KiB = 1024;
+    SimulatedDevices gpus(1, 1024 * KiB);
+    Budget b(gpus, 0, Limit::headroom(100 * KiB));
+    CHECK(b.limit() == 924 * KiB);
+    void* held = b.allocate(600 * KiB);
+    // 424 KiB free on the device + 600 KiB held here - 100 KiB: the same 924 KiB.
+    b.set_limit(Limit::headroom(100 * KiB));
+    CHECK(b.limit() == 924 * KiB);
+    CHECK(b.available() == 324 * KiB);
+    void* more = b.allocate(64 * KiB);
+    b.deallocate(more, 64 * KiB);
+    // The boundary: headroom up to free + held is allowed (a cap of what is held), one byte more is not.
+    b.set_limit(Limit::headroom(1024 * KiB));
+    CHECK(b.limit() == 0);
+    b.set_limit(Limit::headroom(1024 * KiB - 1));
+    CHECK(b.limit() == 1);
+    CHECK_THROWS_WITH_AS(b.set_limit(Limit::headroom(1024 * KiB + 1)),
+                         doctest::Contains("is more than the 424.00 KiB free on the device plus the 600.00 KiB "
+                                           "this budget holds"),
+                         std::invalid_argument);
+    CHECK(b.limit() == 1);  // a refused limit changes nothing
+    b.deallocate(held, 600 * KiB);
+    CHECK(gpus.live_bytes() == 0);
+}
+
 TEST_CASE("no device: a clear no_device_error, not an OOM") {
     SimulatedDevices none(0, 1);
     CHECK_THROWS_AS(Budget(none, 0, 10), no_device_error);

@@ -59,6 +59,8 @@ TEST_CASE("CUDA_VISIBLE_DEVICES by CUDA's rules") {
         {"GPU-cafe", F, {}, "matches no GPU's UUID"},
         {"MIG-cccc2", F, {2}, ""},
         {"MIG-cccc", F, {}, "is a prefix of 2 MIG instances (ambiguous)"},
+        {"MIG-cccc1,MIG-cccc2", F, {2, 2}, ""},                                // two instances of one GPU: two devices
+        {"MIG-cccc1,MIG-cccc1111", F, {}, "entry 2 'MIG-cccc1111' names a device already listed"},  // one, twice
         {nullptr, P, {1, 0, 2, 3}, ""},                                        // PCI order: 18 < 3B < 86 < AF
         {"0,1", P, {1, 0}, ""},                                                // indices follow that order
     };
@@ -98,4 +100,27 @@ TEST_CASE("CUDA_DEVICE_ORDER") {
     CHECK(parse_device_order("pci", &w) == DeviceOrder::fastest_first);
     REQUIRE(w.size() == 1);
     CHECK(w[0].find("CUDA_DEVICE_ORDER='pci'") != std::string::npos);
+}
+
+TEST_CASE("two MIG instances of one GPU are two devices; the same instance twice is the empty set") {
+    VisibleDevices two = parse_visible_devices("MIG-cccc2,MIG-cccc1", machine());
+    CHECK(two.warnings.empty());
+    REQUIRE(two.devices.size() == 2);
+    CHECK(two.devices[0].physical == 2);
+    CHECK(two.devices[1].physical == 2);
+    CHECK(two.devices[0].mig == "MIG-cccc2222-0000-0000-0000-000000000000");
+    CHECK(two.devices[1].mig == "MIG-cccc1111-0000-0000-0000-000000000000");
+    CHECK(two.find(1)->ordinal == 1);
+
+    // The same instance by its legacy name and its own is a repeat, too.
+    std::vector<PhysicalDevice> m = machine();
+    m[2].mig_legacy = {"MIG-GPU-bbbb3333-0000-0000-0000-000000000000/1/0",
+                       "MIG-GPU-bbbb3333-0000-0000-0000-000000000000/2/0"};
+    VisibleDevices same = parse_visible_devices("MIG-cccc1,MIG-GPU-bbbb3333-0000-0000-0000-000000000000/1/0", m);
+    CHECK(same.devices.empty());
+    REQUIRE(same.warnings.size() == 1);
+    CHECK(same.warnings[0].find("a repeated device makes CUDA show no device at all") != std::string::npos);
+    VisibleDevices both = parse_visible_devices("MIG-cccc1,MIG-GPU-bbbb3333-0000-0000-0000-000000000000/2/0", m);
+    CHECK(both.warnings.empty());
+    CHECK(both.devices.size() == 2);
 }

@@ -787,9 +787,7 @@ private:
             oom_info info;
             info.device = planner_.attempt().plan.device;
             info.requested_known = false;
-            throw peer_out_of_memory(info, detail::Message()
-                                               << "oomguard: another rank ran out of device memory in this "
-                                                  "attempt; every rank leaves the step and retries together");
+            throw peer_out_of_memory(info, detail::Message() << detail::peer_oom_text);
         }
         detail::Message m;
         m << "oomguard: the ranks called MicroBatch::sync() at different points: micro-batch "
@@ -840,6 +838,7 @@ private:
     std::size_t measured(Step& step, Meter const* meter, MicroBatch const& mb) {
         struct InStep {
             bool& flag;
+            detail::AdaptiveStepScope marked;  // an OOM in here is advised to lower the batch
             explicit InStep(bool& f) : flag(f) { flag = true; }
             ~InStep() { flag = false; }
         } in_step{in_step_};

@@ -81,20 +81,58 @@ private:
 }
 
 namespace detail {
-/// The texts that name a device OOM: CUDA's own error names (the runtime's, which
-/// Thrust's bad_alloc and system_error keep, and the driver API's), libtorch's
-/// c10::OutOfMemoryError ("CUDA out of memory. Tried to allocate ..."), and
-/// oomguard's own message when another library passes it on as text. Never
+/// What MicroBatch::sync() says on a rank whose peer ran out of memory
+/// (peer_out_of_memory). One constant for the thrower and the classifier, so a
+/// step that passes it on as text is still recognised after any rewording.
+constexpr char const* peer_oom_text =
+    "oomguard: another rank ran out of device memory in this attempt; every rank leaves the step and retries "
+    "together";
+
+/// The texts that name a device OOM anywhere in a message: CUDA's own error
+/// names (the runtime's, which Thrust's bad_alloc and system_error keep, and
+/// the driver API's), libtorch's c10::OutOfMemoryError ("CUDA out of memory.
+/// Tried to allocate ..."), and oomguard's own messages (out_of_memory's and
+/// peer_out_of_memory's) when another library passes them on as text. Never
 /// "out of memory" alone: a host loader or cudaHostAlloc says that too.
 constexpr char const* device_oom_texts[] = {"cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",
-                                            "CUDA out of memory", "oomguard: out of memory"};
+                                            "CUDA out of memory", "oomguard: out of memory", peer_oom_text};
+
+/// What a CUDA_CHECK macro built on cudaGetErrorString writes first, PyTorch's
+/// c10 CUDA_CHECK included.
+constexpr char const* cuda_check_prefix = "CUDA error: ";
+
+/// cudaGetErrorString's text for each code oomguard treats as a device OOM
+/// (CudaRuntime::classify: cudaErrorMemoryAllocation alone; CUDA 13's
+/// libcudart says "out of memory", as cuGetErrorString does for the driver's
+/// CUDA_ERROR_OUT_OF_MEMORY).
+constexpr char const* cudart_oom_strings[] = {"out of memory"};
+
+/// True when `w` starts with cuda_check_prefix and one of cudart_oom_strings,
+/// followed by the end of the text or a newline: c10 appends its help, its
+/// "CUDA kernel errors might be asynchronously reported" suffix and its
+/// device-assertion note each after a '\n'. Anything else after the string
+/// ("out of memory on the host", a '.') is not cudart's text, and the match is
+/// anchored at the start because "... CUDA error: out of memory" inside another
+/// message may be anyone's words.
+inline bool is_cuda_check_oom_text(char const* w) noexcept {
+    if (w == nullptr) return false;
+    std::size_t const n = std::strlen(cuda_check_prefix);
+    if (std::strncmp(w, cuda_check_prefix, n) != 0) return false;
+    for (char const* s : cudart_oom_strings) {
+        std::size_t const m = std::strlen(s);
+        if (std::strncmp(w + n, s, m) == 0 && (w[n + m] == '\0' || w[n + m] == '\n')) return true;
+    }
+    return false;
+}
 }  // namespace detail
 
 /// True when `e` reports a device out-of-memory:
 ///  - oomguard::out_of_memory;
 ///  - never an oomguard::cuda_error (sticky errors, no driver, bad arguments);
 ///  - a registered user rule says so;
-///  - any other exception whose text holds one of detail::device_oom_texts.
+///  - any other exception whose text holds one of detail::device_oom_texts, or
+///    starts with cudart's own OOM text as CUDA_CHECK macros write it
+///    ("CUDA error: out of memory", then the end or a newline).
 ///    A host `new` failure says only "std::bad_alloc" and is not a device OOM.
 inline bool is_device_oom(std::exception const& e) noexcept {
     if (dynamic_cast<out_of_memory const*>(&e) != nullptr) return true;
@@ -113,7 +151,7 @@ inline bool is_device_oom(std::exception const& e) noexcept {
     char const* w = e.what();
     for (char const* t : detail::device_oom_texts)
         if (detail::contains(w, t)) return true;
-    return false;
+    return detail::is_cuda_check_oom_text(w);
 }
 
 /// Same question for an exception_ptr (for example one kept from another thread).

@@ -5,6 +5,11 @@
 //   OOMGUARD_CONF="budget=0.9,min_batch=1"
 //   OOMGUARD_CONF="budget=70GiB, max_attempts=8"
 //   OOMGUARD_CONF="headroom=2GiB"
+//
+// One grammar for every size: digits alone are bytes ("4096"); a unit may
+// follow a decimal ("1.5KiB") as long as the result is whole bytes. A fraction
+// of the device (budget= only) is spelt with a decimal point ("0.9", "1.0") or
+// as a percentage ("90%"), so no text is both a fraction and a size.
 #pragma once
 
 #include <oomguard/memory_budget.hpp>
@@ -45,7 +50,7 @@ private:
 
 /// Parsed settings; a key that was not given stays empty.
 struct Config {
-    std::optional<Limit> budget;           ///< budget= (fraction, percent or bytes) or headroom=
+    std::optional<Limit> budget;           ///< budget= (0.9, 90% or a size in bytes) or headroom= (a size)
     std::optional<std::size_t> min_batch;  ///< smallest micro-batch adaptive_batch may use, >= 1
     std::optional<unsigned> max_attempts;  ///< attempts per global batch, in [1, 1000]
     std::optional<ShrinkPolicy> policy;    ///< policy=halve|bisect|predictive|geometric (factor= sets f)
@@ -111,44 +116,60 @@ inline bool iequals(std::string_view a, std::string_view b) noexcept {
     return true;
 }
 
+/// How a size's text fared (parse_bytes).
+enum class bytes_parse : unsigned char {
+    ok,
+    malformed,   ///< not digits with an optional decimal point and unit, or a bare number with a point
+    fractional,  ///< well formed, but not a whole number of bytes
+    too_large    ///< more than std::size_t holds
+};
+
 /// "2GiB", "512 MiB", "1.5GB", "4096", "4096B" -> bytes; units in any case
-/// ("1mb" is 1MB: 10^6 bytes, "1mib" 2^20). False on anything else.
-inline bool parse_bytes(std::string_view s, std::size_t& out, bool& had_unit) noexcept {
+/// ("1mb" is 1MB: 10^6 bytes, "1mib" 2^20). A bare number (no unit) is bytes
+/// and has no decimal point: with one it is a fraction, which only budget=
+/// takes (parse_limit). The arithmetic is exact, digit by digit: "1.1KB" is
+/// 1100 bytes, and a size that comes to a fraction of a byte ("1.0001KiB",
+/// "0.5B") is `fractional`, never truncated. `floor` is the whole bytes below
+/// it (for the message); `out` is set only when the answer is `ok`.
+inline bytes_parse parse_bytes(std::string_view s, std::size_t& out, std::size_t& floor) noexcept {
+    constexpr std::uint64_t max = std::numeric_limits<std::size_t>::max();
     std::size_t i = 0;
     while (i < s.size() && ((s[i] >= '0' && s[i] <= '9') || s[i] == '.')) ++i;
-    std::string_view num = s.substr(0, i), unit = trim(s.substr(i));
-    double mult = 1.0;
-    had_unit = !unit.empty();
-    struct U { char const* name; double mult; };
-    static constexpr U units[] = {{"B", 1.0},
-                                  {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0},
-                                  {"TiB", 1099511627776.0},
-                                  {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}};
-    if (had_unit) {
-        bool found = false;
-        for (auto const& u : units) {
-            if (iequals(unit, u.name)) {
-                mult = u.mult;
-                found = true;
-            }
-        }
-        if (!found) return false;
+    std::string_view const num = s.substr(0, i), unit = trim(s.substr(i));
+    std::size_t const dot = num.find('.');
+    std::string_view const whole = num.substr(0, dot);
+    std::string_view const frac = dot == std::string_view::npos ? std::string_view() : num.substr(dot + 1);
+    if (whole.size() + frac.size() == 0 || frac.find('.') != std::string_view::npos) return bytes_parse::malformed;
+    if (unit.empty() && dot != std::string_view::npos) return bytes_parse::malformed;
+    struct U { char const* name; std::uint64_t mult; };
+    static constexpr U units[] = {{"B", 1},
+                                  {"KiB", std::uint64_t{1} << 10}, {"MiB", std::uint64_t{1} << 20},
+                                  {"GiB", std::uint64_t{1} << 30}, {"TiB", std::uint64_t{1} << 40},
+                                  {"KB", 1000}, {"MB", 1000000}, {"GB", 1000000000}, {"TB", 1000000000000}};
+    std::uint64_t mult = unit.empty() ? 1 : 0;
+    for (auto const& u : units)
+        if (iequals(unit, u.name)) mult = u.mult;
+    if (mult == 0) return bytes_parse::malformed;
+    std::uint64_t bytes = 0;
+    if (!whole.empty() && !parse_unsigned(whole, bytes)) return bytes_parse::too_large;  // digits only: overflow
+    if (bytes > max / mult) return bytes_parse::too_large;
+    bytes *= mult;
+    // 0.d1d2...dk x mult, from the last digit up: the carry out of the first is
+    // the whole bytes it adds, and any digit left behind is a fraction of a
+    // byte. Each step stays below 10 x mult, far inside 64 bits.
+    std::uint64_t carry = 0;
+    bool exact = true;
+    for (std::size_t k = frac.size(); k-- > 0;) {
+        std::uint64_t const t = static_cast<std::uint64_t>(frac[k] - '0') * mult + carry;
+        if (t % 10 != 0) exact = false;
+        carry = t / 10;
     }
-    double v = 0.0;
-    bool integral = false;
-    if (!parse_decimal(num, v, integral)) return false;
-    if (integral && !had_unit) {
-        std::uint64_t n = 0;
-        if (!parse_unsigned(num, n) || n > std::numeric_limits<std::size_t>::max()) return false;
-        out = static_cast<std::size_t>(n);
-        return true;
-    }
-    if (!integral && mult == 1.0) return false;  // bytes are whole: 1.5 or 1.5B is not a size
-    double bytes = v * mult;
-    // 2^64 is the first double above every size_t.
-    if (!(bytes < 18446744073709551616.0)) return false;
+    if (carry > max - bytes) return bytes_parse::too_large;
+    bytes += carry;
+    floor = static_cast<std::size_t>(bytes);
+    if (!exact) return bytes_parse::fractional;
     out = static_cast<std::size_t>(bytes);
-    return true;
+    return bytes_parse::ok;
 }
 
 [[noreturn]] inline void bad_value(std::string_view key, std::string_view value, char const* valid,
@@ -156,9 +177,24 @@ inline bool parse_bytes(std::string_view s, std::size_t& out, bool& had_unit) no
     throw config_error(key, value, Message() << "bad value '" << value << "' for " << key << ": " << valid, source);
 }
 
+/// The error for a size parse_bytes refused for a reason of its own
+/// (fractional, too_large); `valid` says what would do.
+[[noreturn]] inline void bad_size(bytes_parse why, std::size_t floor, std::string_view key, std::string_view value,
+                                  char const* valid, std::string_view source) {
+    Message m;
+    m << "bad value '" << value << "' for " << key << ": ";
+    if (why == bytes_parse::fractional)
+        m << "not a whole number of bytes (between " << floor << " and " << floor + 1 << "); ";
+    else if (why == bytes_parse::too_large)
+        m << "more than " << std::numeric_limits<std::size_t>::max() << " bytes, the largest size; ";
+    m << valid;
+    throw config_error(key, value, m, source);
+}
+
 inline Limit parse_limit(std::string_view v, std::string_view key, std::string_view source) {
-    static char const* valid = "give a fraction of device memory in (0, 1] (0.9), a percentage "
-                               "in (0, 100] (90%), or a size with a unit (70GiB, 512MiB)";
+    static char const* valid = "give a fraction of device memory in (0, 1] with a decimal point (0.9, 1.0), a "
+                               "percentage in (0, 100] (90%), or a size in whole bytes (70GiB, 512MiB, or 1048576: "
+                               "a bare number is bytes)";
     if (!v.empty() && v.back() == '%') {
         double pct = 0.0;
         bool integral = false;
@@ -166,26 +202,32 @@ inline Limit parse_limit(std::string_view v, std::string_view key, std::string_v
             bad_value(key, v, valid, source);
         return Limit::fraction(pct / 100.0);
     }
+    // A number with a decimal point and no unit is the fraction; digits alone
+    // are bytes, as everywhere else a size is read.
     double f = 0.0;
     bool integral = false;
-    if (parse_decimal(v, f, integral)) {
+    if (parse_decimal(v, f, integral) && !integral) {
         if (!(f > 0.0 && f <= 1.0)) bad_value(key, v, valid, source);
         return Limit::fraction(f);
     }
-    std::size_t b = 0;
-    bool had_unit = false;
-    if (!parse_bytes(v, b, had_unit) || b == 0) bad_value(key, v, valid, source);
+    std::size_t b = 0, floor = 0;
+    bytes_parse const r = parse_bytes(v, b, floor);
+    if (r == bytes_parse::malformed) bad_value(key, v, valid, source);
+    if (r != bytes_parse::ok) bad_size(r, floor, key, v, valid, source);
+    if (b == 0)
+        bad_value(key, v, "a budget of 0 bytes allows nothing; give at least 1 byte, a fraction (0.9) or a "
+                          "percentage (90%)", source);
     return Limit::bytes(b);
 }
 
 inline std::size_t parse_size(std::string_view v, std::string_view key, std::string_view source) {
-    std::size_t b = 0;
-    bool had_unit = false;
-    if (!parse_bytes(v, b, had_unit))
-        bad_value(key, v,
-                  "give a size such as 2GiB, 512MiB or 1048576 (whole bytes); units B, KiB, MiB, GiB, TiB, "
-                  "KB, MB, GB, TB in any case",
-                  source);
+    static char const* valid = "give a size such as 2GiB, 512MiB or 1048576 (whole bytes); a bare number is bytes, a "
+                               "decimal point needs a unit (1.5KiB); units B, KiB, MiB, GiB, TiB, KB, MB, GB, TB in any "
+                               "case";
+    std::size_t b = 0, floor = 0;
+    bytes_parse const r = parse_bytes(v, b, floor);
+    if (r == bytes_parse::malformed) bad_value(key, v, valid, source);
+    if (r != bytes_parse::ok) bad_size(r, floor, key, v, valid, source);
     return b;
 }
 
@@ -334,11 +376,18 @@ inline Config config_from_env(char const* variable = "OOMGUARD_CONF") {
 // One value each, by the rules of the OOMGUARD_CONF key of the same meaning,
 // for a program's own flags. `name` is what errors call the value ("--budget").
 
-/// A cap, as budget= reads it: 0.9, 90% or 70GiB.
+/// A cap, as budget= reads it: a fraction of the device with a decimal point
+/// in (0, 1] (0.9, 1.0), a percentage in (0, 100] (90%), or a size of at
+/// least one whole byte (70GiB, 1.5KiB, 4096: a bare number is bytes).
+/// Throws config_error naming `name` and the value otherwise (a fraction out
+/// of range, 0 bytes, a fraction of a byte, more than size_t holds).
 inline Limit parse_limit(std::string_view text, std::string_view name = "budget") {
     return detail::parse_limit(detail::trim(text), name, "");
 }
-/// A size in bytes: 4096, 512MiB, 1.5GB (units in any case).
+/// A size in bytes: 4096, 512MiB, 1.5GB (units in any case). Digits alone are
+/// bytes; a decimal point needs a unit, and the result must be whole bytes.
+/// Throws config_error naming `name` and the value otherwise ("1.5", "1.5B",
+/// "1.0001KiB", more than size_t holds).
 inline std::size_t parse_size(std::string_view text, std::string_view name = "size") {
     return detail::parse_size(detail::trim(text), name, "");
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <oomguard/backend.hpp>
+#include <oomguard/detail/adaptive_step_scope.hpp>
 #include <oomguard/detail/format.hpp>
 #include <oomguard/detail/std_throw.hpp>
 
@@ -68,20 +69,35 @@ inline Message describe(oom_info const& i) noexcept {
         m << "; ";  // an uncapped budget still knows what it holds (PyTorch's "already allocated")
         figure(m, i.budget_used) << " already allocated through this budget";
     }
+    // The advice is chosen when the error is built, on the thread that failed:
+    // only inside an adaptive_batch step is the batch the lever.
+    bool const in_step = in_adaptive_step();
     if (i.source == oom_source::budget) {
-        m << " (denied by the budget before the device was asked). Advice: lower the batch "
-             "(adaptive_batch does it for you) or raise the budget.";
+        m << " (denied by the budget before the device was asked). Advice: ";
+        if (in_step)
+            m << "lower the batch (adaptive_batch does it for you) or raise the budget.";
+        else
+            m << "outside an adaptive_batch step (setup: model weights, optimizer state) a smaller batch does not "
+                 "help: raise the budget, free what else is held under it, lower the precision of the weights "
+                 "(FP16/BF16), or use another device.";
     } else {
-        m << " (" << i.code_name
-          << "). Advice: release caches (ScopedCacheRelease), lower the batch, use FP16/BF16 "
-             "buffers, or pick a GPU with more free memory (DeviceSelector).";
+        m << " (" << i.code_name << "). Advice: ";
+        if (in_step)
+            m << "release caches (ScopedCacheRelease), lower the batch, use FP16/BF16 buffers, or pick a GPU "
+                 "with more free memory (DeviceSelector).";
+        else
+            m << "outside an adaptive_batch step (setup: model weights, optimizer state) a smaller batch does not "
+                 "help: free memory held elsewhere (caches: ScopedCacheRelease; other processes), lower the "
+                 "precision of the weights (FP16/BF16), or use a GPU with more free memory (DeviceSelector).";
     }
     return m;
 }
 }  // namespace detail
 
 /// A device out-of-memory error. Derives from std::bad_alloc so code that already
-/// catches allocation failures keeps working.
+/// catches allocation failures keeps working. Its text ends with advice, chosen
+/// when it is built: inside an adaptive_batch step (on the thread running it)
+/// a smaller batch; outside one (setup: weights, optimizer state) what helps there.
 class out_of_memory : public std::bad_alloc {
 public:
     explicit out_of_memory(oom_info info) noexcept : info_(info), what_(detail::describe(info_)) {}

@@ -74,7 +74,8 @@ public:
                                   << "): a fraction of device memory must be in (0, 1]");
         return Limit(kind::fraction, 0, f);
     }
-    /// Everything free on the device when the budget is built, less `n` bytes
+    /// Everything free on the device when the cap is set (the budget is built,
+    /// or set_limit is called), plus what the budget holds then, less `n` bytes
     /// left for other users (cuBLAS workspaces, other processes, the display).
     static Limit headroom(std::size_t n) { return Limit(kind::headroom, n, 0.0); }
     /// No cap: the budget only counts.
@@ -84,7 +85,10 @@ public:
     std::size_t amount() const noexcept { return bytes_; }
     double ratio() const noexcept { return fraction_; }
 
-    /// The cap in bytes for a device with `free` and `total` bytes.
+    /// The cap in bytes for a device with `free` and `total` bytes. A headroom
+    /// is taken of `free` alone (MemoryBudget::set_limit adds what the budget
+    /// holds before it takes it). Throws std::invalid_argument when a headroom
+    /// is more than `free`.
     std::size_t resolve(std::size_t free, std::size_t total) const {
         switch (kind_) {
             case kind::bytes: return bytes_;
@@ -249,14 +253,39 @@ public:
 
     /// Recomputes the cap from `limit` and the device's memory now. Lowering it
     /// below what is held is allowed: new requests are denied until enough is freed.
-    /// Throws std::invalid_argument when the cap comes to more than max_limit.
+    /// A headroom is taken of what the device has free plus what this budget
+    /// holds (its own bytes are not someone else's use), so re-applying the same
+    /// Limit::headroom gives the same cap. Throws std::invalid_argument when the
+    /// headroom is more than that sum, or the cap comes to more than max_limit;
+    /// cuda_error / no_device_error when the device's memory cannot be read.
     void set_limit(Limit limit) {
         std::size_t cap = max_limit;  // Limit::unlimited(): the largest the accounting word holds
         if (limit.type() == Limit::kind::fraction || limit.type() == Limit::kind::headroom) {
+            // Read before the device: an allocation racing with this call is then
+            // missed by both figures (a lower cap), never counted in both.
+            std::size_t const held = used();
             std::size_t free = 0, total = 0;
             status s = backend_->memory_info(device_, &free, &total);
             if (!s.ok()) detail::throw_status(s, "MemoryBudget: reading device memory");
-            cap = limit.resolve(free, total);
+            if (limit.type() == Limit::kind::headroom) {
+                // What this budget holds is the budget's to use again, not memory
+                // someone else took: without it, re-applying a headroom would cut
+                // the cap by everything the budget holds.
+                std::size_t const room = held > std::numeric_limits<std::size_t>::max() - free
+                                             ? std::numeric_limits<std::size_t>::max()
+                                             : free + held;
+                if (limit.amount() > room) {
+                    detail::Message m;
+                    m << "oomguard: Limit::headroom(" << detail::format_bytes(limit.amount()) << ") is more than the "
+                      << detail::format_bytes(free) << " free on the device";
+                    if (held != 0) m << " plus the " << detail::format_bytes(held) << " this budget holds";
+                    m << "; ask for less headroom";
+                    detail::throw_invalid(m);
+                }
+                cap = room - limit.amount();
+            } else {
+                cap = limit.resolve(free, total);
+            }
         } else if (limit.type() == Limit::kind::bytes) {
             cap = limit.resolve(0, 0);
         }

@@ -12,6 +12,8 @@
 //  - an index is read as strtoul reads it, by its leading digits: "1gpu2" is 1;
 //  - a device listed twice makes the whole set empty (the driver's rule, as
 //    PyTorch's own parser documents it: "repeated ordinal results in empty set").
+//    A MIG instance is a device of its own: two instances of one GPU are two
+//    devices, one instance twice (under either spelling) is a repeat.
 // oomguard also cuts at an index past the last device and an ambiguous UUID
 // prefix, and says what it did in `warnings`. Spaces and tabs around an entry
 // are ignored.
