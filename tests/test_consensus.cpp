@@ -650,3 +650,44 @@ TEST_CASE("ThreadConsensus: a rank that passes a different count fails every ran
     std::uint64_t v[2] = {1, 2};  // the group is broken: every later call says so, at once
     CHECK_THROWS_AS(group.all_min(v, 2), std::invalid_argument);
 }
+
+TEST_CASE("a step that rewraps a peer's OOM as text: the ranks retry together, the rank that did not fail is a peer") {
+    DataParallel dp(2);
+    BatchCounters counters[2];
+    std::string outcomes[2];
+    run_ranks(2, [&](int r) {
+        SimulatedDevices gpus(1, 64 * KiB);
+        Budget budget(gpus, 0, Limit::unlimited());
+        BatchOptions o;
+        o.global_batch = 8;
+        o.micro_batch = 4;
+        AdaptiveBatch a(o);
+        a.consensus(dp.group.hook());
+        bool injected = false;
+        try {
+            a.run(
+                [&](MicroBatch const& mb) {
+                    try {
+                        if (r == 0 && !injected) {
+                            injected = true;
+                            gpus.fail_next(0, 1);
+                        }
+                        Buffer act(budget, mb.size * KiB);
+                        mb.sync();
+                    } catch (std::exception const& e) {
+                        throw std::runtime_error(e.what());  // a framework's error wrapper
+                    }
+                },
+                [] {}, [] {});
+            outcomes[r] = "commit";
+        } catch (std::exception const& e) {
+            outcomes[r] = e.what();
+        }
+        counters[r] = a.counters();
+    });
+    CHECK(outcomes[0] == "commit");
+    CHECK(outcomes[1] == "commit");
+    CHECK(counters[0].ooms == 1);
+    CHECK(counters[1].ooms == 0);  // it did not fail: it left by its peer's OOM
+    CHECK(counters[1].peer_aborts == 1);
+}

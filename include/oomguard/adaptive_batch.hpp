@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <type_traits>
 #include <utility>
@@ -686,6 +687,10 @@ private:
                 throw;
             } catch (peer_out_of_memory const&) {
                 peer = true;
+            } catch (std::exception const& e) {
+                // A step that rewraps what it catches (runtime_error(e.what()))
+                // passes a peer's OOM on as its text: still the peer's.
+                peer = sync_aborted_ && std::strstr(e.what(), detail::peer_oom_text) != nullptr;
             } catch (...) {
             }
             if (!peer) {
