@@ -179,3 +179,60 @@ TEST_CASE("4 threads registering, unregistering and releasing") {
     CHECK(reg.size() == 0);
     CHECK(released.load() > 0);
 }
+
+TEST_CASE("a registration that outlives its registry is inert: no use after free") {
+    std::vector<std::string> log;
+    Pool p{5, &log, "p"};
+    // Declared before its registry, so destroyed after it (a member order, a
+    // local registry in a test).
+    CacheRegistration outlives;
+    std::size_t destroyed = 0;
+    struct Counted {
+        std::size_t* destroyed;
+        Counted(std::size_t* d) : destroyed(d) {}
+        Counted(Counted&& o) noexcept : destroyed(o.destroyed) { o.destroyed = nullptr; }
+        ~Counted() {
+            if (destroyed != nullptr) ++*destroyed;
+        }
+        std::size_t operator()() const { return 1; }
+    };
+    CacheRegistration owned;
+    {
+        CacheRegistry reg;
+        outlives = reg.add("p", 0, p);
+        owned = reg.add("owned", 1, Counted(&destroyed), [] { return std::size_t{1}; });
+        CHECK(outlives);
+        CHECK(owned);
+        CHECK(destroyed == 0);
+    }
+    // The registry let go of both caches (and destroyed the callables it owned).
+    CHECK(destroyed == 1);
+    CHECK_FALSE(outlives);
+    CHECK_FALSE(owned);
+    outlives.reset();
+    CHECK_FALSE(outlives);
+    CacheRegistration moved = std::move(owned);
+    CHECK_FALSE(moved);
+    // And a registry declared after its registrations in one scope: the registry
+    // dies first, then the registration.
+    {
+        CacheRegistration r;
+        CacheRegistry reg;
+        r = reg.add("p", 0, p);
+        CHECK(reg.size() == 1);
+    }
+    CHECK(log.empty());
+}
+
+TEST_CASE("a registration destroyed while its registry is destroyed on another thread") {
+    std::vector<std::string> log;
+    Pool p{5, &log, "p"};
+    for (int i = 0; i < 200; ++i) {
+        auto reg = std::make_unique<CacheRegistry>();
+        auto r = reg->add("p", 0, p);
+        std::thread t([&] { r.reset(); });
+        reg.reset();
+        t.join();
+        CHECK_FALSE(r);
+    }
+}

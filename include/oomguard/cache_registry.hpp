@@ -81,6 +81,23 @@ struct CacheEntry {
         }
     }
 };
+
+// A registry's state, shared by the registry and its registrations: whichever
+// of them goes last frees it. So a registration destroyed after its registry
+// (one in an object with static storage built before CacheRegistry::global(),
+// a local registry declared after its registrations) finds the registry gone
+// instead of touching freed memory.
+struct CacheRegistryState {
+    SpinMutex mutex;
+    std::vector<CacheEntry*> entries;  // sorted by (priority, order)
+    std::uint64_t next_order = 0;
+    std::atomic<bool> gone{false};     // the registry was destroyed (set under `mutex`)
+    std::atomic<std::size_t> refs{1};  // the registry + one per registration
+
+    void unref() noexcept {
+        if (refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+    }
+};
 }  // namespace detail
 
 class CacheRegistry;
@@ -88,48 +105,72 @@ class CacheRegistry;
 /// RAII registration: unregisters on destruction. Unregistering waits for a
 /// release of this cache running on another thread to finish, so the cache object
 /// may be destroyed right after. Move-only.
+///
+/// A registration may outlive its registry (one in an object with static
+/// storage built before CacheRegistry::global() was first used, which is
+/// destroyed after it at exit): the registry let go of the cache when it was
+/// destroyed, and the registration is then inert.
 class CacheRegistration {
 public:
+    /// Holds no registration.
     CacheRegistration() noexcept = default;
-    CacheRegistration(CacheRegistration&& o) noexcept : registry_(o.registry_), entry_(o.entry_) {
-        o.registry_ = nullptr;
+    /// Takes `o`'s registration; `o` holds none after.
+    CacheRegistration(CacheRegistration&& o) noexcept : state_(o.state_), entry_(o.entry_) {
+        o.state_ = nullptr;
         o.entry_ = nullptr;
     }
+    /// Unregisters what this holds, then takes `o`'s registration.
     CacheRegistration& operator=(CacheRegistration&& o) noexcept {
         if (this != &o) {
             reset();
-            registry_ = o.registry_;
+            state_ = o.state_;
             entry_ = o.entry_;
-            o.registry_ = nullptr;
+            o.state_ = nullptr;
             o.entry_ = nullptr;
         }
         return *this;
     }
     CacheRegistration(CacheRegistration const&) = delete;
     CacheRegistration& operator=(CacheRegistration const&) = delete;
+    /// Unregisters (see reset()).
     ~CacheRegistration() { reset(); }
 
-    explicit operator bool() const noexcept { return entry_ != nullptr; }
+    /// Whether the cache is registered: false after reset() or a move, and
+    /// once its registry has been destroyed.
+    explicit operator bool() const noexcept {
+        return entry_ != nullptr && !state_->gone.load(std::memory_order_acquire);
+    }
     /// Unregisters now (waits for an in-flight release of this cache; so a cache
-    /// must not unregister itself from inside its own release()).
+    /// must not unregister itself from inside its own release()). Does nothing
+    /// more when the registry is already gone.
     inline void reset() noexcept;
 
 private:
     friend class CacheRegistry;
-    CacheRegistration(CacheRegistry* r, detail::CacheEntry* e) noexcept : registry_(r), entry_(e) {}
-    CacheRegistry* registry_ = nullptr;
-    detail::CacheEntry* entry_ = nullptr;
+    CacheRegistration(detail::CacheRegistryState* s, detail::CacheEntry* e) noexcept : state_(s), entry_(e) {}
+    detail::CacheRegistryState* state_ = nullptr;  // one reference, held while entry_ is set
+    detail::CacheEntry* entry_ = nullptr;          // owned by the state's list while both live
 };
 
 /// The registry. Usually the process-wide `CacheRegistry::global()`; tests and
 /// libraries may keep their own. Thread-safe.
 class CacheRegistry {
 public:
-    CacheRegistry() = default;
+    /// An empty registry. Throws std::bad_alloc.
+    CacheRegistry() : state_(new detail::CacheRegistryState()) {}
     CacheRegistry(CacheRegistry const&) = delete;
     CacheRegistry& operator=(CacheRegistry const&) = delete;
+    /// Lets go of every cache still registered (and destroys the callables it
+    /// owns); their registrations become inert. No release may be running.
     ~CacheRegistry() {
-        for (auto* e : entries_) e->unref();
+        std::vector<detail::CacheEntry*> left;
+        {
+            detail::SpinLock lock(state_->mutex);
+            state_->gone.store(true, std::memory_order_release);
+            left.swap(state_->entries);
+        }
+        for (auto* e : left) e->unref();
+        state_->unref();
     }
 
     /// The process-wide registry that ScopedCacheRelease and adaptive_batch use by default.
@@ -175,8 +216,8 @@ public:
 
     /// Registered caches.
     std::size_t size() const noexcept {
-        detail::SpinLock lock(mutex_);
-        return entries_.size();
+        detail::SpinLock lock(state_->mutex);
+        return state_->entries.size();
     }
 
     /// Sum of every cache's estimate. A cache whose estimate throws counts 0.
@@ -249,23 +290,25 @@ private:
     }
 
     CacheRegistration insert(detail::CacheEntry* e) {
+        auto& st = *state_;
         try {
-            detail::SpinLock lock(mutex_);
-            e->order = next_order_++;
+            detail::SpinLock lock(st.mutex);
+            e->order = st.next_order++;
             // Keep the list sorted by (priority, order): a release walks it as is.
-            auto it = entries_.begin();
-            while (it != entries_.end() && (*it)->priority <= e->priority) ++it;
-            entries_.insert(it, e);
+            auto it = st.entries.begin();
+            while (it != st.entries.end() && (*it)->priority <= e->priority) ++it;
+            st.entries.insert(it, e);
         } catch (...) {
             e->unref();
             throw;
         }
-        return CacheRegistration(this, e);
+        st.refs.fetch_add(1, std::memory_order_relaxed);
+        return CacheRegistration(&st, e);
     }
 
     std::vector<detail::CacheEntry*> snapshot() const {
-        detail::SpinLock lock(mutex_);
-        std::vector<detail::CacheEntry*> v(entries_);
+        detail::SpinLock lock(state_->mutex);
+        std::vector<detail::CacheEntry*> v(state_->entries);
         for (auto* e : v) e->refs.fetch_add(1, std::memory_order_relaxed);
         return v;
     }
@@ -284,13 +327,17 @@ private:
     }
     static void leave(detail::CacheEntry* e) noexcept { e->in_use.fetch_sub(1, std::memory_order_acq_rel); }
 
-    void remove(detail::CacheEntry* e) noexcept {
-        e->removed.store(true, std::memory_order_seq_cst);
+    // Unregisters `e`, unless the registry is gone (it let go of `e` then).
+    static void remove(detail::CacheRegistryState& st, detail::CacheEntry* e) noexcept {
         {
-            detail::SpinLock lock(mutex_);
-            for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+            detail::SpinLock lock(st.mutex);
+            if (st.gone.load(std::memory_order_relaxed)) return;
+            // Marked under the lock, so that the registry's destructor and this
+            // never both let go of it.
+            e->removed.store(true, std::memory_order_seq_cst);
+            for (auto it = st.entries.begin(); it != st.entries.end(); ++it) {
                 if (*it == e) {
-                    entries_.erase(it);
+                    st.entries.erase(it);
                     break;
                 }
             }
@@ -299,14 +346,15 @@ private:
         e->unref();
     }
 
-    mutable detail::SpinMutex mutex_;
-    std::vector<detail::CacheEntry*> entries_;
-    std::uint64_t next_order_ = 0;
+    detail::CacheRegistryState* state_;  // one reference
 };
 
 inline void CacheRegistration::reset() noexcept {
-    if (entry_ != nullptr) registry_->remove(entry_);
-    registry_ = nullptr;
+    if (entry_ != nullptr) {
+        CacheRegistry::remove(*state_, entry_);
+        state_->unref();
+    }
+    state_ = nullptr;
     entry_ = nullptr;
 }
 
