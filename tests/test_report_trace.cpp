@@ -229,3 +229,17 @@ TEST_CASE("a trace file named by OOMGUARD_TRACE_FILE (the demo's) parses, with b
     CHECK(counters > 0);
     CHECK(instants > 0);
 }
+
+TEST_CASE("a cache another thread was releasing is not counted as released again") {
+    Report report;
+    ReleaseReport r;
+    r.caches.resize(2);
+    r.caches[0].name = CacheName("ran");
+    r.caches[0].bytes = 10;
+    r.caches[1].name = CacheName("waited");
+    r.caches[1].concurrent = true;
+    report.note_release(r);
+    std::string const t = report.table();
+    CHECK(t.find("ran") != std::string::npos);
+    CHECK(t.find("waited") == std::string::npos);
+}

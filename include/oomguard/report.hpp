@@ -101,8 +101,11 @@ public:
     }
 
     /// Counts a release done outside adaptive_batch (a ScopedCacheRelease of yours).
+    /// A cache another thread was releasing (CacheRelease::concurrent) is not
+    /// counted again.
     void note_release(ReleaseReport const& r) {
         for (auto const& c : r.caches) {
+            if (c.concurrent) continue;
             CacheTotal* t = nullptr;
             for (auto& x : caches_)
                 if (x.name == c.name) t = &x;
