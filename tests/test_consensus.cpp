@@ -426,17 +426,10 @@ TEST_CASE("a rank that fails in the calibration micro-batch does not lend its ne
         AdaptiveBatch a(o);
         a.measure_with(budget);
         a.consensus(dp.group.hook());
-        struct Watch {
-            AdaptiveBatch* a;
-            Observation* seen;
-        } watch{&a, &seen[r]};
-        a.observe(
-            [](BatchEvent const& e, void* u) {
-                auto* w = static_cast<Watch*>(u);
-                bool decided = e.kind == BatchEventKind::shrink || e.kind == BatchEventKind::retry_same;
-                if (decided && e.attempt == 2) *w->seen = w->a->last_observation();
-            },
-            &watch);
+        auto watching = a.observe([&a, &seen, r](BatchEvent const& e) {
+            bool decided = e.kind == BatchEventKind::shrink || e.kind == BatchEventKind::retry_same;
+            if (decided && e.attempt == 2) seen[r] = a.last_observation();
+        });
         bool injected = false;
         a.run(
             [&](MicroBatch const& mb) {

@@ -243,3 +243,21 @@ TEST_CASE("a cache another thread was releasing is not counted as released again
     CHECK(t.find("ran") != std::string::npos);
     CHECK(t.find("waited") == std::string::npos);
 }
+
+TEST_CASE("a report or a trace destroyed before its batch stops listening (one report per epoch)") {
+    Run run;
+    for (int epoch = 0; epoch < 3; ++epoch) {
+        Report report;
+        report.track("GPU 0", run.budget);
+        report.attach(run.a, "train");
+        Trace trace("");
+        trace.attach(run.a, "train");
+        run.go();
+        CHECK(trace.events() > 0);
+        if (epoch == 0) CHECK(report.plan_changes() > 0);
+    }
+    // Nobody listens now: a batch after every report is gone is a use after free
+    // if one still did.
+    run.go();
+    CHECK(run.a.counters().global_batches == 4);
+}
