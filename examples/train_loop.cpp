@@ -154,12 +154,9 @@ int main(int argc, char** argv) {
         if (trace) trace->attach(*w.batch, w.name);
     }
     std::string first_oom;  // the first OOM survived, as oomguard reported it
-    train.observe(
-        [](oomguard::BatchEvent const& e, void* out) {
-            auto& text = *static_cast<std::string*>(out);
-            if (e.kind == oomguard::BatchEventKind::oom_caught && text.empty()) text = e.what;
-        },
-        &first_oom);
+    auto watching = train.observe([&first_oom](oomguard::BatchEvent const& e) {  // listens while `watching` lives
+        if (e.kind == oomguard::BatchEventKind::oom_caught && first_oom.empty()) first_oom = e.what;
+    });
 
     int status = 0;
     mlp::Data data(N + NE, 16, static_cast<int>(args.hidden), args.seed);

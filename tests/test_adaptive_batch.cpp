@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <condition_variable>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -177,8 +178,7 @@ TEST_CASE("at the minimum size the precision ladder is next, then a full report"
     o.precisions = {Precision::fp32, Precision::bf16};
     AdaptiveBatch a(o);
     std::vector<BatchEventKind> events;
-    a.observe([](BatchEvent const& e, void* u) { static_cast<std::vector<BatchEventKind>*>(u)->push_back(e.kind); },
-              &events);
+    auto watching = a.observe([&](BatchEvent const& e) { events.push_back(e.kind); });
     BatchResult r = a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     CHECK(r.plan.micro_batch == 8);
     CHECK(r.plan.precision == Precision::bf16);
@@ -510,6 +510,133 @@ TEST_CASE("the ladder goes on at the minimum: a size that completed, then fails 
     CHECK(w.gpus.live_bytes() == 0);
 }
 
+// --- Observers: RAII registrations that cannot dangle ---
+
+namespace {
+std::size_t commits_heard(std::vector<BatchEventKind> const& v) {
+    return static_cast<std::size_t>(std::count(v.begin(), v.end(), BatchEventKind::commit));
+}
+void one_batch(AdaptiveBatch& a) { a.run([](MicroBatch const&) {}, [] {}, [] {}); }
+}  // namespace
+
+TEST_CASE("observe(): any callable; the registration detaches when it ends or on detach()") {
+    BatchOptions o;
+    o.global_batch = 8;
+    AdaptiveBatch a(o);
+    std::vector<BatchEventKind> heard, by_function;
+    std::string const tag = "captured";  // a capturing lambda, as people write them
+    std::string seen_tag;
+    ObserverRegistration lambda = a.observe([&heard, tag, &seen_tag](BatchEvent const& e) {
+        heard.push_back(e.kind);
+        seen_tag = tag;
+    });
+    std::function<void(BatchEvent const&)> f = [&](BatchEvent const& e) { by_function.push_back(e.kind); };
+    ObserverRegistration function = a.observe(f);
+    CHECK(lambda);
+    CHECK(function);
+    one_batch(a);
+    CHECK(commits_heard(heard) == 1);
+    CHECK(commits_heard(by_function) == 1);
+    CHECK(seen_tag == "captured");
+    {
+        auto scoped = a.observe([&](BatchEvent const& e) { heard.push_back(e.kind); });
+        one_batch(a);
+    }
+    CHECK(commits_heard(heard) == 3);  // twice in that batch: both lambdas
+    function.detach();
+    CHECK_FALSE(function);
+    function.detach();  // again: nothing
+    one_batch(a);
+    CHECK(commits_heard(heard) == 4);
+    CHECK(commits_heard(by_function) == 2);  // not the batch after its detach()
+    // Moved: one owner, which detaches.
+    ObserverRegistration moved = std::move(lambda);
+    CHECK_FALSE(lambda);
+    CHECK(moved);
+    moved = ObserverRegistration();
+    CHECK_FALSE(moved);
+    one_batch(a);
+    CHECK(commits_heard(heard) == 4);
+}
+
+TEST_CASE("a registration outlives its batch, or follows it when the batch is moved") {
+    BatchOptions o;
+    o.global_batch = 8;
+    std::vector<BatchEventKind> heard;
+    ObserverRegistration outlives;
+    {
+        AdaptiveBatch a(o);
+        outlives = a.observe([&](BatchEvent const& e) { heard.push_back(e.kind); });
+        one_batch(a);
+    }
+    CHECK_FALSE(outlives);  // the batch is gone
+    outlives.detach();       // and detaching does nothing (no use after free)
+    CHECK(commits_heard(heard) == 1);
+
+    auto first = std::make_unique<AdaptiveBatch>(o);
+    ObserverRegistration follows = first->observe([&](BatchEvent const& e) { heard.push_back(e.kind); });
+    AdaptiveBatch second(std::move(*first));
+    first.reset();
+    CHECK(follows);
+    one_batch(second);
+    CHECK(commits_heard(heard) == 2);
+    follows.detach();
+    one_batch(second);
+    CHECK(commits_heard(heard) == 2);
+    // Move-assigned over a batch with observers of its own: those are dropped.
+    AdaptiveBatch third(o);
+    ObserverRegistration of_third = third.observe([&](BatchEvent const& e) { heard.push_back(e.kind); });
+    ObserverRegistration of_second = second.observe([&](BatchEvent const& e) { heard.push_back(e.kind); });
+    third = std::move(second);
+    CHECK_FALSE(of_third);
+    CHECK(of_second);
+    one_batch(third);
+    CHECK(commits_heard(heard) == 3);
+}
+
+TEST_CASE("an observer may detach itself or another, or add one, from inside its call") {
+    BatchOptions o;
+    o.global_batch = 8;
+    AdaptiveBatch a(o);
+    std::vector<std::string> log;
+    ObserverRegistration self, other, later, added;
+    self = a.observe([&](BatchEvent const& e) {
+        log.push_back("self " + std::string(to_string(e.kind)));
+        self.detach();  // destroys this lambda only once the event is delivered
+        log.push_back("self still runs");
+    });
+    other = a.observe([&](BatchEvent const& e) {
+        log.push_back("other " + std::string(to_string(e.kind)));
+        later.detach();  // one not yet called for this event: it is skipped
+        if (!added)
+            added = a.observe([&](BatchEvent const& f) { log.push_back("added " + std::string(to_string(f.kind))); });
+    });
+    later = a.observe([&](BatchEvent const&) { log.push_back("later"); });
+    one_batch(a);
+    REQUIRE(log.size() >= 5);
+    CHECK(log[0] == "self batch_begin");
+    CHECK(log[1] == "self still runs");
+    CHECK(log[2] == "other batch_begin");
+    CHECK(log[3] == "other micro_batch_begin");  // `added` hears from the next event on
+    CHECK(log[4] == "added micro_batch_begin");
+    CHECK(std::find(log.begin(), log.end(), "later") == log.end());
+    CHECK(std::count(log.begin(), log.end(), "self still runs") == 1);
+    CHECK_FALSE(self);
+    CHECK_FALSE(later);
+    CHECK(other);
+}
+
+TEST_CASE("observe() refuses an empty observer") {
+    BatchOptions o;
+    o.global_batch = 8;
+    AdaptiveBatch a(o);
+    void (*none)(BatchEvent const&) = nullptr;
+    CHECK_THROWS_WITH_AS((void)a.observe(none), doctest::Contains("null function pointer"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS((void)a.observe(std::function<void(BatchEvent const&)>()),
+                         doctest::Contains("empty std::function"), std::invalid_argument);
+    CHECK_THROWS_WITH_AS((void)a.observe(nullptr), doctest::Contains("null function"), std::invalid_argument);
+}
+
 TEST_CASE("an OOM in commit rolls back and retries the global batch; an observer's exception changes nothing") {
     Workload w(1024 * KiB, 0, KiB);
     BatchOptions o;
@@ -517,7 +644,7 @@ TEST_CASE("an OOM in commit rolls back and retries the global batch; an observer
     o.micro_batch = 4;
     AdaptiveBatch a(o);
     int observed = 0;
-    a.observe(
+    auto watching = a.observe(  // the C-callback form
         [](BatchEvent const& e, void* u) {
             if (e.kind == BatchEventKind::commit) {
                 ++*static_cast<int*>(u);
@@ -671,11 +798,9 @@ TEST_CASE("after failover the peaks are measured on the new device's budget") {
     a.measure_with(b0).measure_with(b1);
     a.failover([](void*, FailoverRequest const& r) { return r.plan.device == 0 ? 1 : -1; });
     std::vector<std::size_t> calibration_bytes;
-    a.observe(
-        [](BatchEvent const& e, void* u) {
-            if (e.kind == BatchEventKind::calibration) static_cast<std::vector<std::size_t>*>(u)->push_back(e.bytes);
-        },
-        &calibration_bytes);
+    auto watching = a.observe([&](BatchEvent const& e) {
+        if (e.kind == BatchEventKind::calibration) calibration_bytes.push_back(e.bytes);
+    });
     // 100 KiB + 8 KiB a sample: device 1 fits 115.
     auto step = [&](MicroBatch const& mb) { Buffer buf(*budgets[mb.device], 100 * KiB + mb.size * 8 * KiB); };
     a.run(step, [] {}, [] {});
@@ -935,7 +1060,7 @@ TEST_CASE("observers see each global batch and micro-batch: its samples, what it
     AdaptiveBatch a(o);
     a.measure_with(w.budget);
     std::vector<BatchEvent> events;
-    a.observe([](BatchEvent const& e, void* u) { static_cast<std::vector<BatchEvent>*>(u)->push_back(e); }, &events);
+    auto watching = a.observe([&](BatchEvent const& e) { events.push_back(e); });
     a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
     std::vector<BatchEventKind> kinds;
     std::string names;
@@ -966,7 +1091,7 @@ TEST_CASE("observers see each global batch and micro-batch: its samples, what it
     // Unmeasured: held is unknown, the peak 0.
     AdaptiveBatch b(o);
     events.clear();
-    b.observe([](BatchEvent const& e, void* u) { static_cast<std::vector<BatchEvent>*>(u)->push_back(e); }, &events);
+    auto watching_b = b.observe([&](BatchEvent const& e) { events.push_back(e); });
     b.run([&](MicroBatch const&) {}, [] {}, [] {});
     REQUIRE(events.size() == 4);
     CHECK(events[2].kind == K::micro_batch_end);
@@ -1023,12 +1148,9 @@ TEST_CASE("measure_with takes any meter: the predictive policy fits what it meas
     AdaptiveBatch a(o);
     a.measure_with(meter);
     std::vector<std::pair<std::size_t, std::size_t>> calibration;  // size, measured bytes
-    a.observe(
-        [](BatchEvent const& e, void* u) {
-            if (e.kind == BatchEventKind::calibration)
-                static_cast<std::vector<std::pair<std::size_t, std::size_t>>*>(u)->push_back({e.to.micro_batch, e.bytes});
-        },
-        &calibration);
+    auto watching = a.observe([&](BatchEvent const& e) {
+        if (e.kind == BatchEventKind::calibration) calibration.push_back({e.to.micro_batch, e.bytes});
+    });
     auto step = [&](MicroBatch const& mb) {  // 1 KiB a sample
         meter.take(mb.size * KiB);
         meter.give(mb.size * KiB);

@@ -12,6 +12,7 @@
 
 #include "policies.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -425,17 +426,10 @@ TEST_CASE("a rank that fails in the calibration micro-batch does not lend its ne
         AdaptiveBatch a(o);
         a.measure_with(budget);
         a.consensus(dp.group.hook());
-        struct Watch {
-            AdaptiveBatch* a;
-            Observation* seen;
-        } watch{&a, &seen[r]};
-        a.observe(
-            [](BatchEvent const& e, void* u) {
-                auto* w = static_cast<Watch*>(u);
-                bool decided = e.kind == BatchEventKind::shrink || e.kind == BatchEventKind::retry_same;
-                if (decided && e.attempt == 2) *w->seen = w->a->last_observation();
-            },
-            &watch);
+        auto watching = a.observe([&a, &seen, r](BatchEvent const& e) {
+            bool decided = e.kind == BatchEventKind::shrink || e.kind == BatchEventKind::retry_same;
+            if (decided && e.attempt == 2) seen[r] = a.last_observation();
+        });
         bool injected = false;
         a.run(
             [&](MicroBatch const& mb) {
@@ -509,6 +503,49 @@ TEST_CASE("a step that swallows peer_out_of_memory cannot hide a protocol error 
     CHECK(ooms[0] == 1);  // its own OOM counts as one, with its release and its figures
     CHECK(aborts[0] == 0);
     CHECK(ooms[1] == 1);
+}
+
+TEST_CASE("ranks that fail in the same attempt release a shared cache once at a time, not all at once") {
+    // Every rank runs out of memory in the same attempt and releases the same
+    // registry; a workspace cache that is not thread-safe must see one release
+    // at a time (TSan watches its plain members too).
+    struct Workspace {
+        std::size_t cached = 0, releases = 0;
+        std::atomic<int> inside{0};
+        std::atomic<bool> overlapped{false};
+        std::size_t releasable_bytes() const { return cached; }
+        std::size_t release() {
+            if (inside.fetch_add(1) != 0) overlapped = true;
+            auto const until = std::chrono::steady_clock::now() + std::chrono::milliseconds(5);
+            while (std::chrono::steady_clock::now() < until) std::this_thread::yield();  // others run into it
+            ++releases;
+            std::size_t b = cached;
+            cached = 0;
+            inside.fetch_sub(1);
+            return b;
+        }
+    } ws;
+    CacheRegistry caches;
+    auto registration = caches.add("workspace", 0, ws);
+    int const n = 4;
+    ThreadConsensus group(n);
+    std::size_t freed[n] = {};
+    run_ranks(n, [&](int r) {
+        BatchOptions o;
+        o.global_batch = 16;
+        o.micro_batch = 16;
+        o.caches = &caches;
+        AdaptiveBatch a(o);
+        a.consensus(group.hook());
+        a.run([&](MicroBatch const& mb) {
+            if (mb.size > 4) throw out_of_memory(oom_info{});  // every rank, every attempt above 4
+            mb.sync();
+        }, [] {}, [] {});
+        freed[r] = a.counters().releases;
+    });
+    CHECK_FALSE(ws.overlapped.load());
+    for (std::size_t f : freed) CHECK(f >= 1);
+    CHECK(ws.releases >= 1);
 }
 
 TEST_CASE("run() from inside its own step is a logic_error") {

@@ -229,3 +229,35 @@ TEST_CASE("a trace file named by OOMGUARD_TRACE_FILE (the demo's) parses, with b
     CHECK(counters > 0);
     CHECK(instants > 0);
 }
+
+TEST_CASE("a cache another thread was releasing is not counted as released again") {
+    Report report;
+    ReleaseReport r;
+    r.caches.resize(2);
+    r.caches[0].name = CacheName("ran");
+    r.caches[0].bytes = 10;
+    r.caches[1].name = CacheName("waited");
+    r.caches[1].concurrent = true;
+    report.note_release(r);
+    std::string const t = report.table();
+    CHECK(t.find("ran") != std::string::npos);
+    CHECK(t.find("waited") == std::string::npos);
+}
+
+TEST_CASE("a report or a trace destroyed before its batch stops listening (one report per epoch)") {
+    Run run;
+    for (int epoch = 0; epoch < 3; ++epoch) {
+        Report report;
+        report.track("GPU 0", run.budget);
+        report.attach(run.a, "train");
+        Trace trace("");
+        trace.attach(run.a, "train");
+        run.go();
+        CHECK(trace.events() > 0);
+        if (epoch == 0) CHECK(report.plan_changes() > 0);
+    }
+    // Nobody listens now: a batch after every report is gone is a use after free
+    // if one still did.
+    run.go();
+    CHECK(run.a.counters().global_batches == 4);
+}

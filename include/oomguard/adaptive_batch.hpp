@@ -9,6 +9,7 @@
 #include <oomguard/cache_registry.hpp>
 #include <oomguard/classify.hpp>
 #include <oomguard/detail/ballot.hpp>
+#include <oomguard/detail/observer_list.hpp>
 #include <oomguard/errors.hpp>
 #include <oomguard/memory_budget.hpp>
 #include <oomguard/precision.hpp>
@@ -216,6 +217,67 @@ struct is_meter
                                        !decltype(is_budget_test(std::declval<M const*>()))::value> {};
 }  // namespace detail
 
+/// An observer's place on an AdaptiveBatch (what AdaptiveBatch::observe
+/// returns): it detaches the observer when destroyed, or on detach(). Safe in
+/// any order: the batch may be destroyed or moved first (the registration
+/// follows a moved batch, and does nothing once the batch is gone). Move-only.
+/// Not thread-safe, as the batch is not: detach on the thread that runs the
+/// batch, or while it is not running.
+class [[nodiscard]] ObserverRegistration {
+public:
+    /// Holds no observer.
+    ObserverRegistration() noexcept = default;
+    /// Takes `o`'s observer; `o` holds none after.
+    ObserverRegistration(ObserverRegistration&& o) noexcept : list_(o.list_), id_(o.id_) { o.list_ = nullptr; }
+    /// Detaches what this holds, then takes `o`'s observer.
+    ObserverRegistration& operator=(ObserverRegistration&& o) noexcept {
+        if (this != &o) {
+            detach();
+            list_ = o.list_;
+            id_ = o.id_;
+            o.list_ = nullptr;
+        }
+        return *this;
+    }
+    ObserverRegistration(ObserverRegistration const&) = delete;
+    ObserverRegistration& operator=(ObserverRegistration const&) = delete;
+    /// Detaches (see detach()).
+    ~ObserverRegistration() { detach(); }
+
+    /// Stops the observer now: it hears no further event, and it is destroyed
+    /// (at once, or when the event being delivered ends if called from inside
+    /// an observer). Does nothing when already detached or the batch is gone.
+    void detach() noexcept {
+        if (list_ == nullptr) return;
+        list_->detach(id_);
+        list_->unref();
+        list_ = nullptr;
+    }
+
+    /// Whether the observer still listens: false after detach() or a move, and
+    /// once its batch is destroyed.
+    explicit operator bool() const noexcept { return list_ != nullptr && list_->attached(id_); }
+
+private:
+    friend class AdaptiveBatch;
+    ObserverRegistration(detail::ObserverList* list, std::uint64_t id) noexcept : list_(list), id_(id) {}
+    detail::ObserverList* list_ = nullptr;  // one reference, while set
+    std::uint64_t id_ = 0;
+};
+
+namespace detail {
+// A callable with an explicit `operator bool` that says it is empty (std::function).
+template <class F, class = void>
+struct has_bool_member : std::false_type {};
+template <class F>
+struct has_bool_member<F, std::void_t<decltype(&F::operator bool)>> : std::true_type {};
+// What observe() can call as `fn(event)`.
+template <class F, class E, class = void>
+struct is_observer : std::false_type {};
+template <class F, class E>
+struct is_observer<F, E, std::void_t<decltype(std::declval<F&>()(std::declval<E const&>()))>> : std::true_type {};
+}  // namespace detail
+
 /// Runs global batches under an adaptive plan and remembers the last good one
 /// across calls. Keep one per workload: training and evaluation (`--bs` and
 /// `--eval_bs`) are tuned apart. The decisions are RecoveryPlanner's; this class
@@ -273,14 +335,40 @@ public:
         return add_meter(m);
     }
 
-    /// Adds an observer: `fn(event, user)` is called for every decision, in the
-    /// order observers were added (a report and a trace can both listen). An
+    /// Adds an observer: `fn(event)`, any callable taking a BatchEvent const&
+    /// (a capturing lambda, a std::function), is called for every decision and
+    /// step boundary, in the order observers were added (a report and a trace
+    /// can both listen). The batch keeps a copy of `fn` until the returned
+    /// registration ends: keep it as long as the observer must listen. An
     /// observer that throws changes nothing: its exception is kept in
-    /// BatchResult::observer_error and observer_error().
-    AdaptiveBatch& observe(void (*fn)(BatchEvent const&, void*), void* user = nullptr) {
+    /// BatchResult::observer_error and observer_error(). An observer may detach
+    /// itself or another from inside its call. Throws std::invalid_argument for
+    /// an empty `fn` (a null function pointer, an empty std::function), and
+    /// std::bad_alloc.
+    template <class F, std::enable_if_t<detail::is_observer<std::decay_t<F>, BatchEvent>::value, int> = 0>
+    [[nodiscard]] ObserverRegistration observe(F&& fn) {
+        using Fn = std::decay_t<F>;
+        if constexpr (std::is_pointer<Fn>::value) {
+            if (fn == nullptr)
+                detail::throw_invalid("oomguard: AdaptiveBatch::observe: the observer is a null function pointer");
+        } else if constexpr (detail::has_bool_member<Fn>::value) {
+            if (!static_cast<bool>(fn))
+                detail::throw_invalid("oomguard: AdaptiveBatch::observe: the observer is an empty function "
+                                      "(an empty std::function?)");
+        }
+        void* object = new Fn(std::forward<F>(fn));
+        std::uint64_t id = 0;
+        detail::ObserverList* list = observers_.add(
+            object, [](void* o, void const* e) { (*static_cast<Fn*>(o))(*static_cast<BatchEvent const*>(e)); },
+            [](void* o) noexcept { delete static_cast<Fn*>(o); }, id);
+        return ObserverRegistration(list, id);
+    }
+
+    /// observe() for a C callback: `fn(event, user)`. Throws
+    /// std::invalid_argument when `fn` is null, and std::bad_alloc.
+    [[nodiscard]] ObserverRegistration observe(void (*fn)(BatchEvent const&, void*), void* user = nullptr) {
         if (fn == nullptr) detail::throw_invalid("oomguard: AdaptiveBatch::observe: the observer is a null function");
-        observers_.push_back(Observer{fn, user});
-        return *this;
+        return observe([fn, user](BatchEvent const& e) { fn(e, user); });
     }
 
     /// Makes every rank of a data-parallel job take the same decisions.
@@ -1001,25 +1089,18 @@ private:
 
     // Observers never change what happens to a batch: what one throws is kept.
     void emit(BatchEvent const& e) noexcept {
-        for (auto const& o : observers_) {
-            try {
-                o.fn(e, o.user);
-            } catch (...) {
-                ++counters_.observer_errors;
-                if (!observer_error_) observer_error_ = std::current_exception();
-            }
-        }
+        auto on_error = [this]() noexcept {
+            ++counters_.observer_errors;
+            if (!observer_error_) observer_error_ = std::current_exception();
+        };
+        observers_.emit(&e, on_error);
     }
 
     RecoveryPlanner planner_;
     BatchCounters counters_;
     std::vector<Meter> meters_;
     Consensus consensus_;
-    struct Observer {
-        void (*fn)(BatchEvent const&, void*);
-        void* user;
-    };
-    std::vector<Observer> observers_;
+    detail::Observers observers_;     // moves with the batch; registrations follow it
     int (*failover_)(void*, FailoverRequest const&) = nullptr;
     struct TriedDevice {
         int device;

@@ -30,6 +30,10 @@ struct CacheRelease {
     int priority = 0;
     std::size_t bytes = 0;       ///< bytes the cache says it freed
     bool failed = false;         ///< its release() threw
+    /// Another call was releasing this cache already: this one did not run its
+    /// release() again and counts 0 bytes for it (it waited for that release to
+    /// finish first, unless it was itself called from inside a cache's release()).
+    bool concurrent = false;
     CacheErrorText error;        ///< what() of that exception
     std::exception_ptr exception;  ///< that exception, to rethrow unchanged
 };
@@ -70,6 +74,8 @@ struct CacheEntry {
     std::size_t (*release)(void*) = nullptr;
     void (*destroy)(void*) = nullptr;   // owns `object` when set
     std::atomic<int> in_use{0};         // releases running on it now
+    std::atomic<int> busy{0};           // who is inside the cache: 0 nobody, or a CacheCall
+    std::atomic<unsigned> releases{0};  // releases that have ended: a waiter waits for the next
     std::atomic<bool> removed{false};
     std::atomic<int> refs{1};           // the registry's reference + snapshots
     std::uint64_t order = 0;            // registration order breaks priority ties
@@ -81,6 +87,43 @@ struct CacheEntry {
         }
     }
 };
+
+// Which call of the registry is inside a cache: the registry enters each cache
+// on one thread at a time (most caches are not thread-safe: a workspace, a
+// Thrust unsynchronized pool), for a release or an estimate.
+enum CacheCall : int { cache_idle = 0, cache_releasing = 1, cache_estimating = 2 };
+
+// How deep this thread is in calls into caches. A call of the registry made
+// from inside a cache (a release that releases the registry again) never waits
+// for another cache: two such waits on two threads could wait for each other.
+// A call from outside waits holding no cache, so waits never form a cycle.
+inline int& cache_call_depth() noexcept {
+    static thread_local int depth = 0;
+    return depth;
+}
+struct CacheCallScope {
+    CacheCallScope() noexcept { ++cache_call_depth(); }
+    ~CacheCallScope() { --cache_call_depth(); }
+    CacheCallScope(CacheCallScope const&) = delete;
+    CacheCallScope& operator=(CacheCallScope const&) = delete;
+};
+
+// A registry's state, shared by the registry and its registrations: whichever
+// of them goes last frees it. So a registration destroyed after its registry
+// (one in an object with static storage built before CacheRegistry::global(),
+// a local registry declared after its registrations) finds the registry gone
+// instead of touching freed memory.
+struct CacheRegistryState {
+    SpinMutex mutex;
+    std::vector<CacheEntry*> entries;  // sorted by (priority, order)
+    std::uint64_t next_order = 0;
+    std::atomic<bool> gone{false};     // the registry was destroyed (set under `mutex`)
+    std::atomic<std::size_t> refs{1};  // the registry + one per registration
+
+    void unref() noexcept {
+        if (refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+    }
+};
 }  // namespace detail
 
 class CacheRegistry;
@@ -88,48 +131,72 @@ class CacheRegistry;
 /// RAII registration: unregisters on destruction. Unregistering waits for a
 /// release of this cache running on another thread to finish, so the cache object
 /// may be destroyed right after. Move-only.
+///
+/// A registration may outlive its registry (one in an object with static
+/// storage built before CacheRegistry::global() was first used, which is
+/// destroyed after it at exit): the registry let go of the cache when it was
+/// destroyed, and the registration is then inert.
 class CacheRegistration {
 public:
+    /// Holds no registration.
     CacheRegistration() noexcept = default;
-    CacheRegistration(CacheRegistration&& o) noexcept : registry_(o.registry_), entry_(o.entry_) {
-        o.registry_ = nullptr;
+    /// Takes `o`'s registration; `o` holds none after.
+    CacheRegistration(CacheRegistration&& o) noexcept : state_(o.state_), entry_(o.entry_) {
+        o.state_ = nullptr;
         o.entry_ = nullptr;
     }
+    /// Unregisters what this holds, then takes `o`'s registration.
     CacheRegistration& operator=(CacheRegistration&& o) noexcept {
         if (this != &o) {
             reset();
-            registry_ = o.registry_;
+            state_ = o.state_;
             entry_ = o.entry_;
-            o.registry_ = nullptr;
+            o.state_ = nullptr;
             o.entry_ = nullptr;
         }
         return *this;
     }
     CacheRegistration(CacheRegistration const&) = delete;
     CacheRegistration& operator=(CacheRegistration const&) = delete;
+    /// Unregisters (see reset()).
     ~CacheRegistration() { reset(); }
 
-    explicit operator bool() const noexcept { return entry_ != nullptr; }
+    /// Whether the cache is registered: false after reset() or a move, and
+    /// once its registry has been destroyed.
+    explicit operator bool() const noexcept {
+        return entry_ != nullptr && !state_->gone.load(std::memory_order_acquire);
+    }
     /// Unregisters now (waits for an in-flight release of this cache; so a cache
-    /// must not unregister itself from inside its own release()).
+    /// must not unregister itself from inside its own release()). Does nothing
+    /// more when the registry is already gone.
     inline void reset() noexcept;
 
 private:
     friend class CacheRegistry;
-    CacheRegistration(CacheRegistry* r, detail::CacheEntry* e) noexcept : registry_(r), entry_(e) {}
-    CacheRegistry* registry_ = nullptr;
-    detail::CacheEntry* entry_ = nullptr;
+    CacheRegistration(detail::CacheRegistryState* s, detail::CacheEntry* e) noexcept : state_(s), entry_(e) {}
+    detail::CacheRegistryState* state_ = nullptr;  // one reference, held while entry_ is set
+    detail::CacheEntry* entry_ = nullptr;          // owned by the state's list while both live
 };
 
 /// The registry. Usually the process-wide `CacheRegistry::global()`; tests and
 /// libraries may keep their own. Thread-safe.
 class CacheRegistry {
 public:
-    CacheRegistry() = default;
+    /// An empty registry. Throws std::bad_alloc.
+    CacheRegistry() : state_(new detail::CacheRegistryState()) {}
     CacheRegistry(CacheRegistry const&) = delete;
     CacheRegistry& operator=(CacheRegistry const&) = delete;
+    /// Lets go of every cache still registered (and destroys the callables it
+    /// owns); their registrations become inert. No release may be running.
     ~CacheRegistry() {
-        for (auto* e : entries_) e->unref();
+        std::vector<detail::CacheEntry*> left;
+        {
+            detail::SpinLock lock(state_->mutex);
+            state_->gone.store(true, std::memory_order_release);
+            left.swap(state_->entries);
+        }
+        for (auto* e : left) e->unref();
+        state_->unref();
     }
 
     /// The process-wide registry that ScopedCacheRelease and adaptive_batch use by default.
@@ -142,7 +209,12 @@ public:
     /// estimate of what release() would free) and `std::size_t release()` (frees,
     /// returns the bytes freed). Lower `priority` runs first: give the caches that
     /// are cheapest to rebuild the lowest. `cache` must outlive the registration.
-    /// `name` names it in reports: 1 to 63 characters.
+    /// `name` names it in reports: 1 to 63 characters (std::invalid_argument otherwise).
+    ///
+    /// Neither member needs to be thread-safe: the registry enters a cache on
+    /// one thread at a time. When threads release the registry together (ranks
+    /// that ran out of memory in the same attempt), a cache's release() runs
+    /// once; the others wait for it and count 0 bytes for that cache.
     template <class Cache>
     [[nodiscard]] CacheRegistration add(std::string_view name, int priority, Cache& cache) {
         auto* e = make_entry(name, priority);
@@ -152,7 +224,9 @@ public:
         return insert(e);
     }
 
-    /// Registers a cache given as two callables, which the registry owns.
+    /// Registers a cache given as two callables, `std::size_t()` each, which the
+    /// registry owns (and destroys when the registration or the registry ends).
+    /// The same rules as the other add().
     template <class Releasable, class Release>
     [[nodiscard]] CacheRegistration add(std::string_view name, int priority, Releasable releasable,
                                         Release release) {
@@ -175,19 +249,24 @@ public:
 
     /// Registered caches.
     std::size_t size() const noexcept {
-        detail::SpinLock lock(mutex_);
-        return entries_.size();
+        detail::SpinLock lock(state_->mutex);
+        return state_->entries.size();
     }
 
-    /// Sum of every cache's estimate. A cache whose estimate throws counts 0.
+    /// Sum of every cache's estimate, in bytes. A cache whose estimate throws
+    /// counts 0; so does one that another thread is releasing now.
     std::size_t releasable_bytes() const {
         auto snap = snapshot();
         std::size_t s = 0;
         for (auto* e : snap) {
             if (enter(e)) {
-                try {
-                    s += e->releasable(e->object);
-                } catch (...) {
+                if (claim(e, detail::cache_estimating) == detail::cache_idle) {
+                    try {
+                        detail::CacheCallScope inside;
+                        s += e->releasable(e->object);
+                    } catch (...) {
+                    }
+                    e->busy.store(detail::cache_idle, std::memory_order_release);
                 }
                 leave(e);
             }
@@ -199,7 +278,11 @@ public:
     /// Releases every cache, lowest priority first (registration order among
     /// equals), and reports what each gave back. Never stops early: a cache that
     /// throws is recorded as failed and the others still run. A cache unregistered
-    /// while this runs is skipped if it has not started.
+    /// while this runs is skipped if it has not started. A cache that another
+    /// thread is releasing now is not released again: this call waits for that
+    /// release and reports the cache as `concurrent`, with 0 bytes. Called from
+    /// inside a cache's release(), it waits for no other cache (it reports the
+    /// busy ones as `concurrent`), so that it can never deadlock.
     ReleaseReport release_all() {
         ReleaseReport report;
         auto snap = snapshot();
@@ -215,7 +298,14 @@ public:
             CacheRelease r;
             r.name = e->name;
             r.priority = e->priority;
+            if (claim(e, detail::cache_releasing) != detail::cache_idle) {
+                leave(e);
+                r.concurrent = true;
+                report.caches.push_back(std::move(r));
+                continue;
+            }
             try {
+                detail::CacheCallScope inside;
                 r.bytes = e->release(e->object);
             } catch (std::exception const& ex) {
                 r.failed = true;
@@ -226,6 +316,8 @@ public:
                 r.error = CacheErrorText("unknown exception");
                 r.exception = std::current_exception();
             }
+            e->releases.fetch_add(1, std::memory_order_release);
+            e->busy.store(detail::cache_idle, std::memory_order_release);
             leave(e);
             report.caches.push_back(std::move(r));
         }
@@ -249,23 +341,25 @@ private:
     }
 
     CacheRegistration insert(detail::CacheEntry* e) {
+        auto& st = *state_;
         try {
-            detail::SpinLock lock(mutex_);
-            e->order = next_order_++;
+            detail::SpinLock lock(st.mutex);
+            e->order = st.next_order++;
             // Keep the list sorted by (priority, order): a release walks it as is.
-            auto it = entries_.begin();
-            while (it != entries_.end() && (*it)->priority <= e->priority) ++it;
-            entries_.insert(it, e);
+            auto it = st.entries.begin();
+            while (it != st.entries.end() && (*it)->priority <= e->priority) ++it;
+            st.entries.insert(it, e);
         } catch (...) {
             e->unref();
             throw;
         }
-        return CacheRegistration(this, e);
+        st.refs.fetch_add(1, std::memory_order_relaxed);
+        return CacheRegistration(&st, e);
     }
 
     std::vector<detail::CacheEntry*> snapshot() const {
-        detail::SpinLock lock(mutex_);
-        std::vector<detail::CacheEntry*> v(entries_);
+        detail::SpinLock lock(state_->mutex);
+        std::vector<detail::CacheEntry*> v(state_->entries);
         for (auto* e : v) e->refs.fetch_add(1, std::memory_order_relaxed);
         return v;
     }
@@ -284,13 +378,45 @@ private:
     }
     static void leave(detail::CacheEntry* e) noexcept { e->in_use.fetch_sub(1, std::memory_order_acq_rel); }
 
-    void remove(detail::CacheEntry* e) noexcept {
-        e->removed.store(true, std::memory_order_seq_cst);
+    // Enters `e` for `call` (a release or an estimate): cache_idle when this
+    // call now has it (set busy back to cache_idle after), else what kept it
+    // out. A release waits out an estimate (short) and then takes its turn; it
+    // waits for a release in progress to end and then does not run it again.
+    // An estimate counts a cache being released as 0 rather than wait for it.
+    // From inside a cache (see cache_call_depth), nothing waits.
+    static int claim(detail::CacheEntry* e, int call) noexcept {
+        bool const nested = detail::cache_call_depth() > 0;
+        for (unsigned spins = 0;; ++spins) {
+            int seen = detail::cache_idle;
+            if (e->busy.compare_exchange_strong(seen, call, std::memory_order_acquire, std::memory_order_relaxed))
+                return detail::cache_idle;
+            if (nested) return seen;
+            if (seen == detail::cache_releasing) {
+                if (call == detail::cache_estimating) return seen;
+                unsigned const ended = e->releases.load(std::memory_order_acquire);
+                while (e->busy.load(std::memory_order_acquire) == detail::cache_releasing &&
+                       e->releases.load(std::memory_order_acquire) == ended)
+                    detail::yield_cpu();
+                return seen;
+            }
+            if (spins >= 64) {  // an estimate: short, try again
+                detail::yield_cpu();
+                spins = 0;
+            }
+        }
+    }
+
+    // Unregisters `e`, unless the registry is gone (it let go of `e` then).
+    static void remove(detail::CacheRegistryState& st, detail::CacheEntry* e) noexcept {
         {
-            detail::SpinLock lock(mutex_);
-            for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+            detail::SpinLock lock(st.mutex);
+            if (st.gone.load(std::memory_order_relaxed)) return;
+            // Marked under the lock, so that the registry's destructor and this
+            // never both let go of it.
+            e->removed.store(true, std::memory_order_seq_cst);
+            for (auto it = st.entries.begin(); it != st.entries.end(); ++it) {
                 if (*it == e) {
-                    entries_.erase(it);
+                    st.entries.erase(it);
                     break;
                 }
             }
@@ -299,14 +425,15 @@ private:
         e->unref();
     }
 
-    mutable detail::SpinMutex mutex_;
-    std::vector<detail::CacheEntry*> entries_;
-    std::uint64_t next_order_ = 0;
+    detail::CacheRegistryState* state_;  // one reference
 };
 
 inline void CacheRegistration::reset() noexcept {
-    if (entry_ != nullptr) registry_->remove(entry_);
-    registry_ = nullptr;
+    if (entry_ != nullptr) {
+        CacheRegistry::remove(*state_, entry_);
+        state_->unref();
+    }
+    state_ = nullptr;
     entry_ = nullptr;
 }
 

@@ -93,16 +93,24 @@ public:
         budgets_.push_back(std::move(b));
     }
 
-    /// Listens to `batch` (which must outlive the report) under `label`.
+    /// Listens to `batch` under `label` until the report is destroyed. table()
+    /// and json() read the batch's counters: it must outlive the report's use.
+    /// Throws std::bad_alloc.
     void attach(AdaptiveBatch& batch, std::string label) {
+        workloads_.reserve(workloads_.size() + 1);
+        observing_.reserve(observing_.size() + 1);
         auto w = std::unique_ptr<Workload>(new Workload{this, std::move(label), &batch, workloads_.size(), false});
-        batch.observe(&Report::on_event, w.get());
+        ObserverRegistration r = batch.observe([p = w.get()](BatchEvent const& e) { on_event(e, p); });
         workloads_.push_back(std::move(w));
+        observing_.push_back(std::move(r));  // reserved: neither push throws
     }
 
     /// Counts a release done outside adaptive_batch (a ScopedCacheRelease of yours).
+    /// A cache another thread was releasing (CacheRelease::concurrent) is not
+    /// counted again.
     void note_release(ReleaseReport const& r) {
         for (auto const& c : r.caches) {
+            if (c.concurrent) continue;
             CacheTotal* t = nullptr;
             for (auto& x : caches_)
                 if (x.name == c.name) t = &x;
@@ -307,8 +315,7 @@ private:
         }
     }
 
-    static void on_event(BatchEvent const& e, void* user) {
-        auto* w = static_cast<Workload*>(user);
+    static void on_event(BatchEvent const& e, Workload* w) {
         Report* r = w->report;
         switch (e.kind) {
             case BatchEventKind::micro_batch_end: r->note_memory(e, w->index); return;
@@ -352,6 +359,8 @@ private:
     std::chrono::steady_clock::time_point start_;
     Timeline timeline_;
     std::size_t stride_ = 1, since_point_ = 0;
+    // Last: destroyed first, so that no event reaches a report being destroyed.
+    std::vector<ObserverRegistration> observing_;
 };
 
 }  // namespace oomguard

@@ -66,13 +66,17 @@ public:
                                   }});
     }
 
-    /// Slices and instant events for `batch` (which must outlive the trace's use).
+    /// Slices and instant events for `batch`, until the trace is destroyed (the
+    /// batch may be destroyed first). Throws std::bad_alloc.
     void attach(AdaptiveBatch& batch, std::string label) {
+        workloads_.reserve(workloads_.size() + 1);
+        observing_.reserve(observing_.size() + 1);
         auto w = std::unique_ptr<Workload>(new Workload{this, std::move(label), workloads_.size() + 2, 0, 0, 0, false});
-        batch.observe(&Trace::on_event, w.get());
         push("{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 1, \"tid\": " + std::to_string(w->tid) +
              ", \"args\": {\"name\": " + detail::json_string(w->label) + "}}");
+        ObserverRegistration r = batch.observe([p = w.get()](BatchEvent const& e) { on_event(e, p); });
         workloads_.push_back(std::move(w));
+        observing_.push_back(std::move(r));  // reserved: neither push throws
     }
 
     /// Records the bytes held under every tracked budget now.
@@ -157,8 +161,7 @@ private:
         return buf;
     }
 
-    static void on_event(BatchEvent const& e, void* user) {
-        auto* w = static_cast<Workload*>(user);
+    static void on_event(BatchEvent const& e, Workload* w) {
         Trace* t = w->trace;
         double ts = t->now_us();
         bool const known = e.held != oom_info::unknown;
@@ -229,6 +232,8 @@ private:
     std::vector<std::unique_ptr<Workload>> workloads_;
     std::vector<std::string> events_;
     bool written_ = false;
+    // Last: destroyed first, so that no event reaches a trace being destroyed.
+    std::vector<ObserverRegistration> observing_;
 };
 
 }  // namespace oomguard
