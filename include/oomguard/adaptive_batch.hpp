@@ -266,11 +266,13 @@ private:
 };
 
 namespace detail {
-// A callable with an explicit `operator bool` that says it is empty (std::function).
-template <class F, class = void>
-struct has_bool_member : std::false_type {};
+// A callable with an explicit `operator bool` that says it is empty (std::function);
+// a lambda converts to a function pointer, and so implicitly to bool, and is never empty.
+// (A trait on the conversion, not on &F::operator bool, which nvcc's front end refuses.)
 template <class F>
-struct has_bool_member<F, std::void_t<decltype(&F::operator bool)>> : std::true_type {};
+struct has_bool_member
+    : std::integral_constant<bool, std::is_constructible<bool, F const&>::value &&
+                                       !std::is_convertible<F const&, bool>::value> {};
 // What observe() can call as `fn(event)`.
 template <class F, class E, class = void>
 struct is_observer : std::false_type {};
