@@ -14,6 +14,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace oomguard;
@@ -187,6 +188,28 @@ TEST_CASE("hostile inputs: a typed error naming the value, every time") {
              p.on_attempt(oom);
          }},
         {"ThreadConsensus", Kind::invalid_argument, "at least 1 rank, got 0", [] { ThreadConsensus t(0); }},
+        {"ThreadConsensus::all_min", Kind::invalid_argument, "different counts", [] {
+             // Two ranks, two counts: the other rank is not left waiting (it throws too).
+             ThreadConsensus t(2);
+             std::exception_ptr other;
+             std::thread peer([&] {
+                 std::uint64_t v[3] = {};
+                 try {
+                     t.all_min(v, 3);
+                 } catch (...) {
+                     other = std::current_exception();
+                 }
+             });
+             std::uint64_t v[2] = {};
+             try {
+                 t.all_min(v, 2);
+             } catch (...) {
+                 peer.join();
+                 REQUIRE(other != nullptr);
+                 throw;
+             }
+             peer.join();
+         }},
         {"Trace::write", Kind::runtime, "/no/such/dir/t.json", [] { Trace t("/no/such/dir/t.json"); t.write(); }},
         {"Trace (opened when made)", Kind::runtime, "cannot open '/no/such/dir/u.json'",
          [] { Trace t("/no/such/dir/u.json"); }},
