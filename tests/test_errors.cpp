@@ -2,7 +2,9 @@
 
 #include <doctest/doctest.h>
 
+#include <cstring>
 #include <string>
+#include <string_view>
 
 using namespace oomguard;
 
@@ -73,6 +75,75 @@ TEST_CASE("Message truncates long texts instead of overflowing") {
     detail::Message n;
     n << "a" << 1 << ' ' << -2L << ' ' << 3ull << ' ' << 0.5 << ' ' << static_cast<char const*>(nullptr);
     CHECK(std::string(n.c_str()) == "a1 -2 3 0.5 (null)");
+}
+
+namespace {
+// Whether `s` is well-formed UTF-8 (RFC 3629: no overlongs, no surrogates, nothing past U+10FFFF).
+bool valid_utf8(std::string_view s) {
+    for (std::size_t i = 0; i < s.size();) {
+        auto b = [&](std::size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
+        auto in = [&](std::size_t k, unsigned lo, unsigned hi) { return b(k) >= lo && b(k) <= hi; };
+        unsigned c = b(0);
+        std::size_t n = c < 0x80                                                     ? 1
+                        : c >= 0xC2 && c <= 0xDF && in(1, 0x80, 0xBF)                ? 2
+                        : c == 0xE0 && in(1, 0xA0, 0xBF) && in(2, 0x80, 0xBF)        ? 3
+                        : ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) && in(1, 0x80, 0xBF) &&
+                                  in(2, 0x80, 0xBF)                                  ? 3
+                        : c == 0xED && in(1, 0x80, 0x9F) && in(2, 0x80, 0xBF)        ? 3
+                        : c == 0xF0 && in(1, 0x90, 0xBF) && in(2, 0x80, 0xBF) && in(3, 0x80, 0xBF) ? 4
+                        : c >= 0xF1 && c <= 0xF3 && in(1, 0x80, 0xBF) && in(2, 0x80, 0xBF) && in(3, 0x80, 0xBF) ? 4
+                        : c == 0xF4 && in(1, 0x80, 0x8F) && in(2, 0x80, 0xBF) && in(3, 0x80, 0xBF) ? 4
+                                                                                     : 0;
+        if (n == 0) return false;
+        i += n;
+    }
+    return true;
+}
+}  // namespace
+
+TEST_CASE("a cut text ends on a code point boundary: no lead byte or part of a sequence before the \"...\"") {
+    // Each length of sequence, landing on the cut at each of its offsets: a filler of
+    // ASCII shifts the sequences past the boundary one byte at a time.
+    for (std::string seq : {"\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80"}) {
+        for (std::size_t fill = 1000; fill < 1024; ++fill) {
+            std::string text = std::string(fill, 'a');
+            while (text.size() < 1100) text += seq;
+            CAPTURE(seq.size());
+            CAPTURE(fill);
+            // One piece; the sequences as a piece of their own each; every byte a piece.
+            detail::Message whole, pieces, bytes;
+            whole << text;
+            pieces << std::string(fill, 'a');
+            for (std::size_t k = fill; k < text.size(); k += seq.size()) pieces << seq;
+            for (char c : text) bytes << c;
+            for (detail::Message const* m : {&whole, &pieces, &bytes}) {
+                std::string_view v = m->view();
+                REQUIRE(v.size() >= 3);
+                CHECK(v.substr(v.size() - 3) == "...");
+                std::string_view kept = v.substr(0, v.size() - 3);
+                CHECK(valid_utf8(kept));
+                CHECK(text.compare(0, kept.size(), kept) == 0);  // a prefix of what was written
+                CHECK(kept.size() + 3 + seq.size() > 1023);        // no more cut than a sequence
+                CHECK(std::strlen(m->c_str()) == v.size());
+            }
+            // Nothing is appended after a cut, though the cut left room.
+            std::string before(whole.view());
+            whole << "z" << 1;
+            CHECK(whole.view() == before);
+            // FixedText cuts the same way.
+            std::string small(fill % 61, 'a');
+            while (small.size() < 80) small += seq;
+            detail::FixedText<64> f(small);
+            CHECK(f.view().substr(f.size() - 3) == "...");
+            CHECK(valid_utf8(f.view().substr(0, f.size() - 3)));
+        }
+    }
+    // A text that fits whole is not touched, however it ends.
+    detail::Message m;
+    m << std::string(1019, 'a') << "\xf0\x9f\x98\x80";
+    CHECK(m.view().size() == 1023);
+    CHECK(valid_utf8(m.view()));
+    CHECK(m.view().substr(1019) == "\xf0\x9f\x98\x80");
 }
 
 TEST_CASE("the advice follows the adaptive_batch step marker, nested and after a throw") {
