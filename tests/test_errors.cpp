@@ -2,6 +2,8 @@
 
 #include <doctest/doctest.h>
 
+#include "support/valid_utf8.hpp"
+
 #include <cstring>
 #include <string>
 #include <string_view>
@@ -77,30 +79,6 @@ TEST_CASE("Message truncates long texts instead of overflowing") {
     CHECK(std::string(n.c_str()) == "a1 -2 3 0.5 (null)");
 }
 
-namespace {
-// Whether `s` is well-formed UTF-8 (RFC 3629: no overlongs, no surrogates, nothing past U+10FFFF).
-bool valid_utf8(std::string_view s) {
-    for (std::size_t i = 0; i < s.size();) {
-        auto b = [&](std::size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
-        auto in = [&](std::size_t k, unsigned lo, unsigned hi) { return b(k) >= lo && b(k) <= hi; };
-        unsigned c = b(0);
-        std::size_t n = c < 0x80                                                     ? 1
-                        : c >= 0xC2 && c <= 0xDF && in(1, 0x80, 0xBF)                ? 2
-                        : c == 0xE0 && in(1, 0xA0, 0xBF) && in(2, 0x80, 0xBF)        ? 3
-                        : ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) && in(1, 0x80, 0xBF) &&
-                                  in(2, 0x80, 0xBF)                                  ? 3
-                        : c == 0xED && in(1, 0x80, 0x9F) && in(2, 0x80, 0xBF)        ? 3
-                        : c == 0xF0 && in(1, 0x90, 0xBF) && in(2, 0x80, 0xBF) && in(3, 0x80, 0xBF) ? 4
-                        : c >= 0xF1 && c <= 0xF3 && in(1, 0x80, 0xBF) && in(2, 0x80, 0xBF) && in(3, 0x80, 0xBF) ? 4
-                        : c == 0xF4 && in(1, 0x80, 0x8F) && in(2, 0x80, 0xBF) && in(3, 0x80, 0xBF) ? 4
-                                                                                     : 0;
-        if (n == 0) return false;
-        i += n;
-    }
-    return true;
-}
-}  // namespace
-
 TEST_CASE("a cut text ends on a code point boundary: no lead byte or part of a sequence before the \"...\"") {
     // Each length of sequence, landing on the cut at each of its offsets: a filler of
     // ASCII shifts the sequences past the boundary one byte at a time.
@@ -121,7 +99,7 @@ TEST_CASE("a cut text ends on a code point boundary: no lead byte or part of a s
                 REQUIRE(v.size() >= 3);
                 CHECK(v.substr(v.size() - 3) == "...");
                 std::string_view kept = v.substr(0, v.size() - 3);
-                CHECK(valid_utf8(kept));
+                CHECK(test_support::valid_utf8(kept));
                 CHECK(text.compare(0, kept.size(), kept) == 0);  // a prefix of what was written
                 CHECK(kept.size() + 3 + seq.size() > 1023);        // no more cut than a sequence
                 CHECK(std::strlen(m->c_str()) == v.size());
@@ -135,14 +113,14 @@ TEST_CASE("a cut text ends on a code point boundary: no lead byte or part of a s
             while (small.size() < 80) small += seq;
             detail::FixedText<64> f(small);
             CHECK(f.view().substr(f.size() - 3) == "...");
-            CHECK(valid_utf8(f.view().substr(0, f.size() - 3)));
+            CHECK(test_support::valid_utf8(f.view().substr(0, f.size() - 3)));
         }
     }
     // A text that fits whole is not touched, however it ends.
     detail::Message m;
     m << std::string(1019, 'a') << "\xf0\x9f\x98\x80";
     CHECK(m.view().size() == 1023);
-    CHECK(valid_utf8(m.view()));
+    CHECK(test_support::valid_utf8(m.view()));
     CHECK(m.view().substr(1019) == "\xf0\x9f\x98\x80");
 }
 

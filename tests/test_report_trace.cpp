@@ -5,6 +5,7 @@
 #include <oomguard/trace.hpp>
 
 #include "mini_json.hpp"
+#include "valid_utf8.hpp"
 
 #include <doctest/doctest.h>
 
@@ -178,7 +179,7 @@ TEST_CASE("the plot: one self-contained SVG with both panels, the OOMs, the prec
     CHECK(svg.rfind("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\"", 0) == 0);
     CHECK(svg.size() - svg.rfind("</svg>\n") == 7);
     CHECK(svg.find("budget cap</text>\n<polyline") == std::string::npos);  // cap == capacity: one line
-    CHECK(svg.find("GPU &lt;0&gt; &amp; &quot;1&quot;??? capacity") != std::string::npos);
+    CHECK(svg.find("GPU &lt;0&gt; &amp; &quot;1&quot;?\xef\xbf\xbd\xef\xbf\xbd capacity") != std::string::npos);
     CHECK(svg.find("OOM (3), at its demand") != std::string::npos);
     CHECK(count(svg, "stroke=\"#d62728\"") == 3 + 1);  // each OOM and the legend's
     CHECK(count(svg, ">bf16</text>") == 1);
@@ -194,7 +195,9 @@ TEST_CASE("the plot: one self-contained SVG with both panels, the OOMs, the prec
     CHECK(e.find("no micro-batch ran yet") != std::string::npos);
     CHECK(e.find("a &lt;title&gt;") != std::string::npos);
     // UTF-8 that is well formed passes whole; one point draws a dot; a sixth workload is counted, not drawn.
-    CHECK(detail::xml_text("\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xed\xa0\x80") == "\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 ???");
+    CHECK(detail::xml_text("\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xed\xa0\x80") ==
+          "\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
+    CHECK(test_support::valid_utf8(svg));
     Timeline one;
     one.devices.push_back({"GPU 0", 0, 0, 1000});
     for (int i = 0; i < 7; ++i) one.workloads.push_back("w" + std::to_string(i));
@@ -210,6 +213,53 @@ TEST_CASE("the plot: one self-contained SVG with both panels, the OOMs, the prec
         std::ofstream f(out);
         f << svg;
     }
+}
+
+TEST_CASE("the report's and the trace's JSON is valid UTF-8 whatever the labels hold") {
+    // Markup, control characters, and each kind of ill-formed UTF-8 between well-formed text.
+    std::string const bad = "<b>&\"q\"\\ \x01\x1f\t\n"
+                            "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"  // é € 😀: kept
+                            "|\xff|\x80|\xc3|\xe2\x82|\xf0\x9f\x98|"  // bad lead, lone continuation, truncated
+                            "\xc0\xaf|\xe0\x80\xaf|"                  // overlong
+                            "\xed\xa0\x80|\xf4\x90\x80\x80|\xf5\x80|"  // surrogate, past U+10FFFF
+                            "\xe2\x82";                               // truncated at the end
+    std::string const fffd = "\xef\xbf\xbd";
+    // One U+FFFD per maximal subpart (Unicode 3.9, as WHATWG decoders do); mini_json
+    // reads each \u escape as '?'.
+    std::string const expected = "<b>&\"q\"\\ ??\t\n\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80|" + fffd + "|" + fffd + "|" +
+                                 fffd + "|" + fffd + "|" + fffd + "|" + fffd + fffd + "|" + fffd + fffd + fffd + "|" +
+                                 fffd + fffd + fffd + "|" + fffd + fffd + fffd + fffd + "|" + fffd + fffd + "|" + fffd;
+    Run run;
+    Report report;
+    report.track(bad, run.budget);
+    report.attach(run.a, bad);
+    ReleaseReport r;
+    r.caches.resize(1);
+    r.caches[0].name = CacheName(bad.substr(12, 40));
+    r.caches[0].bytes = 1;
+    report.note_release(r);
+    Trace trace("");
+    trace.track(bad, run.budget);
+    trace.attach(run.a, bad);
+    run.go();
+    trace.instant(bad, bad);
+    std::string const j = report.json(), tj = trace.json();
+    CHECK(test_support::valid_utf8(j));
+    CHECK(test_support::valid_utf8(tj));
+    mini_json::Value v = mini_json::parse(j);
+    CHECK(v["budgets"].items[0]["label"].s == expected);
+    CHECK(v["workloads"].items[0]["name"].s == expected);
+    CHECK(test_support::valid_utf8(v["caches"].items[0]["name"].s));
+    mini_json::Value t = mini_json::parse(tj);
+    std::size_t named = 0;
+    for (auto const& e : t["traceEvents"].items)
+        if (e["ph"].s == "i" && e["name"].s == expected) named += e["args"]["detail"].s == expected;
+    CHECK(named == 1);
+    // The escapes themselves.
+    CHECK(detail::json_string("\x7f\xc2\xa0\xef\xbf\xbf\xf4\x8f\xbf\xbf") == "\"\x7f\xc2\xa0\xef\xbf\xbf\xf4\x8f\xbf\xbf\"");
+    CHECK(detail::json_string("\x01\x1f\"\\\r") == "\"\\u0001\\u001f\\\"\\\\\\r\"");
+    CHECK(detail::json_string("\xe2\x82x") == "\"" + fffd + "x\"");
+    CHECK(detail::json_string("\xc3") == "\"" + fffd + "\"");
 }
 
 TEST_CASE("a trace file named by OOMGUARD_TRACE_FILE (the demo's) parses, with both kinds of event") {
