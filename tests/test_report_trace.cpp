@@ -215,6 +215,47 @@ TEST_CASE("the plot: one self-contained SVG with both panels, the OOMs, the prec
     }
 }
 
+TEST_CASE("a give-up shows the plan it gave up at and the plan it returns to") {
+    // fp32 only: 16 samples of 7 KiB do not fit 100 KiB, so it shrinks 32 -> 16 and gives up at 16.
+    SimulatedDevices gpus{1, 100 * KiB};
+    MemoryBudget<SimulatedDevices> budget{gpus, 0, Limit::fraction(1.0)};
+    BatchOptions o;
+    o.global_batch = 64;
+    o.micro_batch = 32;
+    o.min_micro_batch = 16;
+    o.policy = ShrinkPolicy::halve();
+    AdaptiveBatch a(o);
+    Report report;
+    report.track("GPU 0", budget);
+    report.attach(a, "train");
+    Trace trace("");
+    trace.attach(a, "train");
+    CHECK_THROWS_AS(a.run([&](MicroBatch const& mb) { DeviceBuffer<SimulatedDevices> act(budget, mb.size * 7 * KiB); },
+                          [] {}, [] {}),
+                    recovery_failed);
+    std::string const t = report.table();
+    CAPTURE(t);
+    CHECK(t.find("shrink           m=32 fp32 GPU 0 -> m=16 fp32 GPU 0") != std::string::npos);
+    CHECK(t.find("give_up          m=16 fp32 GPU 0 -> m=32 fp32 GPU 0") != std::string::npos);
+    mini_json::Value j = mini_json::parse(report.json());
+    REQUIRE(j["plan_changes"].items.size() == 2);
+    mini_json::Value const& g = j["plan_changes"].items[1];
+    CHECK(g["event"].s == "give_up");
+    CHECK(g["from"]["micro_batch"].n == 16);
+    CHECK(g["to"]["micro_batch"].n == 32);
+    // The plot's plan line returns to where the next batch starts.
+    Timeline tl = report.timeline();
+    REQUIRE(tl.plans.size() == 3);
+    CHECK(tl.plans[1].plan.micro_batch == 16);
+    CHECK(tl.plans[2].plan.micro_batch == 32);
+    std::size_t gave_up = 0;
+    mini_json::Value const events = mini_json::parse(trace.json());
+    for (auto const& e : events["traceEvents"].items)
+        if (e["name"].s == "train: give_up")
+            gave_up += e["args"]["detail"].s.rfind("m=16 fp32 GPU 0 -> m=32 fp32 GPU 0, ", 0) == 0;
+    CHECK(gave_up == 1);
+}
+
 TEST_CASE("the report's and the trace's JSON is valid UTF-8 whatever the labels hold") {
     // Markup, control characters, and each kind of ill-formed UTF-8 between well-formed text.
     std::string const bad = "<b>&\"q\"\\ \x01\x1f\t\n"
