@@ -4,7 +4,8 @@
 //
 // Top panel, device memory over time: each micro-batch's peak and the bytes
 // held between micro-batches, against the budget's cap and the device's
-// capacity; every OOM a red cross at the demand that failed (held + request).
+// capacity; every OOM a red cross at the demand that failed (held + request),
+// those at setup too (Report::note_oom).
 // Bottom panel: each workload's micro-batch size as a step line, dashed while
 // it runs below its first precision, the precision named where it changes.
 //
