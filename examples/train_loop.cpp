@@ -159,9 +159,11 @@ int main(int argc, char** argv) {
     });
 
     int status = 0;
+    char const* outside = "setup";  // where an OOM no adaptive_batch step saw happened, for the report
     mlp::Data data(N + NE, 16, static_cast<int>(args.hidden), args.seed);
     try {
-        mlp::Model<Backend> model(*budget, data);
+        mlp::Model<Backend> model(*budget, data);  // the weights and the data: no smaller batch helps here
+        outside = "training";
         // The model's activation workspace is a cache: adaptive_batch empties it before a retry.
         auto workspace = oomguard::CacheRegistry::global().add(
             "activation workspace", 0, [&] { return model.workspace_bytes(); },
@@ -216,6 +218,10 @@ int main(int argc, char** argv) {
             status = 1;
         }
     } catch (oomguard::out_of_memory const& e) {  // recovery_failed too: nothing fit
+        // An OOM at setup reached no adaptive_batch: without this the report and the
+        // plot would show a run that never ran out of memory. (A give-up is counted
+        // by its workload already, and note_oom leaves it.)
+        report.note_oom(e, outside);
         std::fprintf(stderr, "train_loop: %s\n", e.what());
         status = 1;
     } catch (std::exception const& e) {

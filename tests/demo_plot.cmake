@@ -39,6 +39,24 @@ run(${RSVG} --format=png --output=${png} ${svg})
 # Red: the OOM markers (each ~30 pixels).
 math(EXPR red "${ooms} * 15 + 40")
 run(${PYTHON} ${PNG_CHECK} ${png} 0.02 6 1f77b4:600 d62728:${red})
+# A run whose weights do not fit the device dies at setup, before any step: its plot
+# still shows that OOM (the report hears of it through note_oom), as one marker.
+set(setup_svg ${WORK}/demo.setup-oom.svg)
+file(REMOVE ${setup_svg})
+execute_process(COMMAND ${CMAKE_COMMAND} -E env --unset=OOMGUARD_CONF ${TRAIN} --device-memory 1MiB --hidden 16384
+                        --plot ${setup_svg}
+                RESULT_VARIABLE rc OUTPUT_VARIABLE o ERROR_VARIABLE e)
+if(NOT rc EQUAL 1 OR NOT EXISTS ${setup_svg})
+    message(FATAL_ERROR "the run whose weights do not fit: exit ${rc} (expected 1), or no plot:\n${o}\n${e}")
+endif()
+run(${XMLLINT} --noout ${setup_svg})
+file(READ ${setup_svg} setup_text)
+string(REGEX MATCHALL "stroke=\"#d62728\" stroke-width=\"2.5\"" setup_markers "${setup_text}")
+list(LENGTH setup_markers sm)
+string(FIND "${setup_text}" "OOM (1), at its demand" at)
+if(at EQUAL -1 OR NOT sm EQUAL 2)  # the OOM's and the legend's
+    message(FATAL_ERROR "${setup_svg}: the setup OOM is not drawn (${sm} markers with the legend's)")
+endif()
 # The unit test's plot, whose labels hold markup and control characters, parses too.
 execute_process(COMMAND ${CMAKE_COMMAND} -E env OOMGUARD_PLOT_FILE=${WORK}/escaped.plot.svg ${REPORT_TEST}
                         --test-case=*plot*

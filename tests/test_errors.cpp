@@ -2,7 +2,11 @@
 
 #include <doctest/doctest.h>
 
+#include "support/valid_utf8.hpp"
+
+#include <cstring>
 #include <string>
+#include <string_view>
 
 using namespace oomguard;
 
@@ -73,6 +77,51 @@ TEST_CASE("Message truncates long texts instead of overflowing") {
     detail::Message n;
     n << "a" << 1 << ' ' << -2L << ' ' << 3ull << ' ' << 0.5 << ' ' << static_cast<char const*>(nullptr);
     CHECK(std::string(n.c_str()) == "a1 -2 3 0.5 (null)");
+}
+
+TEST_CASE("a cut text ends on a code point boundary: no lead byte or part of a sequence before the \"...\"") {
+    // Each length of sequence, landing on the cut at each of its offsets: a filler of
+    // ASCII shifts the sequences past the boundary one byte at a time.
+    for (std::string seq : {"\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80"}) {
+        for (std::size_t fill = 1000; fill < 1024; ++fill) {
+            std::string text = std::string(fill, 'a');
+            while (text.size() < 1100) text += seq;
+            CAPTURE(seq.size());
+            CAPTURE(fill);
+            // One piece; the sequences as a piece of their own each; every byte a piece.
+            detail::Message whole, pieces, bytes;
+            whole << text;
+            pieces << std::string(fill, 'a');
+            for (std::size_t k = fill; k < text.size(); k += seq.size()) pieces << seq;
+            for (char c : text) bytes << c;
+            for (detail::Message const* m : {&whole, &pieces, &bytes}) {
+                std::string_view v = m->view();
+                REQUIRE(v.size() >= 3);
+                CHECK(v.substr(v.size() - 3) == "...");
+                std::string_view kept = v.substr(0, v.size() - 3);
+                CHECK(test_support::valid_utf8(kept));
+                CHECK(text.compare(0, kept.size(), kept) == 0);  // a prefix of what was written
+                CHECK(kept.size() + 3 + seq.size() > 1023);        // no more cut than a sequence
+                CHECK(std::strlen(m->c_str()) == v.size());
+            }
+            // Nothing is appended after a cut, though the cut left room.
+            std::string before(whole.view());
+            whole << "z" << 1;
+            CHECK(whole.view() == before);
+            // FixedText cuts the same way.
+            std::string small(fill % 61, 'a');
+            while (small.size() < 80) small += seq;
+            detail::FixedText<64> f(small);
+            CHECK(f.view().substr(f.size() - 3) == "...");
+            CHECK(test_support::valid_utf8(f.view().substr(0, f.size() - 3)));
+        }
+    }
+    // A text that fits whole is not touched, however it ends.
+    detail::Message m;
+    m << std::string(1019, 'a') << "\xf0\x9f\x98\x80";
+    CHECK(m.view().size() == 1023);
+    CHECK(test_support::valid_utf8(m.view()));
+    CHECK(m.view().substr(1019) == "\xf0\x9f\x98\x80");
 }
 
 TEST_CASE("the advice follows the adaptive_batch step marker, nested and after a throw") {

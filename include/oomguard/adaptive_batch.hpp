@@ -1051,8 +1051,10 @@ private:
             m << " after " << a.samples_done << " samples]";
         }
         planner_.abandon();
-        emit(BatchEventKind::give_up, plan(), plan(), l.info.requested, static_cast<unsigned>(history.size()),
-             m.c_str());
+        // From the plan of the attempt it gave up at (the report's row, the trace's
+        // event) to the last good plan the next batch starts from.
+        emit(BatchEventKind::give_up, history.empty() ? plan() : history.back().plan, plan(), l.info.requested,
+             static_cast<unsigned>(history.size()), m.c_str());
         throw recovery_failed(l.info, m, std::move(history));
     }
 

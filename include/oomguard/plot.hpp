@@ -4,7 +4,8 @@
 //
 // Top panel, device memory over time: each micro-batch's peak and the bytes
 // held between micro-batches, against the budget's cap and the device's
-// capacity; every OOM a red cross at the demand that failed (held + request).
+// capacity; every OOM a red cross at the demand that failed (held + request),
+// those at setup too (Report::note_oom).
 // Bottom panel: each workload's micro-batch size as a step line, dashed while
 // it runs below its first precision, the precision named where it changes.
 //
@@ -13,6 +14,7 @@
 //   std::string svg = oomguard::plot_svg(report);   // or plot_svg(report.timeline(), "title")
 #pragma once
 
+#include <oomguard/detail/utf8.hpp>
 #include <oomguard/report.hpp>
 
 #include <cmath>
@@ -26,46 +28,24 @@ namespace oomguard {
 
 namespace detail {
 
-// The length of the well-formed UTF-8 sequence at s[i] (0: none), by RFC 3629's table.
-inline std::size_t utf8_length(std::string_view s, std::size_t i) noexcept {
-    auto b = [&](std::size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
-    unsigned c = b(0);
-    auto cont = [&](std::size_t k, unsigned lo = 0x80, unsigned hi = 0xBF) { return b(k) >= lo && b(k) <= hi; };
-    if (c >= 0xC2 && c <= 0xDF) return cont(1) ? 2 : 0;
-    if (c == 0xE0) return cont(1, 0xA0) && cont(2) ? 3 : 0;
-    if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) return cont(1) && cont(2) ? 3 : 0;
-    if (c == 0xED) return cont(1, 0x80, 0x9F) && cont(2) ? 3 : 0;  // no surrogates
-    if (c == 0xF0) return cont(1, 0x90) && cont(2) && cont(3) ? 4 : 0;
-    if (c >= 0xF1 && c <= 0xF3) return cont(1) && cont(2) && cont(3) ? 4 : 0;
-    if (c == 0xF4) return cont(1, 0x80, 0x8F) && cont(2) && cont(3) ? 4 : 0;
-    return 0;
-}
-
 // Text as XML character data: markup escaped; control characters, which XML 1.0
-// forbids even escaped, and bytes that are not UTF-8 become '?'.
+// forbids even escaped, become '?', and each ill-formed UTF-8 sequence U+FFFD
+// (as in the report's JSON).
 inline std::string xml_text(std::string_view s) {
     std::string o;
-    for (std::size_t i = 0; i < s.size(); ++i) {
-        char c = s[i];
-        if (static_cast<unsigned char>(c) >= 0x80) {
-            std::size_t n = utf8_length(s, i);
-            if (n == 0) {
-                o += '?';
-            } else {
-                o.append(s.data() + i, n);
-                i += n - 1;
+    for_each_utf8(
+        s,
+        [&](char c) {
+            switch (c) {
+                case '&': o += "&amp;"; break;
+                case '<': o += "&lt;"; break;
+                case '>': o += "&gt;"; break;
+                case '"': o += "&quot;"; break;
+                case '\'': o += "&apos;"; break;
+                default: o += static_cast<unsigned char>(c) >= 0x20 || c == '\t' || c == '\n' ? c : '?';
             }
-            continue;
-        }
-        switch (c) {
-            case '&': o += "&amp;"; break;
-            case '<': o += "&lt;"; break;
-            case '>': o += "&gt;"; break;
-            case '"': o += "&quot;"; break;
-            case '\'': o += "&apos;"; break;
-            default: o += static_cast<unsigned char>(c) >= 0x20 || c == '\t' || c == '\n' ? c : '?';
-        }
-    }
+        },
+        [&](std::string_view t) { o.append(t.data(), t.size()); });
     return o;
 }
 

@@ -1,7 +1,8 @@
 // The end-of-run report: devices, budgets and peaks, OOMs caught, bytes
-// released per cache, every plan change -- as a table for people and as JSON
-// for tools -- and the timeline a plot draws (<oomguard/plot.hpp>: held and
-// peak memory against the cap and the device's capacity, OOMs, the plan).
+// released per cache, every plan change, the OOMs outside any step that you
+// note (setup) -- as a table for people and as JSON for tools -- and the
+// timeline a plot draws (<oomguard/plot.hpp>: held and peak memory against
+// the cap and the device's capacity, OOMs, the plan).
 // Opt-in; not in the umbrella header.
 //
 //   oomguard::Report report;
@@ -34,11 +35,13 @@ struct Timeline {
         std::size_t workload;  ///< index into workloads
         Plan plan;           ///< the plan it ran under
     };
+    /// The workload of an OOM outside any step (Report::note_oom).
+    static constexpr std::size_t outside = static_cast<std::size_t>(-1);
     struct Oom {
         double t;
         int device;
         std::size_t demand;  ///< held when it failed + the failed request (0: not known)
-        std::size_t workload;
+        std::size_t workload;  ///< index into workloads, or `outside`
     };
     struct PlanChange {      ///< the plan from time t on (the first: the plan a workload started with)
         double t;
@@ -124,6 +127,29 @@ public:
         }
     }
 
+    /// Records an out-of-memory that happened outside any adaptive_batch step,
+    /// which no attached batch hears of: setup (model weights, optimizer state),
+    /// loading a checkpoint, a pass of your own. `where` names it ("setup").
+    /// The timeline gets an OOM at the demand that failed, in bytes: held under
+    /// the budget + the request, from `e.info()` (0 when either is unknown: the
+    /// plot marks it on the top edge), as an OOM in a step; the table lists it
+    /// under "OOMs outside steps", the JSON under "ooms_outside_steps".
+    /// A recovery_failed is not recorded again: the workload that gave up
+    /// counts it (its OOMs, its give-up), when it is attached to this report.
+    /// Throws std::bad_alloc.
+    void note_oom(out_of_memory const& e, std::string where = "setup") {
+        if (dynamic_cast<recovery_failed const*>(&e) != nullptr) return;
+        if (outside_.size() >= max_points) return;
+        oom_info const& i = e.info();
+        std::size_t const requested = i.requested_known ? i.requested : oom_info::unknown;
+        std::size_t const demand =
+            requested != oom_info::unknown && i.budget_used != oom_info::unknown ? i.budget_used + requested : 0;
+        bool const drawn = timeline_.ooms.size() < max_points;
+        if (drawn) timeline_.ooms.reserve(timeline_.ooms.size() + 1);
+        outside_.push_back(Outside{std::move(where), e.what(), i, requested});
+        if (drawn) timeline_.ooms.push_back(Timeline::Oom{seconds(), i.device, demand, Timeline::outside});  // reserved
+    }
+
     std::size_t plan_changes() const noexcept { return changes_.size(); }
 
     /// The run so far, over time: what <oomguard/plot.hpp> draws.
@@ -166,6 +192,13 @@ public:
                           w->label.c_str(), c.global_batches, c.micro_batches, c.ooms, c.retries_same, c.shrinks,
                           c.precision_changes, c.failovers, c.grow_backs, c.give_ups,
                           detail::plan_text(w->batch->plan()).c_str());
+            t += line;
+        }
+        if (!outside_.empty()) t += "OOMs outside steps\n";  // only when there were: a rare event
+        for (auto const& o : outside_) {
+            std::snprintf(line, sizeof line, "  %-8.8s GPU %-3d asked for %12s holding %12s  %s\n", o.where.c_str(),
+                          o.info.device, figure(o.requested).c_str(), figure(o.info.budget_used).c_str(),
+                          o.info.source == oom_source::budget ? "denied by the budget" : "refused by the device");
             t += line;
         }
         t += "caches released\n";
@@ -227,6 +260,17 @@ public:
                  ", \"wasted_samples\": " + std::to_string(c.wasted_samples) + ", \"plan\": " +
                  plan_json(w->batch->plan()) + "}";
         }
+        j += "\n  ],\n  \"ooms_outside_steps\": [";
+        first = true;
+        for (auto const& o : outside_) {
+            j += first ? "\n    " : ",\n    ";
+            first = false;
+            j += "{\"where\": " + detail::json_string(o.where) + ", \"device\": " + std::to_string(o.info.device) +
+                 ", \"requested\": " + number(o.requested) + ", \"held\": " + number(o.info.budget_used) +
+                 ", \"limit\": " + number(o.info.budget_limit) + ", \"source\": \"" +
+                 (o.info.source == oom_source::budget ? "budget" : "device") +
+                 "\", \"message\": " + detail::json_string(o.message) + "}";
+        }
         j += "\n  ],\n  \"caches\": [";
         first = true;
         for (auto const& c : caches_) {
@@ -274,6 +318,11 @@ private:
         BatchEventKind kind;
         Plan from, to;
     };
+    struct Outside {  // an OOM noted by note_oom
+        std::string where, message;
+        oom_info info;
+        std::size_t requested;  // oom_info::unknown when the failing library did not say
+    };
     struct CacheTotal {
         std::string name;
         std::size_t bytes, releases, failures;
@@ -282,6 +331,14 @@ private:
     static char const* change_name(BatchEventKind k) noexcept {
         return k == BatchEventKind::commit ? "probe" : to_string(k);
     }
+    // A figure that may be unknown: bytes, or "unknown"; a number, or null.
+    static detail::ByteText figure(std::size_t b) noexcept {
+        if (b != oom_info::unknown) return detail::format_bytes(b);
+        detail::ByteText t;
+        std::snprintf(t.text, sizeof t.text, "unknown");
+        return t;
+    }
+    static std::string number(std::size_t b) { return b == oom_info::unknown ? "null" : std::to_string(b); }
     static std::string plan_json(Plan const& p) {
         return "{\"micro_batch\": " + std::to_string(p.micro_batch) + ", \"precision\": \"" + to_string(p.precision) +
                "\", \"device\": " + std::to_string(p.device) + "}";
@@ -356,6 +413,7 @@ private:
     std::vector<std::unique_ptr<Workload>> workloads_;
     std::vector<Change> changes_;
     std::vector<CacheTotal> caches_;
+    std::vector<Outside> outside_;
     std::chrono::steady_clock::time_point start_;
     Timeline timeline_;
     std::size_t stride_ = 1, since_point_ = 0;

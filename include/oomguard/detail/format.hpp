@@ -44,21 +44,43 @@ inline std::string_view trim(std::string_view s) noexcept {
 
 /// Appends `s` to the text of `len` characters in `buf` (room for `size - 1` and
 /// the terminator), cutting what does not fit and marking the cut with "...".
-inline void append_cut(char* buf, std::size_t size, std::size_t& len, std::string_view s) noexcept {
-    std::size_t room = size - 1 - len;
-    std::size_t n = s.size() < room ? s.size() : room;
+/// The cut falls on a code point boundary: a UTF-8 sequence is kept whole or
+/// dropped whole, so a valid text stays valid (JSON, XML and terminals reject
+/// half a sequence). `cut` is set by the cut, and once set nothing more is
+/// appended: the text may then end short of the room, and a later short piece
+/// must not land after the "...".
+inline void append_cut(char* buf, std::size_t size, std::size_t& len, bool& cut, std::string_view s) noexcept {
+    if (cut) return;
+    std::size_t const room = size - 1 - len;
+    std::size_t const n = s.size() < room ? s.size() : room;
     if (n != 0) std::memcpy(buf + len, s.data(), n);  // an empty view's data() may be null
     len += n;
     buf[len] = '\0';
-    if (n < s.size() && len >= 3) std::memcpy(buf + len - 3, "...", 3);
+    if (n == s.size() || len < 3) return;
+    cut = true;
+    // buf[end] is the first byte the "..." covers. A continuation byte there
+    // belongs to a sequence that began before it: drop that sequence from its
+    // lead byte (at most 3 back). Bytes that are not UTF-8 are left as they are.
+    auto continuation = [&](std::size_t k) { return (static_cast<unsigned char>(buf[k]) & 0xC0) == 0x80; };
+    std::size_t end = len - 3;
+    if (continuation(end))
+        for (std::size_t k = 1; k <= 3 && k <= end; ++k)
+            if (!continuation(end - k)) {
+                if (static_cast<unsigned char>(buf[end - k]) >= 0xC0) end -= k;
+                break;
+            }
+    std::memcpy(buf + end, "...", 3);
+    len = end + 3;
+    buf[len] = '\0';
 }
 
 /// A bounded text builder: `Message() << "device " << 3 << " has " << bytes_of(n)`.
-/// Truncates (with "...") rather than fail: it runs while an error is being reported.
+/// Truncates (with "...", on a UTF-8 boundary) rather than fail: it runs while an
+/// error is being reported.
 class Message {
 public:
     Message& operator<<(std::string_view s) noexcept {
-        append_cut(buf_, sizeof buf_, len_, s);
+        append_cut(buf_, sizeof buf_, len_, cut_, s);
         return *this;
     }
     Message& operator<<(char const* s) noexcept { return *this << std::string_view(s ? s : "(null)"); }
@@ -84,6 +106,7 @@ private:
     }
     char buf_[1024] = {};
     std::size_t len_ = 0;
+    bool cut_ = false;  // the text was cut: nothing more goes after its "..."
 };
 
 /// Text of at most N - 1 characters kept inside the object: no heap, no <string>.
@@ -96,9 +119,12 @@ public:
     static constexpr std::size_t capacity = N - 1;
 
     FixedText() noexcept = default;
-    /// A copy of `s`, cut to `capacity` characters ending in "..." when longer
-    /// (callers that must not cut check `fits` first).
-    explicit FixedText(std::string_view s) noexcept { append_cut(buf_, N, len_, s); }
+    /// A copy of `s`, cut to at most `capacity` characters ending in "..." when
+    /// longer, on a UTF-8 boundary (callers that must not cut check `fits` first).
+    explicit FixedText(std::string_view s) noexcept {
+        bool cut = false;
+        append_cut(buf_, N, len_, cut, s);
+    }
     static constexpr bool fits(std::string_view s) noexcept { return s.size() <= capacity; }
 
     char const* c_str() const noexcept { return buf_; }
