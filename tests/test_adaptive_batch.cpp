@@ -1224,3 +1224,38 @@ TEST_CASE("an OOM in commit is charged to max_attempts with resume too: a commit
         CHECK(w.budget.used() == 0);
     }
 }
+
+TEST_CASE("an observer that owns another observer's registration on the same batch: each is destroyed once") {
+    // Destroying the outer observer detaches the inner one from inside the
+    // list's sweep (an observer that co-owns a Report of the same batch): the
+    // sweep must not destroy anything twice.
+    BatchOptions o;
+    o.global_batch = 4;
+    AdaptiveBatch batch(o);
+    int destroyed = 0;
+    struct Counted {
+        int* n;
+        ~Counted() { ++*n; }
+    };
+    auto counted = std::shared_ptr<Counted>(new Counted{&destroyed});
+    auto inner = std::make_shared<ObserverRegistration>(batch.observe([counted](BatchEvent const&) {}));
+    counted.reset();
+    ObserverRegistration outer = batch.observe([inner](BatchEvent const&) {});
+    inner.reset();  // only the outer observer owns the inner registration now
+    batch.run([](MicroBatch const&) {}, [] {}, [] {});
+    outer.detach();
+    CHECK(destroyed == 1);
+    // The same from inside an event: the outer observer detaches itself.
+    int destroyed2 = 0;
+    auto counted2 = std::shared_ptr<Counted>(new Counted{&destroyed2});
+    auto inner2 = std::make_shared<ObserverRegistration>(batch.observe([counted2](BatchEvent const&) {}));
+    counted2.reset();
+    ObserverRegistration self;
+    self = batch.observe([inner2, &self](BatchEvent const& e) {
+        if (e.kind == BatchEventKind::commit) self.detach();
+    });
+    inner2.reset();
+    batch.run([](MicroBatch const&) {}, [] {}, [] {});
+    CHECK(destroyed2 == 1);
+    CHECK_FALSE(self);
+}

@@ -5,6 +5,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -389,4 +392,32 @@ TEST_CASE("a release that releases the registry again does not deadlock, on one 
         CHECK(nested_b.caches[1].concurrent);  // b: its own
         CHECK((nested_a.caches[1].concurrent || nested_b.caches[0].concurrent));
     }
+}
+
+namespace {
+CacheRegistry* g_estimating_registry = nullptr;
+// A cache whose estimate asks a worker thread for the registry's estimate and joins it.
+struct EstimateThroughAWorker {
+    std::size_t releasable_bytes() {
+        std::size_t seen = 0;
+        std::thread worker([&] { seen = g_estimating_registry->releasable_bytes(); });
+        worker.join();
+        return 1 + seen;  // the worker counted this cache, busy here, as 0
+    }
+    std::size_t release() { return 1; }
+};
+}  // namespace
+
+TEST_CASE("an estimate never waits: a cache's estimate that joins a thread estimating the registry ends") {
+    CacheRegistry reg;
+    g_estimating_registry = &reg;
+    EstimateThroughAWorker cache;
+    CacheRegistration r = reg.add("estimate via worker", 0, cache);
+    auto done = std::async(std::launch::async, [&] { return reg.releasable_bytes(); });
+    if (done.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
+        std::fprintf(stderr, "test_cache_registry: the estimate waited on itself through its worker\n");
+        std::_Exit(3);  // a hang fails the test rather than the whole ctest timeout
+    }
+    CHECK(done.get() == 1);
+    g_estimating_registry = nullptr;
 }

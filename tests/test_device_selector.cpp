@@ -274,3 +274,31 @@ TEST_CASE("failover: one move per device, then a give-up that names every device
     CHECK(b0.used() == 0);
     CHECK(b1.used() == 0);
 }
+
+TEST_CASE("failover: a give-up by the attempt limit on the device moved to names it among the devices tried") {
+    SimulatedDevices gpus({{4 * GiB, 0, "H100", "GPU-dddd1111", "00000000:3B:00.0"},
+                           {4 * GiB, 0, "H100", "GPU-dddd2222", "00000000:18:00.0"}},
+                          SimulatedMemory::phantom);
+    Sel sel(gpus, Nvml::none(), nullptr, nullptr);
+    MemoryBudget<SimulatedDevices> b0(gpus, 0, Limit::unlimited()), b1(gpus, 1, Limit::unlimited());
+    MemoryBudget<SimulatedDevices>* budgets[] = {&b0, &b1};
+    BatchOptions o;
+    o.global_batch = 8;
+    o.min_micro_batch = 8;
+    o.max_attempts = 2;  // the second attempt, on GPU 1, is the last
+    AdaptiveBatch a(o);
+    sel.attach_failover(a);
+    try {
+        a.run([&](MicroBatch const& mb) {
+            DeviceBuffer<SimulatedDevices> x(*budgets[mb.device], 3 * GiB);
+            DeviceBuffer<SimulatedDevices> y(*budgets[mb.device], 3 * GiB);
+        }, [] {}, [] {});
+        FAIL("expected recovery_failed");
+    } catch (recovery_failed const& e) {
+        std::string w = e.what();
+        CAPTURE(w);
+        CHECK(w.find("the attempt limit was reached") != std::string::npos);
+        CHECK(w.find("devices tried: GPU 0 (could not give 3.00 GiB") != std::string::npos);
+        CHECK(w.find(", GPU 1 (could not give 3.00 GiB") != std::string::npos);
+    }
+}

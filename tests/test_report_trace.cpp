@@ -423,3 +423,24 @@ TEST_CASE("a report or a trace destroyed before its batch stops listening (one r
     run.go();
     CHECK(run.a.counters().global_batches == 4);
 }
+
+TEST_CASE("a report reads its batch as of the last event: the batch may be moved, then destroyed") {
+    BatchOptions o;
+    o.global_batch = 4;
+    Report report;
+    std::vector<AdaptiveBatch> batches;
+    {
+        AdaptiveBatch b(o);
+        report.attach(b, "train");
+        batches.push_back(std::move(b));  // the registration follows the batch
+    }
+    batches.reserve(8);  // and moves again
+    batches[0].run([](MicroBatch const&) {}, [] {}, [] {});
+    batches[0].run([](MicroBatch const&) {}, [] {}, [] {});
+    std::string t = report.table();
+    CAPTURE(t);
+    CHECK(t.find("train           2        2") != std::string::npos);  // 2 batches, 2 micro-batches
+    batches.clear();
+    CHECK(report.table() == t);
+    CHECK(report.json().find("\"global_batches\": 2") != std::string::npos);
+}

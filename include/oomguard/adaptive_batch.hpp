@@ -111,6 +111,8 @@ constexpr char const* to_string(BatchEventKind k) noexcept {
     return "unknown";
 }
 
+class AdaptiveBatch;
+
 /// One decision or step boundary, for observers (reports, traces, logs, plots).
 struct BatchEvent {
     BatchEventKind kind = BatchEventKind::commit;
@@ -125,6 +127,10 @@ struct BatchEvent {
     /// began (micro_batch_end), or when the allocation failed (oom_caught): the
     /// failed micro-batch wanted held + bytes. oom_info::unknown when not measured.
     std::size_t held = oom_info::unknown;
+    /// The batch that sent the event: its counters() and plan() as of this
+    /// event. Valid during the observer's call only (the batch may be moved or
+    /// destroyed later).
+    AdaptiveBatch const* batch = nullptr;
 };
 
 /// One failed attempt, kept for the give-up report.
@@ -659,7 +665,7 @@ private:
             if (d.action == PlanAction::failover) {
                 note_tried(at.plan.device, l.info);
                 FailoverRequest req{planner_.plan(), l.info, {}};
-                for (auto const& t : tried_) req.tried.push_back(t.device);
+                for (auto const& dev : tried_) req.tried.push_back(dev.device);
                 next_device = failover_(failover_user_, req);
             }
         } catch (...) {
@@ -1015,6 +1021,13 @@ private:
         detail::Message m;
         m << "oomguard: adaptive_batch gave up on a global batch of " << planner_.options().global_batch
           << " after " << static_cast<unsigned long>(history.size()) << " attempts (" << why << ')';
+        if (!tried_.empty() && !history.empty() && (l.oom || l.commit_oom)) {
+            // The device the ladder ended on (by the attempt limit, say) is one tried too.
+            try {
+                note_tried(history.back().plan.device, l.info);
+            } catch (...) {  // no room to note it: the message goes without it
+            }
+        }
         if (!tried_.empty()) {
             // After a failover, the devices and what each could not give: the
             // attempt list below may elide some of them.
@@ -1097,7 +1110,9 @@ private:
             ++counters_.observer_errors;
             if (!observer_error_) observer_error_ = std::current_exception();
         };
-        observers_.emit(&e, on_error);
+        BatchEvent sent = e;
+        sent.batch = this;
+        observers_.emit(&sent, on_error);
     }
 
     RecoveryPlanner planner_;

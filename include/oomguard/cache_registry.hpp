@@ -214,7 +214,9 @@ public:
     /// Neither member needs to be thread-safe: the registry enters a cache on
     /// one thread at a time. When threads release the registry together (ranks
     /// that ran out of memory in the same attempt), a cache's release() runs
-    /// once; the others wait for it and count 0 bytes for that cache.
+    /// once; the others wait for it and count 0 bytes for that cache. A member
+    /// may call the registry again on its own thread, but must not wait for
+    /// another thread that does (that thread would wait for it).
     template <class Cache>
     [[nodiscard]] CacheRegistration add(std::string_view name, int priority, Cache& cache) {
         auto* e = make_entry(name, priority);
@@ -254,7 +256,8 @@ public:
     }
 
     /// Sum of every cache's estimate, in bytes. A cache whose estimate throws
-    /// counts 0; so does one that another thread is releasing now.
+    /// counts 0; so does one that another thread is releasing or estimating
+    /// now (an estimate never waits).
     std::size_t releasable_bytes() const {
         auto snap = snapshot();
         std::size_t s = 0;
@@ -382,17 +385,21 @@ private:
     // call now has it (set busy back to cache_idle after), else what kept it
     // out. A release waits out an estimate (short) and then takes its turn; it
     // waits for a release in progress to end and then does not run it again.
-    // An estimate counts a cache being released as 0 rather than wait for it.
-    // From inside a cache (see cache_call_depth), nothing waits.
+    // An estimate counts a busy cache as 0 rather than wait for it. From inside
+    // a cache (see cache_call_depth), nothing waits. What no registry can see:
+    // a cache's release() that waits for another thread which itself releases
+    // through the registry -- don't: do that work on the calling thread.
     static int claim(detail::CacheEntry* e, int call) noexcept {
         bool const nested = detail::cache_call_depth() > 0;
         for (unsigned spins = 0;; ++spins) {
             int seen = detail::cache_idle;
             if (e->busy.compare_exchange_strong(seen, call, std::memory_order_acquire, std::memory_order_relaxed))
                 return detail::cache_idle;
-            if (nested) return seen;
+            // An estimate never waits: a cache busy elsewhere counts 0, so an
+            // estimate that calls into the registry from another thread (a
+            // worker it joins) cannot wait on itself.
+            if (nested || call == detail::cache_estimating) return seen;
             if (seen == detail::cache_releasing) {
-                if (call == detail::cache_estimating) return seen;
                 unsigned const ended = e->releases.load(std::memory_order_acquire);
                 while (e->busy.load(std::memory_order_acquire) == detail::cache_releasing &&
                        e->releases.load(std::memory_order_acquire) == ended)

@@ -97,12 +97,14 @@ public:
     }
 
     /// Listens to `batch` under `label` until the report is destroyed. table()
-    /// and json() read the batch's counters: it must outlive the report's use.
-    /// Throws std::bad_alloc.
+    /// and json() show the batch's counters and plan as of its last event: the
+    /// batch may be moved or destroyed before the report is read. Throws
+    /// std::bad_alloc.
     void attach(AdaptiveBatch& batch, std::string label) {
         workloads_.reserve(workloads_.size() + 1);
         observing_.reserve(observing_.size() + 1);
-        auto w = std::unique_ptr<Workload>(new Workload{this, std::move(label), &batch, workloads_.size(), false});
+        auto w = std::unique_ptr<Workload>(
+            new Workload{this, std::move(label), batch.counters(), batch.plan(), workloads_.size(), false});
         ObserverRegistration r = batch.observe([p = w.get()](BatchEvent const& e) { on_event(e, p); });
         workloads_.push_back(std::move(w));
         observing_.push_back(std::move(r));  // reserved: neither push throws
@@ -187,11 +189,11 @@ public:
                       "OOMs", "retries", "shrinks", "precision", "failovers", "grows", "give-ups", "plan now");
         t += line;
         for (auto const& w : workloads_) {
-            auto const& c = w->batch->counters();
+            auto const& c = w->counters;
             std::snprintf(line, sizeof line, "  %-8.8s %8zu %8zu %6zu %7zu %7zu %9zu %9zu %7zu %8zu  %.63s\n",
                           w->label.c_str(), c.global_batches, c.micro_batches, c.ooms, c.retries_same, c.shrinks,
                           c.precision_changes, c.failovers, c.grow_backs, c.give_ups,
-                          detail::plan_text(w->batch->plan()).c_str());
+                          detail::plan_text(w->plan).c_str());
             t += line;
         }
         if (!outside_.empty()) t += "OOMs outside steps\n";  // only when there were: a rare event
@@ -242,7 +244,7 @@ public:
         j += "\n  ],\n  \"workloads\": [";
         first = true;
         for (auto const& w : workloads_) {
-            auto const& c = w->batch->counters();
+            auto const& c = w->counters;
             j += first ? "\n    " : ",\n    ";
             first = false;
             j += "{\"name\": " + detail::json_string(w->label) +
@@ -258,7 +260,7 @@ public:
                  ", \"observer_errors\": " + std::to_string(c.observer_errors) +
                  ", \"bytes_released\": " + std::to_string(c.bytes_released) +
                  ", \"wasted_samples\": " + std::to_string(c.wasted_samples) + ", \"plan\": " +
-                 plan_json(w->batch->plan()) + "}";
+                 plan_json(w->plan) + "}";
         }
         j += "\n  ],\n  \"ooms_outside_steps\": [";
         first = true;
@@ -307,7 +309,8 @@ private:
     struct Workload {
         Report* report;
         std::string label;
-        AdaptiveBatch* batch;
+        BatchCounters counters;  // the batch's, as of its last event
+        Plan plan;               // the same
         std::size_t index;
         bool started;
     };
@@ -374,6 +377,10 @@ private:
 
     static void on_event(BatchEvent const& e, Workload* w) {
         Report* r = w->report;
+        if (e.batch != nullptr) {  // read now: the batch may be moved or gone when the report is read
+            w->counters = e.batch->counters();
+            w->plan = e.batch->plan();
+        }
         switch (e.kind) {
             case BatchEventKind::micro_batch_end: r->note_memory(e, w->index); return;
             case BatchEventKind::micro_batch_begin: return;
@@ -401,7 +408,7 @@ private:
                       e.kind == BatchEventKind::jump || e.kind == BatchEventKind::give_up || probe;
         if (change && r->changes_.size() < max_plan_changes)
             // A commit is counted before it is announced: its batch is the one before the count.
-            r->changes_.push_back(Change{w->label, w->batch->counters().global_batches - (probe ? 1 : 0), e.attempt,
+            r->changes_.push_back(Change{w->label, w->counters.global_batches - (probe ? 1 : 0), e.attempt,
                                          e.kind, e.from, e.to});
         if (change && r->timeline_.plans.size() < max_points &&
             (e.to.micro_batch != e.from.micro_batch || e.to.precision != e.from.precision ||

@@ -102,23 +102,30 @@ private:
         bool live;
     };
 
-    // Destroys and drops the detached observers.
+    // Destroys and drops the detached observers. Destroying one may detach
+    // another of this list (an observer that owns a Report of the same batch),
+    // which re-enters here: the outer sweep goes on until none is left, and a
+    // slot leaves the list before its object is destroyed, so no object is
+    // destroyed twice.
     void sweep() noexcept {
-        std::size_t k = 0;
-        for (std::size_t i = 0; i < slots_.size(); ++i) {
-            if (slots_[i].live) {
-                slots_[k++] = slots_[i];
-            } else {
-                slots_[i].destroy(slots_[i].object);
-            }
+        if (sweeping_) return;
+        sweeping_ = true;
+        for (;;) {
+            std::size_t i = 0;
+            while (i < slots_.size() && slots_[i].live) ++i;
+            if (i == slots_.size()) break;
+            Slot const dead = slots_[i];
+            slots_.erase(slots_.begin() + static_cast<std::ptrdiff_t>(i));  // a trivial type: never throws
+            dead.destroy(dead.object);
         }
-        slots_.resize(k);  // shrinking: never throws
+        sweeping_ = false;
     }
 
     std::vector<Slot> slots_;
     std::size_t live_ = 0;
     std::uint64_t next_id_ = 1;
     unsigned emitting_ = 0;                // emits running (an observer may cause another)
+    bool sweeping_ = false;                // a sweep is destroying observers
     std::atomic<std::size_t> refs_{1};     // the batch's + one per registration
 };
 
