@@ -74,12 +74,13 @@ struct Args {
     std::size_t device_memory = std::size_t{1} << 30;
     std::optional<oomguard::Limit> cap;  // on CUDA: cap the caching allocator (set_torch_memory_fraction)
     oomguard::ShrinkPolicy policy = oomguard::ShrinkPolicy::predictive();
+    bool adam = false;  // Adam's two moments appear at its first step: what is held grows after the first commit
 };
 
 constexpr char const* flag_list =
     "flags: --bs N (1024)  --epochs N (3)  --samples N (4096)  --hidden N (128)  --min-batch N (64)\n"
     "       --device-memory SIZE (CPU: the simulated GPU, 1GiB)  --cap 0.5|2GiB (CUDA: the caching allocator's cap)\n"
-    "       --policy halve|geometric|bisect|predictive (predictive)\n";
+    "       --policy halve|geometric|bisect|predictive (predictive)  --optimizer sgd|adam (sgd)\n";
 
 [[noreturn]] void fail(std::string const& why) {
     std::fprintf(stderr, "torch_train_loop: %s\n%s", why.c_str(), flag_list);
@@ -118,6 +119,10 @@ Args parse(int argc, char** argv) {
                 if (a.device_memory == 0) fail("bad value '" + v + "' for --device-memory: give a size above 0");
             } else if (f == "--policy") a.policy = oomguard::parse_policy(v, f);
             else if (f == "--cap") a.cap = oomguard::parse_limit(v, f);
+            else if (f == "--optimizer") {
+                if (v != "sgd" && v != "adam") fail("bad value '" + v + "' for --optimizer: give sgd or adam");
+                a.adam = v == "adam";
+            }
             else fail("unknown flag '" + f + "'");
         } catch (oomguard::config_error const& e) {
             fail(e.what());
@@ -154,7 +159,11 @@ int main(int argc, char** argv) {
         torch::Tensor Y = torch::sin(X.matmul(w) / 4) + 0.01 * torch::randn({N, 1}).to(device);
         Net model(inputs, static_cast<int>(args.hidden));
         model->to(device);
-        torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+        std::unique_ptr<torch::optim::Optimizer> optimizer;
+        if (args.adam)
+            optimizer = std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(0.005));
+        else
+            optimizer = std::make_unique<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05));
 
         oomguard::BatchOptions opts;
         opts.global_batch = args.bs;
@@ -187,9 +196,9 @@ int main(int argc, char** argv) {
         }
         report.attach(train, "train");
 
-        std::printf("torch_train_loop on %s: %zu samples, MLP %d-%zu-%zu-1, --bs %zu\n",
+        std::printf("torch_train_loop on %s: %zu samples, MLP %d-%zu-%zu-1, --bs %zu, %s\n",
                     on_gpu ? "CUDA" : "the CPU over a simulated GPU", args.samples, inputs, args.hidden,
-                    args.hidden, args.bs);
+                    args.hidden, args.bs, args.adam ? "Adam" : "SGD");
         auto const G = static_cast<std::int64_t>(args.bs);
         for (std::size_t epoch = 1; epoch <= args.epochs; ++epoch) {
             double loss_sum = 0;
@@ -207,8 +216,8 @@ int main(int argc, char** argv) {
                                         return loss.item<double>() * static_cast<double>(n);
                                     },
                                     0.0, [](double a, double b) { return a + b; },
-                                    [&] { optimizer.step(), optimizer.zero_grad(); },  // commit
-                                    [&] { optimizer.zero_grad(); })                     // rollback
+                                    [&] { optimizer->step(), optimizer->zero_grad(); },  // commit
+                                    [&] { optimizer->zero_grad(); })                     // rollback
                                 .value;
             }
             std::printf("epoch %zu  loss %.6f  plan m=%zu %s  OOMs survived %zu\n", epoch,
@@ -221,7 +230,11 @@ int main(int argc, char** argv) {
         oomguard::BatchOptions eval_opts;
         eval_opts.global_batch = args.samples;
         eval_opts.resume = true;  // evaluation applies nothing: it keeps what completed
+        eval_opts.policy = args.policy;  // it learns as training does
         oomguard::AdaptiveBatch eval(eval_opts);
+#if OOMGUARD_TORCH_CUDA
+        if (on_gpu) eval.measure_with(meter);
+#endif
         if (!on_gpu) eval.measure_with(budget);
         report.attach(eval, "eval");
         double total = eval.run([&](oomguard::MicroBatch const& mb) {
@@ -233,9 +246,10 @@ int main(int argc, char** argv) {
                            }).value;
         std::fputs(report.table().c_str(), stdout);
         std::printf("final loss %.9g\n", total / static_cast<double>(N));
-        std::printf("torch_train_loop: %zu OOMs survived, caches released %s, final m=%zu %s\n",
-                    train.counters().ooms, oomguard::format_bytes(train.counters().bytes_released).c_str(),
-                    train.plan().micro_batch, oomguard::to_string(train.plan().precision));
+        std::printf("torch_train_loop: %zu OOMs survived (train %zu, eval %zu), caches released %s, final m=%zu %s\n",
+                    train.counters().ooms + eval.counters().ooms, train.counters().ooms, eval.counters().ooms,
+                    oomguard::format_bytes(train.counters().bytes_released).c_str(), train.plan().micro_batch,
+                    oomguard::to_string(train.plan().precision));
     } catch (oomguard::recovery_failed const& e) {
         std::fprintf(stderr, "torch_train_loop: %s\n", e.what());
         status = 1;

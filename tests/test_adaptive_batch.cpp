@@ -295,12 +295,13 @@ TEST_CASE("policies: halve, geometric, bisect, predictive, custom") {
 
 TEST_CASE("geometric is strictly decreasing even when the factor rounds to the same size") {
     ShrinkPolicy p = ShrinkPolicy::geometric(0.99);
+    StepModel model;
     ShrinkContext c;
     c.failed = 50;
     c.minimum = 1;
-    CHECK(p.on_failure(c) == 49);
+    CHECK(p.after_failure(c, model).size == 49);
     c.failed = 2;
-    CHECK(p.on_failure(c) == 1);
+    CHECK(p.after_failure(c, model).size == 1);
 }
 
 TEST_CASE("grow back after clean batches, never above the requested size") {
@@ -687,7 +688,7 @@ TEST_CASE("an OOM in commit rolls back and retries the global batch; an observer
     w.budget.deallocate(state, 64 * KiB);
 }
 
-TEST_CASE("a short remainder that fails never decides the plan: shrink from the plan's size") {
+TEST_CASE("a short remainder that fails never decides the plan: the plan's size stays, the remainder runs in halves") {
     Workload w(1024 * KiB, 0, KiB);
     BatchOptions o;
     o.global_batch = 10;
@@ -704,8 +705,20 @@ TEST_CASE("a short remainder that fails never decides the plan: shrink from the 
         }
         w.step(mb);
     }, [] {}, [] {});
-    CHECK(a.plan().micro_batch == 4);  // 8 (three transient retries) -> 4, not 2 -> 1
-    CHECK(sizes == std::vector<std::size_t>{8, 2, 8, 2, 8, 2, 8, 2, 4, 4, 2});
+    CHECK(a.plan().micro_batch == 8);  // three transient retries, then the remainder in pieces of 1; never 4
+    CHECK(sizes == std::vector<std::size_t>{8, 2, 8, 2, 8, 2, 8, 2, 8, 1, 1});
+    // Without a meter too: the next batch's remainder fails by its own need each time.
+    BatchOptions p = o;
+    AdaptiveBatch b(p);
+    sizes.clear();
+    fails = 100;  // the remainder never fits whole
+    b.run([&](MicroBatch const& mb) {
+        sizes.push_back(mb.size);
+        if (mb.size == 2) w.gpus.fail_next(0, 1);
+        w.step(mb);
+    }, [] {}, [] {});
+    CHECK(b.plan().micro_batch == 8);
+    CHECK(sizes == std::vector<std::size_t>{8, 2, 8, 1, 1});
 }
 
 TEST_CASE("a passing exception or a give-up leaves the last good plan and no half-made state") {
@@ -805,8 +818,9 @@ TEST_CASE("after failover the peaks are measured on the new device's budget") {
     auto step = [&](MicroBatch const& mb) { Buffer buf(*budgets[mb.device], 100 * KiB + mb.size * 8 * KiB); };
     a.run(step, [] {}, [] {});
     CHECK(a.plan().device == 1);
-    REQUIRE(calibration_bytes.size() == 1);
+    REQUIRE(calibration_bytes.size() == 2);  // the calibration size twice: the batch's first, and a later one
     CHECK(calibration_bytes[0] == 100 * KiB + 16 * 8 * KiB);  // measured through b1
+    CHECK(calibration_bytes[1] == 100 * KiB + 16 * 8 * KiB);
     a.run(step, [] {}, [] {});
     CHECK(a.plan().micro_batch >= 104);  // the fit jumped near the best, 115
     CHECK(a.plan().micro_batch <= 115);
@@ -900,20 +914,25 @@ TEST_CASE("predictive calibrates inside the retried batch, keeps that work, and 
             w.step(mb);
         },
         [] {}, [&] { ++rollbacks; });
-    // 256 fails; then 16 (calibration) and 32 are measured and kept, and the rest
-    // of the batch runs at the fitted size: (980 - 100) / (10 * 1.08) = 81.
-    REQUIRE(sizes.size() >= 4);
+    // 256 fails, needing at least 2660 KiB where 1000 KiB were available: the
+    // calibration sizes are a quarter of what that bound allows, 256 * 1000 /
+    // (4 * 2660) = 24, and half of it. 12 twice (the batch's first micro-batch,
+    // and one after it) and 24 are measured and kept, and the rest of the batch
+    // runs at the fitted size: (980 - 100) / (10 * 1.08) = 81.
+    REQUIRE(sizes.size() >= 5);
     CHECK(sizes[0] == 256);
-    CHECK(sizes[1] == 16);
+    CHECK(sizes[1] == 12);
     CHECK(calibration[1]);
-    CHECK(sizes[2] == 32);
-    CHECK_FALSE(calibration[2]);
-    CHECK(sizes[3] == 81);
+    CHECK(sizes[2] == 12);
+    CHECK(calibration[2]);
+    CHECK(sizes[3] == 24);
+    CHECK_FALSE(calibration[3]);
+    CHECK(sizes[4] == 81);
     CHECK(rollbacks == 1);  // only the first, failed attempt
     CHECK(r.attempts == 2);
     CHECK(a.counters().ooms == 1);
     CHECK(a.counters().wasted_samples == 0);
-    CHECK(a.counters().calibrations == 1);
+    CHECK(a.counters().calibrations == 2);
     std::size_t total = 0;
     for (std::size_t i = 1; i < sizes.size(); ++i) total += sizes[i];
     CHECK(total == 256);
@@ -1156,7 +1175,7 @@ TEST_CASE("measure_with takes any meter: the predictive policy fits what it meas
         meter.give(mb.size * KiB);
     };
     a.run(step, [] {}, [] {});
-    REQUIRE(calibration.size() == 1);
+    REQUIRE(calibration.size() == 2);  // the calibration size twice
     CHECK(calibration[0].first > 0);
     CHECK(calibration[0].second == calibration[0].first * KiB);  // measured through the meter
     CHECK(meter.resets >= 3);
@@ -1258,4 +1277,67 @@ TEST_CASE("an observer that owns another observer's registration on the same bat
     batch.run([](MicroBatch const&) {}, [] {}, [] {});
     CHECK(destroyed2 == 1);
     CHECK_FALSE(self);
+}
+
+TEST_CASE("an OOM another library raises over oomguard's, noted with note_rewrapped, keeps the budget's figures") {
+    // libtorch's allocator catches the budget's out_of_memory and throws its
+    // own error, without oomguard's figures: the runner takes them from the
+    // budget's denial under it, so the planner still sees what was asked and held.
+    Workload w(1000 * KiB, 100 * KiB, 10 * KiB);  // fits m <= 90
+    BatchOptions o;
+    o.global_batch = 256;
+    o.policy = ShrinkPolicy::predictive(0.02);
+    AdaptiveBatch a(o);
+    a.measure_with(w.budget);
+    std::vector<BatchEvent> caught;
+    std::vector<std::string> texts;  // an event's `what` lives as long as the call
+    auto watching = a.observe([&](BatchEvent const& e) {
+        if (e.kind != BatchEventKind::oom_caught) return;
+        caught.push_back(e);
+        texts.push_back(e.what);
+    });
+    a.run([&](MicroBatch const& mb) {
+        try {
+            w.step(mb);
+        } catch (out_of_memory const& e) {
+            note_rewrapped(e);
+            throw std::runtime_error("CUDA error: out of memory");  // a CUDA_CHECK's text, figures gone
+        }
+    }, [] {}, [] {});
+    REQUIRE(!caught.empty());
+    CHECK(caught[0].bytes == (100 + 10 * 256) * KiB);  // what the denied request asked for
+    CHECK(caught[0].held == 0);                        // held under the budget when it was denied
+    CHECK(texts[0] == "CUDA error: out of memory");
+    CHECK(a.last_observation().need == 0);  // the last attempt completed
+    CHECK(a.plan().micro_batch <= 90);
+    CHECK(a.counters().ooms <= 2);  // the need told the calibration where to measure
+}
+
+TEST_CASE("with a meter, another process's burst is a transient: the same size again, and the plan stays") {
+    for (auto policy : {ShrinkPolicy::halve(), ShrinkPolicy::bisect(), ShrinkPolicy::predictive()}) {
+        CAPTURE(std::string(policy.name()));
+        SimulatedDevices gpus(1, 1024 * KiB);
+        Budget budget(gpus, 0, Limit::unlimited());
+        BatchOptions o;
+        o.global_batch = 64;
+        o.policy = policy;
+        AdaptiveBatch a(o);
+        a.measure_with(budget);
+        bool burst = false;
+        auto step = [&](MicroBatch const& mb) {
+            if (burst) {  // another process takes the device for a moment
+                gpus.set_used_by_others(0, 900 * KiB);
+                burst = false;
+            }
+            Buffer act(budget, mb.size * 10 * KiB);  // fits 102 samples
+        };
+        auto rollback = [&] { gpus.set_used_by_others(0, 0); };  // gone by the retry
+        a.run(step, [] {}, rollback);
+        burst = true;
+        for (int i = 0; i < 6; ++i) a.run(step, [] {}, rollback);
+        CHECK(a.plan().micro_batch == 64);
+        CHECK(a.counters().retries_same == 1);
+        CHECK(a.counters().shrinks == 0);
+        CHECK(a.planner().model().high == 0);  // no search ceiling from a burst
+    }
 }

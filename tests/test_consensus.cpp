@@ -410,11 +410,12 @@ TEST_CASE("without a consensus hook sync() does nothing; outside its step it is 
 }
 
 TEST_CASE("a rank that fails in the calibration micro-batch does not lend its need to another's failure") {
-    // Each rank fits 6 samples of 1 KiB. After 64 fails (needing at least 7 KiB),
-    // predictive calibrates at 4 then 8; rank 0 meets a fault at the first buffer
-    // of the calibration micro-batch (4 needed at least 1 KiB), rank 1 runs out at
-    // 8 (7 KiB). The agreed observation must say "4 failed, needing 1 KiB", not
-    // pair 4 with rank 1's 7 KiB.
+    // Each rank fits 6 samples of 1 KiB. After 64 fails (needing at least 7 KiB
+    // where 6 were available), predictive calibrates at 6 (twice) then 13 (a
+    // quarter of what that bound allows, 64 * 6 / (4 * 7)); rank 0 meets a fault
+    // at the first buffer of the calibration micro-batch (6 needed at least
+    // 1 KiB), rank 1 runs out at 13 (7 KiB). The agreed observation must say
+    // "6 failed, needing 1 KiB", not pair 6 with rank 1's 7 KiB.
     DataParallel dp(2);
     Observation seen[2];
     run_ranks(2, [&](int r) {
@@ -446,7 +447,7 @@ TEST_CASE("a rank that fails in the calibration micro-batch does not lend its ne
     });
     for (Observation const& o : seen) {
         CHECK(o.outcome == Observation::Outcome::step_oom);
-        CHECK(o.failed_size == 4);
+        CHECK(o.failed_size == 6);
         CHECK(o.need == KiB);  // rank 0's fault hit the first sample's buffer: held 0, asked 1 KiB
     }
 }
@@ -627,8 +628,8 @@ TEST_CASE("resume under consensus: every rank keeps the same micro-batches; with
     CHECK(std::string(outcome_of(errors[1])) == "logic_error");
 }
 
-// The README quotes the ballot's size (31 integers, 248 bytes per round).
-static_assert(detail::Ballot::count == 31, "update the README's consensus cost");
+// The README quotes the ballot's size (39 integers, 312 bytes per round).
+static_assert(detail::Ballot::count == 39, "update the README's consensus cost");
 
 TEST_CASE("a short remainder's failure on one rank does not hide another rank's full-size failure") {
     // G = 10 at m = 8: micro-batches of 8 and 2. Rank 1 fails in its first (8,

@@ -14,10 +14,11 @@ using namespace oomguard;
 using Outcome = Observation::Outcome;
 
 namespace {
-Observation done(std::size_t full = 1, std::size_t peak = 0) {
+Observation done(std::size_t full = 1, std::size_t peak = 0) {  // a whole batch: one ran after its first
     Observation o;
     o.full_done = full;
     o.full_peak = peak;
+    o.full_later = true;
     return o;
 }
 Observation oom(std::size_t planned, std::size_t full_done = 0) {
@@ -31,8 +32,9 @@ Observation released(Observation o, std::size_t bytes) {
     o.released = bytes;
     return o;
 }
-Observation short_remainder(Observation o) {
+Observation short_remainder(Observation o) {  // the planned size's last micro-batch, 2 samples
     o.failed_short = true;
+    o.failed_samples = 2;
     return o;
 }
 Observation within_reach(Observation o) {  // held + asked below what was available, and the device had room
@@ -45,6 +47,32 @@ Observation commit_oom() {
     Observation o;
     o.outcome = Outcome::commit_oom;
     o.full_done = 4;
+    return o;
+}
+// A global batch of two micro-batches of 32, measured: the batch began over
+// nothing held, and the most a micro-batch reached over that was 420 (the
+// second, over the gradients the first left); the step may reach 1000 in all.
+void metered_batch_of_32(RecoveryPlanner& p) {
+    p.begin_batch();
+    Observation o;
+    o.full_done = 2;
+    o.full_peak = 420;
+    o.limit = 1000;
+    o.first_base = 0;
+    o.after_commit = 0;
+    REQUIRE(p.on_attempt(o).action == PlanAction::commit);
+    p.begin_batch();
+}
+// A metered failure of `planned` after `full_done` micro-batches, in a global
+// batch that began with `base` held, needing at least `need` over it (the
+// device had room).
+Observation metered_oom(std::size_t planned, std::size_t full_done, std::size_t base, std::size_t need) {
+    Observation o = oom(planned, full_done);
+    o.first_base = base;
+    o.need = need;
+    o.available = 1000;
+    o.limit = 1000;
+    o.device_had_room = true;
     return o;
 }
 BatchOptions options(std::size_t G, std::size_t m = 0, std::size_t min = 1) {
@@ -107,16 +135,16 @@ TEST_CASE("planner table: every action for every kind of observation") {
          oom(64), PlanAction::shrink, 32, Precision::fp32},
         {"a short remainder fails, within reach: a transient, retried at the plan's size", options(10, 8),
          nothing, within_reach(short_remainder(oom(8, 1))), PlanAction::retry_same, 8, Precision::fp32},
-        {"the remainder keeps failing within reach: shrink from the plan's size, not from the remainder",
+        {"the remainder keeps failing within reach: its pieces shrink, the plan's size stays",
          options(10, 8),
          [](RecoveryPlanner& p) {
              p.begin_batch();
              for (int i = 0; i < 3; ++i)
                  REQUIRE(p.on_attempt(within_reach(short_remainder(oom(8, 1)))).action == PlanAction::retry_same);
          },
-         within_reach(short_remainder(oom(8, 1))), PlanAction::shrink, 4, Precision::fp32},
-        {"a short remainder that fails by its own need, though 8 completed: shrink from 8 at once",
-         options(10, 8), proven_64, short_remainder(oom(8, 1)), PlanAction::shrink, 4, Precision::fp32},
+         within_reach(short_remainder(oom(8, 1))), PlanAction::shrink, 8, Precision::fp32},
+        {"a short remainder that fails by its own need, though 8 completed: the plan's size stays",
+         options(10, 8), proven_64, short_remainder(oom(8, 1)), PlanAction::shrink, 8, Precision::fp32},
         {"at the minimum, never completed: the next precision", with_precisions(options(8, 1)), nothing, oom(1),
          PlanAction::next_precision, 1, Precision::bf16},
         {"at the minimum after it completed: transient retries, then the next precision",
@@ -270,6 +298,20 @@ TEST_CASE("planner table: every action for every kind of observation") {
              REQUIRE(p.on_attempt(oom(32, 1)).action == PlanAction::retry_same);  // 32 completed: a transient
          },
          commit_oom(), PlanAction::give_up, 64, Precision::fp32},
+        {"metered: 32 completed, and fails after the first commit added an optimizer's state (the batch "
+         "begins over 100 more) beyond the limit: a data point, not a transient -- shrink",
+         options(64, 32), metered_batch_of_32, metered_oom(32, 1, 100, 920), PlanAction::shrink, 16,
+         Precision::fp32},
+        {"metered: 32 fails as a later micro-batch over gradients the first left, beyond the limit: "
+         "a data point, not a transient",
+         options(64, 32), metered_batch_of_32, metered_oom(32, 1, 0, 1001), PlanAction::shrink, 16,
+         Precision::fp32},
+        {"metered: the same size fails and its request was within the limit with room on the device: "
+         "a transient (another process's burst), retried",
+         options(64, 32), metered_batch_of_32, metered_oom(32, 1, 200, 420), PlanAction::retry_same, 32,
+         Precision::fp32},
+        {"metered: a size that never completed fails within the limit with room: a transient too",
+         options(64, 32), nothing, metered_oom(32, 0, 0, 420), PlanAction::retry_same, 32, Precision::fp32},
         {"halving an odd size rounds down: 7 -> 3", options(7), nothing, oom(7), PlanAction::shrink, 3,
          Precision::fp32},
         {"halving an odd size rounds down: 63 -> 31", options(63), nothing, oom(63), PlanAction::shrink, 31,
@@ -346,19 +388,24 @@ TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps a
     first.available = 1000 * 1024;
     Decision d = p.on_attempt(first);
     REQUIRE(d.action == PlanAction::shrink);
-    CHECK(p.attempt().calibration == 16);  // 256 / 16: small enough to fit when 256 was far too big
-    CHECK(p.attempt().plan.micro_batch == 32);
-    CHECK(p.attempt().segment == 2);  // 16, then 32, then the planner looks again
-    CHECK(p.attempt().planned(0) == 16);
-    CHECK(p.attempt().planned(1) == 32);
-    Observation cal = done(1, bytes(32));
+    // A quarter of what the failure's bound allows, 256 * 1000 / (4 * 2660) = 24,
+    // and half of it: small enough to fit when 256 was far too big.
+    CHECK(p.attempt().calibration == 12);
+    CHECK(p.attempt().plan.micro_batch == 24);
+    CHECK(p.attempt().segment == 3);  // 12 twice (first, and over what the first left), 24, then look again
+    CHECK(p.attempt().planned(0) == 12);
+    CHECK(p.attempt().planned(1) == 12);
+    CHECK(p.attempt().planned(2) == 24);
+    Observation cal = done(1, bytes(24));
     cal.outcome = Outcome::segment_done;
     cal.calibration_done = true;
-    cal.calibration_peak = bytes(16);
+    cal.calibration_peak = bytes(12);
     cal.available = 1000 * 1024;
+    cal.limit = 1000 * 1024;  // nothing held between steps: all of it is the step's
+    cal.first_base = 0;
     d = p.on_attempt(cal);
     CHECK(d.action == PlanAction::continue_batch);
-    CHECK(d.from.micro_batch == 32);
+    CHECK(d.from.micro_batch == 24);
     // (1000 * 0.98 - 100) / (10 * (1 + 2 * 4 %)): two points cannot tell their
     // scatter, so the fit assumes real steps' 4 % until a third point does.
     CHECK(d.to.micro_batch == 81);
@@ -493,16 +540,88 @@ TEST_CASE("a grow-back after a failed one aims at the midpoint below the failed 
 }
 
 TEST_CASE("predictive: the fitted line is raised above what a failed size was seen to need") {
-    ShrinkPolicy pol = ShrinkPolicy::predictive(0.0);
-    pol.observe(10, 200);  // a + b*m = 100 + 10*m
-    pol.observe(20, 300);
-    pol.bound(40, 1200);   // 40 needed at least 1200: the slope is at least (1200 - 100) / 40
+    StepModel model;
+    model.observe(10, 200);  // a + b*m = 100 + 10*m
+    model.observe(20, 300);
+    model.bound(40, 1200);   // 40 needed at least 1200: the slope is at least (1200 - 100) / 40
+    model.has_base = true;
+    model.base = 0;
+    model.limit = 1000;
     ShrinkContext ctx;
     ctx.failed = 40;
     ctx.minimum = 1;
     ctx.requested = 64;
     ctx.available_bytes = 1000;
-    std::size_t next = pol.on_failure(ctx);
-    CHECK(next >= 1);
-    CHECK(next <= 32);  // (1000 - 100) / 27.5 = 32.7; the unraised line would allow 39
+    ctx.global_batch = 64;
+    ShrinkPolicy::Next next = ShrinkPolicy::predictive(0.0).after_failure(ctx, model);
+    CHECK(next.predicted);
+    CHECK(next.size >= 1);
+    CHECK(next.size <= 32);  // (1000 - 100) / 27.5 = 32.7; the unraised line would allow 39
+}
+
+TEST_CASE("planner: a short remainder that fails runs in halves; the plan's size stays, with or without a meter") {
+    RecoveryPlanner p(options(10, 8));
+    p.begin_batch();
+    Decision d = p.on_attempt(short_remainder(oom(8, 1)));  // 8 completed, the 2-sample tail failed
+    CHECK(d.action == PlanAction::shrink);
+    CHECK(d.to.micro_batch == 8);
+    CHECK(p.attempt().plan.micro_batch == 8);
+    CHECK(p.attempt().tail == 1);
+    // The pieces hold: the next global batch runs at 8 again, its remainder whole.
+    d = p.on_attempt(done(1));
+    CHECK(d.action == PlanAction::commit);
+    CHECK(d.to.micro_batch == 8);
+    p.begin_batch();
+    CHECK(p.attempt().tail == 0);
+    // A one-sample remainder cannot be split: the ladder goes below the sizes.
+    RecoveryPlanner q(options(9, 8));
+    q.begin_batch();
+    Observation one = oom(8, 1);
+    one.failed_short = true;
+    one.failed_samples = 1;
+    CHECK(q.on_attempt(one).action == PlanAction::give_up);
+    CHECK(q.plan().micro_batch == 8);
+}
+
+TEST_CASE("planner: with resume, bisection's failed search steps inside the batch are not charged to max_attempts") {
+    // A step that fits up to 20 samples; G = 64; max_attempts = 3. Bisection
+    // searches inside the batch: 64 fails (charged), then search steps that fail
+    // by their own need narrow the range for free, and the batch commits.
+    BatchOptions o = options(64);
+    o.policy = ShrinkPolicy::bisect();
+    o.resume = true;
+    o.max_attempts = 3;
+    RecoveryPlanner p(o);
+    std::size_t const fits = 20;
+    for (int batch = 0; batch < 3; ++batch) {
+        CAPTURE(batch);
+        p.begin_batch();
+        std::size_t done = 0;
+        PlanAction last = PlanAction::keep;
+        for (int guard = 0; guard < 100 && last != PlanAction::commit && last != PlanAction::give_up; ++guard) {
+            Attempt const at = p.attempt();
+            Observation ob;
+            std::size_t off = done, idx = 0;
+            bool failed = false;
+            while (off < 64 && (at.segment == 0 || idx < at.segment)) {
+                std::size_t const planned = at.planned(idx), n = planned < 64 - off ? planned : 64 - off;
+                if (n > fits) {
+                    failed = true;
+                    ob.failed_size = planned;
+                    ob.failed_short = n < planned;
+                    ob.failed_samples = n;
+                    break;
+                }
+                if (n == planned) ++ob.full_done;
+                off += n;
+                ++idx;
+            }
+            ob.outcome = failed ? Outcome::step_oom : off >= 64 ? Outcome::completed : Outcome::segment_done;
+            done = off;
+            last = p.on_attempt(ob).action;
+        }
+        REQUIRE(last == PlanAction::commit);
+        CHECK(p.last_good_plan().micro_batch <= fits);
+    }
+    CHECK(p.plan().micro_batch >= 16);
 }

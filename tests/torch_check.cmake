@@ -17,7 +17,7 @@ same_loss("torch example" ${a} ${b})
 # to 1e-3 of the fp32 run's.
 run(bf16 ${TRAIN} --bs 1024 --hidden 512 --min-batch 256 --device-memory 5MiB)
 run(bf16_ref ${TRAIN} --bs 1024 --hidden 512 --min-batch 256 --device-memory 1GiB)
-if(NOT bf16 MATCHES "precision_change +m=256 fp32 GPU 0 -> m=256 bf16 GPU 0")
+if(NOT bf16 MATCHES "precision_change +m=2[0-9][0-9] fp32 GPU 0 -> m=2[0-9][0-9] bf16 GPU 0")
     message(FATAL_ERROR "the ladder never reached bf16:\n${bf16}")
 endif()
 final_loss(a "${bf16}")

@@ -309,6 +309,7 @@ public:
             return mb->used();
         };
         m.peak = [](void* b) -> std::size_t { return static_cast<MemoryBudget<Backend>*>(b)->peak(); };
+        m.used = [](void* b) -> std::size_t { return static_cast<MemoryBudget<Backend>*>(b)->used(); };
         m.raise = [](void* b, std::size_t v) { static_cast<MemoryBudget<Backend>*>(b)->raise_peak(v); };
         m.available = [](void* b) -> std::size_t {
             auto* mb = static_cast<MemoryBudget<Backend>*>(b);
@@ -336,6 +337,7 @@ public:
             return static_cast<std::size_t>(x->used());
         };
         m.peak = [](void* o) -> std::size_t { return static_cast<std::size_t>(static_cast<Meter_*>(o)->peak()); };
+        m.used = [](void* o) -> std::size_t { return static_cast<std::size_t>(static_cast<Meter_*>(o)->used()); };
         m.raise = [](void* o, std::size_t v) { static_cast<Meter_*>(o)->raise_peak(v); };
         m.available = [](void* o) -> std::size_t {
             return static_cast<std::size_t>(static_cast<Meter_*>(o)->available());
@@ -518,6 +520,7 @@ private:
         void* object = nullptr;
         std::size_t (*start)(void*) = nullptr;
         std::size_t (*peak)(void*) = nullptr;
+        std::size_t (*used)(void*) = nullptr;
         void (*raise)(void*, std::size_t) = nullptr;
         std::size_t (*available)(void*) = nullptr;
     };
@@ -525,18 +528,28 @@ private:
     // What this rank saw in one attempt.
     struct Local {
         bool oom = false, aborted = false, commit_oom = false, calibration_done = false, failed_calibration = false;
+        bool full_later = false;  // a completed full-size micro-batch ran after the batch's first
         bool failed_short = false, room = false;  // the failed micro-batch: a short remainder; the device had room
         std::size_t start = 0;          // where in the global batch this attempt began
         std::size_t failed_planned = 0, failed_size = 0, failed_offset = 0, samples_done = 0, micro_batches = 0, full_done = 0;
-        std::size_t full_peak = 0, calibration_peak = 0, need = 0, available = 0;
+        std::size_t full_peak = 0, calibration_peak = 0, need = 0, available = 0, limit = 0;
         bool available_known = false;
+        bool measured = false;  // a meter measured the attempt (limit; the batch's first base)
         oom_info info;
         detail::Message what;
     };
 
     template <class Step, class Commit, class Rollback>
     BatchResult run_batch(Step& step, Commit& commit, Rollback& rollback) {
+        if (planner_.options().policy.kind() == ShrinkPolicy::Kind::predictive && meter_for(plan().device) == nullptr)
+            detail::throw_invalid(detail::Message()
+                                  << "oomguard: AdaptiveBatch: the predictive policy fits what a meter measures, and "
+                                     "there is none for GPU "
+                                  << plan().device
+                                  << ": call measure_with(budget) (or with a meter such as torch.hpp's "
+                                     "TorchCudaMeter) before run(), or choose bisect");
         tried_.clear();
+        batch_base_known_ = false;
         Decision const begin = planner_.begin_batch();
         emit(BatchEventKind::batch_begin, begin.from, begin.from, 0, 0, "");
         if (begin.action == PlanAction::grow_back) {
@@ -576,12 +589,23 @@ private:
                     l.commit_oom = true;
                     capture(std::current_exception(), l.info, l.what);
                 }
+                // What the commit leaves held is where the next batch begins
+                // (an optimizer's state appears at its first step).
+                Meter const* meter = meter_for(at.plan.device);
+                std::size_t after = meter != nullptr && !l.commit_oom ? meter->used(meter->object) : 0;
+                if (meter != nullptr && !l.commit_oom) {
+                    std::size_t const cached = cached_bytes();
+                    after = after > cached ? after - cached : 0;
+                }
+                obs.after_commit = meter != nullptr && !l.commit_oom ? after : Observation::unknown;
                 bool any_commit_oom = l.commit_oom;
                 if (consensus_.all_min != nullptr) {
                     Ballot b(serial_, phase_commit);
                     b.set_any(Ballot::any_commit_oom, l.commit_oom);
                     b.set_all(Ballot::all_commit_oom, l.commit_oom);
+                    b.set_held(Ballot::after_commit, after, meter != nullptr && !l.commit_oom);
                     Ballot c = agree(b);
+                    obs.after_commit = c.held(Ballot::after_commit, Observation::unknown);
                     any_commit_oom = c.any(Ballot::any_commit_oom);
                     if (any_commit_oom && !c.all(Ballot::all_commit_oom)) {
                         if (l.commit_oom) {  // this rank's commit failed: undo what it accumulated, then leave
@@ -687,6 +711,7 @@ private:
             std::rethrow_exception(err);
         }
         if (d.action == PlanAction::failover) d = moved ? planner_.failed_over(next_device) : planner_.no_failover();
+        if (moved) batch_base_known_ = false;  // measured again on the new device
         switch (d.action) {
             case PlanAction::retry_same:
                 ++counters_.retries_same;
@@ -736,6 +761,10 @@ private:
         if (meter != nullptr) {
             l.available = meter->available(meter->object);
             l.available_known = true;
+            std::size_t const used = meter->used(meter->object);
+            // A meter that reports no bound (available() = SIZE_MAX) leaves the limit unknown.
+            l.limit = l.available <= static_cast<std::size_t>(-1) - used ? used + l.available : 0;
+            l.measured = true;
         }
         std::size_t const G = planner_.options().global_batch;
         std::size_t offset = l.start, index = 0, planned = 0, n = 0;
@@ -744,10 +773,12 @@ private:
             while (offset < G && (at.segment == 0 || index < at.segment)) {
                 planned = at.planned(index);
                 n = planned < G - offset ? planned : G - offset;
-                bool const calibration = index == 0 && at.calibration != 0;
+                if (n < planned && at.tail != 0 && n > at.tail) n = at.tail;  // a failed remainder, in pieces
+                bool const calibration = at.calibrating(index);
                 mb_index_ = index;
                 sync_index_ = 0;
                 if (!observers_.empty()) emit_step(BatchEventKind::micro_batch_begin, at, offset, n, 0, oom_info::unknown);
+                oom_serial_ = detail::last_oom().serial;
                 std::size_t bytes = measured(step, meter,
                                              MicroBatch{offset, n, at.plan.precision,
                                                         static_cast<double>(n) / static_cast<double>(G),
@@ -756,18 +787,21 @@ private:
                 if (!observers_.empty())
                     emit_step(BatchEventKind::micro_batch_end, at, offset, n, bytes,
                               meter != nullptr ? last_base_ : oom_info::unknown);
+
                 ++l.micro_batches;
                 ++counters_.micro_batches;
+                std::size_t const demand = meter != nullptr && bytes != 0 ? over_batch_base(bytes) : 0;
                 if (n == planned && calibration) {
-                    l.calibration_done = true;
-                    l.calibration_peak = bytes;
+                    l.calibration_done = index + 1 >= at.calibration_runs;
+                    if (demand > l.calibration_peak) l.calibration_peak = demand;
                     ++counters_.calibrations;
                     Plan p = at.plan;
                     p.micro_batch = n;
                     emit(BatchEventKind::calibration, at.plan, p, bytes, at.number, "");
                 } else if (n == planned) {
                     ++l.full_done;
-                    if (bytes > l.full_peak) l.full_peak = bytes;
+                    if (demand > l.full_peak) l.full_peak = demand;
+                    if (offset > 0) l.full_later = true;
                 }
                 offset += n;
                 ++index;
@@ -794,11 +828,15 @@ private:
                 l.failed_offset = offset;
                 l.failed_planned = planned;
                 l.failed_size = n;
-                l.failed_calibration = index == 0 && at.calibration != 0;
+                l.failed_calibration = at.calibrating(index);
                 l.failed_short = n < planned;
-                capture(std::current_exception(), l.info, l.what);
+                // Another library's OOM over oomguard's (libtorch's allocator
+                // raises its own): the figures of the denial under it.
+                if (!capture(std::current_exception(), l.info, l.what) && detail::last_oom().serial != oom_serial_)
+                    l.info = detail::last_oom().info;
                 l.room = l.info.requested_known && l.info.free != oom_info::unknown && l.info.free >= l.info.requested;
                 l.need = failure_need(meter, l.info);
+
             }
         }
         // A sync point that threw marks the attempt aborted even when the step
@@ -824,8 +862,12 @@ private:
             b.set_any(Ballot::in_group(Ballot::failed_group, g), true);
             b.set_all(Ballot::in_group(Ballot::room_group, g), l.room);
             b.set_max(Ballot::in_group(Ballot::need_group, g), l.need);
+            b.set_min(Ballot::in_group(Ballot::samples_group, g), l.failed_size);
         }
+        b.set_held(Ballot::first_base, batch_base_, l.measured && batch_base_known_);
+        if (l.measured) b.set_min(Ballot::limit, l.limit);
         b.set_all(Ballot::calibration_done, l.calibration_done);
+        b.set_all(Ballot::full_later, l.full_later);
         b.set_min(Ballot::full_done, l.full_done);
         b.set_max(Ballot::calibration_peak, l.calibration_peak);
         b.set_max(Ballot::full_peak, l.full_peak);
@@ -851,7 +893,11 @@ private:
         o.failed_short = failed && g == Ballot::group(in_calibration, true);
         o.device_had_room = failed && t.all(Ballot::in_group(Ballot::room_group, g));
         o.need = failed ? t.max(Ballot::in_group(Ballot::need_group, g)) : 0;
+        o.failed_samples = failed ? t.min_or_zero(Ballot::in_group(Ballot::samples_group, g)) : 0;
+        o.first_base = t.held(Ballot::first_base, Observation::unknown);
+        o.limit = t.min_or_zero(Ballot::limit);
         o.calibration_done = t.all(Ballot::calibration_done);
+        o.full_later = t.all(Ballot::full_later);
         o.calibration_peak = t.max(Ballot::calibration_peak);
         o.full_done = t.min_or_zero(Ballot::full_done);
         o.full_peak = t.max(Ballot::full_peak);
@@ -950,6 +996,18 @@ private:
         std::size_t outer_peak = meter->peak(meter->object);
         std::size_t base = meter->start(meter->object);
         last_base_ = base;
+        // The global batch's first micro-batch sets what every peak of the
+        // batch is measured over: a later one's then holds what the earlier
+        // ones left held (gradients), and the planner fits one line to both.
+        // What the registered caches hold is the step's to reuse (a workspace
+        // kept between steps, a caching allocator's free blocks): not counted
+        // as held under the batch, or a step that reuses it would seem to need
+        // nothing.
+        if (mb.offset == 0 || !batch_base_known_) {
+            std::size_t const cached = cached_bytes();
+            batch_base_ = base > cached ? base - cached : 0;
+            batch_base_known_ = true;
+        }
         struct Restore {
             Meter const& m;
             std::size_t v;
@@ -960,26 +1018,42 @@ private:
         return pk > base ? pk - base : 0;
     }
 
+    // Bytes the cache registry could give back now (0 when releases are off).
+    std::size_t cached_bytes() const {
+        if (!planner_.options().release_caches) return 0;
+        CacheRegistry* own = planner_.options().caches;
+        CacheRegistry const& reg = own != nullptr ? *own : CacheRegistry::global();
+        return reg.size() == 0 ? 0 : reg.releasable_bytes();
+    }
+
+    // A measured micro-batch's figure over its own base, made over the batch's first base.
+    std::size_t over_batch_base(std::size_t over_own) const noexcept {
+        return last_base_ > batch_base_ ? over_own + (last_base_ - batch_base_) : over_own;
+    }
+
     // What the failed micro-batch needed at least: what it held when the
     // allocation failed, plus that allocation.
     std::size_t failure_need(Meter const* meter, oom_info const& info) const noexcept {
         if (meter == nullptr || !info.requested_known || info.requested == oom_info::unknown ||
-            info.budget_used == oom_info::unknown || info.budget_used < last_base_)
+            info.budget_used == oom_info::unknown || info.budget_used < last_base_ || !batch_base_known_)
             return 0;
-        return info.budget_used - last_base_ + info.requested;
+        return over_batch_base(info.budget_used - last_base_ + info.requested);
     }
 
-    static void capture(std::exception_ptr const& ep, oom_info& info, detail::Message& what) {
+    // The OOM's text, and its figures when it is oomguard's (true).
+    static bool capture(std::exception_ptr const& ep, oom_info& info, detail::Message& what) {
         try {
             std::rethrow_exception(ep);
         } catch (out_of_memory const& e) {
             info = e.info();
             what << e.what();
+            return true;
         } catch (std::exception const& e) {
             what << e.what();
         } catch (...) {
             what << "unknown device OOM";
         }
+        return false;
     }
 
     // Rollback must happen for the retry to be exact. If it runs out of memory
@@ -1136,6 +1210,9 @@ private:
     bool running_ = false;
     bool sync_aborted_ = false;       // the step left by a sync point: another rank failed
     std::size_t last_base_ = 0;       // bytes held when the last measured step began
+    std::uint64_t oom_serial_ = 0;    // detail::last_oom()'s count when the micro-batch began
+    std::size_t batch_base_ = 0;      // bytes held when this global batch's first micro-batch began
+    bool batch_base_known_ = false;
 };
 
 /// One global batch, with no memory of past plans (use AdaptiveBatch for that).

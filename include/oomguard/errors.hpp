@@ -8,6 +8,7 @@
 #include <oomguard/detail/std_throw.hpp>
 
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <limits>
@@ -100,6 +101,7 @@ inline Message describe(oom_info const& i) noexcept {
 /// a smaller batch; outside one (setup: weights, optimizer state) what helps there.
 class out_of_memory : public std::bad_alloc {
 public:
+    /// A device OOM with these figures.
     explicit out_of_memory(oom_info info) noexcept : info_(info), what_(detail::describe(info_)) {}
     /// With a message of the caller's (for example one that lists every attempt).
     out_of_memory(oom_info info, detail::Message const& message) noexcept
@@ -114,6 +116,30 @@ private:
     oom_info info_;
     detail::Message what_;
 };
+
+namespace detail {
+/// The last out_of_memory passed to note_rewrapped on this thread, and a count of them.
+struct LastOom {
+    std::uint64_t serial = 0;  ///< note_rewrapped calls so far on this thread
+    oom_info info;             ///< the last one's figures
+};
+inline LastOom& last_oom() noexcept {
+    thread_local LastOom last;
+    return last;
+}
+}  // namespace detail
+
+/// Call where you catch oomguard's out_of_memory and raise another library's
+/// error in its place (libtorch's allocator raises c10::OutOfMemoryError, a
+/// CUDA_CHECK its "CUDA error: out of memory"): adaptive_batch, catching yours
+/// in the same micro-batch on this thread, then plans with these figures (what
+/// was asked for and held), which your error's type cannot carry. Only the last
+/// one on this thread is kept. Never throws.
+inline void note_rewrapped(out_of_memory const& e) noexcept {
+    detail::LastOom& last = detail::last_oom();
+    ++last.serial;
+    last.info = e.info();
+}
 
 namespace detail {
 inline Message cuda_error_text(status s, char const* context) noexcept {

@@ -8,22 +8,26 @@
 // The ladder, walked in this order at every size (the minimum too):
 //   1. a grow-back or a restored precision that failed: back to the last good plan
 //   2. the cache release freed memory: retry the same size, once per size
-//   3. the size has completed before (not a short remainder), or the failed
-//      micro-batch asked for less than was available while the device had room
-//      (a transient OOM): retry it, up to `transient_retries` times in a row
-//      (with resume, an attempt that kept a micro-batch starts the count again)
-//   4. above the minimum: shrink by the policy (from the plan's size, never from
-//      a short remainder), measuring two small sizes first when predictive has
-//      fewer than two points (a calibration segment, whose work is kept)
+//   3. a transient OOM (see is_transient: with a meter, the failed micro-batch's
+//      held + requested bytes within all a step could reach; without, a size
+//      that completed before, or a request below what was available with room
+//      on the device): retry it, up to `transient_retries` times in a row (with
+//      resume, an attempt that kept a micro-batch starts the count again)
+//   4. a short remainder that failed by its own need: the plan's size stays, and
+//      this batch's remainder runs in halves (Attempt::tail)
+//   5. above the minimum: shrink by the policy (from the plan's size), measuring
+//      small sizes first when predictive has fewer than two points (a
+//      calibration segment -- c1 twice, then c2 -- whose work is kept)
 //   (an OOM in the commit: up to `transient_retries` retries over the whole
-//    global batch, then one shrink, then on to 5: the commit's own memory
+//    global batch, then one shrink, then on to 6: the commit's own memory
 //    hardly follows the micro-batch)
-//   5. the next precision of the ladder
-//   6. fail over to another device (when the runner has a failover hook)
-//   7. give up, back at the last good plan
+//   6. the next precision of the ladder
+//   7. fail over to another device (when the runner has a failover hook)
+//   8. give up, back at the last good plan
 // and at any step: give up when the global batch has used `max_attempts` (with
-// resume, attempts that kept a micro-batch do not count; an OOM in the commit
-// keeps nothing, so it always counts).
+// resume, attempts that kept a micro-batch do not count, nor search steps
+// inside the batch that failed by their own need; an OOM in the commit keeps
+// nothing, so it always counts).
 #pragma once
 
 #include <oomguard/detail/format.hpp>
@@ -32,6 +36,7 @@
 #include <oomguard/shrink_policy.hpp>
 
 #include <cstddef>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -109,16 +114,33 @@ struct Attempt {
     std::size_t calibration = 0;
     unsigned number = 1;  ///< the attempt's number within its global batch, from 1
     std::size_t segment = 0;
+    /// When not 0: a short remainder (fewer samples left than the plan's size)
+    /// runs in pieces of at most this many samples. The plan's size stays: a
+    /// remainder that failed says nothing of the size every other micro-batch runs at.
+    std::size_t tail = 0;
+    /// How many micro-batches run at `calibration` first: two, so that one of
+    /// them runs where later micro-batches do, over what the first left held.
+    std::size_t calibration_runs = 2;
+    /// A search step inside the global batch (with resume): a failure of it by
+    /// its own need narrows the range and is not charged to max_attempts.
+    bool search = false;
 
+    /// Whether micro-batch `index` is a calibration micro-batch.
+    bool calibrating(std::size_t index) const noexcept { return calibration != 0 && index < calibration_runs; }
     /// The planned size of micro-batch `index` (a short remainder is cut from it).
     std::size_t planned(std::size_t index) const noexcept {
-        return index == 0 && calibration != 0 ? calibration : plan.micro_batch;
+        return calibrating(index) ? calibration : plan.micro_batch;
     }
 };
 
 /// What one attempt observed; with a consensus hook, agreed over every rank
-/// (the figures below say how), so every rank feeds the planner the same.
+/// (the figures below say how), so every rank feeds the planner the same. Bytes
+/// are as the meter counts them (AdaptiveBatch::measure_with); "held" figures
+/// are absolute, peaks and needs are over the micro-batch's own base (what was
+/// held when it began).
 struct Observation {
+    static constexpr std::size_t unknown = std::numeric_limits<std::size_t>::max();  ///< not measured
+
     enum class Outcome : unsigned char {
         completed,   ///< every micro-batch and the commit completed
         segment_done,  ///< the attempt's segment completed; the global batch goes on
@@ -127,16 +149,28 @@ struct Observation {
     };
     Outcome outcome = Outcome::completed;
     std::size_t failed_size = 0;       ///< the planned size of the micro-batch that failed (the smallest over ranks)
-    bool calibration_done = false;     ///< the calibration micro-batch completed (on every rank)
-    std::size_t calibration_peak = 0;  ///< its peak over what was held before it (the largest; 0: not measured)
+    bool calibration_done = false;     ///< the calibration micro-batches completed (on every rank)
+    std::size_t calibration_peak = 0;  ///< their largest peak over what was held before (the largest; 0: not measured)
     std::size_t full_done = 0;         ///< micro-batches of the planned size that completed (the fewest over ranks)
     std::size_t full_peak = 0;         ///< the largest peak of one of them (0: not measured)
+    /// One of them ran after the global batch's first micro-batch (on every
+    /// rank): its peak holds what earlier micro-batches leave held. Otherwise
+    /// the peak is the first micro-batch's alone, a lower bound for the others.
+    bool full_later = false;
     std::size_t need = 0;              ///< the failed micro-batch needed at least this: held + requested (0: unknown)
     std::size_t available = 0;         ///< bytes a step could use when the attempt began (the least; 0: unknown)
     std::size_t released = 0;          ///< bytes the cache release freed on every rank that failed (the least)
     bool failed_short = false;         ///< the failed micro-batch was a short remainder (on some rank)
     bool device_had_room = false;      ///< the device had room for the failed request when it failed
                                        ///< (on every rank that failed): the failure was not this size's need
+    std::size_t failed_samples = 0;    ///< the failed micro-batch's own samples (below failed_size when short)
+    /// Held when the global batch's first micro-batch began (the most): with a
+    /// meter, the peaks and the need above are over it, so a later micro-batch's
+    /// figure holds what the earlier ones left held (gradients); unknown: each
+    /// over its own micro-batch's base.
+    std::size_t first_base = unknown;
+    std::size_t limit = 0;             ///< held + available when the attempt began (the least; 0: unknown)
+    std::size_t after_commit = unknown;  ///< held after the commit returned (the most)
 };
 
 /// What the planner decided.
@@ -209,7 +243,7 @@ public:
             if (grow_ceiling_ != 0 && grow_ceiling_ - 1 < cap) cap = grow_ceiling_ - 1;
             if (plan_.micro_batch < cap) {
                 plan_.micro_batch += (cap - plan_.micro_batch + 1) / 2;
-                opt_.policy.forget_bounds();
+                model_.forget_search();
                 growing_ = Growing::size;
             }
         }
@@ -218,7 +252,7 @@ public:
             d.action = PlanAction::grow_back;
             d.to = plan_;
         }
-        attempt_ = Attempt{plan_, 0, 1, 0};
+        attempt_ = Attempt{plan_, 0, 1, 0, 0};
         return d;
     }
 
@@ -228,15 +262,13 @@ public:
     /// The attempt ended with `o`: commit, or the next step of the ladder.
     Decision on_attempt(Observation const& o) {
         Plan const ran = attempt_.plan;
-        // Measurements first: what completed is true whatever happens next.
-        if (attempt_.calibration != 0 && o.calibration_done && o.calibration_peak != 0)
-            opt_.policy.observe(attempt_.calibration, o.calibration_peak);
-        if (o.full_done > 0 && ran.micro_batch > proven_) proven_ = ran.micro_batch;
+        // Measurements first, into the model, once: what completed is true
+        // whatever happens next.
+        record(o);
         if (o.outcome == Observation::Outcome::completed) return committed(o);
         if (o.outcome == Observation::Outcome::segment_done) return jumped(o);
 
         clean_batches_ = 0;
-        if (o.full_done > 0 && o.full_peak != 0) opt_.policy.observe(ran.micro_batch, o.full_peak);
         // A commit that ran out of memory keeps nothing, with resume too: the
         // whole global batch is rolled back. It made no progress.
         bool const in_commit = o.outcome == Observation::Outcome::commit_oom;
@@ -258,17 +290,24 @@ public:
                                       << (attempt_.calibration != 0 ? " or the calibration size" : "") << ')');
             failed = o.failed_size;
             // What a failed micro-batch held plus what it asked for is a lower
-            // bound on what that size needs, never a measurement of it.
-            // (A short remainder's need says nothing of the planned size.)
-            if (o.need != 0 && !o.failed_short) opt_.policy.bound(failed, o.need);
+            // bound on what that size needs, never a measurement of it. (Not a
+            // short remainder's: the last micro-batch may carry what no other
+            // does -- a gradient norm -- and one small size would tilt the line.)
+            if (o.need != 0 && !o.failed_short) model_.bound(failed, o.need);
         }
         // With resume, an attempt that kept a micro-batch made progress: only the
-        // attempts that did not count toward the limit.
-        if (!progressed) ++charged_;
+        // attempts that did not count toward the limit. Nor does a search step
+        // inside the batch that failed by its own need: it narrows the range,
+        // so there are at most log2(G) of them.
+        bool const searched = attempt_.search && o.outcome == Observation::Outcome::step_oom &&
+                              !o.failed_short && !is_transient(failed, o);
+        if (!progressed && !searched) ++charged_;
         if (charged_ >= opt_.max_attempts) return give_up(ran, "the attempt limit was reached");
         Decision d = next_rung(ran, failed, o);
-        if (d.action != PlanAction::failover && d.action != PlanAction::give_up)
-            attempt_ = Attempt{plan_, calibration_, attempt_.number + 1, segment_};
+        if (d.action != PlanAction::failover && d.action != PlanAction::give_up) {
+            attempt_ = Attempt{plan_, calibration_, attempt_.number + 1, segment_, tail_};
+            attempt_.search = search_;
+        }
         return d;
     }
 
@@ -284,7 +323,8 @@ public:
         forget_sizes();
         same_retries_ = 0;
         release_retried_ = false;
-        attempt_ = Attempt{plan_, 0, attempt_.number + 1, 0};
+        tail_ = 0;
+        attempt_ = Attempt{plan_, 0, attempt_.number + 1, 0, 0};
         return Decision{PlanAction::failover, from, plan_, ""};
     }
 
@@ -308,14 +348,14 @@ public:
         plan_ = last_good_;
         clear_batch_state();
         growing_ = Growing::none;
-        attempt_ = Attempt{plan_, 0, 1, 0};
+        attempt_ = Attempt{plan_, 0, 1, 0, 0};
     }
 
     /// Back to the requested plan; forgets measurements and the clean-batch count.
     void reset() noexcept {
         plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, plan_.device};
         last_good_ = plan_;
-        opt_.policy.reset();
+        model_.reset();
         proven_ = 0;
         clean_batches_ = 0;
         grow_wait_ = opt_.grow_after;
@@ -323,13 +363,15 @@ public:
         grow_ceiling_ = 0;
         growing_ = Growing::none;
         clear_batch_state();
-        attempt_ = Attempt{plan_, 0, 1, 0};
+        attempt_ = Attempt{plan_, 0, 1, 0, 0};
     }
 
     Plan const& plan() const noexcept { return plan_; }
     Plan const& last_good_plan() const noexcept { return last_good_; }
     BatchOptions const& options() const noexcept { return opt_; }
     ShrinkPolicy const& policy() const noexcept { return opt_.policy; }
+    /// What the planner has measured and searched of the step (the one copy).
+    StepModel const& model() const noexcept { return model_; }
     /// The largest size that completed at this precision and device (0: none).
     std::size_t proven() const noexcept { return proven_; }
     /// The smallest grow-back size that failed (0: none).
@@ -373,29 +415,96 @@ public:
 private:
     enum class Growing : unsigned char { none, size, precision };
 
+    // Records what an attempt measured, once, into the model.
+    void record(Observation const& o) noexcept {
+        Plan const ran = attempt_.plan;
+        if (o.limit != 0) model_.limit = o.limit;
+        if (o.first_base != Observation::unknown) {
+            model_.base = o.first_base;
+            model_.has_base = true;
+        }
+        if (attempt_.calibration != 0 && o.calibration_done) {
+            if (o.calibration_peak != 0) model_.observe(attempt_.calibration, o.calibration_peak);
+            if (attempt_.calibration > model_.low) model_.low = attempt_.calibration;
+        }
+        if (o.full_done > 0) {
+            if (ran.micro_batch > proven_) proven_ = ran.micro_batch;
+            if (o.full_peak != 0) {
+                if (o.full_later || ran.micro_batch >= opt_.global_batch)
+                    model_.observe(ran.micro_batch, o.full_peak);
+                else
+                    model_.bound(ran.micro_batch, o.full_peak);  // the first micro-batch's: a later one needs more
+            }
+            if (ran.micro_batch > model_.low) model_.low = ran.micro_batch;
+        }
+    }
+
+    // A size failed by its own need: the search's upper end.
+    void note_failure(std::size_t m) noexcept {
+        if (model_.high == 0 || m < model_.high) model_.high = m;
+        if (model_.low >= model_.high) model_.low = 0;  // conditions changed: the old success no longer holds
+        if (model_.predicted != 0 && m >= model_.predicted) model_.prediction_failed = true;
+        model_.predicted = 0;
+    }
+
+    // The next size after a success at the attempt's size, by the policy.
+    std::size_t probe_after(std::size_t m) {
+        ShrinkPolicy::Next n = opt_.policy.after_success(m, opt_.global_batch, opt_.micro_batch, model_);
+        model_.predicted = n.predicted ? n.size : 0;
+        return n.size;
+    }
+
     // The calibration segment held: fit and jump from what it measured, toward
     // the size whose failure asked for it.
     std::size_t jump_size(Observation const& o) {
         Plan const ran = attempt_.plan;
-        opt_.policy.on_success(ran.micro_batch, o.full_peak, opt_.micro_batch);
-        ShrinkContext ctx = context(pending_failure_, o.available);
-        std::size_t next = opt_.policy.on_failure(ctx);
+        ShrinkPolicy::Next n = opt_.policy.after_failure(context(pending_failure_, o.available), model_);
+        model_.predicted = n.predicted ? n.size : 0;
         pending_failure_ = 0;
-        return next < ran.micro_batch ? ran.micro_batch : next;
+        return n.size < ran.micro_batch ? ran.micro_batch : n.size;
+    }
+
+    // With resume, a failure costs only the micro-batch that failed: bisection
+    // narrows the range inside the global batch, one micro-batch a step.
+    // Predictive refits and jumps inside it too (a prediction, segment 1), but
+    // probes past its fit only where bisection would: at the next batch's start.
+    std::size_t search_segment() const noexcept {
+        return opt_.resume && opt_.policy.searches() ? 1 : 0;
     }
 
     Decision jumped(Observation const& o) {
         Plan const ran = attempt_.plan;
-        if (pending_failure_ != 0 && o.full_done > 0) plan_.micro_batch = jump_size(o);
+        segment_ = 0;
+        if (pending_failure_ != 0 && o.full_done > 0) {
+            plan_.micro_batch = jump_size(o);
+            segment_ = search_segment();
+        } else if (o.full_done > 0) {
+            std::size_t const next = probe_after(ran.micro_batch);
+            bool const blind = model_.predicted != next;  // a probe past what the fit can tell
+            if (!(blind && opt_.policy.kind() == ShrinkPolicy::Kind::predictive)) {
+                plan_.micro_batch = next;
+                if (next != ran.micro_batch) segment_ = search_segment();
+            } else {
+                model_.predicted = 0;  // the rest of the batch at the size that held; the probe waits
+            }
+        }
         pending_failure_ = 0;
         calibration_ = 0;
-        attempt_ = Attempt{plan_, 0, attempt_.number, 0};
+        search_ = segment_ == 1;
+        attempt_ = Attempt{plan_, 0, attempt_.number, segment_, tail_};
+        attempt_.search = search_;
         return Decision{PlanAction::continue_batch, ran, plan_, ""};
     }
 
     Decision committed(Observation const& o) {
         Plan const ran = attempt_.plan;
         std::size_t next = ran.micro_batch;
+        // The commit may add what stays (an optimizer's state on its first
+        // step): the next global batch begins over what is held now.
+        if (o.after_commit != Observation::unknown) {
+            model_.base = o.after_commit;
+            model_.has_base = true;
+        }
         if (pending_failure_ != 0 && o.full_done > 0) {
             next = jump_size(o);  // the calibration segment ended the batch: jump at the next
         } else if (pending_failure_ != 0) {
@@ -406,7 +515,7 @@ private:
         } else if (o.full_done > 0) {
             // Bisection and predictive probe upward here, at the start of the next
             // global batch, where a failure costs no completed micro-batch.
-            next = opt_.policy.on_success(ran.micro_batch, o.full_peak, opt_.micro_batch);
+            next = probe_after(ran.micro_batch);
         }
         if (growing_ == Growing::size) grow_wait_ = opt_.grow_after;  // it held: the next comes as soon
         if (growing_ == Growing::precision) precision_wait_ = opt_.restore_precision_after;
@@ -417,20 +526,21 @@ private:
         ++clean_batches_;
         clear_batch_state();
         Decision d{PlanAction::commit, ran, plan_, ""};
-        attempt_ = Attempt{plan_, 0, 1, 0};
+        attempt_ = Attempt{plan_, 0, 1, 0, 0};
         return d;
     }
 
     Decision next_rung(Plan const& ran, std::size_t failed, Observation const& o) {
         calibration_ = 0;
         segment_ = 0;
+        search_ = false;
         if (growing_ != Growing::none) {  // the grow-back did not hold: back to the last good plan, wait longer
             if (growing_ == Growing::size) {
                 if (grow_ceiling_ == 0 || ran.micro_batch < grow_ceiling_) grow_ceiling_ = ran.micro_batch;
                 grow_wait_ = grow_wait_ * 2 + 1;
             } else {
                 precision_wait_ = precision_wait_ * 2 + 1;
-                opt_.policy.reset();
+                model_.reset();
             }
             growing_ = Growing::none;
             plan_ = last_good_;
@@ -441,16 +551,7 @@ private:
             release_retried_ = true;
             return retry_same(ran, o);
         }
-        // A size that has completed failed, or the failed micro-batch held and
-        // asked for less than was available when the attempt began: most likely
-        // a transient OOM (another process's burst, fragmentation), not this
-        // size's need, and shrinking would only add micro-batches, each one more
-        // chance to fail. Retry it a bounded number of times in a row -- at the
-        // minimum too -- then walk on down the ladder.
-        // A short remainder is not the size that completed before: it is retried
-        // only when the failure was within reach.
-        bool const within_reach =
-            o.need != 0 && o.available != 0 && o.need <= o.available && o.device_had_room;
+        bool const transient = is_transient(failed, o);
         if (o.outcome == Observation::Outcome::commit_oom) {
             // The commit's memory (the optimizer's state, its temporaries) hardly
             // follows the micro-batch: transient retries of a commit are counted
@@ -467,12 +568,15 @@ private:
             pending_failure_ = 0;
             if (!commit_shrunk_ && failed > opt_.min_micro_batch) {
                 commit_shrunk_ = true;
-                plan_.micro_batch = opt_.policy.on_failure(context(failed, o.available));
+                note_failure(failed);
+                ShrinkPolicy::Next n = opt_.policy.after_failure(context(failed, o.available), model_);
+                model_.predicted = n.predicted ? n.size : 0;
+                plan_.micro_batch = n.size;
                 return Decision{PlanAction::shrink, ran, plan_, ""};
             }
             return below_sizes(ran);
         }
-        if ((failed <= proven_ && !o.failed_short) || within_reach) {
+        if (transient) {
             if (same_retries_ < opt_.transient_retries) {
                 ++same_retries_;
                 return retry_same(ran, o);
@@ -482,19 +586,38 @@ private:
         same_retries_ = 0;
         release_retried_ = false;
         pending_failure_ = 0;
+        if (o.failed_short && o.outcome == Observation::Outcome::step_oom) {
+            // A short remainder failed by its own need: the plan's size stays
+            // (every other micro-batch runs at it), and this batch's remainder
+            // runs in halves.
+            std::size_t const samples = o.failed_samples != 0 ? o.failed_samples : failed;
+            std::size_t const piece = samples / 2;
+            if (piece >= opt_.min_micro_batch && piece >= 1) {
+                tail_ = piece;
+                return Decision{PlanAction::shrink, ran, plan_, ""};
+            }
+            return below_sizes(ran);
+        }
         if (failed > opt_.min_micro_batch) {
+            // A size that failed only as transients (retried, and failing again)
+            // steps back, but is no ceiling for the search: its need fit.
+            if (!transient) note_failure(failed);
             ShrinkContext ctx = context(failed, o.available);
             std::size_t c1 = 0, c2 = 0;
-            if (opt_.policy.wants_calibration(ctx, c1, c2)) {
+            if (opt_.policy.wants_calibration(ctx, model_, c1, c2)) {
                 // Measure two small sizes inside the retried batch itself: the
                 // first micro-batch at c1, the rest at c2; their work is kept, and
                 // the next global batch jumps to the fitted size.
                 calibration_ = c1;
-                segment_ = 2;
+                segment_ = 3;  // c1 twice (the first micro-batch, and one over what it left), then c2
                 pending_failure_ = failed;
                 plan_.micro_batch = c2;
             } else {
-                plan_.micro_batch = opt_.policy.on_failure(ctx);
+                ShrinkPolicy::Next n = opt_.policy.after_failure(ctx, model_);
+                model_.predicted = n.predicted ? n.size : 0;
+                plan_.micro_batch = n.size;
+                segment_ = search_segment();
+                search_ = segment_ == 1;
             }
             return Decision{PlanAction::shrink, ran, plan_, ""};
         }
@@ -515,6 +638,27 @@ private:
         return give_up(ran, "the micro-batch is at its minimum and the precision ladder is exhausted");
     }
 
+    // A transient OOM (another process's burst, fragmentation), not this size's
+    // need: shrinking would only add micro-batches, each one more chance to
+    // fail, so the size is retried a bounded number of times in a row -- at the
+    // minimum too -- before the ladder goes on. With a meter, what the failed
+    // micro-batch held plus what it asked for, against all a step could reach
+    // when the attempt began, decides: within it, the failure was not this
+    // size's need (the device was taken by another, or fragmented); beyond it,
+    // it was -- even at a size that completed before, which then ran over less
+    // (as the batch's first micro-batch, before the gradients existed; before
+    // an optimizer's state): a data point. Without a meter: a size that has
+    // completed before (not a short remainder, which is not that size), or a
+    // failure that asked for less than was available with room on the device.
+    bool is_transient(std::size_t failed, Observation const& o) const noexcept {
+        if (o.outcome != Observation::Outcome::step_oom) return false;
+        if (o.first_base != Observation::unknown && o.need != 0 && o.limit != 0)
+            return o.need <= o.limit && o.first_base <= o.limit - o.need;  // no overflow
+        bool const within_reach =
+            o.need != 0 && o.available != 0 && o.need <= o.available && o.device_had_room;
+        return (failed <= proven_ && !o.failed_short) || within_reach;
+    }
+
     void require_failover_pending(char const* what) const {
         if (!failover_pending_)
             detail::throw_logic(detail::Message() << "oomguard: RecoveryPlanner::" << what
@@ -524,10 +668,12 @@ private:
     // The same plan again. A calibration segment stays one: with resume and its
     // calibration micro-batch kept, only the second micro-batch is left to measure.
     Decision retry_same(Plan const& ran, Observation const& o) {
+        segment_ = attempt_.segment;
+        search_ = attempt_.search;
         if (pending_failure_ != 0) {
             calibration_ = attempt_.calibration;
             segment_ = attempt_.segment;
-            if (opt_.resume && attempt_.calibration != 0 && o.calibration_done) {
+            if (opt_.resume && attempt_.calibration != 0 && o.calibration_done) {  // kept: only c2 is left
                 calibration_ = 0;
                 segment_ = 1;
             }
@@ -540,16 +686,17 @@ private:
         ctx.failed = failed;
         ctx.minimum = opt_.min_micro_batch;
         ctx.requested = opt_.micro_batch;
-        ctx.last_good = opt_.policy.largest_success();
+        ctx.last_good = model_.low;
         ctx.attempt = attempt_.number;
         ctx.available_bytes = available;
+        ctx.global_batch = opt_.global_batch;
         return ctx;
     }
 
     // Bytes per sample or the device changed: what was measured, proven and
     // bounded about sizes misleads now.
     void forget_sizes() noexcept {
-        opt_.policy.reset();
+        model_.reset();
         proven_ = 0;
         grow_ceiling_ = 0;
     }
@@ -564,6 +711,8 @@ private:
         segment_ = 0;
         commit_retries_ = 0;
         commit_shrunk_ = false;
+        tail_ = 0;
+        search_ = false;
     }
 
     void set_precision(std::size_t index) noexcept {
@@ -572,6 +721,7 @@ private:
     }
 
     BatchOptions opt_;
+    StepModel model_;  // what was measured and searched: the one copy
     Plan plan_;
     Plan last_good_;
     Attempt attempt_;
@@ -588,6 +738,8 @@ private:
     bool release_retried_ = false;    // the retry after a release was used for this size
     unsigned commit_retries_ = 0;     // transient retries of a commit that ran out of memory
     bool commit_shrunk_ = false;      // the size was shrunk once for a commit that ran out of memory
+    std::size_t tail_ = 0;            // a short remainder that failed runs in pieces of this (0: whole)
+    bool search_ = false;             // the next attempt is a search step inside the batch
     bool failover_pending_ = false;   // a failover decision awaits failed_over or no_failover
     std::size_t pending_failure_ = 0; // the size whose failure the calibration attempt answers
     std::size_t calibration_ = 0;     // the next attempt's calibration size

@@ -1,15 +1,28 @@
-// How adaptive_batch picks the next micro-batch size after an OOM.
+// How adaptive_batch picks the next micro-batch size after an OOM, and where it
+// probes after a success: stateless rules over one model of the step.
 //
 //   halve       m -> m/2: few failures, lands near 0.75 of the best size
 //   geometric   m -> floor(m*f): accelerate's x0.9; close to the best, many failures
 //   bisect      search between the largest success and the smallest failure,
 //               probing upward on successes: the best size, after ~log2 failures
-//   predictive  fit bytes(m) = a + b*m to the peaks the budget measured (two
-//               small calibration micro-batches when nothing is known), never
-//               below what a failed size was seen to need, and jump to the
-//               largest m that fits under the limit less a margin that follows
-//               the measured scatter; bisect if that still fails
+//   predictive  fit each micro-batch's peak over what was held when its global
+//               batch began, peak(m) = a + b*m, to what the meter measured
+//               (calibration micro-batches when nothing is known) -- so
+//               a later micro-batch's point holds what the earlier ones left
+//               (libtorch's .grad, kept until the commit) -- never below what a
+//               failed size was seen to need, worst per size; take the largest
+//               m that fits over what the next batch begins with (an optimizer's
+//               state after its first step) under the limit less a margin that
+//               follows the measured scatter; bisect if a predicted size fails
 //   custom      your function
+//
+// An observation goes down once: the runner measures an attempt, the planner
+// (RecoveryPlanner) records it in its StepModel -- plain data, the only copy --
+// and asks the rule for a size; the rule reads the plan and the model and keeps
+// nothing:
+//
+//   AdaptiveBatch --Observation--> RecoveryPlanner --(plan, StepModel)--> ShrinkPolicy
+//                                   owns StepModel <------- a size --------'
 #pragma once
 
 #include <oomguard/detail/format.hpp>
@@ -28,18 +41,158 @@ struct ShrinkContext {
     unsigned attempt = 0;             ///< failed attempts so far in this global batch
     std::size_t peak_bytes = 0;       ///< peak the budget measured in the failed attempt (0: unknown)
     std::size_t available_bytes = 0;  ///< bytes a step may use (0: unknown)
+    std::size_t global_batch = 0;     ///< G: the samples of the global batch (0: unknown)
 };
 
-/// A shrink policy: a value type with the search state it needs.
+/// What the planner knows of the step, as plain data: RecoveryPlanner owns the
+/// one copy, records every observation in it once, and the policies read it.
+/// All bytes are as the meter (AdaptiveBatch::measure_with) counts them.
+struct StepModel {
+    /// A size and a byte count.
+    struct Point {
+        std::size_t m = 0, bytes = 0;
+    };
+    static constexpr std::size_t max_points = 32;  ///< sizes measured, the oldest forgotten first
+    static constexpr std::size_t max_bounds = 8;   ///< failed sizes' lower bounds kept
+    static constexpr double assumed_scatter = 0.04;  ///< until a third point tells the real one
+
+    Point points[max_points] = {};  ///< a micro-batch's peak over what was held when its global batch
+                                    ///< began (its first micro-batch), the worst per size
+    std::size_t n_points = 0;       ///< how many of `points` hold a size
+    Point bounds[max_bounds] = {};  ///< held + requested, over the same, when a size failed: it needs at least this
+    std::size_t n_bounds = 0;       ///< how many of `bounds` hold a size
+    std::size_t low = 0;            ///< the largest size that completed since the search began (0: none)
+    std::size_t high = 0;           ///< the smallest size that failed by its own need (0: none)
+    bool has_base = false;          ///< `base` was measured
+    std::size_t base = 0;           ///< bytes held when a global batch begins: the current one's, or after
+                                    ///< a commit, what the commit left (an optimizer's state appears there)
+    std::size_t limit = 0;          ///< bytes held plus bytes available: all a step may reach (0: unknown)
+    std::size_t predicted = 0;      ///< the size the last prediction chose, until it completes or fails (0: none)
+    bool prediction_failed = false; ///< a predicted size failed in this search: bisect from here on
+
+    /// Records that a micro-batch of `m` samples peaked at `bytes` over what was
+    /// held when its global batch began: the latest measurement of a size
+    /// replaces the one before (a size first measured while the sizes were
+    /// changing -- a cache grown for a larger one still held -- reads high once).
+    void observe(std::size_t m, std::size_t bytes) noexcept { keep(points, n_points, max_points, m, bytes, false); }
+    /// Records that `m` needs at least `bytes` over the same (held + requested when it failed).
+    void bound(std::size_t m, std::size_t bytes) noexcept { keep(bounds, n_bounds, max_bounds, m, bytes, true); }
+    /// The number of sizes measured.
+    std::size_t distinct_sizes() const noexcept { return n_points; }
+
+    /// A fitted line and how far the points stray from it.
+    struct Line {
+        bool ok = false;
+        double a = 0, b = 0;  ///< bytes = a + b*m
+        double scatter = 0;   ///< the largest relative distance of a point from the line (assumed until 3 points)
+    };
+    /// Least squares over the points, the slope raised so that the line passes
+    /// above every bound; not ok with fewer than two sizes or no rising slope.
+    Line fit() const noexcept {
+        Line l;
+        if (n_points < 2) return l;
+        double n = static_cast<double>(n_points), sx = 0, sy = 0, sxx = 0, sxy = 0;
+        for (std::size_t i = 0; i < n_points; ++i) {
+            double x = static_cast<double>(points[i].m), y = static_cast<double>(points[i].bytes);
+            sx += x;
+            sy += y;
+            sxx += x * x;
+            sxy += x * y;
+        }
+        double den = n * sxx - sx * sx;
+        if (den <= 0.0) return l;
+        l.b = (n * sxy - sx * sy) / den;
+        l.a = (sy - l.b * sx) / n;
+        if (!(l.b > 0.0)) return l;
+        // The line must not pass below what a failed size was seen to need.
+        for (std::size_t i = 0; i < n_bounds; ++i) {
+            double x = static_cast<double>(bounds[i].m), y = static_cast<double>(bounds[i].bytes);
+            if (x > 0.0 && l.a + l.b * x < y) l.b = (y - l.a) / x;
+        }
+        // Two points always lie on their line: until a third tells, assume the
+        // scatter of real steps (allocator rounding, kernels changing algorithm).
+        l.scatter = n_points < 3 ? assumed_scatter : 0.0;
+        for (std::size_t i = 0; i < n_points; ++i) {
+            double x = static_cast<double>(points[i].m), y = static_cast<double>(points[i].bytes);
+            double f = l.a + l.b * x;
+            if (f > 0.0) {
+                double r = (y > f ? y - f : f - y) / f;
+                if (r > l.scatter) l.scatter = r;
+            }
+        }
+        l.ok = true;
+        return l;
+    }
+
+    /// The largest size below `below` (and no larger than `G`) whose
+    /// micro-batches fit over `base` under the limit less `margin` of it, at
+    /// the fitted line stretched by twice the scatter (`lucky`: shrunk by it,
+    /// the most a size may turn out to allow). False when the model cannot
+    /// tell (fewer than two sizes measured, no base or limit measured).
+    bool largest_fitting(std::size_t G, std::size_t below, std::size_t minimum, double margin, bool lucky,
+                         std::size_t& out) const noexcept {
+        Line const l = fit();
+        if (!l.ok || !has_base || limit == 0 || below <= minimum) return false;
+        double const spread = lucky ? 1.0 - 2.0 * l.scatter : 1.0 + 2.0 * l.scatter;
+        if (!(spread > 0.0)) return false;
+        double const room = static_cast<double>(limit) * (1.0 - margin) - static_cast<double>(base) - l.a;
+        std::size_t pick = minimum;
+        if (room > 0.0) {
+            double m = room / (l.b * spread);
+            pick = m >= static_cast<double>(below) ? below - 1 : static_cast<std::size_t>(m);
+        }
+        if (pick >= below) pick = below - 1;
+        if (G != 0 && pick > G) pick = G;
+        out = pick < minimum ? minimum : pick;
+        return true;
+    }
+
+    /// Forgets the search (memory conditions changed: a grow-back, a new device).
+    void forget_search() noexcept {
+        low = high = predicted = 0;
+        prediction_failed = false;
+    }
+    /// Forgets everything, measurements too.
+    void reset() noexcept { *this = StepModel(); }
+
+private:
+    // Records (m, bytes) in a ring of `cap`: per size the worst seen (`worst`)
+    // or the latest, the oldest size forgotten when it is full. (A fixed ring
+    // rather than a std::vector: this header is in the umbrella, and a vector
+    // costs every includer.)
+    static void keep(Point* ring, std::size_t& n, std::size_t cap, std::size_t m, std::size_t bytes,
+                     bool worst) noexcept {
+        for (std::size_t i = 0; i < n; ++i) {
+            if (ring[i].m == m) {
+                if (!worst || bytes > ring[i].bytes) ring[i].bytes = bytes;
+                return;
+            }
+        }
+        if (n == cap) {
+            for (std::size_t i = 1; i < n; ++i) ring[i - 1] = ring[i];
+            --n;
+        }
+        ring[n++] = Point{m, bytes};
+    }
+};
+
+/// A shrink policy: a rule, (plan, model) -> size. It keeps no state: the
+/// planner's StepModel holds all that was measured and searched.
 class ShrinkPolicy {
 public:
     enum class Kind : unsigned char { halve, geometric, bisect, predictive, custom };
     using CustomFn = std::size_t (*)(ShrinkContext const&, void* user);
 
+    /// A size a rule chose, and whether it came from the model's fit.
+    struct Next {
+        std::size_t size = 0;    ///< samples
+        bool predicted = false;  ///< from the model's fit (a failure of it stops predicting for this search)
+    };
+
     /// m -> m/2.
     static ShrinkPolicy halve() { return ShrinkPolicy(Kind::halve); }
 
-    /// m -> floor(m*f), strictly decreasing; `f` must be in (0, 1).
+    /// m -> floor(m*f), strictly decreasing. Throws std::invalid_argument unless `f` is in (0, 1).
     static ShrinkPolicy geometric(double f) {
         if (!(f > 0.0 && f < 1.0))
             detail::throw_invalid(detail::Message() << "oomguard: ShrinkPolicy::geometric(" << f
@@ -52,8 +205,10 @@ public:
     /// Bisection between the largest success and the smallest failure.
     static ShrinkPolicy bisect() { return ShrinkPolicy(Kind::bisect); }
 
-    /// Fit-and-jump; `margin` (in [0, 0.5)) is the share of the available bytes
-    /// kept free to absorb what the linear model misses.
+    /// Fit-and-jump; `margin` (in [0, 0.5)) is the share of the limit kept free
+    /// to absorb what the linear model misses. It needs a meter
+    /// (AdaptiveBatch::measure_with): run() refuses it without one. Throws
+    /// std::invalid_argument for a margin outside [0, 0.5).
     static ShrinkPolicy predictive(double margin = 0.01) {
         if (!(margin >= 0.0 && margin < 0.5))
             detail::throw_invalid(detail::Message() << "oomguard: ShrinkPolicy::predictive(" << margin
@@ -63,7 +218,9 @@ public:
         return p;
     }
 
-    /// Your function; it must return a size in [ctx.minimum, ctx.failed).
+    /// Your function; it must return a size in [ctx.minimum, ctx.failed) (the
+    /// planner throws std::logic_error naming it otherwise). Throws
+    /// std::invalid_argument for a null function.
     static ShrinkPolicy custom(CustomFn fn, void* user = nullptr, char const* name = "custom") {
         if (fn == nullptr)
             detail::throw_invalid("oomguard: ShrinkPolicy::custom: the function is a null pointer");
@@ -74,7 +231,9 @@ public:
         return p;
     }
 
+    /// Which rule this is.
     Kind kind() const noexcept { return kind_; }
+    /// The rule's name, as reports write it.
     char const* name() const noexcept {
         switch (kind_) {
             case Kind::halve: return "halve";
@@ -85,243 +244,135 @@ public:
         }
         return "unknown";
     }
+    /// geometric's factor.
     double factor() const noexcept { return factor_; }
+    /// predictive's margin, a share of the limit.
     double margin() const noexcept { return margin_; }
+    /// Whether the rule searches upward after a success (bisect, predictive).
+    bool searches() const noexcept { return kind_ == Kind::bisect || kind_ == Kind::predictive; }
 
-    /// The next size after `ctx.failed` failed: in [ctx.minimum, ctx.failed).
-    /// Requires ctx.failed > ctx.minimum.
-    std::size_t on_failure(ShrinkContext const& ctx) {
-        note_failure(ctx.failed);
-        std::size_t next = 0;
+    /// The next size after `ctx.failed` failed, in [ctx.minimum, ctx.failed),
+    /// from the model as the planner has recorded that failure. Requires
+    /// ctx.failed > ctx.minimum. Throws std::logic_error when a custom function
+    /// returns a size out of range.
+    Next after_failure(ShrinkContext const& ctx, StepModel const& model) const {
+        Next next;
         switch (kind_) {
-            case Kind::halve: next = ctx.failed / 2; break;
+            case Kind::halve: next.size = ctx.failed / 2; break;
             case Kind::geometric: {
-                next = static_cast<std::size_t>(static_cast<double>(ctx.failed) * factor_);
-                if (next >= ctx.failed) next = ctx.failed - 1;
+                next.size = static_cast<std::size_t>(static_cast<double>(ctx.failed) * factor_);
+                if (next.size >= ctx.failed) next.size = ctx.failed - 1;
                 break;
             }
-            case Kind::bisect: next = bisect_point(ctx); break;
+            case Kind::bisect: next.size = bisect_point(ctx, model); break;
             case Kind::predictive: {
                 std::size_t predicted = 0;
-                if (ctx.available_bytes != 0) available_ = ctx.available_bytes;
-                if (!predicted_failed_ && predict(ctx, predicted)) {
-                    next = predicted;
-                    predicted_ = true;
+                if (!model.prediction_failed &&
+                    model.largest_fitting(ctx.global_batch, ctx.failed, ctx.minimum, margin_, false, predicted)) {
+                    // Never below a size that completed under these conditions.
+                    if (model.low != 0 && predicted < model.low && model.low < ctx.failed) predicted = model.low;
+                    next = Next{predicted, true};
                 } else {
-                    next = bisect_point(ctx);
+                    next.size = bisect_point(ctx, model);
                 }
                 break;
             }
             case Kind::custom: {
-                next = fn_(ctx, user_);
-                if (next < ctx.minimum || next >= ctx.failed)
-                    detail::throw_logic(detail::Message() << "oomguard: shrink policy '" << name_ << "' returned "
-                                                          << next << " after " << ctx.failed
-                                                          << " failed; it must return a size in ["
-                                                          << ctx.minimum << ", " << ctx.failed << ")");
-                return next;
+                std::size_t n = fn_(ctx, user_);
+                if (n < ctx.minimum || n >= ctx.failed)
+                    detail::throw_logic(detail::Message() << "oomguard: shrink policy '" << name_ << "' returned " << n
+                                                          << " after " << ctx.failed
+                                                          << " failed; it must return a size in [" << ctx.minimum
+                                                          << ", " << ctx.failed << ")");
+                return Next{n, false};
             }
         }
-        if (next < ctx.minimum) next = ctx.minimum;
+        if (next.size < ctx.minimum) next.size = ctx.minimum;
         return next;
     }
 
-    /// After a micro-batch of `m` samples fit (needing `bytes`, 0 if unknown):
-    /// the size to use for the next micro-batch. Bisection probes upward while
-    /// the gap to the smallest known failure is open; the others keep `m`.
-    std::size_t on_success(std::size_t m, std::size_t bytes, std::size_t requested) {
-        if (m > low_) low_ = m;
-        if (bytes != 0) observe(m, bytes);
-        if (predicted_) {
-            // The jump held, and it measured a point near the answer: refit and
-            // jump again while that promises more than half a percent.
-            predicted_ = false;
-            ShrinkContext ctx;
-            ctx.failed = high_ != 0 ? high_ : requested + 1;
-            ctx.minimum = m;
-            ctx.available_bytes = available_;
+    /// After micro-batches of `m` completed, with the model holding what they
+    /// measured: the size to run next (>= m, at most `requested`). Bisection
+    /// probes upward while the gap to the smallest failure is open; predictive
+    /// jumps again when a refit promises more than half a percent, then probes
+    /// up to the size the fit allows if the scatter goes the lucky way; the
+    /// others keep `m`.
+    Next after_success(std::size_t m, std::size_t G, std::size_t requested, StepModel const& model) const {
+        // A refit that promises more than half a percent: jump to it (a
+        // prediction, not a blind probe) -- after any success, since each
+        // measured size sharpens the line.
+        if (kind_ == Kind::predictive && model.distinct_sizes() >= 2 && !model.prediction_failed) {
             std::size_t again = 0;
-            if (bytes != 0 && predict(ctx, again) && again > m + m / 200 && again <= requested) {
-                predicted_ = true;
-                return again;
-            }
+            std::size_t const below = model.high != 0 ? model.high : requested + 1;
+            if (model.largest_fitting(G, below, m, margin_, false, again) && again > m + m / 200 &&
+                again <= requested)
+                return Next{again, true};
         }
-        if (kind_ != Kind::bisect && kind_ != Kind::predictive) return m;
-        std::size_t upper = high_;
+        if (!searches()) return Next{m, false};
+        std::size_t upper = model.high;
         if (kind_ == Kind::predictive) {
             // Past what the line can tell, a size fits or not by its own few
             // percent: probe by bisection, up to the smallest failure or, when
             // the fit knows better, the size it allows if the scatter goes the
             // lucky way.
-            ShrinkContext ctx;
-            ctx.failed = high_ != 0 ? high_ : requested + 1;
-            ctx.minimum = m;
-            ctx.available_bytes = available_;
             std::size_t lucky = 0;
-            if (predict(ctx, lucky, true) && (upper == 0 || lucky + 1 < upper)) upper = lucky + 1;
+            std::size_t const below = model.high != 0 ? model.high : requested + 1;
+            if (model.largest_fitting(G, below, m, margin_, true, lucky) && (upper == 0 || lucky + 1 < upper))
+                upper = lucky + 1;
         }
-        if (upper > m + 1) {
+        // A probe may fail: bisect only while the gap is worth it (bisect: any
+        // gap; predictive: more than 1 %, its fit's own resolution).
+        std::size_t const worth = kind_ == Kind::predictive ? m / 100 : 0;
+        if (upper > m + 1 && upper - m > worth) {
             std::size_t mid = m + (upper - m) / 2;
-            return mid < requested ? mid : requested;
+            return Next{mid < requested ? mid : requested, false};
         }
-        return m;
+        return Next{m, false};
     }
 
-    /// Whether the policy wants calibration steps before it can decide, and at
-    /// which sizes (predictive with fewer than two measured sizes).
-    bool wants_calibration(ShrinkContext const& ctx, std::size_t& c1, std::size_t& c2) const {
-        if (kind_ != Kind::predictive || distinct_sizes() >= 2 || ctx.available_bytes == 0) return false;
+    /// Whether the policy wants calibration micro-batches before it can decide,
+    /// and at which sizes (predictive with fewer than two measured sizes).
+    bool wants_calibration(ShrinkContext const& ctx, StepModel const& model, std::size_t& c1,
+                           std::size_t& c2) const noexcept {
+        if (kind_ != Kind::predictive || model.distinct_sizes() >= 2 || ctx.available_bytes == 0) return false;
         // Small enough to fit even when the first size was far too big: an
-        // eighth of it, and no more than half of what the failure's lower bound
-        // allows (a size that needed at least L bytes where A were available
-        // cannot fit above failed * A / L samples, if its need grows with it).
+        // eighth of it; with a lower bound of the failure's need, a quarter of
+        // what it allows (a size that needed at least L bytes where A were
+        // available cannot fit above failed * A / L samples, if its need grows
+        // with it), up to half the failed size: points nearer the size that
+        // will be chosen fit it better -- a step's fixed costs bend the line
+        // at small sizes.
         std::size_t top = ctx.failed / 8;
-        for (std::size_t i = 0; i < n_bounds_; ++i) {
-            if (bounds_[i].m != ctx.failed || bounds_[i].bytes == 0) continue;
+        bool bounded = false;
+        for (std::size_t i = 0; i < model.n_bounds; ++i) {
+            if (model.bounds[i].m != ctx.failed || model.bounds[i].bytes == 0) continue;
             double cap = static_cast<double>(ctx.failed) * static_cast<double>(ctx.available_bytes) /
-                         (2.0 * static_cast<double>(bounds_[i].bytes));
-            if (cap < static_cast<double>(top)) top = static_cast<std::size_t>(cap);
+                         (4.0 * static_cast<double>(model.bounds[i].bytes));
+            if (cap > static_cast<double>(ctx.failed / 2)) cap = static_cast<double>(ctx.failed / 2);
+            if (!bounded || cap < static_cast<double>(top)) top = static_cast<std::size_t>(cap);
+            bounded = true;
         }
         c2 = top > ctx.minimum + 1 ? top : ctx.minimum + 1;
         c1 = c2 / 2 > ctx.minimum ? c2 / 2 : ctx.minimum;
         return c2 < ctx.failed;
     }
 
-    /// Records that size `m` needs at least `bytes`: what a micro-batch that ran
-    /// out of memory held plus what it asked for. A lower bound, not a point of
-    /// the fit: the fitted line is raised to pass above it.
-    void bound(std::size_t m, std::size_t bytes) noexcept { keep_worst(bounds_, n_bounds_, max_bounds, m, bytes); }
-
-    /// Records what a size needed, measured (a micro-batch's peak).
-    void observe(std::size_t m, std::size_t bytes) noexcept { keep_worst(obs_, n_obs_, max_observations, m, bytes); }
-
-    /// Forgets the search bounds (memory conditions changed: a grow-back, a new device).
-    void forget_bounds() noexcept {
-        low_ = 0;
-        high_ = 0;
-        available_ = 0;
-        predicted_ = predicted_failed_ = false;
-    }
-    /// Forgets everything, measurements too.
-    void reset() noexcept {
-        forget_bounds();
-        n_obs_ = 0;
-        n_bounds_ = 0;
-    }
-    std::size_t smallest_failure() const noexcept { return high_; }
-    std::size_t largest_success() const noexcept { return low_; }
-
 private:
     explicit ShrinkPolicy(Kind k) : kind_(k) {}
 
-    void note_failure(std::size_t m) noexcept {
-        if (high_ == 0 || m < high_) high_ = m;
-        if (low_ >= high_) low_ = 0;  // conditions changed: the old success no longer holds
-        if (predicted_) {
-            predicted_ = false;
-            predicted_failed_ = true;
-        }
-    }
-
-    std::size_t bisect_point(ShrinkContext const& ctx) const noexcept {
-        std::size_t lo = low_ != 0 && low_ < ctx.failed ? low_ : 0;
+    static std::size_t bisect_point(ShrinkContext const& ctx, StepModel const& model) noexcept {
+        std::size_t lo = model.low != 0 && model.low < ctx.failed ? model.low : 0;
         if (lo == 0) return ctx.failed / 2;  // nothing known to fit: halve until something does
         std::size_t mid = lo + (ctx.failed - lo) / 2;
         return mid > lo ? mid : lo;
     }
 
-    std::size_t distinct_sizes() const noexcept { return n_obs_; }
-
-    // The largest size the fit allows under the available bytes, less the margin;
-    // `lucky`: as if every unmeasured size sat below the line by the scatter.
-    bool predict(ShrinkContext const& ctx, std::size_t& out, bool lucky = false) const noexcept {
-        if (n_obs_ < 2 || ctx.available_bytes == 0) return false;
-        // Least squares for bytes = a + b*m.
-        double n = static_cast<double>(n_obs_), sx = 0, sy = 0, sxx = 0, sxy = 0;
-        for (std::size_t i = 0; i < n_obs_; ++i) {
-            double x = static_cast<double>(obs_[i].m), y = static_cast<double>(obs_[i].bytes);
-            sx += x;
-            sy += y;
-            sxx += x * x;
-            sxy += x * y;
-        }
-        double den = n * sxx - sx * sx;
-        if (den <= 0.0) return false;
-        double b = (n * sxy - sx * sy) / den;
-        double a = (sy - b * sx) / n;
-        if (!(b > 0.0)) return false;
-        // The line must not pass below what a failed size was seen to need.
-        for (std::size_t i = 0; i < n_bounds_; ++i) {
-            double x = static_cast<double>(bounds_[i].m), y = static_cast<double>(bounds_[i].bytes);
-            if (x > 0.0 && a + b * x < y) b = (y - a) / x;
-        }
-        // The margin follows the scatter: the largest relative distance of a
-        // measured point from the line, taken twice (a size may sit that far
-        // above the line where a measured one sat as far below). Two points
-        // always lie on their line, so until a third tells, assume the scatter
-        // of real steps (allocator rounding, kernels changing algorithm): 4 %.
-        double scatter = n_obs_ < 3 ? assumed_scatter : 0.0;
-        for (std::size_t i = 0; i < n_obs_; ++i) {
-            double x = static_cast<double>(obs_[i].m), y = static_cast<double>(obs_[i].bytes);
-            double fit = a + b * x;
-            if (fit > 0.0) {
-                double r = (y > fit ? y - fit : fit - y) / fit;
-                if (r > scatter) scatter = r;
-            }
-        }
-        double room = static_cast<double>(ctx.available_bytes) * (1.0 - margin_) - a;
-        if (room <= 0.0) {
-            out = ctx.minimum;
-            return true;
-        }
-        double spread = lucky ? 1.0 - 2.0 * scatter : 1.0 + 2.0 * scatter;
-        if (!(spread > 0.0)) return false;
-        double m = room / (b * spread);
-        std::size_t pick = m >= static_cast<double>(ctx.failed) ? ctx.failed - 1 : static_cast<std::size_t>(m);
-        if (low_ != 0 && pick < low_ && low_ < ctx.failed) pick = low_;
-        out = pick < ctx.minimum ? ctx.minimum : pick;
-        return true;
-    }
-
     Kind kind_;
     double factor_ = 0.5;
-    double margin_ = 0.02;
+    double margin_ = 0.01;
     CustomFn fn_ = nullptr;
     void* user_ = nullptr;
     char const* name_ = "custom";
-    std::size_t low_ = 0;   // largest size known to fit
-    std::size_t high_ = 0;  // smallest size known to fail
-    bool predicted_ = false;         // the current size came from a prediction
-    bool predicted_failed_ = false;  // a prediction failed: bisect from now on
-    std::size_t available_ = 0;      // bytes a step could use at the last failure
-    // A fixed ring of measurements rather than a std::vector: this header is in
-    // the umbrella, and a vector's instantiation costs every includer compile time.
-    static constexpr std::size_t max_observations = 32;
-    struct Observation {
-        std::size_t m = 0, bytes = 0;
-    };
-    Observation obs_[max_observations] = {};
-    // Records (m, bytes) in a ring of `cap`: the worst seen per size, the oldest
-    // size forgotten when it is full.
-    static void keep_worst(Observation* ring, std::size_t& n, std::size_t cap, std::size_t m,
-                           std::size_t bytes) noexcept {
-        for (std::size_t i = 0; i < n; ++i) {
-            if (ring[i].m == m) {
-                if (bytes > ring[i].bytes) ring[i].bytes = bytes;
-                return;
-            }
-        }
-        if (n == cap) {
-            for (std::size_t i = 1; i < n; ++i) ring[i - 1] = ring[i];
-            --n;
-        }
-        ring[n++] = Observation{m, bytes};
-    }
-    std::size_t n_obs_ = 0;
-    static constexpr std::size_t max_bounds = 8;
-    Observation bounds_[max_bounds] = {};
-    std::size_t n_bounds_ = 0;
-    static constexpr double assumed_scatter = 0.04;
 };
 
 }  // namespace oomguard

@@ -113,6 +113,7 @@ public:
         try {
             raw = budget_->allocate(bytes);
         } catch (out_of_memory const& e) {
+            note_rewrapped(e);  // c10's error cannot carry the figures: adaptive_batch finds them here
             throw_oom(n, e.what());
         }
         // The block's header sits right below the aligned storage.

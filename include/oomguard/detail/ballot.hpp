@@ -26,14 +26,19 @@ public:
         failed_group,            // 4 of them (any): a rank failed in this group
         room_group = failed_group + 4,  // 4 (all): every rank that failed in it had room for its request
         need_group = room_group + 4,    // 4 (largest): what it needed at least
-        failed_size = need_group + 4,   // the planned size of the micro-batch that failed (smallest)
-        calibration_done,        // the calibration micro-batch completed (all)
+        samples_group = need_group + 4, // 4 (smallest): the failed micro-batch's own samples
+        failed_size = samples_group + 4,  // the planned size of the micro-batch that failed (smallest)
+        calibration_done,        // the calibration micro-batches completed (all)
+        full_later,              // a completed full-size micro-batch ran after the batch's first (all)
         full_done,               // full-size micro-batches completed (fewest)
         done_min, done_max,      // samples of the global batch completed, where each rank stands
         calibration_peak, full_peak,  // bytes measured (largest)
         available,               // bytes a step could use (least)
+        limit,                   // held + available when the attempt began (least)
+        first_base,              // held when the global batch's first micro-batch began (largest, + 1)
         released,                // bytes the release freed on a rank that failed (least)
         all_failover,            // every rank got another device
+        after_commit,            // held after the commit returned (largest, + 1)
         count
     };
     static constexpr std::uint64_t neutral = ~std::uint64_t{0};
@@ -62,6 +67,15 @@ public:
     std::uint64_t max(Field f) const noexcept { return ~v_[f]; }
     bool any(Field f) const noexcept { return ~v_[f] != 0; }
     bool all(Field f) const noexcept { return v_[f] != 0; }
+    /// A held figure, which may be 0 bytes: travels as bytes + 1, so that 0 is "not measured".
+    void set_held(Field f, std::size_t bytes, bool measured) noexcept {
+        if (measured) set_max(f, static_cast<std::uint64_t>(bytes) + 1);
+    }
+    /// The largest held figure, or `unknown` when no rank measured one.
+    std::size_t held(Field f, std::size_t unknown) const noexcept {
+        std::uint64_t const v = max(f);
+        return v == 0 ? unknown : static_cast<std::size_t>(v - 1);
+    }
     /// A minimum where "nobody said" reads as 0.
     std::uint64_t min_or_zero(Field f) const noexcept { return v_[f] == neutral ? 0 : v_[f]; }
 
