@@ -113,6 +113,12 @@ TEST_CASE("hostile inputs: a typed error naming the value, every time") {
         {"AdaptiveBatch::run", Kind::invalid_argument, "the step is empty",
          [] { AdaptiveBatch a(batch(8)); void (*f)(MicroBatch const&) = nullptr; a.run(f, [] {}, [] {}); }},
         {"AdaptiveBatch::observe", Kind::invalid_argument, "null function", [] { (void)AdaptiveBatch(batch(8)).observe(nullptr); }},
+        {"AdaptiveBatch::run", Kind::invalid_argument, "measure_with", [] {
+             BatchOptions o = batch(8);
+             o.policy = ShrinkPolicy::predictive();  // it fits what a meter measures, and none is attached
+             AdaptiveBatch a(o);
+             a.run([](MicroBatch const&) {}, [] {}, [] {});
+         }},
         {"AdaptiveBatch::observe", Kind::invalid_argument, "null function pointer",
          [] { void (*f)(BatchEvent const&) = nullptr; (void)AdaptiveBatch(batch(8)).observe(f); }},
         {"AdaptiveBatch::observe", Kind::invalid_argument, "empty std::function",
