@@ -591,19 +591,15 @@ private:
                 }
                 // What the commit leaves held is where the next batch begins
                 // (an optimizer's state appears at its first step).
-                Meter const* meter = meter_for(at.plan.device);
-                std::size_t after = meter != nullptr && !l.commit_oom ? meter->used(meter->object) : 0;
-                if (meter != nullptr && !l.commit_oom) {
-                    std::size_t const cached = cached_bytes();
-                    after = after > cached ? after - cached : 0;
-                }
-                obs.after_commit = meter != nullptr && !l.commit_oom ? after : Observation::unknown;
+                Meter const* meter = l.commit_oom ? nullptr : meter_for(at.plan.device);
+                std::size_t const after = meter != nullptr ? beyond_caches(meter->used(meter->object)) : 0;
+                obs.after_commit = meter != nullptr ? after : Observation::unknown;
                 bool any_commit_oom = l.commit_oom;
                 if (consensus_.all_min != nullptr) {
                     Ballot b(serial_, phase_commit);
                     b.set_any(Ballot::any_commit_oom, l.commit_oom);
                     b.set_all(Ballot::all_commit_oom, l.commit_oom);
-                    b.set_held(Ballot::after_commit, after, meter != nullptr && !l.commit_oom);
+                    b.set_held(Ballot::after_commit, after, meter != nullptr);
                     Ballot c = agree(b);
                     obs.after_commit = c.held(Ballot::after_commit, Observation::unknown);
                     any_commit_oom = c.any(Ballot::any_commit_oom);
@@ -1004,8 +1000,7 @@ private:
         // as held under the batch, or a step that reuses it would seem to need
         // nothing.
         if (mb.offset == 0 || !batch_base_known_) {
-            std::size_t const cached = cached_bytes();
-            batch_base_ = base > cached ? base - cached : 0;
+            batch_base_ = beyond_caches(base);
             batch_base_known_ = true;
         }
         struct Restore {
@@ -1018,12 +1013,14 @@ private:
         return pk > base ? pk - base : 0;
     }
 
-    // Bytes the cache registry could give back now (0 when releases are off).
-    std::size_t cached_bytes() const {
-        if (!planner_.options().release_caches) return 0;
+    // `held` less what the cache registry could give back now (nothing when
+    // releases are off): the caches' bytes are the step's to reuse.
+    std::size_t beyond_caches(std::size_t held) const {
+        if (!planner_.options().release_caches) return held;
         CacheRegistry* own = planner_.options().caches;
         CacheRegistry const& reg = own != nullptr ? *own : CacheRegistry::global();
-        return reg.size() == 0 ? 0 : reg.releasable_bytes();
+        std::size_t const cached = reg.size() == 0 ? 0 : reg.releasable_bytes();
+        return held > cached ? held - cached : 0;
     }
 
     // A measured micro-batch's figure over its own base, made over the batch's first base.

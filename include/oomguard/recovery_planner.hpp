@@ -136,8 +136,8 @@ struct Attempt {
 /// What one attempt observed; with a consensus hook, agreed over every rank
 /// (the figures below say how), so every rank feeds the planner the same. Bytes
 /// are as the meter counts them (AdaptiveBatch::measure_with); "held" figures
-/// are absolute, peaks and needs are over the micro-batch's own base (what was
-/// held when it began).
+/// are absolute; peaks and needs are over `first_base` when it is known, else
+/// over the micro-batch's own base (what was held when it began).
 struct Observation {
     static constexpr std::size_t unknown = std::numeric_limits<std::size_t>::max();  ///< not measured
 
@@ -299,11 +299,12 @@ public:
         // attempts that did not count toward the limit. Nor does a search step
         // inside the batch that failed by its own need: it narrows the range,
         // so there are at most log2(G) of them.
-        bool const searched = attempt_.search && o.outcome == Observation::Outcome::step_oom &&
-                              !o.failed_short && !is_transient(failed, o);
+        bool const transient = is_transient(failed, o);
+        bool const searched =
+            attempt_.search && o.outcome == Observation::Outcome::step_oom && !o.failed_short && !transient;
         if (!progressed && !searched) ++charged_;
         if (charged_ >= opt_.max_attempts) return give_up(ran, "the attempt limit was reached");
-        Decision d = next_rung(ran, failed, o);
+        Decision d = next_rung(ran, failed, transient, o);
         if (d.action != PlanAction::failover && d.action != PlanAction::give_up) {
             attempt_ = Attempt{plan_, calibration_, attempt_.number + 1, segment_, tail_};
             attempt_.search = search_;
@@ -447,6 +448,14 @@ private:
         model_.predicted = 0;
     }
 
+    // The next size after `ctx.failed` failed, by the policy; the model notes
+    // whether it came from the fit.
+    std::size_t shrink_to(ShrinkContext const& ctx) {
+        ShrinkPolicy::Next n = opt_.policy.after_failure(ctx, model_);
+        model_.predicted = n.predicted ? n.size : 0;
+        return n.size;
+    }
+
     // The next size after a success at the attempt's size, by the policy.
     std::size_t probe_after(std::size_t m) {
         ShrinkPolicy::Next n = opt_.policy.after_success(m, opt_.global_batch, opt_.micro_batch, model_);
@@ -458,10 +467,9 @@ private:
     // the size whose failure asked for it.
     std::size_t jump_size(Observation const& o) {
         Plan const ran = attempt_.plan;
-        ShrinkPolicy::Next n = opt_.policy.after_failure(context(pending_failure_, o.available), model_);
-        model_.predicted = n.predicted ? n.size : 0;
+        std::size_t const next = shrink_to(context(pending_failure_, o.available));
         pending_failure_ = 0;
-        return n.size < ran.micro_batch ? ran.micro_batch : n.size;
+        return next < ran.micro_batch ? ran.micro_batch : next;
     }
 
     // With resume, a failure costs only the micro-batch that failed: bisection
@@ -530,7 +538,7 @@ private:
         return d;
     }
 
-    Decision next_rung(Plan const& ran, std::size_t failed, Observation const& o) {
+    Decision next_rung(Plan const& ran, std::size_t failed, bool transient, Observation const& o) {
         calibration_ = 0;
         segment_ = 0;
         search_ = false;
@@ -551,7 +559,6 @@ private:
             release_retried_ = true;
             return retry_same(ran, o);
         }
-        bool const transient = is_transient(failed, o);
         if (o.outcome == Observation::Outcome::commit_oom) {
             // The commit's memory (the optimizer's state, its temporaries) hardly
             // follows the micro-batch: transient retries of a commit are counted
@@ -569,9 +576,7 @@ private:
             if (!commit_shrunk_ && failed > opt_.min_micro_batch) {
                 commit_shrunk_ = true;
                 note_failure(failed);
-                ShrinkPolicy::Next n = opt_.policy.after_failure(context(failed, o.available), model_);
-                model_.predicted = n.predicted ? n.size : 0;
-                plan_.micro_batch = n.size;
+                plan_.micro_batch = shrink_to(context(failed, o.available));
                 return Decision{PlanAction::shrink, ran, plan_, ""};
             }
             return below_sizes(ran);
@@ -605,17 +610,15 @@ private:
             ShrinkContext ctx = context(failed, o.available);
             std::size_t c1 = 0, c2 = 0;
             if (opt_.policy.wants_calibration(ctx, model_, c1, c2)) {
-                // Measure two small sizes inside the retried batch itself: the
-                // first micro-batch at c1, the rest at c2; their work is kept, and
-                // the next global batch jumps to the fitted size.
+                // Measure two small sizes inside the retried batch itself: two
+                // micro-batches at c1, then one at c2; their work is kept, and
+                // the rest of the batch jumps to the fitted size.
                 calibration_ = c1;
                 segment_ = 3;  // c1 twice (the first micro-batch, and one over what it left), then c2
                 pending_failure_ = failed;
                 plan_.micro_batch = c2;
             } else {
-                ShrinkPolicy::Next n = opt_.policy.after_failure(ctx, model_);
-                model_.predicted = n.predicted ? n.size : 0;
-                plan_.micro_batch = n.size;
+                plan_.micro_batch = shrink_to(ctx);
                 segment_ = search_segment();
                 search_ = segment_ == 1;
             }
@@ -672,7 +675,6 @@ private:
         search_ = attempt_.search;
         if (pending_failure_ != 0) {
             calibration_ = attempt_.calibration;
-            segment_ = attempt_.segment;
             if (opt_.resume && attempt_.calibration != 0 && o.calibration_done) {  // kept: only c2 is left
                 calibration_ = 0;
                 segment_ = 1;

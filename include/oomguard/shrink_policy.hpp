@@ -298,12 +298,12 @@ public:
     /// up to the size the fit allows if the scatter goes the lucky way; the
     /// others keep `m`.
     Next after_success(std::size_t m, std::size_t G, std::size_t requested, StepModel const& model) const {
+        std::size_t const below = model.high != 0 ? model.high : requested + 1;  // what the fit may choose under
         // A refit that promises more than half a percent: jump to it (a
         // prediction, not a blind probe) -- after any success, since each
         // measured size sharpens the line.
         if (kind_ == Kind::predictive && model.distinct_sizes() >= 2 && !model.prediction_failed) {
             std::size_t again = 0;
-            std::size_t const below = model.high != 0 ? model.high : requested + 1;
             if (model.largest_fitting(G, below, m, margin_, false, again) && again > m + m / 200 &&
                 again <= requested)
                 return Next{again, true};
@@ -316,7 +316,6 @@ public:
             // the fit knows better, the size it allows if the scatter goes the
             // lucky way.
             std::size_t lucky = 0;
-            std::size_t const below = model.high != 0 ? model.high : requested + 1;
             if (model.largest_fitting(G, below, m, margin_, true, lucky) && (upper == 0 || lucky + 1 < upper))
                 upper = lucky + 1;
         }
