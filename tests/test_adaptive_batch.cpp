@@ -1341,3 +1341,48 @@ TEST_CASE("with a meter, another process's burst is a transient: the same size a
         CHECK(a.planner().model().high == 0);  // no search ceiling from a burst
     }
 }
+
+TEST_CASE("a workspace cache sized for a smaller micro-batch is emptied before a larger one runs, not after its OOM") {
+    // The step keeps its activations as a workspace (a cache) and allocates a
+    // larger one while the old is held, as a caching allocator would: at 48
+    // after 32, the 32 KiB workspace + 48 + 24 over 20 held is 124 KiB > 100;
+    // emptied first, 92 fits.
+    SimulatedDevices gpus(1, 100 * KiB);
+    Budget budget(gpus, 0, Limit::unlimited());
+    Buffer held(budget, 20 * KiB);
+    std::unique_ptr<Buffer> workspace;
+    std::size_t workspace_samples = 0;
+    CacheRegistry reg;
+    auto r = reg.add("workspace", 0, [&] { return workspace ? workspace->size() : 0; }, [&] {
+        std::size_t b = workspace ? workspace->size() : 0;
+        workspace.reset();
+        workspace_samples = 0;
+        return b;
+    });
+    BatchOptions o;
+    o.global_batch = 64;
+    o.grow_after = 1;
+    o.caches = &reg;
+    AdaptiveBatch a(o);
+    std::vector<std::size_t> sizes;
+    auto step = [&](MicroBatch const& mb) {
+        sizes.push_back(mb.size);
+        Buffer temp(budget, mb.size * KiB / 2);
+        if (workspace_samples < mb.size) {
+            auto grown = std::make_unique<Buffer>(budget, mb.size * KiB);  // the old one still held
+            workspace = std::move(grown);
+            workspace_samples = mb.size;
+        }
+    };
+    auto none = [] {};
+    a.run(step, none, none);  // 64 needs 116 KiB: one OOM, then 32 twice
+    CHECK(a.counters().ooms == 1);
+    CHECK(a.plan().micro_batch == 32);
+    std::size_t const releases = a.counters().releases;
+    CHECK(releases == 1);  // after the OOM only: the second 32 reuses the workspace
+    a.run(step, none, none);  // the grow-back to 48: the workspace of 32 is emptied before it runs
+    CHECK(a.plan().micro_batch == 48);
+    CHECK(a.counters().ooms == 1);
+    CHECK(a.counters().releases == releases + 1);
+    CHECK(sizes == std::vector<std::size_t>{64, 32, 32, 48, 16});
+}

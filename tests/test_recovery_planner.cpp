@@ -124,6 +124,10 @@ TEST_CASE("planner table: every action for every kind of observation") {
              p.on_attempt(released(oom(64), 4096));
          },
          released(oom(64), 4096), PlanAction::shrink, 32, Precision::fp32},
+        {"metered: the release freed enough for the failed need: retry the same size", options(64), nothing,
+         released(metered_oom(64, 0, 100, 1000), 100), PlanAction::retry_same, 64, Precision::fp32},
+        {"metered: the release freed too little for the failed need: no retry, shrink", options(64), nothing,
+         released(metered_oom(64, 0, 100, 1000), 99), PlanAction::shrink, 32, Precision::fp32},
         {"OOM at a size that has completed: a transient, retried", options(64), proven_64, oom(64),
          PlanAction::retry_same, 64, Precision::fp32},
         {"a transient retried transient_retries times, then shrink", options(64),

@@ -771,6 +771,7 @@ private:
                 n = planned < G - offset ? planned : G - offset;
                 if (n < planned && at.tail != 0 && n > at.tail) n = at.tail;  // a failed remainder, in pieces
                 bool const calibration = at.calibrating(index);
+                make_room(n, at.plan.precision, at.number);
                 mb_index_ = index;
                 sync_index_ = 0;
                 if (!observers_.empty()) emit_step(BatchEventKind::micro_batch_begin, at, offset, n, 0, oom_info::unknown);
@@ -1072,11 +1073,30 @@ private:
         }
     }
 
+    // Before an attempt larger than any that ran since the caches were last
+    // emptied: empty them first. A cache sized for smaller micro-batches (a
+    // workspace kept between steps, a caching allocator's blocks) cannot serve
+    // a larger one, and is held while the larger one is allocated -- an OOM the
+    // release after it would only answer. (A caching allocator that empties
+    // itself before failing does this for its own blocks.) Sizes are compared
+    // in bytes per sample of their precision.
+    void make_room(std::size_t n, Precision p, unsigned attempt) {
+        std::size_t const bytes = n * bytes_per_element(p);
+        if (bytes <= grown_to_) return;
+        if (grown_to_ != 0 && planner_.options().release_caches) {
+            CacheRegistry* own = planner_.options().caches;
+            CacheRegistry& reg = own != nullptr ? *own : CacheRegistry::global();
+            if (reg.size() != 0 && reg.releasable_bytes() != 0) release_caches(attempt);
+        }
+        grown_to_ = bytes;
+    }
+
     std::size_t release_caches(unsigned attempt) {
         if (!planner_.options().release_caches) return 0;
         CacheRegistry* own = planner_.options().caches;
         CacheRegistry& reg = own != nullptr ? *own : CacheRegistry::global();
         if (reg.size() == 0) return 0;
+        grown_to_ = 0;
         ReleaseReport r = reg.release_all();
         ++counters_.releases;
         counters_.bytes_released += r.bytes();
@@ -1207,6 +1227,7 @@ private:
     bool running_ = false;
     bool sync_aborted_ = false;       // the step left by a sync point: another rank failed
     std::size_t last_base_ = 0;       // bytes held when the last measured step began
+    std::size_t grown_to_ = 0;        // the largest attempt since this runner emptied the caches (bytes per sample x m)
     std::uint64_t oom_serial_ = 0;    // detail::last_oom()'s count when the micro-batch began
     std::size_t batch_base_ = 0;      // bytes held when this global batch's first micro-batch began
     bool batch_base_known_ = false;

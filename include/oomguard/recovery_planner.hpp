@@ -467,7 +467,7 @@ private:
     // the size whose failure asked for it.
     std::size_t jump_size(Observation const& o) {
         Plan const ran = attempt_.plan;
-        std::size_t const next = shrink_to(context(pending_failure_, o.available));
+        std::size_t const next = shrink_to(context(pending_failure_, reach(o)));
         pending_failure_ = 0;
         return next < ran.micro_batch ? ran.micro_batch : next;
     }
@@ -555,7 +555,7 @@ private:
             proven_ = last_good_.micro_batch;  // it committed under these conditions
             return Decision{PlanAction::shrink, ran, plan_, ""};
         }
-        if (o.released > 0 && !release_retried_) {
+        if (o.released > 0 && !release_retried_ && release_may_help(o)) {
             release_retried_ = true;
             return retry_same(ran, o);
         }
@@ -576,7 +576,7 @@ private:
             if (!commit_shrunk_ && failed > opt_.min_micro_batch) {
                 commit_shrunk_ = true;
                 note_failure(failed);
-                plan_.micro_batch = shrink_to(context(failed, o.available));
+                plan_.micro_batch = shrink_to(context(failed, reach(o)));
                 return Decision{PlanAction::shrink, ran, plan_, ""};
             }
             return below_sizes(ran);
@@ -607,7 +607,7 @@ private:
             // A size that failed only as transients (retried, and failing again)
             // steps back, but is no ceiling for the search: its need fit.
             if (!transient) note_failure(failed);
-            ShrinkContext ctx = context(failed, o.available);
+            ShrinkContext ctx = context(failed, reach(o));
             std::size_t c1 = 0, c2 = 0;
             if (opt_.policy.wants_calibration(ctx, model_, c1, c2)) {
                 // Measure two small sizes inside the retried batch itself: two
@@ -662,6 +662,18 @@ private:
         return (failed <= proven_ && !o.failed_short) || within_reach;
     }
 
+    // Whether what the cache release freed could make the failed request fit:
+    // with a meter, what the failed micro-batch held plus what it asked for,
+    // less what was freed, within all a step could reach. Without one (or for a
+    // commit), it may: the retry tells.
+    static bool release_may_help(Observation const& o) noexcept {
+        if (o.outcome != Observation::Outcome::step_oom || o.first_base == Observation::unknown || o.need == 0 ||
+            o.limit == 0)
+            return true;
+        std::size_t const after = o.need > o.released ? o.need - o.released : 0;
+        return after <= o.limit && o.first_base <= o.limit - after;  // no overflow
+    }
+
     void require_failover_pending(char const* what) const {
         if (!failover_pending_)
             detail::throw_logic(detail::Message() << "oomguard: RecoveryPlanner::" << what
@@ -681,6 +693,14 @@ private:
             }
         }
         return Decision{PlanAction::retry_same, ran, plan_, ""};
+    }
+
+    // Bytes a step could use: all it could reach over what the global batch
+    // began with, when measured -- the registered caches' bytes among them, as
+    // a release frees them -- else what was available when the attempt began.
+    static std::size_t reach(Observation const& o) noexcept {
+        if (o.first_base != Observation::unknown && o.limit > o.first_base) return o.limit - o.first_base;
+        return o.available;
     }
 
     ShrinkContext context(std::size_t failed, std::size_t available) const noexcept {
