@@ -571,10 +571,15 @@ TEST_CASE("planner: a short remainder that fails runs in halves; the plan's size
     CHECK(d.to.micro_batch == 8);
     CHECK(p.attempt().plan.micro_batch == 8);
     CHECK(p.attempt().tail == 1);
-    // The pieces hold: the next global batch runs at 8 again, its remainder whole.
+    // The pieces hold: the next global batch runs at 8 again, its remainder in
+    // the same pieces (every batch of this plan ends with the same remainder:
+    // it is not failed again in each), until the plan changes.
     d = p.on_attempt(done(1));
     CHECK(d.action == PlanAction::commit);
     CHECK(d.to.micro_batch == 8);
+    p.begin_batch();
+    CHECK(p.attempt().tail == 1);
+    p.reset();
     p.begin_batch();
     CHECK(p.attempt().tail == 0);
     // A one-sample remainder cannot be split: the ladder goes below the sizes.
@@ -628,4 +633,31 @@ TEST_CASE("planner: with resume, bisection's failed search steps inside the batc
         CHECK(p.last_good_plan().micro_batch <= fits);
     }
     CHECK(p.plan().micro_batch >= 16);
+}
+
+TEST_CASE("planner: a size raised above one that held (a probe) fails by its own need: back to the size that held") {
+    // Bisection: 64 fails, 32 commits and the next batch probes 48. When 48
+    // fails, the plan goes back to 32 (one failure per raise), not down
+    // through the gap to 40, 36, ... each of which fails when 32 was the best.
+    BatchOptions o = options(64);
+    o.policy = ShrinkPolicy::bisect();
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    REQUIRE(p.on_attempt(oom(64)).to.micro_batch == 32);
+    Decision d = p.on_attempt(done());
+    REQUIRE(d.action == PlanAction::commit);
+    REQUIRE(d.to.micro_batch == 48);  // the probe, at the next batch's start
+    p.begin_batch();
+    d = p.on_attempt(oom(48));
+    CHECK(d.action == PlanAction::shrink);
+    CHECK(d.to.micro_batch == 32);
+    CHECK(p.model().high == 48);
+    // 32 holds; the next probe bisects the gap that is left: 40.
+    d = p.on_attempt(done());
+    CHECK(d.to.micro_batch == 40);
+    // A size that was not raised (the first failure of the search) still bisects.
+    RecoveryPlanner q(o);
+    q.begin_batch();
+    REQUIRE(q.on_attempt(oom(64)).to.micro_batch == 32);
+    CHECK(q.on_attempt(oom(32)).to.micro_batch == 16);
 }

@@ -14,7 +14,8 @@
 //      on the device): retry it, up to `transient_retries` times in a row (with
 //      resume, an attempt that kept a micro-batch starts the count again)
 //   4. a short remainder that failed by its own need: the plan's size stays, and
-//      this batch's remainder runs in halves (Attempt::tail)
+//      the remainder runs in halves (Attempt::tail), in this global batch and
+//      in the next ones while the plan stays
 //   5. above the minimum: shrink by the policy (from the plan's size), measuring
 //      small sizes first when predictive has fewer than two points (a
 //      calibration segment -- c1 twice, then c2 -- whose work is kept)
@@ -252,7 +253,7 @@ public:
             d.action = PlanAction::grow_back;
             d.to = plan_;
         }
-        attempt_ = Attempt{plan_, 0, 1, 0, 0};
+        attempt_ = Attempt{plan_, 0, 1, 0, tail()};
         return d;
     }
 
@@ -306,7 +307,7 @@ public:
         if (charged_ >= opt_.max_attempts) return give_up(ran, "the attempt limit was reached");
         Decision d = next_rung(ran, failed, transient, o);
         if (d.action != PlanAction::failover && d.action != PlanAction::give_up) {
-            attempt_ = Attempt{plan_, calibration_, attempt_.number + 1, segment_, tail_};
+            attempt_ = Attempt{plan_, calibration_, attempt_.number + 1, segment_, tail()};
             attempt_.search = search_;
         }
         return d;
@@ -349,13 +350,15 @@ public:
         plan_ = last_good_;
         clear_batch_state();
         growing_ = Growing::none;
-        attempt_ = Attempt{plan_, 0, 1, 0, 0};
+        attempt_ = Attempt{plan_, 0, 1, 0, tail()};
     }
 
     /// Back to the requested plan; forgets measurements and the clean-batch count.
     void reset() noexcept {
         plan_ = Plan{opt_.micro_batch, opt_.precisions.front(), 0, plan_.device};
         last_good_ = plan_;
+        tail_ = 0;
+        raised_from_ = 0;
         model_.reset();
         proven_ = 0;
         clean_batches_ = 0;
@@ -364,7 +367,7 @@ public:
         grow_ceiling_ = 0;
         growing_ = Growing::none;
         clear_batch_state();
-        attempt_ = Attempt{plan_, 0, 1, 0, 0};
+        attempt_ = Attempt{plan_, 0, 1, 0, tail()};
     }
 
     Plan const& plan() const noexcept { return plan_; }
@@ -492,6 +495,12 @@ private:
             if (!(blind && opt_.policy.kind() == ShrinkPolicy::Kind::predictive)) {
                 plan_.micro_batch = next;
                 if (next != ran.micro_batch) segment_ = search_segment();
+                // A raise that a failure sends back to the size that held: a
+                // probe at the batch's start, or a refit's jump; not a bisection
+                // step inside the batch (with resume), which narrows the range
+                // from both ends.
+                if (next > ran.micro_batch && (segment_ == 0 || model_.predicted == next))
+                    raised_from_ = ran.micro_batch;
             } else {
                 model_.predicted = 0;  // the rest of the batch at the size that held; the probe waits
             }
@@ -499,7 +508,7 @@ private:
         pending_failure_ = 0;
         calibration_ = 0;
         search_ = segment_ == 1;
-        attempt_ = Attempt{plan_, 0, attempt_.number, segment_, tail_};
+        attempt_ = Attempt{plan_, 0, attempt_.number, segment_, tail()};
         attempt_.search = search_;
         return Decision{PlanAction::continue_batch, ran, plan_, ""};
     }
@@ -525,6 +534,10 @@ private:
             // global batch, where a failure costs no completed micro-batch.
             next = probe_after(ran.micro_batch);
         }
+        if (next > ran.micro_batch)
+            raised_from_ = ran.micro_batch;
+        else if (o.full_done > 0)
+            raised_from_ = 0;  // the raised size held a whole global batch
         if (growing_ == Growing::size) grow_wait_ = opt_.grow_after;  // it held: the next comes as soon
         if (growing_ == Growing::precision) precision_wait_ = opt_.restore_precision_after;
         growing_ = Growing::none;
@@ -534,7 +547,7 @@ private:
         ++clean_batches_;
         clear_batch_state();
         Decision d{PlanAction::commit, ran, plan_, ""};
-        attempt_ = Attempt{plan_, 0, 1, 0, 0};
+        attempt_ = Attempt{plan_, 0, 1, 0, tail()};
         return d;
     }
 
@@ -593,20 +606,40 @@ private:
         pending_failure_ = 0;
         if (o.failed_short && o.outcome == Observation::Outcome::step_oom) {
             // A short remainder failed by its own need: the plan's size stays
-            // (every other micro-batch runs at it), and this batch's remainder
+            // (every other micro-batch runs at it), and the remainder
             // runs in halves.
             std::size_t const samples = o.failed_samples != 0 ? o.failed_samples : failed;
             std::size_t const piece = samples / 2;
             if (piece >= opt_.min_micro_batch && piece >= 1) {
                 tail_ = piece;
+                tail_plan_ = plan_;
                 return Decision{PlanAction::shrink, ran, plan_, ""};
             }
             return below_sizes(ran);
         }
+        if (raised_from_ != 0 && raised_from_ < failed && failed == ran.micro_batch && !transient) {
+            // A size raised above one that held (a probe, a refit) failed by its
+            // own need: back to the size that held, with this one the search's
+            // ceiling; the next probe comes at a later batch's start. One
+            // failure per raise -- stepping down through the gap instead fails
+            // at each step when the size that held was the best.
+            note_failure(failed);
+            plan_.micro_batch = raised_from_;
+            raised_from_ = 0;
+            return Decision{PlanAction::shrink, ran, plan_, ""};
+        }
+        raised_from_ = 0;
         if (failed > opt_.min_micro_batch) {
             // A size that failed only as transients (retried, and failing again)
             // steps back, but is no ceiling for the search: its need fit.
-            if (!transient) note_failure(failed);
+            if (!transient) {
+                note_failure(failed);
+                // A size that completed before failed by its own need: what the
+                // step runs over changed (an optimizer's state, the gradients
+                // held), and the line is refitted over it with this failure's
+                // bound: a prediction from it is not the one that failed.
+                if (failed <= proven_) model_.prediction_failed = false;
+            }
             ShrinkContext ctx = context(failed, reach(o));
             std::size_t c1 = 0, c2 = 0;
             if (opt_.policy.wants_calibration(ctx, model_, c1, c2)) {
@@ -703,6 +736,9 @@ private:
         return o.available;
     }
 
+    // The pieces a short remainder runs in under the current plan (0: whole).
+    std::size_t tail() const noexcept { return tail_ != 0 && plan_ == tail_plan_ ? tail_ : 0; }
+
     ShrinkContext context(std::size_t failed, std::size_t available) const noexcept {
         ShrinkContext ctx;
         ctx.failed = failed;
@@ -718,6 +754,7 @@ private:
     // Bytes per sample or the device changed: what was measured, proven and
     // bounded about sizes misleads now.
     void forget_sizes() noexcept {
+        raised_from_ = 0;
         model_.reset();
         proven_ = 0;
         grow_ceiling_ = 0;
@@ -733,7 +770,6 @@ private:
         segment_ = 0;
         commit_retries_ = 0;
         commit_shrunk_ = false;
-        tail_ = 0;
         search_ = false;
     }
 
@@ -760,7 +796,13 @@ private:
     bool release_retried_ = false;    // the retry after a release was used for this size
     unsigned commit_retries_ = 0;     // transient retries of a commit that ran out of memory
     bool commit_shrunk_ = false;      // the size was shrunk once for a commit that ran out of memory
-    std::size_t tail_ = 0;            // a short remainder that failed runs in pieces of this (0: whole)
+    // A short remainder that failed runs in pieces of `tail_` (0: whole) while
+    // the plan is `tail_plan_`: every global batch of that plan ends with the
+    // same remainder (the last micro-batch carrying what no other does -- a
+    // gradient norm), so it is not failed again in each of them.
+    std::size_t tail_ = 0;
+    Plan tail_plan_;
+    std::size_t raised_from_ = 0;     // the plan's size was raised from this one, which held (0: not raised)
     bool search_ = false;             // the next attempt is a search step inside the batch
     bool failover_pending_ = false;   // a failover decision awaits failed_over or no_failover
     std::size_t pending_failure_ = 0; // the size whose failure the calibration attempt answers

@@ -321,7 +321,7 @@ public:
         }
         // A probe may fail: bisect only while the gap is worth it (bisect: any
         // gap; predictive: more than 1 %, its fit's own resolution).
-        std::size_t const worth = kind_ == Kind::predictive ? m / 100 : 0;
+        std::size_t const worth = kind_ == Kind::predictive ? m / 50 : 0;
         if (upper > m + 1 && upper - m > worth) {
             std::size_t mid = m + (upper - m) / 2;
             return Next{mid < requested ? mid : requested, false};
