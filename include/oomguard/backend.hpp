@@ -67,12 +67,15 @@ constexpr char const* to_string(status_kind k) noexcept {
 /// CudaRuntime and, by convention, for SimulatedDevices too) and its name.
 /// Trivially copyable; `name` points to a string with static storage duration.
 struct status {
-    status_kind kind = status_kind::ok;
-    int code = 0;
-    char const* name = "cudaSuccess";
+    status_kind kind = status_kind::ok;  ///< what happened: ok, out_of_memory (the only kind ever retried), sticky, no_device, invalid_argument, other
+    int code = 0;  ///< the backend's own code (0: success)
+    char const* name = "cudaSuccess";  ///< the code's name, static storage
 
+    /// True when the call succeeded.
     constexpr bool ok() const noexcept { return kind == status_kind::ok; }
+    /// ok(): `if (auto s = backend.allocate(...))`.
     constexpr explicit operator bool() const noexcept { return ok(); }
+    /// A success, as a backend returns it.
     static constexpr status success() noexcept { return status{}; }
 };
 

@@ -26,8 +26,8 @@ using CacheErrorText = detail::FixedText<256>;
 
 /// What one cache gave back in a release.
 struct CacheRelease {
-    CacheName name;
-    int priority = 0;
+    CacheName name;              ///< the name it was registered under
+    int priority = 0;            ///< its priority (lower ran first)
     std::size_t bytes = 0;       ///< bytes the cache says it freed
     bool failed = false;         ///< its release() threw
     /// Another call was releasing this cache already: this one did not run its
@@ -40,14 +40,16 @@ struct CacheRelease {
 
 /// What a release of the registry did, cache by cache, in the order they ran.
 struct ReleaseReport {
-    std::vector<CacheRelease> caches;
+    std::vector<CacheRelease> caches;  ///< one entry per registered cache, in the order they ran
     bool skipped = false;  ///< a pressure-only release found no pressure and did nothing
 
+    /// Bytes every cache says it freed, summed.
     std::size_t bytes() const noexcept {
         std::size_t s = 0;
         for (auto const& c : caches) s += c.bytes;
         return s;
     }
+    /// Caches whose release() threw.
     std::size_t failures() const noexcept {
         std::size_t n = 0;
         for (auto const& c : caches) n += c.failed ? 1 : 0;

@@ -37,6 +37,8 @@ inline bool contains(char const* haystack, char const* needle) noexcept {
 /// RAII registration of an `oom_rule`; unregisters on destruction. Move-only.
 class OomRuleRegistration {
 public:
+    /// Registers `rule`; throws std::invalid_argument for a null rule, std::length_error when all
+    /// 16 slots are taken.
     explicit OomRuleRegistration(oom_rule rule) {
         if (rule == nullptr)
             detail::throw_invalid("oomguard: register_oom_rule: the rule is a null pointer");
@@ -51,7 +53,9 @@ public:
         detail::throw_length("oomguard: register_oom_rule: all 16 rule slots are taken; "
                              "unregister a rule first");
     }
+    /// Takes over `o`'s rule; `o` then holds none.
     OomRuleRegistration(OomRuleRegistration&& o) noexcept : slot_(o.slot_) { o.slot_ = -1; }
+    /// Unregisters this one's rule, then takes over `o`'s.
     OomRuleRegistration& operator=(OomRuleRegistration&& o) noexcept {
         if (this != &o) {
             reset();

@@ -40,7 +40,9 @@ public:
         : std::invalid_argument((detail::Message() << "oomguard: " << source << (source.empty() ? "" : ": ")
                                                    << why.view()).c_str()),
           key_(key.data(), key.size()), value_(value.data(), value.size()) {}
+    /// The key whose value was refused ("budget"), or the flag's name for a value parsed on its own.
     std::string const& key() const noexcept { return key_; }
+    /// The value as it was written.
     std::string const& value() const noexcept { return value_; }
 
 private:

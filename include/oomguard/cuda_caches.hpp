@@ -16,6 +16,8 @@ namespace oomguard {
 /// `keep_bytes` and returns what went back to the driver.
 class CudaDefaultPoolCache {
 public:
+    /// The default pool of `device` as `cuda` sees it (or the pool `cuda` was given); release()
+    /// keeps `keep_bytes` reserved. `cuda` must outlive this object.
     CudaDefaultPoolCache(CudaRuntime& cuda, int device, std::size_t keep_bytes = 0) noexcept
         : cuda_(&cuda), device_(device), keep_(keep_bytes) {}
 
@@ -62,14 +64,18 @@ private:
 template <class CachingAllocator>
 class CubCachingAllocatorCache {
 public:
+    /// The cache of `allocator`, which must outlive this object.
     explicit CubCachingAllocatorCache(CachingAllocator& allocator) noexcept : allocator_(&allocator) {}
 
+    /// Bytes cached and unused, over every device.
     std::size_t releasable_bytes() const {
         std::size_t s = 0;
         for (auto const& kv : allocator_->cached_bytes) s += kv.second.free;
         return s;
     }
 
+    /// Frees every cached block (FreeAllCached) and returns the bytes freed; throws cuda_error
+    /// when FreeAllCached fails.
     std::size_t release() {
         std::size_t before = releasable_bytes();
         status s = CudaRuntime::checked(allocator_->FreeAllCached());

@@ -26,9 +26,12 @@ public:
     /// own release threshold and limits) instead of the device's default pool.
     /// `pool` belongs to one device: give this backend's budgets that device.
     explicit CudaRuntime(cudaMemPool_t pool) noexcept : pool_(pool) {}
+    /// The pool the stream-ordered calls use (null: each device's default pool).
     cudaMemPool_t pool() const noexcept { return pool_; }
 
+    /// The backend's name in messages and reports.
     static constexpr char const* backend_name = "cuda";
+    /// A CUDA stream; nullptr is the legacy default stream.
     using stream_type = cudaStream_t;
     /// What a budget counts for a stream-ordered request: the pool hands out
     /// blocks in multiples of this (RMM and cuDF count 512 too; counting 256
@@ -75,6 +78,8 @@ public:
         return s;
     }
 
+    /// cudaMalloc on `device`, then back to the caller's device. Never throws: a failure is the
+    /// status (out_of_memory for cudaErrorMemoryAllocation, whose last error is cleared).
     status allocate(void** out, std::size_t bytes, int device) noexcept {
         status s = on_device(device, [&] { return cudaMalloc(out, bytes); }, [&] {
             (void)cudaFree(*out);  // the caller's device could not be restored: undo, report that
@@ -83,6 +88,7 @@ public:
         return s;
     }
 
+    /// cudaFree on `device` (null: nothing to do); a sticky error comes back as its status.
     status deallocate(void* p, std::size_t /*bytes*/, int device) noexcept {
         if (p == nullptr) return status::success();
         return on_device(device, [&] { return cudaFree(p); });
@@ -121,10 +127,14 @@ public:
         return on_device(device, [&] { return cudaMemGetInfo(free, total); });
     }
 
+    /// cudaGetDeviceCount: the devices CUDA_VISIBLE_DEVICES lets this process see.
     status device_count(int* count) noexcept { return checked(cudaGetDeviceCount(count)); }
+    /// cudaGetDevice: the calling thread's current device.
     status current_device(int* device) noexcept { return checked(cudaGetDevice(device)); }
+    /// cudaSetDevice: makes `device` current on the calling thread.
     status set_device(int device) noexcept { return checked(cudaSetDevice(device)); }
 
+    /// cudaDeviceSynchronize on `device`: waits for its work and its pending stream-ordered frees.
     status synchronize(int device) noexcept {
         return on_device(device, [] { return cudaDeviceSynchronize(); });
     }

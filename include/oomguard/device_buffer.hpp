@@ -30,10 +30,12 @@ public:
                       "budget, or let C++17 deduce it: oomguard::DeviceBuffer buf(budget, bytes);");
     }
 
+    /// Takes over `o`'s memory; `o` is left empty.
     DeviceBuffer(DeviceBuffer&& o) noexcept : budget_(o.budget_), data_(o.data_), size_(o.size_) {
         o.data_ = nullptr;
         o.size_ = 0;
     }
+    /// Frees what this buffer held, then takes over `o`'s memory.
     DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
         if (this != &o) {
             reset();
@@ -49,9 +51,13 @@ public:
     DeviceBuffer& operator=(DeviceBuffer const&) = delete;
     ~DeviceBuffer() { reset(); }
 
+    /// The device memory (null when empty).
     void* data() const noexcept { return data_; }
+    /// Bytes allocated (as asked, before any rounding).
     std::size_t size() const noexcept { return size_; }
+    /// True when the buffer holds no memory.
     bool empty() const noexcept { return size_ == 0; }
+    /// The budget the memory came from (null for a default-constructed buffer).
     MemoryBudget<Backend>* budget() const noexcept { return budget_; }
 
     /// The memory as an array of T; throws std::invalid_argument when the size
@@ -100,15 +106,20 @@ class StreamBuffer {
 public:
     static_assert(is_stream_ordered_v<Backend>, "oomguard: StreamBuffer needs a stream-ordered backend "
                                                 "(CudaRuntime or SimulatedDevices; see backend.hpp)");
+    /// The backend's stream (cudaStream_t for CudaRuntime).
     using stream_type = typename Backend::stream_type;
 
     StreamBuffer() noexcept = default;
+    /// Allocates `bytes` through `budget` from the stream-ordered pool, ordered on `stream`;
+    /// throws out_of_memory when it does not fit (cuda_error for any other failure).
     StreamBuffer(MemoryBudget<Backend>& budget, std::size_t bytes, stream_type stream)
         : budget_(&budget), data_(budget.allocate_async(bytes, stream)), size_(bytes), stream_(stream) {}
+    /// Takes over `o`'s memory and stream; `o` is left empty.
     StreamBuffer(StreamBuffer&& o) noexcept : budget_(o.budget_), data_(o.data_), size_(o.size_), stream_(o.stream_) {
         o.data_ = nullptr;
         o.size_ = 0;
     }
+    /// Frees what this buffer held (on its stream), then takes over `o`'s memory.
     StreamBuffer& operator=(StreamBuffer&& o) noexcept {
         if (this != &o) {
             reset();
@@ -125,8 +136,11 @@ public:
     StreamBuffer& operator=(StreamBuffer const&) = delete;
     ~StreamBuffer() { reset(); }
 
+    /// The device memory (null when empty); use it on stream() or after synchronizing.
     void* data() const noexcept { return data_; }
+    /// Bytes allocated (as asked; the budget counts them rounded as the pool takes them).
     std::size_t size() const noexcept { return size_; }
+    /// The stream the memory is ordered on; it is freed on this stream too.
     stream_type stream() const noexcept { return stream_; }
 
     /// Frees now, ordered on the buffer's stream.

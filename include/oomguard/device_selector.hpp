@@ -30,8 +30,11 @@ namespace oomguard {
 struct DeviceFacts {
     int ordinal = 0;                ///< CUDA ordinal
     int physical = -1;              ///< NVML / nvidia-smi index (-1: unknown without NVML)
-    std::string name{}, uuid{}, pci_bus_id{};
-    std::size_t total = 0, free = 0;
+    std::string name{};             ///< product name ("" when unknown)
+    std::string uuid{};             ///< "GPU-..." ("" when unknown)
+    std::string pci_bus_id{};       ///< "00000000:3B:00.0" ("" when unknown)
+    std::size_t total = 0;          ///< device memory, bytes (when readable)
+    std::size_t free = 0;           ///< free device memory when read, bytes (when readable)
     std::size_t held = 0;           ///< bytes this process holds under tracked budgets
     bool readable = false;          ///< memory figures could be read
     bool from_nvml = false;         ///< read without a CUDA context
@@ -39,8 +42,9 @@ struct DeviceFacts {
 
 /// Devices to leave out of a selection.
 struct Exclude {
-    std::vector<int> ordinals{};
+    std::vector<int> ordinals{};       ///< CUDA ordinals
     std::vector<std::string> uuids{};  ///< full UUIDs or unique prefixes
+    /// True when `f`'s ordinal is listed, or its UUID starts with a listed one (any case).
     bool contains(DeviceFacts const& f) const {
         for (int o : ordinals)
             if (o == f.ordinal) return true;
@@ -56,6 +60,11 @@ public:
     using std::runtime_error::runtime_error;
 };
 
+/// Picks the GPU to run on, in CUDA's numbering: reads CUDA_VISIBLE_DEVICES and
+/// CUDA_DEVICE_ORDER by the driver's rules (UUIDs, MIG instances, repeated and
+/// invalid entries), reads each device's memory through NVML when it can (no CUDA
+/// context is created) and through the backend otherwise, ranks the devices by free
+/// memory, prints a table, and moves an AdaptiveBatch to another device on failover.
 template <class Backend = default_backend>
 class DeviceSelector {
 public:
@@ -89,7 +98,9 @@ public:
     VisibleDevices const& visible() const noexcept { return visible_; }
     /// Warnings about CUDA_VISIBLE_DEVICES / CUDA_DEVICE_ORDER, for the program to show.
     std::vector<std::string> const& warnings() const noexcept { return visible_.warnings; }
+    /// Devices the backend reports (CUDA's device count).
     int count() const noexcept { return count_; }
+    /// True when memory figures come from NVML (no CUDA context) for every visible device.
     bool uses_nvml() const noexcept { return nvml_.available() && static_cast<int>(visible_.devices.size()) == count_; }
 
     /// Counts `budget`'s bytes as held by this process on its device.

@@ -30,9 +30,10 @@ enum class oom_source : unsigned char {
 /// `unknown` marks a figure the backend could not tell (for example when a
 /// memory query itself failed while the error was being built).
 struct oom_info {
+    /// A figure nobody could tell: the largest size_t.
     static constexpr std::size_t unknown = std::numeric_limits<std::size_t>::max();
 
-    int device = -1;
+    int device = -1;  ///< the device that ran out of memory (CUDA's ordinal; -1 when not known)
     std::size_t requested = 0;          ///< bytes the failed call asked for
     bool requested_known = true;        ///< false when the failing library did not say (Thrust)
     std::size_t total = unknown;        ///< device capacity
@@ -40,9 +41,9 @@ struct oom_info {
     std::size_t budget_used = unknown;  ///< bytes held under the budget
     std::size_t budget_limit = unknown; ///< the budget's cap (unknown: no budget)
     int code = 2;                       ///< backend code (cudaErrorMemoryAllocation = 2)
-    char const* code_name = "cudaErrorMemoryAllocation";
-    char const* backend = "cuda";
-    oom_source source = oom_source::device;
+    char const* code_name = "cudaErrorMemoryAllocation";  ///< the backend code's name, static storage
+    char const* backend = "cuda";  ///< the backend's name (its backend_name), static storage
+    oom_source source = oom_source::device;  ///< what refused the request: the device, or the budget before the device was asked
 };
 
 namespace detail {
@@ -107,9 +108,13 @@ public:
     out_of_memory(oom_info info, detail::Message const& message) noexcept
         : info_(info), what_(message) {}
 
+    /// The whole message, in PyTorch's order of figures, with advice; never null, owned by the exception.
     char const* what() const noexcept override { return what_.c_str(); }
+    /// Every figure of the message, typed.
     oom_info const& info() const noexcept { return info_; }
+    /// The device that ran out of memory (info().device).
     int device() const noexcept { return info_.device; }
+    /// Bytes the failed call asked for (info().requested; 0 when not known).
     std::size_t requested() const noexcept { return info_.requested; }
 
 private:
@@ -163,20 +168,29 @@ inline Message no_device_text(status s, char const* context) noexcept {
 ///
 /// Derives from std::exception directly and keeps its text in the object (like
 /// out_of_memory): building it allocates nothing on the host, so a device failure
-/// is reported even when host memory is short, and the core needs no <stdexcept>.
+/// is reported even when host memory is short, and the core needs no `<stdexcept>`.
 class cuda_error : public std::exception {
 public:
+    /// The failure `s` of the call named by `context` (for example "cudaMalloc"); builds its text
+    /// without allocating, so it never throws.
     cuda_error(status s, char const* context) noexcept
         : what_(detail::cuda_error_text(s, context)), status_(s) {}
 
+    /// The message: the failed call, the code and its name; never null, owned by the exception.
     char const* what() const noexcept override { return what_.c_str(); }
 
+    /// The backend's code (a cudaError_t value for CudaRuntime).
     int code() const noexcept { return status_.code; }
+    /// The code's name ("cudaErrorIllegalAddress"), static storage.
     char const* code_name() const noexcept { return status_.name; }
+    /// What kind of failure it is (status_kind::sticky, invalid_argument, no_device, other).
     status_kind kind() const noexcept { return status_.kind; }
+    /// True when the CUDA context is corrupted: nothing on this device may be retried, and the
+    /// process must end to recover the device.
     bool is_sticky() const noexcept { return status_.kind == status_kind::sticky; }
 
 protected:
+    /// For derived errors that write their own text (no_device_error).
     cuda_error(status s, detail::Message const& text) noexcept : what_(text), status_(s) {}
 
 private:
@@ -188,6 +202,7 @@ private:
 /// Never an out-of-memory.
 class no_device_error : public cuda_error {
 public:
+    /// The failure `s` of the call named by `context`, read as "no usable CUDA device".
     no_device_error(status s, char const* context) noexcept : cuda_error(s, detail::no_device_text(s, context)) {}
 };
 

@@ -62,6 +62,7 @@ using default_backend = SimulatedDevices;
 /// budget is built (or `set_limit` is called).
 class Limit {
 public:
+    /// How the cap is given: a byte count, a fraction of the device's total, a headroom left free, or none.
     enum class kind : unsigned char { bytes, fraction, headroom, unlimited };
 
     /// At most `n` bytes.
@@ -81,8 +82,11 @@ public:
     /// No cap: the budget only counts.
     static Limit unlimited() { return Limit(kind::unlimited, 0, 0.0); }
 
+    /// Which of the four forms this limit is.
     kind type() const noexcept { return kind_; }
+    /// The bytes of a `bytes` limit, or the bytes left free by a `headroom` one; 0 otherwise.
     std::size_t amount() const noexcept { return bytes_; }
+    /// The fraction of a `fraction` limit, in (0, 1]; 0 otherwise.
     double ratio() const noexcept { return fraction_; }
 
     /// The cap in bytes for a device with `free` and `total` bytes. A headroom
@@ -139,6 +143,7 @@ class MemoryBudget {
     static_assert(sizeof(std::size_t) == 8, "oomguard needs a 64-bit size_t");
 
 public:
+    /// The backend the budget allocates through (see backend.hpp).
     using backend_type = Backend;
 
     /// The largest cap a budget can hold (256 TiB); a larger one is an invalid_argument.
@@ -236,6 +241,7 @@ public:
     bool try_account(std::size_t bytes, std::size_t& held) noexcept { return take(bytes, count_one, held); }
     /// Undoes a try_account whose allocation failed: the bytes and the count.
     void cancel_account(std::size_t bytes) noexcept { give_back(bytes, count_one); }
+    /// Counts a request within the cap that the device (or the allocator behind try_account) refused.
     void note_device_oom() noexcept { device_ooms_.fetch_add(1, std::memory_order_relaxed); }
     /// Counts a refusal made without asking the cap (a request no cap could hold).
     void note_denial() noexcept { denials_.fetch_add(1, std::memory_order_relaxed); }
@@ -305,11 +311,14 @@ public:
         limit_.store(cap, std::memory_order_relaxed);
     }
 
+    /// The cap in bytes, as resolved against the device when it was set.
     std::size_t limit() const noexcept { return limit_.load(std::memory_order_relaxed); }
+    /// The cap as it was given (a fraction stays a fraction), for reports and set_limit.
     Limit limit_spec() const noexcept {
         detail::SpinLock lock(spec_mutex_);
         return spec_;
     }
+    /// Bytes held under the budget now (the stream-ordered ones rounded as the pool takes them).
     std::size_t used() const noexcept { return word_.load(std::memory_order_relaxed) & bytes_mask; }
     /// Bytes still available under the cap (not what the device has free).
     std::size_t available() const noexcept {
@@ -343,7 +352,9 @@ public:
         }
     }
 
+    /// The backend this budget allocates through.
     Backend& backend() const noexcept { return *backend_; }
+    /// The device this budget caps (the backend's ordinal).
     int device() const noexcept { return device_; }
 
     /// The oom_info a denial of `bytes` would carry now (also used by integrations
@@ -465,12 +476,16 @@ template <class Backend>
 class Reservation {
 public:
     Reservation() noexcept = default;
+    /// Adopts `bytes` already taken from `budget` (MemoryBudget::reserve and try_reserve make these):
+    /// gives them back on destruction.
     Reservation(MemoryBudget<Backend>& budget, std::size_t bytes) noexcept
         : budget_(&budget), bytes_(bytes) {}
+    /// Takes over `o`'s bytes; `o` then holds none.
     Reservation(Reservation&& o) noexcept : budget_(o.budget_), bytes_(o.bytes_) {
         o.budget_ = nullptr;
         o.bytes_ = 0;
     }
+    /// Gives back what this one held, then takes over `o`'s bytes.
     Reservation& operator=(Reservation&& o) noexcept {
         if (this != &o) {
             reset();
@@ -485,7 +500,9 @@ public:
     Reservation& operator=(Reservation const&) = delete;
     ~Reservation() { reset(); }
 
+    /// Bytes held (0 after reset() or a move).
     std::size_t bytes() const noexcept { return bytes_; }
+    /// True while the reservation holds bytes of a budget.
     explicit operator bool() const noexcept { return budget_ != nullptr; }
     /// Gives the bytes back now.
     void reset() noexcept {
@@ -510,6 +527,8 @@ Reservation<Backend> MemoryBudget<Backend>::reserve(std::size_t bytes) {
 template <class Backend>
 class PeakScope {
 public:
+    /// Starts measuring: the budget's peak restarts from what it holds now, and is raised back
+    /// to its earlier value when the scope ends.
     explicit PeakScope(MemoryBudget<Backend>& budget) noexcept
         : budget_(&budget), outer_peak_(budget.reset_peak()), start_(budget.used()) {}
     PeakScope(PeakScope const&) = delete;

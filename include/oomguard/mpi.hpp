@@ -20,8 +20,12 @@
 
 namespace oomguard {
 
+/// The consensus hook over MPI: every rank of `comm` runs one AdaptiveBatch per
+/// workload and they agree on the planner's inputs with MPI_Allreduce(MIN), so
+/// they recover from an OOM on any rank together (docs/data_parallel.md).
 class MpiConsensus {
 public:
+    /// The ranks of `comm` (MPI must be initialised, and `comm` outlive this object).
     explicit MpiConsensus(MPI_Comm comm = MPI_COMM_WORLD) noexcept : comm_(comm) {}
 
     /// The hook for AdaptiveBatch::consensus: one MPI_Allreduce(MIN) over the
@@ -39,6 +43,7 @@ public:
         return c;
     }
 
+    /// The communicator the ranks agree over.
     MPI_Comm communicator() const noexcept { return comm_; }
 
 private:

@@ -21,6 +21,9 @@
 
 namespace oomguard {
 
+/// The consensus hook over NCCL: ranks agree on the planner's inputs with an
+/// ncclAllReduce(MIN) on `stream`, for jobs whose ranks talk only through NCCL
+/// (docs/data_parallel.md).
 class NcclConsensus {
 public:
     /// Allocates the agreement's buffer (a few hundred bytes) on the current

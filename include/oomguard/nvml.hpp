@@ -20,23 +20,26 @@ namespace oomguard {
 /// The NVML entry points oomguard calls, as function pointers. `Nvml` fills
 /// them from the driver's library; tests fill them with fakes.
 struct NvmlApi {
-    using Device = void*;  // nvmlDevice_t
-    struct Memory {        // nvmlMemory_t
-        unsigned long long total, free, used;
+    using Device = void*;  ///< nvmlDevice_t: a handle NVML gives
+    /// nvmlMemory_t: a device's memory, in bytes.
+    struct Memory {
+        unsigned long long total;  ///< device memory
+        unsigned long long free;   ///< not allocated by anyone
+        unsigned long long used;   ///< allocated, by any process (and the driver)
     };
-    int (*init)() = nullptr;                                           // nvmlInit_v2
-    int (*shutdown)() = nullptr;                                       // nvmlShutdown
-    int (*count)(unsigned*) = nullptr;                                 // nvmlDeviceGetCount_v2
-    int (*handle_by_index)(unsigned, Device*) = nullptr;               // nvmlDeviceGetHandleByIndex_v2
-    int (*uuid)(Device, char*, unsigned) = nullptr;                    // nvmlDeviceGetUUID
-    int (*name)(Device, char*, unsigned) = nullptr;                    // nvmlDeviceGetName
-    int (*memory)(Device, Memory*) = nullptr;                          // nvmlDeviceGetMemoryInfo
-    int (*pci_bus_id)(Device, char*, unsigned) = nullptr;              // via nvmlDeviceGetPciInfo_v3
+    int (*init)() = nullptr;                                           ///< nvmlInit_v2
+    int (*shutdown)() = nullptr;                                       ///< nvmlShutdown
+    int (*count)(unsigned*) = nullptr;                                 ///< nvmlDeviceGetCount_v2
+    int (*handle_by_index)(unsigned, Device*) = nullptr;               ///< nvmlDeviceGetHandleByIndex_v2
+    int (*uuid)(Device, char*, unsigned) = nullptr;                    ///< nvmlDeviceGetUUID
+    int (*name)(Device, char*, unsigned) = nullptr;                    ///< nvmlDeviceGetName
+    int (*memory)(Device, Memory*) = nullptr;                          ///< nvmlDeviceGetMemoryInfo
+    int (*pci_bus_id)(Device, char*, unsigned) = nullptr;              ///< the bus id, via nvmlDeviceGetPciInfo_v3
     // MIG (optional: a driver or a GPU without MIG leaves them null or failing)
-    int (*max_mig_count)(Device, unsigned*) = nullptr;                 // nvmlDeviceGetMaxMigDeviceCount
-    int (*mig_handle_by_index)(Device, unsigned, Device*) = nullptr;   // nvmlDeviceGetMigDeviceHandleByIndex
-    int (*gpu_instance_id)(Device, unsigned*) = nullptr;               // nvmlDeviceGetGpuInstanceId
-    int (*compute_instance_id)(Device, unsigned*) = nullptr;           // nvmlDeviceGetComputeInstanceId
+    int (*max_mig_count)(Device, unsigned*) = nullptr;                 ///< nvmlDeviceGetMaxMigDeviceCount
+    int (*mig_handle_by_index)(Device, unsigned, Device*) = nullptr;   ///< nvmlDeviceGetMigDeviceHandleByIndex
+    int (*gpu_instance_id)(Device, unsigned*) = nullptr;               ///< nvmlDeviceGetGpuInstanceId
+    int (*compute_instance_id)(Device, unsigned*) = nullptr;           ///< nvmlDeviceGetComputeInstanceId
 };
 
 /// A loaded NVML (or none). Moves only; shuts NVML down on destruction.
@@ -85,10 +88,12 @@ public:
     /// No NVML: callers fall back to the CUDA runtime.
     static Nvml none() noexcept { return Nvml(); }
 
+    /// Takes over `o`'s library; `o` is left with none.
     Nvml(Nvml&& o) noexcept : api_(o.api_), lib_(o.lib_), ok_(o.ok_) {
         o.lib_ = nullptr;
         o.ok_ = false;
     }
+    /// Shuts down this one's NVML, then takes over `o`'s library.
     Nvml& operator=(Nvml&& o) noexcept {
         if (this != &o) {
             close();
@@ -104,6 +109,7 @@ public:
     Nvml& operator=(Nvml const&) = delete;
     ~Nvml() { close(); }
 
+    /// True when NVML was loaded and initialised: its figures can be asked for.
     bool available() const noexcept { return ok_; }
 
     /// Every GPU of the machine, in NVML (PCI) order: element i is NVML index i.

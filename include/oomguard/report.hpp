@@ -27,9 +27,10 @@ namespace oomguard {
 
 /// What a Report saw over time, for plots; times in seconds since the Report was made.
 struct Timeline {
-    struct Memory {          ///< at the end of a micro-batch
-        double t;
-        int device;
+    /// The memory at the end of a micro-batch.
+    struct Memory {
+        double t;            ///< seconds since the Report was made
+        int device;          ///< the device of the budget it was measured under
         std::size_t held;    ///< bytes held under the device's tracked budget (between steps)
         std::size_t peak;    ///< the micro-batch's peak (held when it began + its own peak)
         std::size_t workload;  ///< index into workloads
@@ -37,32 +38,40 @@ struct Timeline {
     };
     /// The workload of an OOM outside any step (Report::note_oom).
     static constexpr std::size_t outside = static_cast<std::size_t>(-1);
+    /// An OOM, where it struck and what it asked for.
     struct Oom {
-        double t;
-        int device;
+        double t;            ///< seconds since the Report was made
+        int device;          ///< the device that ran out of memory
         std::size_t demand;  ///< held when it failed + the failed request (0: not known)
         std::size_t workload;  ///< index into workloads, or `outside`
     };
-    struct PlanChange {      ///< the plan from time t on (the first: the plan a workload started with)
-        double t;
-        std::size_t workload;
-        Plan plan;
+    /// The plan from time t on (the first of a workload: the plan it started with).
+    struct PlanChange {
+        double t;            ///< seconds since the Report was made
+        std::size_t workload;  ///< index into workloads
+        Plan plan;           ///< the plan in effect from t on
     };
-    struct Device {          ///< a tracked budget
-        std::string label;
-        int device;
+    /// A tracked budget and its device.
+    struct Device {
+        std::string label;   ///< the label given to Report::track
+        int device;          ///< the budget's device
         std::size_t limit;     ///< the budget's cap (0: none)
         std::size_t capacity;  ///< the device's total memory (0: not known)
     };
     std::vector<Memory> memory;  ///< thinned to every 2nd, 4th, ... point past max_points
-    std::vector<Oom> ooms;
-    std::vector<PlanChange> plans;
-    std::vector<Device> devices;
-    std::vector<std::string> workloads;
+    std::vector<Oom> ooms;              ///< every OOM caught or noted, in order
+    std::vector<PlanChange> plans;      ///< every plan change, in order
+    std::vector<Device> devices;        ///< the tracked budgets, in the order tracked
+    std::vector<std::string> workloads; ///< the attached workloads' labels, in the order attached
     double end = 0;              ///< when timeline() was called
     std::size_t stride = 1;      ///< micro-batches per kept memory point
 };
 
+/// What a run went through, for people and for tools: the tracked budgets
+/// (cap, used, peak, denials), the OOMs each attached workload caught and how it
+/// recovered, cache releases, plan changes, and the OOMs noted outside any step.
+/// Attach it to AdaptiveBatch workloads (attach) and track budgets (track); read it
+/// as a table, JSON or a Timeline for plot_svg. Detaches itself when destroyed.
 class Report {
 public:
     /// Rows of plan changes kept (the JSON and the table show the first ones).
@@ -152,6 +161,7 @@ public:
         if (drawn) timeline_.ooms.push_back(Timeline::Oom{seconds(), i.device, demand, Timeline::outside});  // reserved
     }
 
+    /// Plan changes recorded so far, over every workload.
     std::size_t plan_changes() const noexcept { return changes_.size(); }
 
     /// The run so far, over time: what <oomguard/plot.hpp> draws.
@@ -168,6 +178,8 @@ public:
         return t;
     }
 
+    /// The report as a plain-text table (devices and budgets, OOMs per workload, cache releases,
+    /// plan changes), as the demo prints it; throws std::bad_alloc only if the string cannot grow.
     std::string table() const {
         std::string t = "oomguard report\n";
         char line[512];
@@ -227,6 +239,8 @@ public:
         return t;
     }
 
+    /// The report as one JSON object (budgets, workloads and their counters, caches, plan changes,
+    /// OOMs outside any step), for tools; the same figures as table().
     std::string json() const {
         std::string j = "{\n  \"budgets\": [";
         bool first = true;

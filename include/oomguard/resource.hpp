@@ -159,41 +159,58 @@ class BudgetResource {
 public:
     static_assert(is_stream_ordered_v<Backend>, "oomguard: BudgetResource needs a stream-ordered backend "
                                                 "(CudaRuntime, SimulatedDevices; see backend.hpp)");
+    /// A resource allocating through `budget`, which must outlive it and its copies.
     explicit BudgetResource(MemoryBudget<Backend>& budget) noexcept : budget_(&budget) {}
 
+    /// The budget every allocation goes through.
     MemoryBudget<Backend>& budget() const noexcept { return *budget_; }
 
 #if OOMGUARD_CCCL_MR_STREAM_FIRST
+    /// CCCL >= 3.1: `bytes` through the budget (cudaMalloc); throws out_of_memory when the cap or the
+    /// device refuses, std::invalid_argument for an alignment over 256 or not a power of two.
     void* allocate_sync(std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
         return sync_allocate(bytes, alignment);
     }
+    /// CCCL >= 3.1: frees `p` of `bytes` and gives them back to the budget.
     void deallocate_sync(void* p, std::size_t bytes, std::size_t = detail::resource_alignment) noexcept {
         budget_->deallocate(p, bytes);
     }
+    /// CCCL >= 3.1: `bytes` through the budget from the stream-ordered pool, ordered on `stream`;
+    /// throws as allocate_sync does.
     void* allocate(::cuda::stream_ref stream, std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
         return stream_allocate(stream, bytes, alignment);
     }
+    /// CCCL >= 3.1: frees `p` ordered on `stream`; the budget counts the bytes back at once.
     void deallocate(::cuda::stream_ref stream, void* p, std::size_t bytes,
                     std::size_t = detail::resource_alignment) noexcept {
         budget_->deallocate_async(p, bytes, detail::to_backend_stream<Backend>(stream));
     }
 #else
+    /// CCCL 3.0 (CUDA 13.0): `bytes` through the budget (cudaMalloc); throws out_of_memory when the cap
+    /// or the device refuses, std::invalid_argument for an alignment over 256 or not a power of two.
     void* allocate(std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
         return sync_allocate(bytes, alignment);
     }
+    /// CCCL 3.0: frees `p` of `bytes` and gives them back to the budget.
     void deallocate(void* p, std::size_t bytes, std::size_t = detail::resource_alignment) noexcept {
         budget_->deallocate(p, bytes);
     }
+    /// CCCL 3.0: `bytes` through the budget from the stream-ordered pool, ordered on `stream`; throws
+    /// as allocate does.
     void* allocate_async(std::size_t bytes, std::size_t alignment, ::cuda::stream_ref stream) {
         return stream_allocate(stream, bytes, alignment);
     }
+    /// CCCL 3.0: frees `p` ordered on `stream`; the budget counts the bytes back at once.
     void deallocate_async(void* p, std::size_t bytes, std::size_t, ::cuda::stream_ref stream) noexcept {
         budget_->deallocate_async(p, bytes, detail::to_backend_stream<Backend>(stream));
     }
 #endif
 
+    /// Equal when both allocate through the same budget (memory from one may be freed by the other).
     bool operator==(BudgetResource const& o) const noexcept { return budget_ == o.budget_; }
+    /// Not operator==.
     bool operator!=(BudgetResource const& o) const noexcept { return budget_ != o.budget_; }
+    /// The memory is device memory: what CCCL's `resource_ref<device_accessible>` asks.
     friend constexpr void get_property(BudgetResource const&, ::cuda::mr::device_accessible) noexcept {}
 
 private:
@@ -231,14 +248,21 @@ private:
 /// leave the device's figures out). Free is the capacity less what the budget holds.
 class UpstreamAccounting {
 public:
+    /// The backend's name in messages and reports.
     static constexpr char const* backend_name = "upstream resource";
+    /// A device of `capacity` bytes (0: unknown, so only a byte cap can be resolved).
     explicit UpstreamAccounting(std::size_t capacity = 0) noexcept : capacity_(capacity) {}
+    /// Free memory is `capacity` less `held(budget)`: the adaptor points it at its budget.
     void watch(std::size_t (*held)(void const*), void const* budget) noexcept {
         held_ = held;
         budget_ = budget;
     }
+    /// Never called (the upstream allocates): cudaErrorNotSupported.
     status allocate(void**, std::size_t, int) noexcept { return no_call(); }
+    /// Never called (the upstream frees): cudaErrorNotSupported.
     status deallocate(void*, std::size_t, int) noexcept { return no_call(); }
+    /// Total is the capacity, free the capacity less what the budget holds; cudaErrorNotSupported
+    /// when the capacity is unknown.
     status memory_info(int, std::size_t* free, std::size_t* total) noexcept {
         if (capacity_ == 0) return no_call();
         std::size_t held = held_ != nullptr ? held_(budget_) : 0;
@@ -246,15 +270,19 @@ public:
         *total = capacity_;
         return status::success();
     }
+    /// One device: the upstream's.
     status device_count(int* n) noexcept {
         *n = 1;
         return status::success();
     }
+    /// Always device 0.
     status current_device(int* d) noexcept {
         *d = 0;
         return status::success();
     }
+    /// Nothing to switch: succeeds.
     status set_device(int) noexcept { return status::success(); }
+    /// Nothing to wait for here (the upstream orders its own work): succeeds.
     status synchronize(int) noexcept { return status::success(); }
 
 private:
@@ -295,7 +323,9 @@ public:
 
     /// The budget: used(), peak(), denials(), for a Report, for measure_with.
     MemoryBudget<UpstreamAccounting>& budget() const noexcept { return state_->budget; }
+    /// The resource the memory comes from.
     Upstream& upstream() noexcept { return upstream_; }
+    /// What the budget rounds each request up to (512 by default: the async pool's block).
     std::size_t granularity() const noexcept { return granularity_; }
 
     /// What the budget counts for a request of `bytes`.
@@ -323,42 +353,57 @@ public:
     }
 
 #if OOMGUARD_CCCL_MR_STREAM_FIRST
+    /// CCCL >= 3.1: takes the cap, then asks the upstream; throws out_of_memory when the cap refuses or
+    /// the upstream runs out of memory (after the cache releases of release_caches_on_oom), and passes
+    /// every other exception through with the cap's bytes given back.
     void* allocate_sync(std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
         return guarded(bytes, alignment, [&] { return upstream_.allocate_sync(bytes, alignment); });
     }
+    /// CCCL >= 3.1: the upstream frees `p`; the budget counts the bytes back.
     void deallocate_sync(void* p, std::size_t bytes, std::size_t alignment = detail::resource_alignment) noexcept {
         upstream_.deallocate_sync(p, bytes, alignment);
         state_->budget.release(counted(bytes));
     }
+    /// CCCL >= 3.1: as allocate_sync, from the upstream's stream-ordered allocate on `stream`.
     void* allocate(::cuda::stream_ref stream, std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
         return guarded(bytes, alignment, [&] { return upstream_.allocate(stream, bytes, alignment); });
     }
+    /// CCCL >= 3.1: the upstream frees `p` on `stream`; the budget counts the bytes back at once.
     void deallocate(::cuda::stream_ref stream, void* p, std::size_t bytes,
                     std::size_t alignment = detail::resource_alignment) noexcept {
         upstream_.deallocate(stream, p, bytes, alignment);
         state_->budget.release(counted(bytes));
     }
 #else
+    /// CCCL 3.0: takes the cap, then asks the upstream; throws out_of_memory when the cap refuses or
+    /// the upstream runs out of memory (after the cache releases of release_caches_on_oom), and passes
+    /// every other exception through with the cap's bytes given back.
     void* allocate(std::size_t bytes, std::size_t alignment = detail::resource_alignment) {
         return guarded(bytes, alignment, [&] { return upstream_.allocate(bytes, alignment); });
     }
+    /// CCCL 3.0: the upstream frees `p`; the budget counts the bytes back.
     void deallocate(void* p, std::size_t bytes, std::size_t alignment = detail::resource_alignment) noexcept {
         upstream_.deallocate(p, bytes, alignment);
         state_->budget.release(counted(bytes));
     }
+    /// CCCL 3.0: as allocate, from the upstream's allocate_async on `stream`.
     void* allocate_async(std::size_t bytes, std::size_t alignment, ::cuda::stream_ref stream) {
         return guarded(bytes, alignment, [&] { return upstream_.allocate_async(bytes, alignment, stream); });
     }
+    /// CCCL 3.0: the upstream frees `p` on `stream`; the budget counts the bytes back at once.
     void deallocate_async(void* p, std::size_t bytes, std::size_t alignment, ::cuda::stream_ref stream) noexcept {
         upstream_.deallocate_async(p, bytes, alignment, stream);
         state_->budget.release(counted(bytes));
     }
 #endif
 
+    /// Equal when they share the budget (copies of one adaptor) and their upstreams are equal.
     bool operator==(BudgetAdaptor const& o) const noexcept {
         return state_ == o.state_ && upstream_ == o.upstream_;
     }
+    /// Not operator==.
     bool operator!=(BudgetAdaptor const& o) const noexcept { return !(*this == o); }
+    /// The memory is device memory: what CCCL's `resource_ref<device_accessible>` asks.
     friend constexpr void get_property(BudgetAdaptor const&, ::cuda::mr::device_accessible) noexcept {}
 
 private:

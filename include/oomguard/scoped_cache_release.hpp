@@ -21,6 +21,7 @@ namespace oomguard {
 /// (benchmarks/bench_cache_release.cpp measures both).
 class ScopedCacheRelease {
 public:
+    /// Releases every cache of `registry` when the scope ends (the registry must outlive it).
     explicit ScopedCacheRelease(CacheRegistry& registry = CacheRegistry::global()) noexcept
         : registry_(&registry) {}
     ScopedCacheRelease(ScopedCacheRelease const&) = delete;

@@ -77,7 +77,9 @@ public:
         }
     }
 
+    /// The device made current for the scope.
     int device() const noexcept { return device_; }
+    /// The device that was current before, restored when the scope ends.
     int previous() const noexcept { return previous_; }
     /// Whether the constructor changed the device (and the destructor will restore).
     bool switched() const noexcept { return switched_; }

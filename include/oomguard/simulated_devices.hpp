@@ -31,7 +31,7 @@ namespace oomguard {
 struct SimulatedDeviceSpec {
     std::size_t capacity = 0;        ///< total bytes, > 0
     std::size_t used_by_others = 0;  ///< bytes other processes hold (never freed by us)
-    std::string name = "oomguard simulated GPU";
+    std::string name = "oomguard simulated GPU";  ///< what nvidia-smi would call it, in tables and messages
     std::string uuid{};              ///< "GPU-…"; generated from the ordinal when empty
     std::string pci_bus_id{};        ///< "00000000:XX:00.0"; generated when empty
 };
@@ -71,7 +71,9 @@ inline status sim_no_device() noexcept { return {status_kind::no_device, 100, "c
 /// and allocations per device so a test can prove that nothing leaked.
 class SimulatedDevices {
 public:
+    /// The backend's name in messages and reports.
     static constexpr char const* backend_name = "simulated";
+    /// Every allocation's address is a multiple of this, as cudaMalloc's is.
     static constexpr std::size_t alignment = 256;  // cudaMalloc's guarantee
     /// A stream: any number you choose; 0 is the default stream. Streams are
     /// per simulator, shared by its devices.
@@ -137,6 +139,8 @@ public:
 
     // ---- backend concept -------------------------------------------------
 
+    /// cudaMalloc's part of the backend concept, simulated: out_of_memory when `bytes` exceed what the
+    /// device has free or a fault plan says so, a sticky status once the device is poisoned. Never throws.
     status allocate(void** out, std::size_t bytes, int device) noexcept {
         Device* d = nullptr;
         status const entry = enter_allocation(out, device, bytes, d);
@@ -149,6 +153,7 @@ public:
         return place(*d, bytes, out);
     }
 
+    /// cudaFree's part, simulated: gives back `bytes` (the size it was allocated with) at once.
     status deallocate(void* p, std::size_t bytes, int device) noexcept {
         Device* d = find(device);
         if (d == nullptr) return detail::sim_invalid_device();
@@ -173,6 +178,8 @@ public:
     // device (a release threshold of 0, CUDA's default). Sizes round up to
     // async_granularity, as the pool's own accounting does.
 
+    /// cudaMallocFromPoolAsync, simulated: `bytes` rounded up to async_granularity, ordered on `stream`;
+    /// memory `stream` itself freed is reused at once, other streams' pending frees are not.
     status allocate_async(void** out, std::size_t bytes, int device, stream_type stream) noexcept {
         Device* d = nullptr;
         status const entry = enter_allocation(out, device, bytes, d);
@@ -248,16 +255,20 @@ public:
 
     /// Bytes freed on some stream and not yet synchronized (on every stream, or on one).
     std::size_t pending_bytes(int device) const { return at(device).pending_total.load(); }
+    /// Bytes freed on `stream` alone and not yet synchronized.
     std::size_t pending_bytes(int device, stream_type stream) const {
         Device& d = at(device);
         detail::SpinLock lock(d.mutex);
         auto it = d.pending.find(stream);
         return it == d.pending.end() ? 0 : it->second;
     }
+    /// What the simulated pool takes for a request of `bytes`: rounded up to async_granularity.
     static constexpr std::size_t round_async(std::size_t bytes) noexcept {
         return (bytes + async_granularity - 1) / async_granularity * async_granularity;
     }
 
+    /// cudaMemGetInfo, simulated: free is the capacity less what others, live allocations and pending
+    /// frees hold.
     status memory_info(int device, std::size_t* free, std::size_t* total) noexcept {
         Device* d = find(device);
         if (d == nullptr) return detail::sim_invalid_device();
@@ -280,12 +291,14 @@ public:
         return status::success();
     }
 
+    /// The number of simulated devices.
     status device_count(int* count) noexcept {
         if (count == nullptr) return detail::sim_invalid_value();
         *count = static_cast<int>(devices_.size());
         return devices_.empty() ? detail::sim_no_device() : status::success();
     }
 
+    /// The calling thread's current simulated device (0 until set_device).
     status current_device(int* device) noexcept {
         if (device == nullptr) return detail::sim_invalid_value();
         if (devices_.empty()) return detail::sim_no_device();
@@ -295,6 +308,7 @@ public:
         return status::success();
     }
 
+    /// Makes `device` current on the calling thread; cudaErrorInvalidDevice for one that does not exist.
     status set_device(int device) noexcept {
         set_device_calls_.fetch_add(1, std::memory_order_relaxed);
         Device* d = find(device);
@@ -329,8 +343,11 @@ public:
 
     // ---- simulation controls ---------------------------------------------
 
+    /// The number of simulated devices.
     int count() const noexcept { return static_cast<int>(devices_.size()); }
+    /// Whether allocations are real host memory or phantom addresses.
     SimulatedMemory memory() const noexcept { return memory_; }
+    /// The spec `device` was made with; throws std::out_of_range for a device that does not exist.
     SimulatedDeviceSpec const& spec(int device) const { return at(device).spec; }
 
     /// Installs a fault plan on a device (replacing any earlier one; counting of
@@ -369,6 +386,7 @@ public:
     /// Poisons a device now, as an illegal memory access would: every call on it
     /// returns cudaErrorIllegalAddress until `clear_sticky`.
     void inject_sticky(int device) { at(device).sticky.store(true); }
+    /// Makes a device poisoned by inject_sticky or a fault plan usable again (a real one never is).
     void clear_sticky(int device) { at(device).sticky.store(false); }
 
     /// Changes what "other processes" hold (memory pressure that comes and goes).
@@ -400,6 +418,7 @@ public:
     }
     /// Allocation calls made on a device, and how many of them failed.
     std::uint64_t allocation_calls(int device) const { return at(device).calls.load(); }
+    /// Allocation calls on `device` that failed (any kind: OOM, sticky, injected).
     std::uint64_t failed_allocations(int device) const { return at(device).failures.load(); }
     /// Whether anything has touched the device (cudart would have created a context).
     bool context_created(int device) const { return at(device).context.load(); }
@@ -605,10 +624,14 @@ private:
 /// real pool) and returns those bytes.
 class SimulatedPendingFrees {
 public:
+    /// The pending frees of `device` on `sim`; throws std::out_of_range for a device that does not exist.
     SimulatedPendingFrees(SimulatedDevices& sim, int device) : sim_(&sim), device_(device) {
         (void)sim.pending_bytes(device);  // std::out_of_range for a device that does not exist
     }
+    /// Bytes freed on some stream of the device and not yet synchronized.
     std::size_t releasable_bytes() const { return sim_->pending_bytes(device_); }
+    /// Synchronizes the device and returns the bytes that were pending; throws std::runtime_error
+    /// naming the device and the status when the synchronization fails (a poisoned device).
     std::size_t release() {
         std::size_t before = sim_->pending_bytes(device_);
         status s = sim_->synchronize(device_);

@@ -17,6 +17,9 @@
 
 namespace oomguard {
 
+/// The consensus hook for ranks that are threads of one process (one thread per
+/// GPU), and for testing data-parallel recovery on a CPU: each thread runs its own
+/// AdaptiveBatch with hook(), and they agree through an in-process all-reduce.
 class ThreadConsensus {
 public:
     /// A group of `ranks` threads (>= 1); each calls every collective once.
@@ -36,6 +39,7 @@ public:
         return c;
     }
 
+    /// The number of threads in the group.
     std::size_t ranks() const noexcept { return ranks_; }
 
     /// The collective itself: blocks until every rank has called it, then each

@@ -44,31 +44,36 @@ namespace oomguard {
 template <class T, class Backend = default_backend>
 class ThrustAllocator {
 public:
-    using value_type = T;
-    using pointer = thrust::device_ptr<T>;
-    using const_pointer = thrust::device_ptr<T const>;
-    using reference = thrust::device_reference<T>;
-    using const_reference = thrust::device_reference<T const>;
-    using size_type = std::size_t;
-    using difference_type = std::ptrdiff_t;
+    using value_type = T;  ///< the element type
+    using pointer = thrust::device_ptr<T>;  ///< a pointer to device memory, as device_vector expects
+    using const_pointer = thrust::device_ptr<T const>;  ///< a pointer to constant device memory
+    using reference = thrust::device_reference<T>;  ///< a reference to an element in device memory
+    using const_reference = thrust::device_reference<T const>;  ///< a reference to a constant element in device memory
+    using size_type = std::size_t;  ///< counts of elements
+    using difference_type = std::ptrdiff_t;  ///< distances between elements
     template <class U>
+    /// The same allocator for elements of type U, on the same backend.
     struct rebind {
-        using other = ThrustAllocator<U, Backend>;
+        using other = ThrustAllocator<U, Backend>;  ///< ThrustAllocator<U, Backend>
     };
     // The storage goes where its allocator goes: a vector assigned, moved or
     // swapped from one on another budget takes that budget with the storage, so
     // each budget frees exactly what it allocated.
-    using propagate_on_container_copy_assignment = std::true_type;
-    using propagate_on_container_move_assignment = std::true_type;
-    using propagate_on_container_swap = std::true_type;
+    using propagate_on_container_copy_assignment = std::true_type;  ///< a copied vector takes the source's budget
+    using propagate_on_container_move_assignment = std::true_type;  ///< a moved vector keeps its budget
+    using propagate_on_container_swap = std::true_type;  ///< swapped vectors swap budgets
 
     /// Thrust default-constructs allocators in a few places; such a copy cannot
     /// allocate until it is assigned one bound to a budget.
     ThrustAllocator() noexcept = default;
+    /// Storage through `budget`, which must outlive every vector using this allocator.
     explicit ThrustAllocator(MemoryBudget<Backend>& budget) noexcept : budget_(&budget) {}
     template <class U>
+    /// The allocator for another element type, on `o`'s budget (what rebind makes).
     ThrustAllocator(ThrustAllocator<U, Backend> const& o) noexcept : budget_(o.budget()) {}
 
+    /// `n` elements through the budget; throws out_of_memory when they do not fit (or n * sizeof(T)
+    /// overflows), std::logic_error when the allocator is bound to no budget.
     pointer allocate(size_type n) {
         if (budget_ == nullptr)
             throw std::logic_error("oomguard: ThrustAllocator::allocate: this allocator is not bound to a "
@@ -77,14 +82,18 @@ public:
             throw out_of_memory(budget_->denial(std::numeric_limits<size_type>::max(), oom_source::budget, status{}));
         return pointer(static_cast<T*>(budget_->allocate(n * sizeof(T))));
     }
+    /// Frees `n` elements at `p` and gives their bytes back to the budget.
     void deallocate(pointer p, size_type n) noexcept {
         if (budget_ != nullptr) budget_->deallocate(thrust::raw_pointer_cast(p), n * sizeof(T));
     }
 
+    /// The budget the storage goes through (null for a default-constructed allocator).
     MemoryBudget<Backend>* budget() const noexcept { return budget_; }
+    /// Equal when bound to the same budget: either may free what the other allocated.
     friend bool operator==(ThrustAllocator const& a, ThrustAllocator const& b) noexcept {
         return a.budget_ == b.budget_;
     }
+    /// Not operator==.
     friend bool operator!=(ThrustAllocator const& a, ThrustAllocator const& b) noexcept { return !(a == b); }
 
 private:
@@ -100,15 +109,19 @@ using thrust_vector = thrust::device_vector<T, ThrustAllocator<T, Backend>>;
 template <class Backend = default_backend>
 class ThrustTemporaryAllocator {
 public:
+    /// Thrust asks for temporaries in bytes.
     using value_type = char;
 
+    /// Temporaries through `budget`, which must outlive the algorithms using it.
     explicit ThrustTemporaryAllocator(MemoryBudget<Backend>& budget) noexcept : budget_(&budget) {}
 
     /// Thrust asks in bytes, as a size_t: a request too large for any device is
     /// an out_of_memory like any other, never a bad argument.
     char* allocate(std::size_t n) { return static_cast<char*>(budget_->allocate(n)); }
+    /// Frees a temporary of `n` bytes and gives them back to the budget.
     void deallocate(char* p, std::size_t n) noexcept { budget_->deallocate(p, n); }
 
+    /// The budget temporaries go through.
     MemoryBudget<Backend>& budget() const noexcept { return *budget_; }
 
 private:
@@ -130,15 +143,22 @@ template <class Backend>
 class ThrustStreamAllocator {
 public:
     static_assert(is_stream_ordered_v<Backend>, "oomguard: ThrustStreamAllocator needs a stream-ordered backend");
+    /// Thrust asks for temporaries in bytes.
     using value_type = char;
+    /// The backend's stream (cudaStream_t for CudaRuntime).
     using stream_type = typename Backend::stream_type;
 
+    /// Temporaries through `budget`'s stream-ordered path on `stream`.
     ThrustStreamAllocator(MemoryBudget<Backend>& budget, stream_type stream) noexcept
         : budget_(&budget), stream_(stream) {}
+    /// `n` bytes from the pool, ordered on the stream; throws out_of_memory when they do not fit.
     char* allocate(std::size_t n) { return static_cast<char*>(budget_->allocate_async(n, stream_)); }
+    /// Frees a temporary of `n` bytes, ordered on the stream.
     void deallocate(char* p, std::size_t n) noexcept { budget_->deallocate_async(p, n, stream_); }
 
+    /// The budget temporaries go through.
     MemoryBudget<Backend>& budget() const noexcept { return *budget_; }
+    /// The stream temporaries are allocated and freed on.
     stream_type stream() const noexcept { return stream_; }
 
 private:
@@ -166,16 +186,22 @@ auto thrust_policy(MemoryBudget<Backend>& budget, typename Backend::stream_type 
 template <class Backend = default_backend>
 class ThrustBudgetResource : public thrust::mr::memory_resource<thrust::device_ptr<void>> {
 public:
+    /// What the pool is handed: untyped device memory.
     using pointer = thrust::device_ptr<void>;
+    /// A resource over `budget`, which must outlive it and every pool on it.
     explicit ThrustBudgetResource(MemoryBudget<Backend>& budget) noexcept : budget_(&budget) {}
 
+    /// `bytes` through the budget (256-byte aligned, more than any pool asks); throws out_of_memory
+    /// when they do not fit.
     pointer do_allocate(std::size_t bytes, std::size_t /*alignment*/) override {
         // Device allocations are 256-byte aligned, more than any pool asks for.
         return pointer(budget_->allocate(bytes));
     }
+    /// Frees `bytes` at `p` and gives them back to the budget.
     void do_deallocate(pointer p, std::size_t bytes, std::size_t /*alignment*/) override {
         budget_->deallocate(thrust::raw_pointer_cast(p), bytes);
     }
+    /// The budget the pool's blocks come from.
     MemoryBudget<Backend>& budget() const noexcept { return *budget_; }
 
 private:
@@ -187,10 +213,12 @@ private:
 template <class Pool, class Backend = default_backend>
 class ThrustPoolCache {
 public:
+    /// The cache of `pool`, whose upstream allocates through `upstream_budget`; both must outlive it.
     ThrustPoolCache(Pool& pool, MemoryBudget<Backend>& upstream_budget) noexcept
         : pool_(&pool), budget_(&upstream_budget) {}
     /// A Thrust pool does not say what it caches; the registry's estimate is 0.
     std::size_t releasable_bytes() const noexcept { return 0; }
+    /// Returns the pool's cached blocks upstream; answers the bytes the budget got back.
     std::size_t release() {
         std::size_t before = budget_->used();
         pool_->release();

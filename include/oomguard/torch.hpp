@@ -93,8 +93,11 @@ public:
     static_assert(!std::is_same<Backend, CudaRuntime>::value,
                   "oomguard: TorchCpuAllocator hands CPU kernels the budget's memory: give it a budget over host "
                   "memory (MemoryBudget<SimulatedDevices>), not over the GPU");
+    /// Every storage's address is a multiple of this, as libtorch's CPU kernels expect.
     static constexpr std::size_t alignment = 64;
 
+    /// CPU tensors' storage through `budget`, which must outlive every tensor allocated here; throws
+    /// std::invalid_argument for a budget over phantom simulated memory.
     explicit TorchCpuAllocator(MemoryBudget<Backend>& budget) : budget_(&budget) {
         if (!detail::host_memory(budget.backend()))
             detail::throw_invalid("oomguard: TorchCpuAllocator: the budget's device hands out phantom addresses "
@@ -105,6 +108,9 @@ public:
     /// Tensors' storage blocks allocated here and not yet freed.
     std::size_t live_blocks() const noexcept { return live_.load(std::memory_order_relaxed); }
 
+    /// `n` bytes of storage through the budget (plus the alignment slack and a small header, which
+    /// the budget counts too); throws c10::OutOfMemoryError with oomguard's message when the budget
+    /// or the device refuses.
     c10::DataPtr allocate(std::size_t n) override {
         if (n == 0) return c10::DataPtr(nullptr, nullptr, &TorchCpuAllocator::free, c10::Device(c10::DeviceType::CPU));
         if (n > static_cast<std::size_t>(-1) - alignment - sizeof(Block)) throw_oom(n, "the size overflows");
@@ -125,12 +131,15 @@ public:
         return c10::DataPtr(data, data, &TorchCpuAllocator::free, c10::Device(c10::DeviceType::CPU));
     }
 
+    /// The function that frees a storage allocated here, for libtorch's raw allocations.
     c10::DeleterFnPtr raw_deleter() const override { return &TorchCpuAllocator::free; }
 
+    /// Copies `count` bytes between storages (host memory: a plain copy).
     void copy_data(void* dest, void const* src, std::size_t count) const override {
         default_copy_data(dest, src, count);
     }
 
+    /// The budget the storage goes through.
     MemoryBudget<Backend>& budget() const noexcept { return *budget_; }
 
 private:
@@ -170,6 +179,8 @@ private:
 template <class Backend>
 class ScopedTorchCpuAllocator {
 public:
+    /// Installs an allocator over `budget` at `priority`; throws std::invalid_argument when libtorch
+    /// keeps an allocator of higher priority (or TorchCpuAllocator's own refusal of the budget).
     explicit ScopedTorchCpuAllocator(MemoryBudget<Backend>& budget, std::uint8_t priority = 0)
         : allocator_(budget), previous_(c10::GetCPUAllocator()), priority_(priority) {
         c10::SetCPUAllocator(&allocator_, priority_);
@@ -191,6 +202,7 @@ public:
         }
     }
 
+    /// The installed allocator (live_blocks(), budget()).
     TorchCpuAllocator<Backend>& allocator() noexcept { return allocator_; }
 
 private:
@@ -225,13 +237,17 @@ constexpr std::size_t aggregate = static_cast<std::size_t>(c10::CachingAllocator
 /// the reserved bytes `device` gave back.
 class TorchCudaCache {
 public:
+    /// The caching allocator's blocks on `device`.
     explicit TorchCudaCache(int device) noexcept : device_(device) {}
+    /// Bytes reserved on the device beyond what tensors use (the caching allocator's statistics).
     std::size_t releasable_bytes() const {
         auto s = detail::torch_stats(device_);
         auto reserved = static_cast<std::size_t>(s.reserved_bytes[detail::aggregate].current);
         auto allocated = static_cast<std::size_t>(s.allocated_bytes[detail::aggregate].current);
         return reserved > allocated ? reserved - allocated : 0;
     }
+    /// emptyCache(), then the reserved bytes the device gave back; 0 while the caching allocator
+    /// itself is asking (from TorchFreeMemoryCallback), since it holds its lock then.
     std::size_t release() {
         if (detail::in_torch_free_callback) return 0;  // the allocator is asking us: it holds its lock
         auto before = static_cast<std::size_t>(detail::torch_stats(device_).reserved_bytes[detail::aggregate].current);
@@ -252,22 +268,30 @@ private:
 /// and a profiler's too) at each micro-batch.
 class TorchCudaMeter {
 public:
+    /// Measures the caching allocator on `device`.
     explicit TorchCudaMeter(int device) noexcept : device_(device) {}
+    /// The device measured.
     int device() const noexcept { return device_; }
+    /// Bytes allocated to tensors on the device now.
     std::size_t used() const {
         return static_cast<std::size_t>(detail::torch_stats(device_).allocated_bytes[detail::aggregate].current);
     }
+    /// The most bytes allocated to tensors since the last reset_peak (or raise_peak's value, if higher).
     std::size_t peak() const {
         auto p = static_cast<std::size_t>(detail::torch_stats(device_).allocated_bytes[detail::aggregate].peak);
         return p > raised_ ? p : raised_;
     }
+    /// Restarts every peak statistic of the device (resetPeakStats) and returns the old peak.
     std::size_t reset_peak() {
         std::size_t old = peak();
         c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device_));
         raised_ = 0;
         return old;
     }
+    /// Raises the peak peak() reports to at least `v` until the next reset_peak.
     void raise_peak(std::size_t v) noexcept { raised_ = v > raised_ ? v : raised_; }
+    /// Bytes a step could still reach: the device's free memory plus what the allocator reserves and
+    /// does not use, within the memory fraction set_torch_memory_fraction gave; 0 when CUDA cannot say.
     std::size_t available() const {
         std::size_t free = 0, total = 0;
         int previous = 0;
@@ -348,8 +372,11 @@ inline double set_torch_memory_fraction(Limit limit, int device) {
 /// Register it once, at global namespace scope: OOMGUARD_TORCH_FREE_MEMORY_CALLBACK();
 class TorchFreeMemoryCallback : public c10::FreeMemoryCallback {
 public:
+    /// The fraction of the device's memory under which free memory counts as short (default 1/16).
     static inline std::atomic<double> pressure{1.0 / 16};
 
+    /// Releases CacheRegistry::global() when the device is short; true when that freed something
+    /// (the caching allocator then retries its request).
     bool Execute() override {
         std::size_t free = 0, total = 0;
         if (cudaMemGetInfo(&free, &total) != cudaSuccess) {

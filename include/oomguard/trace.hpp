@@ -30,6 +30,12 @@
 
 namespace oomguard {
 
+/// A Chrome trace (JSON trace events; open it in ui.perfetto.dev or chrome://tracing) of a
+/// run: a track per attached workload with a slice for every global batch and micro-batch,
+/// counters of the bytes held under each tracked budget and of each micro-batch's peak, and
+/// an instant event for every OOM, release and plan change. The file is opened when the
+/// Trace is made (a path that cannot be written throws then, before the run) and written by
+/// write() or when it is destroyed. Detaches itself when destroyed.
 class Trace {
 public:
     /// Events kept; past it, events are dropped (events() says how many were kept).
@@ -91,6 +97,7 @@ public:
              ", \"pid\": 1, \"tid\": 1, \"args\": {\"detail\": " + detail::json_string(detail_text) + "}}");
     }
 
+    /// Events recorded so far (at most max_events).
     std::size_t events() const noexcept { return events_.size(); }
 
     /// The whole trace as JSON.

@@ -35,7 +35,7 @@ struct PhysicalDevice {
     int index = 0;                   ///< NVML / nvidia-smi index (PCI order)
     std::string uuid{};              ///< "GPU-xxxxxxxx-..."
     std::string pci_bus_id{};        ///< "00000000:3B:00.0"
-    std::string name{};
+    std::string name{};              ///< the product name ("NVIDIA H100 80GB HBM3")
     std::vector<std::string> mig{};  ///< "MIG-..." UUIDs of its MIG instances
     /// The same instances in the legacy spelling "MIG-GPU-<uuid>/<gi>/<ci>", in
     /// the same order (empty where NVML did not give the instance IDs).
@@ -47,19 +47,19 @@ enum class DeviceOrder : unsigned char { fastest_first, pci_bus_id };
 
 /// One CUDA ordinal and the physical device behind it.
 struct VisibleDevice {
-    int ordinal = 0;
+    int ordinal = 0;       ///< the CUDA ordinal this process sees it as
     int physical = 0;      ///< index into the physical list (NVML index)
-    std::string uuid{};
-    std::string pci_bus_id{};
-    std::string name{};
+    std::string uuid{};        ///< the physical device's "GPU-..." UUID
+    std::string pci_bus_id{};  ///< its PCI bus id
+    std::string name{};        ///< its product name
     std::string mig{};     ///< the MIG instance, when the entry named one
 };
 
 /// The mapping, and what was dropped and why.
 struct VisibleDevices {
-    std::vector<VisibleDevice> devices;
-    std::vector<std::string> warnings;
-    DeviceOrder order = DeviceOrder::fastest_first;
+    std::vector<VisibleDevice> devices;  ///< by CUDA ordinal: devices[k] is ordinal k
+    std::vector<std::string> warnings;   ///< each entry dropped, why, and what was dropped with it
+    DeviceOrder order = DeviceOrder::fastest_first;  ///< the CUDA_DEVICE_ORDER the ordinals follow
 
     /// For programs that want a typo to stop them: throws std::invalid_argument
     /// with the first warning (the entry, why it was dropped, what else went with it).

@@ -1,0 +1,40 @@
+# The README's quick start is true: its first C++ block is examples/quickstart.cpp
+# as it is, the block of expected output after it is what the program prints,
+# and that run survived at least one OOM.
+# -DQUICKSTART=<binary> -DSOURCE=<project root>
+file(READ "${SOURCE}/README.md" readme)
+file(READ "${SOURCE}/examples/quickstart.cpp" code)
+
+string(FIND "${readme}" "```cpp\n" at)
+if(at EQUAL -1)
+    message(FATAL_ERROR "README.md has no ```cpp block")
+endif()
+math(EXPR at "${at} + 7")
+string(SUBSTRING "${readme}" ${at} -1 rest)
+string(FIND "${rest}" "```\n" end)
+string(SUBSTRING "${rest}" 0 ${end} block)
+if(NOT block STREQUAL code)
+    message(FATAL_ERROR "README.md's first C++ block differs from examples/quickstart.cpp: copy the file into it")
+endif()
+string(SUBSTRING "${rest}" ${end} -1 rest)
+
+string(FIND "${rest}" "```text\n" at)
+if(at EQUAL -1)
+    message(FATAL_ERROR "README.md has no ```text block of the quick start's output after its first C++ block")
+endif()
+math(EXPR at "${at} + 8")
+string(SUBSTRING "${rest}" ${at} -1 rest)
+string(FIND "${rest}" "```\n" end)
+string(SUBSTRING "${rest}" 0 ${end} expected)
+
+execute_process(COMMAND "${QUICKSTART}" OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "quickstart exited ${rc}:\n${out}${err}")
+endif()
+if(NOT out STREQUAL expected)
+    message(FATAL_ERROR "quickstart printed\n${out}\nbut README.md's quick start shows\n${expected}")
+endif()
+if(NOT out MATCHES "OOMs survived: ([0-9]+)" OR CMAKE_MATCH_1 LESS 1)
+    message(FATAL_ERROR "the quick start survived no OOM:\n${out}")
+endif()
+message(STATUS "quickstart: the README's code and output, ${CMAKE_MATCH_1} OOM(s) survived")
