@@ -11,6 +11,9 @@
 #include <cstdlib>
 #include <string>
 #include <vector>
+#if defined(__linux__)
+#include <unistd.h>
+#endif
 
 namespace demo {
 
@@ -48,20 +51,20 @@ inline std::vector<Flag> flags(Args const& d) {
         {"--epochs", "N", "passes over the training set", std::to_string(d.epochs)},
         {"--samples", "N", "training samples (another eighth evaluates)", std::to_string(d.samples)},
         {"--hidden", "N", "hidden units of the MLP", std::to_string(d.hidden)},
-        {"--lr", "X", "learning rate", "0.05"},
+        {"--lr", "X", "learning rate, in [1e-9, 10]", "0.05"},
         {"--seed", "N", "seed of the data, the weights and the faults", std::to_string(d.seed)},
         {"--budget", "CAP", "the MemoryBudget's cap: 0.9, 90% or 512MiB (OOMGUARD_CONF budget=)", "0.9"},
         {"--policy", "P", "how to shrink: halve, geometric, bisect, predictive (OOMGUARD_CONF policy=)",
          "predictive"},
-        {"--precision", "LADDER", "precisions to fall back through, \"fp32>bf16\" or fp32 (quote the >)",
-         "\"fp32>bf16\""},
+        {"--precision", "LADDER", "precisions to fall back through: fp32,bf16 or fp32 (\"fp32>bf16\" if quoted)",
+         "fp32,bf16"},
         {"--resume", "on|off", "keep the micro-batches that completed before an OOM", "on"},
         {"--device-memory", "SIZE", "capacity of the simulated GPU: 1MiB, 64KiB, 1GB (not on a GPU)", "1GiB"},
-        {"--fault-rate", "P", "chance that an allocation after setup fails as a transient OOM (simulated GPU)",
-         "0"},
+        {"--fault-rate", "P",
+         "chance, in [0, 0.5], that an allocation after setup fails as a transient OOM (simulated GPU)", "0"},
         {"--trace", "FILE", "write a Chrome trace (open it in ui.perfetto.dev)", "none"},
         {"--report-json", "FILE", "write the report as JSON", "none"},
-        {"--plot", "FILE.svg", "draw memory, OOMs and the plan over time as SVG", "none"},
+        {"--plot", "FILE.svg", "draw memory, OOMs and the plan over time as SVG (a .svg file)", "none"},
     };
 }
 
@@ -105,6 +108,36 @@ inline double real(std::string const& flag, std::string const& v, double lo, dou
     if (!plain || end == nullptr || *end != '\0' || !(x >= lo && x <= hi))
         fail("bad value '" + v + "' for " + flag + ": give a number in " + range);
     return x;
+}
+
+// The plot is SVG: a path whose extension says another format (out.png) would
+// hold SVG under a name that promises something else. No extension (/dev/stdout)
+// is taken as it is.
+inline void check_plot_path(std::string const& v) {
+    std::size_t const slash = v.rfind('/'), dot = v.rfind('.');
+    bool const has_ext = dot != std::string::npos && (slash == std::string::npos || dot > slash + 1);
+    if (!has_ext) return;
+    std::string ext = v.substr(dot + 1);
+    for (char& c : ext) c = static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
+    if (ext != "svg")
+        fail("bad value '" + v + "' for --plot: the plot is SVG; give a path ending in .svg (such as " +
+             v.substr(0, dot) + ".svg) and convert it if you need ." + v.substr(dot + 1) +
+             " (rsvg-convert --format=png)");
+}
+
+// The name of the file stdout goes to ("" when not known): an unquoted
+// `--precision fp32>bf16` reaches train_loop as `--precision fp32`, with the
+// shell sending stdout to a file named bf16.
+inline std::string stdout_file_name() {
+#if defined(__linux__)
+    char buf[4096];
+    ssize_t const n = ::readlink("/proc/self/fd/1", buf, sizeof buf - 1);
+    if (n <= 0) return "";
+    std::string path(buf, static_cast<std::size_t>(n));
+    return path.substr(path.rfind('/') + 1);
+#else
+    return "";
+#endif
 }
 
 }  // namespace detail
@@ -159,7 +192,10 @@ inline Args parse(int argc, char** argv) {
         else if (f == "--fault-rate") a.fault_rate = detail::real(f, v, 0.0, 0.5, "[0, 0.5]");
         else if (f == "--trace") a.trace = v;
         else if (f == "--report-json") a.report_json = v;
-        else if (f == "--plot") a.plot = v;
+        else if (f == "--plot") {
+            detail::check_plot_path(v);
+            a.plot = v;
+        }
         else if (f == "--budget") {
             a.conf.budget = detail::checked<oomguard::Limit>(v, [&](std::string const& s) { return oomguard::parse_limit(s, f); });
             a.budget_from = "--budget";
@@ -169,6 +205,12 @@ inline Args parse(int argc, char** argv) {
         else if (f == "--precision") {
             a.conf.precisions = detail::checked<std::vector<oomguard::Precision>>(v, [&](std::string const& s) { return oomguard::parse_precisions(s, f); });
             a.precision_from = "--precision";
+            std::string const out = detail::stdout_file_name();
+            if (v.find_first_of(">,") == std::string::npos &&
+                (out == "fp32" || out == "tf32" || out == "bf16" || out == "fp16" || out == "fp8"))
+                fail("--precision " + v + " with stdout going to a file named '" + out +
+                     "': the shell took an unquoted '>' for a redirection; write --precision " + v + "," + out +
+                     " (or quote it: \"" + v + ">" + out + "\")");
         }
         else if (f == "--device-memory") {
             a.device_memory = detail::checked<std::size_t>(v, [&](std::string const& s) { return oomguard::parse_size(s, f); });

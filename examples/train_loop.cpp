@@ -23,6 +23,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -145,6 +146,35 @@ int main(int argc, char** argv) {
     }
     Output report_json(args.report_json, "--report-json"), plot(args.plot, "--plot");
     oomguard::Report report;
+    // The run's settings the report cannot see for itself (the workloads' options and the
+    // budget's cap it records on its own).
+    report.set_parameter("program", "train_loop");
+    report.set_parameter("bs", args.bs);
+    report.set_parameter("eval_bs", eval_bs);
+    report.set_parameter("epochs", args.epochs);
+    report.set_parameter("samples", args.samples);
+    report.set_parameter("hidden", args.hidden);
+    report.set_parameter("lr", args.lr);
+    report.set_parameter("seed", args.seed);
+    {
+        oomguard::Limit const& cap = *args.conf.budget;  // the budget's bytes are in the report's budgets
+        using K = oomguard::Limit::kind;
+        if (cap.type() == K::fraction) report.set_parameter("budget_fraction", cap.ratio());
+        if (cap.type() == K::bytes) report.set_parameter("budget_bytes", cap.amount());
+        if (cap.type() == K::headroom) report.set_parameter("budget_headroom", cap.amount());
+        report.set_parameter("budget_from", args.budget_from);
+        std::string ladder;
+        for (oomguard::Precision p : args.conf.precisions) ladder += (ladder.empty() ? "" : ",") + std::string(to_string(p));
+        report.set_parameter("precision", ladder);
+    }
+    report.set_parameter("policy", args.conf.policy->name());
+    if (char const* conf = std::getenv("OOMGUARD_CONF")) report.set_parameter("OOMGUARD_CONF", conf);
+    report.set_parameter("resume", args.resume);
+    report.set_parameter("on_gpu", on_gpu);
+    if (!on_gpu) {
+        report.set_parameter("device_memory", args.device_memory);
+        report.set_parameter("fault_rate", args.fault_rate);
+    }
     report.track("GPU 0", *budget);
     if (trace) trace->track("GPU 0", *budget);
     for (auto& w : workloads) {
@@ -159,6 +189,7 @@ int main(int argc, char** argv) {
     });
 
     int status = 0;
+    std::string report_text;  // the JSON, read when the table is: the same figures ("used" is "used now")
     char const* outside = "setup";  // where an OOM no adaptive_batch step saw happened, for the report
     mlp::Data data(N + NE, 16, static_cast<int>(args.hidden), args.seed);
     try {
@@ -212,6 +243,7 @@ int main(int argc, char** argv) {
                             static_cast<double>(N);
         if (!first_oom.empty()) std::printf("survived: %s\n", first_oom.c_str());
         std::printf("%s", report.table().c_str());
+        report_text = report.json();
         std::printf("final loss %.9g\n", final_loss);
         if (!std::isfinite(final_loss)) {
             std::fprintf(stderr, "train_loop: training diverged (final loss %g): lower --lr or raise --bs\n", final_loss);
@@ -239,10 +271,12 @@ int main(int argc, char** argv) {
             status = 1;
         }
     // What happened, written even when training failed: that is when it is needed.
-    if (!report_json.write(report.json())) status = 1;
+    if (report_text.empty()) report_text = report.json();  // training failed: what it reached
+    if (!report_json.write(report_text)) status = 1;
     if (!plot.write(oomguard::plot_svg(report, "train_loop --bs " + std::to_string(args.bs) + " on " +
                                                    oomguard::format_bytes(capacity).c_str())))
         status = 1;
+    if (!args.report_json.empty() && status == 0) std::printf("report: %s\n", args.report_json.c_str());
     if (!args.plot.empty() && status == 0) std::printf("plot: %s\n", args.plot.c_str());
     if (trace) {
         try {

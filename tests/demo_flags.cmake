@@ -35,7 +35,8 @@ endfunction()
 
 set(small --device-memory 1MiB --epochs 1 --samples 2048)
 expect(0 "usage: train_loop" - --help)
-foreach(default "--bs N" "(default 1024)" "(default predictive)" "(default \"fp32>bf16\")" "OOMGUARD_CONF")
+foreach(default "--bs N" "(default 1024)" "(default predictive)" "(default fp32,bf16)" "OOMGUARD_CONF"
+        "--fault-rate P" "chance, in [0, 0.5]," "learning rate, in [1e-9, 10]")
     string(FIND "${OUT}" "${default}" at)
     if(at EQUAL -1)
         message(FATAL_ERROR "--help does not show '${default}':\n${OUT}")
@@ -78,6 +79,24 @@ expect(2 "OOMGUARD_CONF's budget: oomguard: Limit::headroom(2.00 MiB) is more th
 expect(2 "bad value 'fast' for --policy: give halve, geometric, bisect or predictive" - --policy fast)
 expect(2 "bf16 (2) would go up in memory" - --precision "bf16>fp32")
 expect(2 "--precision: the precision ladder may hold fp32 and bf16" - --precision "fp32>fp16")
+expect(2 "--precision: the precision ladder may hold fp32 and bf16" - --precision fp32,fp16)
+expect(2 "bad value 'fp32,' for --precision: give a ladder of fp32, tf32, bf16, fp16, fp8 joined by '>' or ','" -
+       --precision fp32,)
+expect(0 "final loss" - --precision fp32,bf16 ${small})  # ',' needs no quotes
+expect(0 "final loss" - --precision "fp32>bf16" ${small})
+# An unquoted --precision fp32>bf16: the shell runs `--precision fp32` with stdout in a
+# file named bf16. Where the example can see that (Linux), it refuses, naming the fix.
+if(CMAKE_HOST_SYSTEM_NAME STREQUAL "Linux")
+    file(REMOVE ${WORK}/bf16)
+    execute_process(COMMAND ${CMAKE_COMMAND} -E env --unset=OOMGUARD_CONF ${TRAIN} --precision fp32 ${small}
+                    OUTPUT_FILE ${WORK}/bf16 ERROR_VARIABLE err RESULT_VARIABLE got)
+    file(READ ${WORK}/bf16 out)
+    if(NOT got EQUAL 2 OR NOT err MATCHES "--precision fp32 with stdout going to a file named 'bf16': the shell took an unquoted '>' for a redirection; write --precision fp32,bf16"
+       OR out MATCHES "epoch")
+        message(FATAL_ERROR "--precision fp32 >bf16: exit ${got}, expected 2 naming the redirection\nstdout:\n${out}\nstderr:\n${err}")
+    endif()
+    math(EXPR _n "${_n} + 1")
+endif()
 expect(2 "OOMGUARD_CONF's precision: the precision ladder may hold fp32 and bf16" "precision=fp32>fp16")
 expect(2 "bad value 'maybe' for --resume: give on or off" - --resume maybe)
 expect(2 "bad value '1m' for --device-memory" - --device-memory 1m)
@@ -88,6 +107,15 @@ expect(0 "budget 900.00 KiB of 976.56 KiB" - --device-memory 1mb --epochs 1 --sa
 expect(1 "cannot open '/nonexistent-dir/t.json'" - --trace /nonexistent-dir/t.json ${small})
 expect(1 "cannot write --report-json /nonexistent-dir/r.json" - --report-json /nonexistent-dir/r.json ${small})
 expect(1 "cannot write --plot /nonexistent-dir/p.svg" - --plot /nonexistent-dir/p.svg ${small})
+# The plot is SVG: a name that says another format is refused before anything is written.
+file(REMOVE ${WORK}/plot.png)
+expect(2 "bad value '${WORK}/plot.png' for --plot: the plot is SVG; give a path ending in .svg (such as ${WORK}/plot.svg)"
+       - --plot ${WORK}/plot.png ${small})
+if(EXISTS ${WORK}/plot.png)
+    message(FATAL_ERROR "--plot ${WORK}/plot.png was refused but the file was written")
+endif()
+expect(2 "bad value 'dir.v2/out.jpeg' for --plot" - --plot dir.v2/out.jpeg)
+expect(0 "plot: ${WORK}/PLOT.SVG" - --plot ${WORK}/PLOT.SVG ${small})
 # An output that fails while being written: a message naming it, exit 1, no crash.
 set(late TRUE)  # these fail after training, by design
 if(EXISTS /dev/full)

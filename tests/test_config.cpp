@@ -169,6 +169,22 @@ TEST_CASE("one value parsed on its own names its flag, not OOMGUARD_CONF") {
     CHECK(parse_precisions("fp32>bf16") == std::vector<Precision>{Precision::fp32, Precision::bf16});
     CHECK_THROWS_WITH_AS(parse_precisions("bf16>fp32", "--precision"),
                          doctest::Contains("bad value 'bf16>fp32' for --precision"), config_error);
+    // ',' too: an unquoted '>' on a command line is the shell's redirection.
+    CHECK(parse_precisions("fp32,bf16") == std::vector<Precision>{Precision::fp32, Precision::bf16});
+    CHECK(parse_precisions(" fp32 , bf16>fp16 ") ==
+          std::vector<Precision>{Precision::fp32, Precision::bf16, Precision::fp16});
+    for (char const* bad : {"fp32,", ",bf16", "fp32,,bf16", "fp32>,bf16"})
+        CHECK_THROWS_WITH_AS(parse_precisions(bad, "--precision"),
+                             doctest::Contains("joined by '>' or ',', for example fp32>bf16>fp16 or fp32,bf16,fp16"),
+                             config_error);
+    CHECK_THROWS_WITH_AS(parse_precisions("bf16,fp32", "--precision"),
+                         doctest::Contains("bad value 'bf16,fp32' for --precision: fp32 (4 bytes per value) after bf16"),
+                         config_error);
+    // In OOMGUARD_CONF ',' separates the entries: the error says to join the ladder with '>'.
+    CHECK_THROWS_WITH_AS(parse_config("precision=fp32,bf16"),
+                         doctest::Contains("entry 'bf16' has no '=': ',' separates the entries; join the precision "
+                                           "ladder with '>' (precision=fp32>bf16)"),
+                         config_error);
 }
 
 TEST_CASE("config_from_env names the variable it read") {

@@ -9,10 +9,13 @@
 
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <utility>
 
 using namespace oomguard;
 constexpr std::size_t KiB = 1024;
@@ -445,4 +448,89 @@ TEST_CASE("a report reads its batch as of the last event: the batch may be moved
     batches.clear();
     CHECK(report.table() == t);
     CHECK(report.json().find("\"global_batches\": 2") != std::string::npos);
+}
+
+TEST_CASE("the report's JSON: a schema version, the run's parameters and each workload's options") {
+    Run run;
+    Report report;
+    report.track("GPU 0", run.budget);
+    report.attach(run.a, "train");
+    report.set_parameter("model", "mlp \"16-256-1\"");
+    report.set_parameter("lr", 0.05);
+    report.set_parameter("seed", 7u);
+    report.set_parameter("resume", true);
+    report.set_parameter("bad", std::nan(""));
+    report.set_parameter("seed", std::size_t{8});  // again: replaces
+    run.go();
+    std::string const text = report.json();
+    CHECK(text.rfind("{\n  \"schema\": 1,\n", 0) == 0);  // first, so a tool reads it before the rest
+    mini_json::Value j = mini_json::parse(text);
+    CHECK(j["schema"].n == Report::json_schema);
+    mini_json::Value const& p = j["parameters"];
+    CHECK(p.fields.size() == 5);
+    CHECK(p["model"].s == "mlp \"16-256-1\"");
+    CHECK(p["lr"].n == 0.05);
+    CHECK(text.find("\"lr\": 0.05,") != std::string::npos);  // the shortest that reads back
+    CHECK(p["seed"].n == 8);
+    CHECK(p["resume"].kind == mini_json::Value::boolean);
+    CHECK(p["resume"].b);
+    CHECK(p["bad"].kind == mini_json::Value::null);
+    CHECK(j["budgets"].items[0]["capacity"].n == 100 * KiB);
+    mini_json::Value const& o = j["workloads"].items[0]["options"];
+    CHECK(o["global_batch"].n == 64);
+    CHECK(o["micro_batch"].n == 32);
+    CHECK(o["min_micro_batch"].n == 16);
+    REQUIRE(o["precisions"].items.size() == 2);
+    CHECK(o["precisions"].items[1].s == "bf16");
+    CHECK(o["policy"]["name"].s == "halve");
+    CHECK(o["resume"].kind == mini_json::Value::boolean);
+    CHECK(o["max_attempts"].n == 64);
+    // Without parameters, still an object.
+    Report empty;
+    CHECK(mini_json::parse(empty.json())["parameters"].kind == mini_json::Value::object);
+    CHECK(mini_json::parse(empty.json())["parameters"].fields.empty());
+}
+
+TEST_CASE("a commit that changes the size is a probe going up and a step down going down") {
+    Plan const a{512, Precision::fp32, 0, 0}, b{513, Precision::fp32, 0, 0};
+    CHECK(std::string(detail::plan_change_name(BatchEventKind::commit, a, b)) == "probe");
+    CHECK(std::string(detail::plan_change_name(BatchEventKind::commit, b, a)) == "step down");
+    CHECK(std::string(detail::plan_change_name(BatchEventKind::shrink, b, a)) == "shrink");
+}
+
+namespace {
+// The numbers of the x and y attributes of the <text> that ends with `label`.
+std::pair<double, double> text_at(std::string const& svg, std::string const& label) {
+    std::size_t const end = svg.find(">" + label + "</text>");
+    REQUIRE(end != std::string::npos);
+    std::size_t const start = svg.rfind("<text ", end);
+    std::string const tag = svg.substr(start, end - start);
+    auto attr = [&](char const* name) { return std::atof(tag.c_str() + tag.find(name) + std::strlen(name)); };
+    return {attr(" x=\""), attr(" y=\"")};
+}
+}  // namespace
+
+TEST_CASE("the plot names the cap and the capacity beside the panel, clear of the curve, each other and the legend") {
+    Timeline t;
+    t.workloads.push_back("train");
+    t.devices.push_back({"GPU 0", 0, 990, 1000});  // a cap a hair below the capacity: the labels would collide
+    for (int i = 0; i < 20; ++i) t.memory.push_back({0.05 * i, 0, 500, 985, 0, Plan{4, Precision::fp32, 0, 0}});
+    t.end = 1;
+    std::string const svg = plot_svg(t);
+    auto const cap = text_at(svg, "GPU 0 budget cap"), capacity = text_at(svg, "GPU 0 capacity");
+    auto const legend = text_at(svg, "micro-batch peak"), oom_key = text_at(svg, "OOM (0), at its demand");
+    double const panel_right = 960 - 220;  // plot_svg's W - R
+    CHECK(cap.first > panel_right);        // outside the panel: the peaks run up to the cap
+    CHECK(capacity.first > panel_right);
+    CHECK(cap.second - capacity.second >= 14);  // the capacity above, a line of text apart
+    for (double y : {cap.second, capacity.second})  // the legend's keys go below them
+        CHECK((y < legend.second - 12 || y - 12 > oom_key.second));
+    CHECK(legend.second > cap.second);
+    // Lines low in the panel leave the legend at its top.
+    Timeline low = t;
+    low.devices[0] = {"GPU 0", 0, 300, 400};
+    low.memory.push_back({0.99, 0, 500, 3000, 0, Plan{4, Precision::fp32, 0, 0}});
+    std::string const svg2 = plot_svg(low);
+    CHECK(text_at(svg2, "micro-batch peak").second < text_at(svg2, "GPU 0 capacity").second);
+    CHECK(text_at(svg2, "OOM (0), at its demand").second < text_at(svg2, "GPU 0 capacity").second - 12);
 }

@@ -254,7 +254,9 @@ inline std::vector<Precision> parse_precisions(std::string_view v, std::string_v
     std::vector<Precision> ladder;
     std::size_t p = 0;
     while (true) {
-        std::size_t gt = v.find('>', p);
+        // '>' reads as the ladder; ',' is for a command line, where an unquoted '>'
+        // is the shell's redirection (OOMGUARD_CONF's entries are split at ',' first).
+        std::size_t gt = v.find_first_of(">,", p);
         std::string_view name = trim(v.substr(p, gt == std::string_view::npos ? gt : gt - p));
         Precision pr = Precision::fp32;
         if (name == "fp32") pr = Precision::fp32;
@@ -262,8 +264,8 @@ inline std::vector<Precision> parse_precisions(std::string_view v, std::string_v
         else if (name == "bf16") pr = Precision::bf16;
         else if (name == "fp16") pr = Precision::fp16;
         else if (name == "fp8") pr = Precision::fp8;
-        else bad_value(key, v, "give a ladder of fp32, tf32, bf16, fp16, fp8 joined by '>', "
-                               "for example fp32>bf16>fp16", source);
+        else bad_value(key, v, "give a ladder of fp32, tf32, bf16, fp16, fp8 joined by '>' or ',', "
+                               "for example fp32>bf16>fp16 or fp32,bf16,fp16", source);
         for (Precision q : ladder)
             if (q == pr) bad_value(key, v, "a precision appears twice in the ladder", source);
         if (!ladder.empty() && bytes_per_element(pr) > bytes_per_element(ladder.back()))
@@ -295,9 +297,14 @@ inline Config parse_config(std::string_view text, std::string_view source) {
             throw config_error("", "", Message() << "empty entry at offset " << pos << " in '" << text
                                                  << "'; write key=value pairs separated by commas", source);
         std::size_t eq = entry.find('=');
-        if (eq == std::string_view::npos)
+        if (eq == std::string_view::npos) {
+            if (entry == "fp32" || entry == "tf32" || entry == "bf16" || entry == "fp16" || entry == "fp8")
+                throw config_error(entry, "", Message() << "entry '" << entry << "' has no '=': ',' separates "
+                                                        "the entries; join the precision ladder with '>' "
+                                                        "(precision=fp32>bf16)", source);
             throw config_error(entry, "", Message() << "entry '" << entry << "' has no '='; write key=value (keys: "
                                                     << config_keys << ")", source);
+        }
         std::string_view key = trim(entry.substr(0, eq));
         std::string_view value = trim(entry.substr(eq + 1));
         auto once = [&](bool present) {
@@ -397,7 +404,7 @@ inline std::size_t parse_size(std::string_view text, std::string_view name = "si
 inline ShrinkPolicy parse_policy(std::string_view text, std::string_view name = "policy") {
     return detail::make_policy(detail::parse_policy_kind(detail::trim(text), name, ""), 0.9);
 }
-/// A precision ladder, fp32>bf16>fp16: no repeats, never more bytes per value than the rung before.
+/// A precision ladder, fp32>bf16>fp16 or fp32,bf16,fp16 (a shell leaves ',' alone): no repeats, never more bytes per value than the rung before.
 inline std::vector<Precision> parse_precisions(std::string_view text, std::string_view name = "precision") {
     return detail::parse_precisions(detail::trim(text), name, "");
 }

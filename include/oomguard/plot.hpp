@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace oomguard {
@@ -154,17 +155,33 @@ inline std::string plot_svg(Timeline const& t, std::string const& title = "") {
         s += "<text x=\"" + fixed(x0 - 6) + "\" y=\"" + fixed(Y(v) + 4) + "\" text-anchor=\"end\">" +
              fixed(v / unit.bytes, decimals_y) + "</text>\n";
     }
-    auto hline = [&](double bytes, char const* color, char const* dash, std::string const& label, double dy) {
+    // The capacity's and the cap's lines are named in the right margin, at their
+    // height: inside the panel a label sat on the peaks, which run up to the cap.
+    struct LineLabel {
+        double y;
+        char const* color;
+        std::string text;
+    };
+    std::vector<LineLabel> line_labels;
+    auto hline = [&](double bytes, char const* color, char const* dash, std::string const& label) {
         s += "<line x1=\"" + fixed(x0) + "\" y1=\"" + fixed(Y(bytes)) + "\" x2=\"" + fixed(x1) + "\" y2=\"" +
              fixed(Y(bytes)) + "\" stroke=\"" + color + "\" stroke-width=\"2\" stroke-dasharray=\"" + dash + "\"/>\n";
-        s += "<text x=\"" + fixed(x1 - 4) + "\" y=\"" + fixed(Y(bytes) + dy) + "\" text-anchor=\"end\" fill=\"" + color +
-             "\">" + xml_text(label) + "</text>\n";
+        line_labels.push_back(LineLabel{Y(bytes) + 4, color, label});
     };
-    for (auto const& d : t.devices) {  // the capacity named above its line, the cap below its own
-        if (d.capacity != 0) hline(static_cast<double>(d.capacity), "#555555", "8 4", d.label + " capacity", -5);
+    for (auto const& d : t.devices) {
+        if (d.capacity != 0) hline(static_cast<double>(d.capacity), "#555555", "8 4", d.label + " capacity");
         if (d.limit != 0 && d.limit != d.capacity)
-            hline(static_cast<double>(d.limit), "#ff7f0e", "4 3", d.label + " budget cap", 15);
+            hline(static_cast<double>(d.limit), "#ff7f0e", "4 3", d.label + " budget cap");
     }
+    double const label_gap = 14;  // a line of 12-pixel text
+    for (std::size_t i = 1; i < line_labels.size(); ++i)  // top to bottom, each a line below the one above
+        for (std::size_t k = i; k > 0 && line_labels[k].y < line_labels[k - 1].y; --k)
+            std::swap(line_labels[k], line_labels[k - 1]);
+    for (std::size_t i = 1; i < line_labels.size(); ++i)
+        if (line_labels[i].y < line_labels[i - 1].y + label_gap) line_labels[i].y = line_labels[i - 1].y + label_gap;
+    for (auto const& l : line_labels)
+        s += "<text x=\"" + fixed(x1 + 6) + "\" y=\"" + fixed(l.y) + "\" fill=\"" + l.color + "\">" + xml_text(l.text) +
+             "</text>\n";
     auto series = [&](bool peak, char const* color, double width) {
         for (auto const& d : t.devices) {
             std::string pts;
@@ -254,8 +271,20 @@ inline std::string plot_svg(Timeline const& t, std::string const& title = "") {
         if (open) flush(last);
     }
 
-    // Legend.
+    // Legend: the memory panel's keys (five lines of 20 pixels) where no line's label is.
+    double const keys_h = 5 * 20;
     double ly = my0 + 6, lx = x1 + 16;
+    auto clear_of_labels = [&](double top) {
+        for (auto const& l : line_labels)
+            if (l.y > top - 12 && l.y - 12 < top + keys_h - 6) return false;
+        return true;
+    };
+    if (!clear_of_labels(ly))
+        for (auto const& l : line_labels)
+            if (l.y + 14 + keys_h <= my1 + 20 && clear_of_labels(l.y + 14)) {
+                ly = l.y + 14;
+                break;
+            }
     auto key = [&](std::string const& line_attrs, std::string const& label) {
         s += "<line x1=\"" + fixed(lx) + "\" y1=\"" + fixed(ly) + "\" x2=\"" + fixed(lx + 26) + "\" y2=\"" + fixed(ly) +
              "\" " + line_attrs + "/>\n";

@@ -17,10 +17,14 @@
 #include <oomguard/memory_budget.hpp>
 
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace oomguard {
@@ -67,6 +71,16 @@ struct Timeline {
     std::size_t stride = 1;      ///< micro-batches per kept memory point
 };
 
+namespace detail {
+// What the report calls a plan change. A commit that changes the size is a
+// probe when it goes up (bisect's, predictive's) and a step down otherwise
+// (a probe is upward by definition: 513 -> 512 is not one).
+inline char const* plan_change_name(BatchEventKind k, Plan const& from, Plan const& to) noexcept {
+    if (k != BatchEventKind::commit) return to_string(k);
+    return to.micro_batch > from.micro_batch ? "probe" : "step down";
+}
+}  // namespace detail
+
 /// What a run went through, for people and for tools: the tracked budgets
 /// (cap, used, peak, denials), the OOMs each attached workload caught and how it
 /// recovered, cache releases, plan changes, and the OOMs noted outside any step.
@@ -74,6 +88,9 @@ struct Timeline {
 /// as a table, JSON or a Timeline for plot_svg. Detaches itself when destroyed.
 class Report {
 public:
+    /// The version of json()'s layout, its "schema" key: raised when a key
+    /// changes meaning or goes away (keys may be added within a version).
+    static constexpr int json_schema = 1;
     /// Rows of plan changes kept (the JSON and the table show the first ones).
     static constexpr std::size_t max_plan_changes = 10000;
     /// Memory points kept for the timeline before it is thinned.
@@ -112,11 +129,25 @@ public:
     void attach(AdaptiveBatch& batch, std::string label) {
         workloads_.reserve(workloads_.size() + 1);
         observing_.reserve(observing_.size() + 1);
-        auto w = std::unique_ptr<Workload>(
-            new Workload{this, std::move(label), batch.counters(), batch.plan(), workloads_.size(), false});
+        auto w = std::unique_ptr<Workload>(new Workload{this, std::move(label), batch.counters(), batch.plan(),
+                                                        workloads_.size(), false, options_json(batch.options())});
         ObserverRegistration r = batch.observe([p = w.get()](BatchEvent const& e) { on_event(e, p); });
         workloads_.push_back(std::move(w));
         observing_.push_back(std::move(r));  // reserved: neither push throws
+    }
+
+    /// Records a setting of the run that the report cannot see for itself (the
+    /// dataset, the model's size, a seed, the command line's flags), shown under
+    /// "parameters" in json(). Setting a name again replaces its value. A string
+    /// is a JSON string; a number (not bool) a JSON number, null when not finite;
+    /// a bool true or false. Throws std::bad_alloc.
+    void set_parameter(std::string name, std::string_view value) { put_parameter(std::move(name), detail::json_string(value)); }
+    void set_parameter(std::string name, char const* value) { set_parameter(std::move(name), std::string_view(value)); }
+    void set_parameter(std::string name, std::string const& value) { set_parameter(std::move(name), std::string_view(value)); }
+    void set_parameter(std::string name, bool value) { put_parameter(std::move(name), value ? "true" : "false"); }
+    template <class T, std::enable_if_t<std::is_arithmetic<T>::value && !std::is_same<T, bool>::value, int> = 0>
+    void set_parameter(std::string name, T value) {
+        put_parameter(std::move(name), number_json(value));
     }
 
     /// Counts a release done outside adaptive_batch (a ScopedCacheRelease of yours).
@@ -232,18 +263,28 @@ public:
                 break;
             }
             std::snprintf(line, sizeof line, "  %-8.8s batch %-6zu attempt %-3u %-16s %.63s -> %.63s\n", ch.workload.c_str(),
-                          ch.batch, ch.attempt, change_name(ch.kind), detail::plan_text(ch.from).c_str(),
+                          ch.batch, ch.attempt, change_name(ch), detail::plan_text(ch.from).c_str(),
                           detail::plan_text(ch.to).c_str());
             t += line;
         }
         return t;
     }
 
-    /// The report as one JSON object (budgets, workloads and their counters, caches, plan changes,
-    /// OOMs outside any step), for tools; the same figures as table().
+    /// The report as JSON: "schema" (json_schema), "parameters" (set_parameter),
+    /// the budgets (each one's cap and device capacity, and its figures when
+    /// json() is called: "used" is the "used now" of a table() made then), the
+    /// workloads (counters, plan, and "options": the BatchOptions each started
+    /// with), the OOMs outside steps, the caches released, the plan changes.
     std::string json() const {
-        std::string j = "{\n  \"budgets\": [";
+        std::string j = "{\n  \"schema\": " + std::to_string(json_schema) + ",\n  \"parameters\": {";
         bool first = true;
+        for (auto const& p : parameters_) {
+            j += first ? "\n    " : ",\n    ";
+            first = false;
+            j += detail::json_string(p.name) + ": " + p.json;
+        }
+        j += parameters_.empty() ? "},\n  \"budgets\": [" : "\n  },\n  \"budgets\": [";
+        first = true;
         for (auto const& b : budgets_) {
             Figures f;
             b.read(b.object, f);
@@ -251,7 +292,7 @@ public:
             first = false;
             j += "{\"label\": " + detail::json_string(b.label) + ", \"backend\": " + detail::json_string(b.backend) +
                  ", \"device\": " + std::to_string(b.device) + ", \"limit\": " + std::to_string(f.limit) +
-                 ", \"used\": " + std::to_string(f.used) + ", \"peak\": " + std::to_string(f.peak) +
+                 ", \"capacity\": " + std::to_string(b.capacity) + ", \"used\": " + std::to_string(f.used) + ", \"peak\": " + std::to_string(f.peak) +
                  ", \"allocations\": " + std::to_string(f.allocations) + ", \"denials\": " + std::to_string(f.denials) +
                  ", \"device_ooms\": " + std::to_string(f.device_ooms) + "}";
         }
@@ -274,7 +315,7 @@ public:
                  ", \"observer_errors\": " + std::to_string(c.observer_errors) +
                  ", \"bytes_released\": " + std::to_string(c.bytes_released) +
                  ", \"wasted_samples\": " + std::to_string(c.wasted_samples) + ", \"plan\": " +
-                 plan_json(w->plan) + "}";
+                 plan_json(w->plan) + ", \"options\": " + w->options + "}";
         }
         j += "\n  ],\n  \"ooms_outside_steps\": [";
         first = true;
@@ -301,7 +342,7 @@ public:
             j += first ? "\n    " : ",\n    ";
             first = false;
             j += "{\"workload\": " + detail::json_string(ch.workload) + ", \"batch\": " + std::to_string(ch.batch) +
-                 ", \"attempt\": " + std::to_string(ch.attempt) + ", \"event\": " + detail::json_string(change_name(ch.kind)) +
+                 ", \"attempt\": " + std::to_string(ch.attempt) + ", \"event\": " + detail::json_string(change_name(ch)) +
                  ", \"from\": " + plan_json(ch.from) + ", \"to\": " + plan_json(ch.to) + "}";
         }
         j += "\n  ]\n}\n";
@@ -327,6 +368,10 @@ private:
         Plan plan;               // the same
         std::size_t index;
         bool started;
+        std::string options;  // the BatchOptions it was attached with, as JSON
+    };
+    struct Parameter {
+        std::string name, json;
     };
     struct Change {
         std::string workload;
@@ -345,8 +390,46 @@ private:
         std::size_t bytes, releases, failures;
     };
 
-    static char const* change_name(BatchEventKind k) noexcept {
-        return k == BatchEventKind::commit ? "probe" : to_string(k);
+    static char const* change_name(Change const& c) noexcept { return detail::plan_change_name(c.kind, c.from, c.to); }
+    void put_parameter(std::string name, std::string json) {
+        for (auto& p : parameters_)
+            if (p.name == name) {
+                p.json = std::move(json);
+                return;
+            }
+        parameters_.push_back(Parameter{std::move(name), std::move(json)});
+    }
+    template <class T>
+    static std::string number_json(T v) {
+        if constexpr (std::is_integral<T>::value) {
+            return std::to_string(v);
+        } else {
+            double const d = static_cast<double>(v);
+            if (!std::isfinite(d)) return "null";
+            char b[40];
+            std::snprintf(b, sizeof b, "%.15g", d);  // the shortest of these that reads back the same
+            if (std::strtod(b, nullptr) != d) std::snprintf(b, sizeof b, "%.17g", d);
+            return b;
+        }
+    }
+    static std::string options_json(BatchOptions const& o) {
+        std::string p = "[";
+        for (std::size_t i = 0; i < o.precisions.size(); ++i)
+            p += std::string(i ? ", \"" : "\"") + to_string(o.precisions[i]) + "\"";
+        p += "]";
+        std::string policy = "{\"name\": " + detail::json_string(o.policy.name());
+        if (o.policy.kind() == ShrinkPolicy::Kind::geometric) policy += ", \"factor\": " + number_json(o.policy.factor());
+        if (o.policy.kind() == ShrinkPolicy::Kind::predictive) policy += ", \"margin\": " + number_json(o.policy.margin());
+        policy += "}";
+        return "{\"global_batch\": " + std::to_string(o.global_batch) +
+               ", \"micro_batch\": " + std::to_string(o.micro_batch != 0 ? o.micro_batch : o.global_batch) +
+               ", \"min_micro_batch\": " + std::to_string(o.min_micro_batch) + ", \"precisions\": " + p +
+               ", \"policy\": " + policy + ", \"resume\": " + (o.resume ? "true" : "false") +
+               ", \"max_attempts\": " + std::to_string(o.max_attempts) +
+               ", \"grow_after\": " + std::to_string(o.grow_after) +
+               ", \"restore_precision_after\": " + std::to_string(o.restore_precision_after) +
+               ", \"transient_retries\": " + std::to_string(o.transient_retries) +
+               ", \"release_caches\": " + (o.release_caches ? "true" : "false") + "}";
     }
     // A figure that may be unknown: bytes, or "unknown"; a number, or null.
     static detail::ByteText figure(std::size_t b) noexcept {
@@ -415,7 +498,7 @@ private:
             default: break;
         }
         if (e.kind == BatchEventKind::released && e.release != nullptr) r->note_release(*e.release);
-        // A commit that changes the plan is bisect's or predictive's probe upward.
+        // A commit that changes the size: a probe upward (bisect's, predictive's) or a step down.
         bool const probe = e.kind == BatchEventKind::commit && e.to.micro_batch != e.from.micro_batch;
         bool change = e.kind == BatchEventKind::shrink || e.kind == BatchEventKind::precision_change ||
                       e.kind == BatchEventKind::failover || e.kind == BatchEventKind::grow_back ||
@@ -435,6 +518,7 @@ private:
     std::vector<Change> changes_;
     std::vector<CacheTotal> caches_;
     std::vector<Outside> outside_;
+    std::vector<Parameter> parameters_;
     std::chrono::steady_clock::time_point start_;
     Timeline timeline_;
     std::size_t stride_ = 1, since_point_ = 0;

@@ -1,6 +1,8 @@
 // A consumer of the installed package: caps a (simulated) device and gets a typed OOM.
+// It prints the version it was compiled against (tests/consumer/run.cmake checks it).
 #include <oomguard/oomguard.hpp>
 #include <oomguard/simulated_devices.hpp>
+#include <oomguard/version.hpp>
 
 #include <cstdio>
 
@@ -13,7 +15,7 @@ int main() {
         std::puts("consumer: expected an out_of_memory");
         return 1;
     } catch (oomguard::out_of_memory const& e) {
-        std::printf("consumer: caught as expected: %s\n", e.what());
+        std::printf("consumer: oomguard %s, caught as expected: %s\n", OOMGUARD_VERSION_STRING, e.what());
     }
     return budget.used() == (std::size_t{32} << 20) ? 0 : 1;
 }
