@@ -142,9 +142,14 @@ public:
     /// is a JSON string; a number (not bool) a JSON number, null when not finite;
     /// a bool true or false. Throws std::bad_alloc.
     void set_parameter(std::string name, std::string_view value) { put_parameter(std::move(name), detail::json_string(value)); }
+    /// set_parameter for a C string (a JSON string). Throws std::bad_alloc.
     void set_parameter(std::string name, char const* value) { set_parameter(std::move(name), std::string_view(value)); }
+    /// set_parameter for a std::string (a JSON string). Throws std::bad_alloc.
     void set_parameter(std::string name, std::string const& value) { set_parameter(std::move(name), std::string_view(value)); }
+    /// set_parameter for a bool (JSON true or false). Throws std::bad_alloc.
     void set_parameter(std::string name, bool value) { put_parameter(std::move(name), value ? "true" : "false"); }
+    /// set_parameter for a number other than bool (a JSON number; null when
+    /// not finite). Throws std::bad_alloc.
     template <class T, std::enable_if_t<std::is_arithmetic<T>::value && !std::is_same<T, bool>::value, int> = 0>
     void set_parameter(std::string name, T value) {
         put_parameter(std::move(name), number_json(value));
