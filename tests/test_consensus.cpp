@@ -5,6 +5,7 @@
 // each scenario runs under a watchdog that ends the process.
 #include <oomguard/adaptive_batch.hpp>
 #include <oomguard/device_buffer.hpp>
+#include <oomguard/plan_cache.hpp>
 #include <oomguard/simulated_devices.hpp>
 #include <oomguard/thread_consensus.hpp>
 
@@ -628,8 +629,8 @@ TEST_CASE("resume under consensus: every rank keeps the same micro-batches; with
     CHECK(std::string(outcome_of(errors[1])) == "logic_error");
 }
 
-// docs/data_parallel.md quotes the ballot's size (39 integers, 312 bytes per round).
-static_assert(detail::Ballot::count == 39, "update the consensus cost in docs/data_parallel.md");
+// docs/data_parallel.md quotes the ballot's size (44 integers, 352 bytes per round).
+static_assert(detail::Ballot::count == 44, "update the consensus cost in docs/data_parallel.md");
 
 TEST_CASE("a short remainder's failure on one rank does not hide another rank's full-size failure") {
     // G = 10 at m = 8: micro-batches of 8 and 2. Rank 1 fails in its first (8,
@@ -728,4 +729,85 @@ TEST_CASE("a step that rewraps a peer's OOM as text: the ranks retry together, t
     CHECK(counters[0].ooms == 1);
     CHECK(counters[1].ooms == 0);  // it did not fail: it left by its peer's OOM
     CHECK(counters[1].peer_aborts == 1);
+}
+
+TEST_CASE("ranks holding different plan caches or none start at the same plan and run the same steps") {
+    // Each rank's cache file: a plan of its own (with a model of its own), or none.
+    struct Case {
+        char const* name;
+        std::size_t plans[3];  // 0: that rank holds no entry
+        bool same_model;
+        std::size_t start;     // the micro-batch every rank must start at (0: calibration)
+    };
+    Case const cases[] = {{"two caches and none", {40, 30, 0}, false, 0},
+                          {"three different caches", {50, 30, 40}, false, 30},
+                          {"three equal caches", {40, 40, 40}, true, 40},
+                          {"no cache anywhere", {0, 0, 0}, false, 0}};
+    for (Case const& c : cases) {
+        CAPTURE(std::string(c.name));
+        char tmpl[] = "/tmp/oomguard_consensus_cache_XXXXXX";
+        REQUIRE(::mkdtemp(tmpl) != nullptr);
+        std::string const dir = tmpl;
+        BatchOptions o;
+        o.global_batch = 100;
+        o.max_attempts = 1000;
+        o.precisions = {Precision::fp32, Precision::bf16};
+        o.policy = ShrinkPolicy::predictive();
+        o.start = BatchOptions::Start::calibrate;
+        PlanKey const key{"train", DeviceIdentity{"simulated", 900 * KiB, ""}, "consensus test"};
+        for (int r = 0; r < 3; ++r) {
+            if (c.plans[r] == 0) continue;
+            LearnedPlan l;
+            l.plan.micro_batch = c.plans[r];
+            l.model.observe(10, 200 * KiB + (c.same_model ? 0 : static_cast<std::size_t>(r) * KiB));
+            l.model.observe(20, 320 * KiB);
+            l.model.has_base = true;
+            l.model.limit = 900 * KiB;
+            PlanCache cache(dir + "/rank" + std::to_string(r) + ".json");
+            REQUIRE(cache.save(PlanCache::make_entry(key, o, l)));
+        }
+        DataParallel dp(3);
+        RankLog logs[3];
+        Plan starts[3];
+        run_ranks(3, [&](int r) {
+            SimulatedDevices gpus(1, 900 * KiB);  // the whole batch (1264 KiB) does not fit
+            Budget budget(gpus, 0, Limit::unlimited());
+            AdaptiveBatch a(o);
+            a.measure_with(budget);
+            a.consensus(dp.group.hook());
+            PlanCache cache(dir + "/rank" + std::to_string(r) + ".json");
+            auto saving = cache.attach(a, key);
+            bool first = true;
+            auto watch = a.observe([&](BatchEvent const& e) {
+                if (e.kind == BatchEventKind::batch_begin && first) {
+                    starts[r] = e.from;
+                    first = false;
+                }
+            });
+            for (int batch = 0; batch < 8; ++batch)
+                a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 64 * KiB, 12 * KiB, logs[r]); },
+                      [&] { ++logs[r].commits; }, [&] { ++logs[r].rollbacks; });
+            logs[r].plan = a.plan();
+            logs[r].ooms = a.counters().ooms;
+            CHECK(gpus.live_bytes() == 0);
+        });
+        for (int r = 0; r < 3; ++r) {
+            CHECK(logs[r].commits == 8);
+            CHECK(starts[r] == starts[0]);
+            CHECK(logs[r].plan == logs[0].plan);
+            REQUIRE(logs[r].calls.size() == logs[0].calls.size());
+            CHECK(logs[r].calls == logs[0].calls);
+        }
+        REQUIRE(!logs[0].calls.empty());
+        if (c.start == 0) {
+            CHECK(logs[0].calls[0].calibration);  // nobody's cache: every rank calibrates
+        } else {
+            CHECK(logs[0].calls[0].size == c.start);
+            CHECK_FALSE(logs[0].calls[0].calibration);
+        }
+        MESSAGE(std::string(c.name) << ": first micro-batch " << logs[0].calls[0].size << ", " << logs[0].calls.size()
+                       << " step calls on each rank, OOMs " << logs[0].ooms << "/" << logs[1].ooms << "/"
+                       << logs[2].ooms << ", plan m=" << logs[0].plan.micro_batch);
+        std::system(("rm -rf '" + dir + "'").c_str());
+    }
 }

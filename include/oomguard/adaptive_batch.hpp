@@ -88,7 +88,10 @@ enum class BatchEventKind : unsigned char {
     jump,  ///< the calibration micro-batches held: the rest of the global batch runs at the fitted size
     batch_begin,        ///< a global batch starts (its end is commit or give_up)
     micro_batch_begin,  ///< a micro-batch starts: offset, size
-    micro_batch_end     ///< a micro-batch completed: bytes is its peak over `held`, what it held when it began
+    micro_batch_end,    ///< a micro-batch completed: bytes is its peak over `held`, what it held when it began
+    plan_loaded,        ///< the plan came from a PlanCache (or the ranks' agreement on one): `to` is it
+    plan_saved,         ///< a PlanCache saved the plan `to`
+    plan_cache_warning  ///< a PlanCache could not read or write its file: `what` says why; training goes on
 };
 
 constexpr char const* to_string(BatchEventKind k) noexcept {
@@ -107,6 +110,9 @@ constexpr char const* to_string(BatchEventKind k) noexcept {
         case BatchEventKind::batch_begin: return "batch_begin";
         case BatchEventKind::micro_batch_begin: return "micro_batch_begin";
         case BatchEventKind::micro_batch_end: return "micro_batch_end";
+        case BatchEventKind::plan_loaded: return "plan_loaded";
+        case BatchEventKind::plan_saved: return "plan_saved";
+        case BatchEventKind::plan_cache_warning: return "plan_cache_warning";
     }
     return "unknown";
 }
@@ -498,7 +504,43 @@ public:
     std::exception_ptr observer_error() const noexcept { return observer_error_; }
 
     /// Back to the requested plan; forgets measurements and counters of clean batches.
-    void reset() noexcept { planner_.reset(); }
+    void reset() noexcept {
+        planner_.reset();
+        restored_ = false;
+    }
+
+    /// What this workload has learned (its last good plan, the model, the
+    /// failed ceilings), for a PlanCache to save.
+    LearnedPlan learned() const noexcept { return planner_.learned(); }
+
+    /// Starts from what an earlier run learned (a PlanCache's entry) and tells
+    /// the observers (plan_loaded). With a consensus hook the ranks still agree,
+    /// at the first run(), on where they all start: the smallest restored
+    /// micro-batch at the lowest restored precision, or, when some rank
+    /// restored nothing, where BatchOptions::start says. Throws
+    /// std::invalid_argument when the plan does not fit the options, and
+    /// std::logic_error from inside run().
+    void restore(LearnedPlan const& l) {
+        if (running_) detail::throw_logic("oomguard: AdaptiveBatch::restore() was called from inside run()");
+        Plan const from = planner_.plan();
+        planner_.restore(l);
+        restored_ = true;
+        emit(BatchEventKind::plan_loaded, from, planner_.plan(), 0, 0, "");
+    }
+
+    /// Whether the plan came from restore() (and, with a consensus hook, the ranks kept it).
+    bool restored() const noexcept { return restored_; }
+
+    /// Sends a PlanCache's event to the observers: plan_saved, or
+    /// plan_cache_warning with `what` (copied by no one: valid during the
+    /// call). From and to are the current plan. Throws std::invalid_argument
+    /// for any other kind.
+    void announce(BatchEventKind kind, char const* what) {
+        if (kind != BatchEventKind::plan_saved && kind != BatchEventKind::plan_cache_warning)
+            detail::throw_invalid(detail::Message() << "oomguard: AdaptiveBatch::announce(" << to_string(kind)
+                                                    << "): only plan_saved and plan_cache_warning are announced");
+        emit(kind, planner_.last_good_plan(), planner_.last_good_plan(), 0, 0, what == nullptr ? "" : what);
+    }
 
     /// Throws std::invalid_argument naming the first bad option.
     static void validate(BatchOptions const& o) { RecoveryPlanner::validate(o); }
@@ -513,6 +555,7 @@ private:
     static constexpr std::uint64_t phase_commit = phase_end + 1;
     static constexpr std::uint64_t phase_decide = phase_end + 2;
     static constexpr std::uint64_t phase_verdict = phase_end + 3;
+    static constexpr std::uint64_t phase_start = phase_end + 4;
     static constexpr std::uint64_t max_syncs = (std::uint64_t{1} << 20) - 1;
 
     struct Meter {
@@ -548,10 +591,41 @@ private:
                                   << plan().device
                                   << ": call measure_with(budget) (or with a meter such as torch.hpp's "
                                      "TorchCudaMeter) before run(), or choose bisect");
+        if (planner_.options().start == BatchOptions::Start::calibrate && meter_for(plan().device) == nullptr)
+            detail::throw_invalid(detail::Message()
+                                  << "oomguard: AdaptiveBatch: BatchOptions::start is calibrate, which measures "
+                                     "micro-batches through a meter, and there is none for GPU "
+                                  << plan().device
+                                  << ": call measure_with(budget) (or with a meter such as torch.hpp's "
+                                     "TorchCudaMeter) before run(), or start at requested");
+        if (consensus_.all_min != nullptr && !start_agreed_) agree_start();
+        start_agreed_ = true;
         tried_.clear();
         batch_base_known_ = false;
         Decision const begin = planner_.begin_batch();
         emit(BatchEventKind::batch_begin, begin.from, begin.from, 0, 0, "");
+        // Calibrating before any failure (BatchOptions::start): the caches go
+        // first, so that the small sizes measure their own allocations, not a
+        // workspace a larger step left to reuse (the line would come out flat).
+        // And, for a workload that calibrates first (it plans ahead of any
+        // failure), when something else (an evaluation between training
+        // batches) changed what the caches hold since its last batch
+        // committed: what that left, sized for other steps, would be held
+        // while this one allocates -- an OOM the release after it would only
+        // answer, and not the fit's.
+        std::size_t const cached_now = releasable_now();
+        bool const ahead = planner_.options().start == BatchOptions::Start::calibrate;
+        if (cached_now != 0 && (planner_.attempt().calibration != 0 ||
+                                (ahead && cached_left_ != unknown_cached && cached_now != cached_left_))) {
+            try {
+                release_caches(0);
+            } catch (...) {
+                // Ahead of any failure this release is a courtesy: a device OOM in
+                // it (a cache that allocates to let go) leaves the batch to the
+                // ladder as usual; anything else passes.
+                if (!is_device_oom(std::current_exception())) throw;
+            }
+        }
         if (begin.action == PlanAction::grow_back) {
             ++counters_.grow_backs;
             emit(BatchEventKind::grow_back, begin.from, begin.to, 0, 0, "");
@@ -617,6 +691,7 @@ private:
                     }
                 }
                 if (!any_commit_oom) {
+                    cached_left_ = releasable_now();
                     last_observation_ = obs;
                     Decision d = planner_.on_attempt(obs);
                     ++counters_.global_batches;
@@ -913,6 +988,73 @@ private:
         return b;
     }
 
+    // Before the first global batch, with a consensus hook: where every rank
+    // starts. Each rank may hold a restored plan or none; all restored: the
+    // smallest micro-batch at the lowest precision, with the model kept only
+    // when every rank restored the same one (else each starts from the plan
+    // alone, or their decisions would part); any not: every rank starts where
+    // BatchOptions::start says, as if nothing was restored.
+    void agree_start() {
+        LearnedPlan const mine = planner_.learned();
+        std::uint64_t const hash = model_hash(mine);
+        Ballot b(serial_, phase_start);
+        b.set_all(Ballot::all_restored, restored_);
+        if (restored_) {
+            b.set_min(Ballot::restored_micro, mine.plan.micro_batch);
+            b.set_max(Ballot::restored_precision, mine.plan.precision_index);
+            b.set_min(Ballot::model_hash_min, hash);
+            b.set_max(Ballot::model_hash_max, hash);
+        }
+        Ballot t = agree(b);
+        if (t.min(Ballot::phase_min) != phase_start || t.max(Ballot::phase_max) != phase_start)
+            protocol_error("a rank began its first global batch while another was in a later round");
+        Plan const from = planner_.plan();
+        if (!t.all(Ballot::all_restored)) {
+            if (restored_) {
+                planner_.reset();
+                restored_ = false;
+                emit(BatchEventKind::plan_loaded, from, planner_.plan(), 0, 0,
+                     "another rank has no cached plan: every rank starts without one");
+            }
+            return;
+        }
+        Plan p = mine.plan;
+        p.micro_batch = static_cast<std::size_t>(t.min(Ballot::restored_micro));
+        p.precision_index = static_cast<std::size_t>(t.max(Ballot::restored_precision));
+        p.precision = planner_.options().precisions[p.precision_index];
+        if (t.min(Ballot::model_hash_min) == t.max(Ballot::model_hash_max) && p == mine.plan) return;
+        if (t.min(Ballot::model_hash_min) == t.max(Ballot::model_hash_max)) {
+            LearnedPlan l = mine;
+            l.plan = p;
+            planner_.restore(l);
+        } else {
+            planner_.restore_plan(p);
+        }
+        emit(BatchEventKind::plan_loaded, from, planner_.plan(), 0, 0, "the ranks agreed on where to start");
+    }
+
+    // A fingerprint of what a restored planner decides from: equal on every
+    // rank exactly when their restored plans and models are (FNV-1a).
+    static std::uint64_t model_hash(LearnedPlan const& l) noexcept {
+        std::uint64_t h = 1469598103934665603ull;
+        auto mix = [&h](std::uint64_t v) {
+            for (int i = 0; i < 8; ++i) {
+                h ^= (v >> (8 * i)) & 0xff;
+                h *= 1099511628211ull;
+            }
+        };
+        mix(l.plan.micro_batch);
+        mix(l.plan.precision_index);
+        mix(l.grow_ceiling);
+        StepModel const& m = l.model;
+        mix(m.n_points);
+        for (std::size_t i = 0; i < m.n_points; ++i) mix(m.points[i].m), mix(m.points[i].bytes);
+        mix(m.n_bounds);
+        for (std::size_t i = 0; i < m.n_bounds; ++i) mix(m.bounds[i].m), mix(m.bounds[i].bytes);
+        mix(m.low), mix(m.high), mix(m.has_base ? 1 : 0), mix(m.base), mix(m.limit);
+        return h == Ballot::neutral ? 0 : h;
+    }
+
     static void sync_thunk(void* self) { static_cast<AdaptiveBatch*>(self)->sync_point(); }
 
     void sync_point() {
@@ -1091,6 +1233,14 @@ private:
         grown_to_ = bytes;
     }
 
+    // What the registered caches could give back now (0 with releases off).
+    std::size_t releasable_now() const {
+        if (!planner_.options().release_caches) return 0;
+        CacheRegistry* own = planner_.options().caches;
+        CacheRegistry const& reg = own != nullptr ? *own : CacheRegistry::global();
+        return reg.size() != 0 ? reg.releasable_bytes() : 0;
+    }
+
     std::size_t release_caches(unsigned attempt) {
         if (!planner_.options().release_caches) return 0;
         CacheRegistry* own = planner_.options().caches;
@@ -1231,6 +1381,10 @@ private:
     std::uint64_t oom_serial_ = 0;    // detail::last_oom()'s count when the micro-batch began
     std::size_t batch_base_ = 0;      // bytes held when this global batch's first micro-batch began
     bool batch_base_known_ = false;
+    static constexpr std::size_t unknown_cached = static_cast<std::size_t>(-1);
+    std::size_t cached_left_ = unknown_cached;  // what the caches held when this runner's last batch committed
+    bool restored_ = false;           // the plan came from restore()
+    bool start_agreed_ = false;       // the ranks agreed on where to start (consensus)
 };
 
 /// One global batch, with no memory of past plans (use AdaptiveBatch for that).

@@ -67,6 +67,23 @@ struct BatchOptions {
     bool release_caches = true;        ///< release the cache registry before each retry
     ShrinkPolicy policy = ShrinkPolicy::halve();
     CacheRegistry* caches = nullptr;   ///< nullptr: CacheRegistry::global()
+    /// Where a workload's first global batch starts (see `start`).
+    enum class Start : unsigned char {
+        requested,  ///< at `micro_batch`: the first OOM tells what does not fit
+        calibrate   ///< measure first: calibration micro-batches, then the fitted size (needs a meter)
+    };
+    /// Where the first global batch starts. `calibrate` runs, before any OOM,
+    /// the calibration micro-batches the predictive policy runs after one (two
+    /// at c1, one at c2 = a sixteenth of `micro_batch`, at least twice
+    /// min_micro_batch and min_micro_batch + 1; c1 = c2 / 2, at least
+    /// min_micro_batch; none when c2 is not below `micro_batch`), fits the step's line to what the
+    /// meter measured and runs the rest of the batch at the largest size the
+    /// fit allows under the predictive margin: the first OOM then comes only
+    /// when the fit is wrong. Their work is kept: the result is the same. It
+    /// needs a meter: AdaptiveBatch::run() throws std::invalid_argument naming
+    /// measure_with without one. A plan restored from a PlanCache starts there
+    /// instead.
+    Start start = Start::requested;
 
     /// Applies the adaptive_batch settings of an OOMGUARD_CONF (min_batch,
     /// max_attempts, policy, factor, grow_after, precision) over these. Config
@@ -99,6 +116,15 @@ inline Message plan_text(Plan const& p) noexcept {
     return m;
 }
 }  // namespace detail
+
+/// What a workload has learned, as a PlanCache stores it: the last plan that
+/// committed, the planner's model of the step (points, bounds, base, limit,
+/// the search's low and high) and the smallest grow-back that failed.
+struct LearnedPlan {
+    Plan plan;                     ///< the last plan that committed a global batch
+    StepModel model;               ///< what was measured and searched
+    std::size_t grow_ceiling = 0;  ///< the smallest grow-back size that failed (0: none)
+};
 
 inline bool operator==(Plan const& a, Plan const& b) noexcept {
     return a.micro_batch == b.micro_batch && a.precision_index == b.precision_index && a.device == b.device;
@@ -254,7 +280,58 @@ public:
             d.to = plan_;
         }
         attempt_ = Attempt{plan_, 0, 1, 0, tail()};
+        if (calibrate_pending_ && growing_ == Growing::none) begin_calibration();
         return d;
+    }
+
+    /// Whether the next global batch begins with calibration micro-batches
+    /// (BatchOptions::start is calibrate and nothing was measured or restored yet).
+    bool calibration_pending() const noexcept { return calibrate_pending_; }
+
+    /// What this planner has learned (for a PlanCache): the last good plan, the
+    /// model, the grow-back ceiling.
+    LearnedPlan learned() const noexcept { return LearnedPlan{last_good_, model_, grow_ceiling_}; }
+
+    /// Starts from what an earlier run learned: its plan becomes the plan and
+    /// the last good one, its model the model (a prediction pending in it is
+    /// dropped), and the plan the search's ceiling: no probe above it, so a
+    /// restart sees no OOM the last run already paid for (a grow-back, with
+    /// grow_after, still tries larger sizes); no calibration is pending. Throws std::invalid_argument when
+    /// the plan does not fit these options (a micro-batch outside
+    /// [min_micro_batch, micro_batch], a precision not at its index of the ladder).
+    void restore(LearnedPlan const& l) {
+        Plan const& p = l.plan;
+        if (p.micro_batch < opt_.min_micro_batch || p.micro_batch > opt_.micro_batch)
+            detail::throw_invalid(detail::Message() << "oomguard: RecoveryPlanner::restore: the plan's micro-batch "
+                                                    << p.micro_batch << " is outside [" << opt_.min_micro_batch
+                                                    << ", " << opt_.micro_batch << "]");
+        if (p.precision_index >= opt_.precisions.size() || opt_.precisions[p.precision_index] != p.precision)
+            detail::throw_invalid(detail::Message()
+                                  << "oomguard: RecoveryPlanner::restore: the plan's precision "
+                                  << to_string(p.precision) << " is not rung " << p.precision_index
+                                  << " of the ladder (it has " << opt_.precisions.size() << " rungs)");
+        reset();
+        plan_ = p;
+        last_good_ = p;
+        model_ = l.model;
+        model_.predicted = 0;
+        model_.prediction_failed = false;
+        // Where the last run settled: the search does not probe above it (a
+        // probe is an OOM a restart would see again); a grow-back may.
+        if (model_.high == 0 || model_.high > p.micro_batch + 1) model_.high = p.micro_batch + 1;
+        if (model_.low > p.micro_batch) model_.low = p.micro_batch;
+        grow_ceiling_ = l.grow_ceiling;
+        calibrate_pending_ = false;
+        attempt_ = Attempt{plan_, 0, 1, 0, tail()};
+    }
+
+    /// Starts from `p` with nothing learned (no model, no calibration pending):
+    /// what ranks that agreed on a plan but hold different models start from.
+    /// Throws std::invalid_argument as restore() does.
+    void restore_plan(Plan const& p) {
+        LearnedPlan l;
+        l.plan = p;
+        restore(l);
     }
 
     /// The attempt to run now.
@@ -367,6 +444,7 @@ public:
         grow_ceiling_ = 0;
         growing_ = Growing::none;
         clear_batch_state();
+        calibrate_pending_ = opt_.start == BatchOptions::Start::calibrate;
         attempt_ = Attempt{plan_, 0, 1, 0, tail()};
     }
 
@@ -470,7 +548,24 @@ private:
     // the size whose failure asked for it.
     std::size_t jump_size(Observation const& o) {
         Plan const ran = attempt_.plan;
-        std::size_t const next = shrink_to(context(pending_failure_, reach(o)));
+        std::size_t next = 0;
+        if (first_fit_) {
+            // Calibrated before any failure: the fit decides whatever the
+            // policy (a later failure goes down the policy's ladder).
+            ShrinkPolicy const fit = ShrinkPolicy::predictive(
+                opt_.policy.kind() == ShrinkPolicy::Kind::predictive ? opt_.policy.margin() : 0.01);
+            ShrinkPolicy::Next n = fit.after_failure(context(pending_failure_, reach(o)), model_);
+            model_.predicted = n.predicted ? n.size : 0;
+            next = n.size;
+            first_fit_ = false;
+            // The fit, with its margins, is the plan: no probe above it. A probe
+            // is an OOM the fit was made to avoid (a calibration's small sizes
+            // leave the line's scatter wide, and bisecting toward what a lucky
+            // scatter allows fails at each step); a grow-back may still try.
+            if (n.predicted && (model_.high == 0 || model_.high > next + 1)) model_.high = next + 1;
+        } else {
+            next = shrink_to(context(pending_failure_, reach(o)));
+        }
         pending_failure_ = 0;
         return next < ran.micro_batch ? ran.micro_batch : next;
     }
@@ -552,6 +647,7 @@ private:
     }
 
     Decision next_rung(Plan const& ran, std::size_t failed, bool transient, Observation const& o) {
+        first_fit_ = false;
         calibration_ = 0;
         segment_ = 0;
         search_ = false;
@@ -707,6 +803,27 @@ private:
         return after <= o.limit && o.first_base <= o.limit - after;  // no overflow
     }
 
+    // The first global batch measures before it fails: two micro-batches at
+    // c1, one at c2, then the rest at the fitted size (as after a failure of
+    // a size one above the requested one).
+    void begin_calibration() noexcept {
+        calibrate_pending_ = false;
+        if (model_.distinct_sizes() >= 2) return;
+        std::size_t const requested = plan_.micro_batch;
+        // Apart enough to give the line a slope: twice the minimum at least.
+        std::size_t c2 = requested / 16;
+        if (c2 < 2 * opt_.min_micro_batch) c2 = 2 * opt_.min_micro_batch;
+        if (c2 < opt_.min_micro_batch + 1) c2 = opt_.min_micro_batch + 1;
+        std::size_t const c1 = c2 / 2 > opt_.min_micro_batch ? c2 / 2 : opt_.min_micro_batch;
+        if (c2 >= requested) return;  // too small a batch to measure apart
+        calibration_ = c1;
+        segment_ = 3;
+        pending_failure_ = requested + 1;
+        first_fit_ = true;
+        plan_.micro_batch = c2;
+        attempt_ = Attempt{plan_, c1, 1, 3, tail()};
+    }
+
     void require_failover_pending(char const* what) const {
         if (!failover_pending_)
             detail::throw_logic(detail::Message() << "oomguard: RecoveryPlanner::" << what
@@ -771,6 +888,7 @@ private:
         commit_retries_ = 0;
         commit_shrunk_ = false;
         search_ = false;
+        first_fit_ = false;
     }
 
     void set_precision(std::size_t index) noexcept {
@@ -808,6 +926,8 @@ private:
     std::size_t pending_failure_ = 0; // the size whose failure the calibration attempt answers
     std::size_t calibration_ = 0;     // the next attempt's calibration size
     std::size_t segment_ = 0;         // the next attempt's segment (0: to the end of the batch)
+    bool calibrate_pending_ = false;  // the next global batch calibrates first (BatchOptions::start)
+    bool first_fit_ = false;          // the calibration under way was not asked for by a failure
 };
 
 }  // namespace oomguard

@@ -197,6 +197,21 @@ public:
         if (drawn) timeline_.ooms.push_back(Timeline::Oom{seconds(), i.device, demand, Timeline::outside});  // reserved
     }
 
+    /// Where the plan of the workload attached as `label` came from:
+    /// "requested" (BatchOptions::micro_batch, nothing changed it), "cache" (a
+    /// PlanCache's entry), "calibration" (measured before any OOM,
+    /// BatchOptions::start), "recovery" (the ladder, after an OOM); "" for no
+    /// such workload. A probe or a grow-back keeps the source it started from.
+    std::string plan_source(std::string const& label) const {
+        for (auto const& w : workloads_)
+            if (w->label == label) return w->source;
+        return "";
+    }
+
+    /// The plan cache warnings heard (plan_cache_warning), each text once, as
+    /// "workload: text".
+    std::vector<std::string> const& warnings() const noexcept { return warnings_; }
+
     /// Plan changes recorded so far, over every workload.
     std::size_t plan_changes() const noexcept { return changes_.size(); }
 
@@ -243,6 +258,23 @@ public:
                           c.precision_changes, c.failovers, c.grow_backs, c.give_ups,
                           detail::plan_text(w->plan).c_str());
             t += line;
+        }
+        bool const sourced = !warnings_.empty() || [this] {
+            for (auto const& w : workloads_)
+                if (std::string_view(w->source) != "requested") return true;
+            return false;
+        }();
+        if (sourced) {  // only when a plan came from elsewhere than the options: the usual table stays as it was
+            t += "plans from\n";
+            for (auto const& w : workloads_) {
+                std::snprintf(line, sizeof line, "  %-8.8s %-12s %.63s\n", w->label.c_str(), w->source,
+                              detail::plan_text(w->plan).c_str());
+                t += line;
+            }
+            for (auto const& x : warnings_) {
+                std::snprintf(line, sizeof line, "  warning: %.400s\n", x.c_str());
+                t += line;
+            }
         }
         if (!outside_.empty()) t += "OOMs outside steps\n";  // only when there were: a rare event
         for (auto const& o : outside_) {
@@ -320,7 +352,15 @@ public:
                  ", \"observer_errors\": " + std::to_string(c.observer_errors) +
                  ", \"bytes_released\": " + std::to_string(c.bytes_released) +
                  ", \"wasted_samples\": " + std::to_string(c.wasted_samples) + ", \"plan\": " +
-                 plan_json(w->plan) + ", \"options\": " + w->options + "}";
+                 plan_json(w->plan) + ", \"plan_source\": " + detail::json_string(w->source) +
+                 ", \"options\": " + w->options + "}";
+        }
+        j += "\n  ],\n  \"plan_cache_warnings\": [";
+        first = true;
+        for (auto const& x : warnings_) {
+            j += first ? "\n    " : ",\n    ";
+            first = false;
+            j += detail::json_string(x);
         }
         j += "\n  ],\n  \"ooms_outside_steps\": [";
         first = true;
@@ -374,6 +414,8 @@ private:
         std::size_t index;
         bool started;
         std::string options;  // the BatchOptions it was attached with, as JSON
+        char const* source = "requested";  // where the plan now came from (plan_source)
+        std::size_t ooms_at_begin = 0;     // its OOMs when its current global batch began
     };
     struct Parameter {
         std::string name, json;
@@ -395,6 +437,15 @@ private:
         std::size_t bytes, releases, failures;
     };
 
+    void note_warning(std::string const& workload, char const* what) noexcept {
+        try {
+            std::string text = workload + ": " + (what != nullptr ? what : "");
+            for (auto const& x : warnings_)
+                if (x == text) return;
+            warnings_.push_back(std::move(text));
+        } catch (...) {  // no memory for the text: the cache keeps it in its own warnings()
+        }
+    }
     static char const* change_name(Change const& c) noexcept { return detail::plan_change_name(c.kind, c.from, c.to); }
     void put_parameter(std::string name, std::string json) {
         for (auto& p : parameters_)
@@ -487,11 +538,22 @@ private:
             case BatchEventKind::micro_batch_end: r->note_memory(e, w->index); return;
             case BatchEventKind::micro_batch_begin: return;
             case BatchEventKind::batch_begin:
+                w->ooms_at_begin = w->counters.ooms;
                 if (!w->started) {
                     w->started = true;
                     r->timeline_.plans.push_back(Timeline::PlanChange{r->seconds(), w->index, e.to});
                 }
                 return;
+            case BatchEventKind::plan_loaded: w->source = "cache"; return;
+            case BatchEventKind::plan_saved: return;
+            case BatchEventKind::plan_cache_warning: r->note_warning(w->label, e.what); return;
+            case BatchEventKind::jump:
+                // The calibration held: a measured start (attempt 1) or a recovery's.
+                w->source = e.attempt == 1 && w->counters.ooms == w->ooms_at_begin ? "calibration" : "recovery";
+                break;
+            case BatchEventKind::shrink:
+            case BatchEventKind::precision_change:
+            case BatchEventKind::failover: w->source = "recovery"; break;
             case BatchEventKind::oom_caught:
                 if (r->timeline_.ooms.size() < max_points) {
                     std::size_t demand = e.held != oom_info::unknown && e.bytes != oom_info::unknown
@@ -524,6 +586,7 @@ private:
     std::vector<CacheTotal> caches_;
     std::vector<Outside> outside_;
     std::vector<Parameter> parameters_;
+    std::vector<std::string> warnings_;  // plan cache warnings, "workload: text", each once
     std::chrono::steady_clock::time_point start_;
     Timeline timeline_;
     std::size_t stride_ = 1, since_point_ = 0;

@@ -39,6 +39,11 @@ public:
         released,                // bytes the release freed on a rank that failed (least)
         all_failover,            // every rank got another device
         after_commit,            // held after the commit returned (largest, + 1)
+        // Before the first global batch: where every rank starts (a PlanCache's plan).
+        all_restored,            // every rank restored a plan (all)
+        restored_micro,          // the smallest restored micro-batch
+        restored_precision,      // the lowest restored precision: the largest rung index
+        model_hash_min, model_hash_max,  // the restored plans and models are the same on every rank
         count
     };
     static constexpr std::uint64_t neutral = ~std::uint64_t{0};
