@@ -24,6 +24,9 @@ struct Args {
     bool resume = true;  // the model's step adds its gradient only once it has fit
     double fault_rate = 0.0, lr = 0.05;
     std::string trace, report_json, plot;
+    std::string plan_cache;  // --plan-cache: where the workloads' plans are kept across runs ("": nowhere)
+    bool calibrate = false;  // --start calibrate: measure before the first OOM
+    bool start_given = false;
     oomguard::Config conf;  // OOMGUARD_CONF, then --budget, --policy, --precision
     // Where the budget and the precision ladder came from, for messages.
     std::string budget_from = "the default budget", precision_from = "the default --precision";
@@ -65,6 +68,10 @@ inline std::vector<Flag> flags(Args const& d) {
         {"--trace", "FILE", "write a Chrome trace (open it in ui.perfetto.dev)", "none"},
         {"--report-json", "FILE", "write the report as JSON", "none"},
         {"--plot", "FILE.svg", "draw memory, OOMs and the plan over time as SVG (a .svg file)", "none"},
+        {"--plan-cache", "FILE", "keep each workload's learned plan in FILE and start from it next time", "none"},
+        {"--start", "calibrate|requested",
+         "where a workload without a cached plan starts: measure first, or at --bs (calibrate needs a meter)",
+         "calibrate with --plan-cache, else requested"},
     };
 }
 
@@ -192,6 +199,12 @@ inline Args parse(int argc, char** argv) {
         else if (f == "--fault-rate") a.fault_rate = detail::real(f, v, 0.0, 0.5, "[0, 0.5]");
         else if (f == "--trace") a.trace = v;
         else if (f == "--report-json") a.report_json = v;
+        else if (f == "--plan-cache") a.plan_cache = v;
+        else if (f == "--start") {
+            if (v != "calibrate" && v != "requested") fail("bad value '" + v + "' for --start: give calibrate or requested");
+            a.calibrate = v == "calibrate";
+            a.start_given = true;
+        }
         else if (f == "--plot") {
             detail::check_plot_path(v);
             a.plot = v;
@@ -229,6 +242,7 @@ inline Args parse(int argc, char** argv) {
         if (p != oomguard::Precision::fp32 && p != oomguard::Precision::bf16)
             fail(a.precision_from + ": the precision ladder may hold fp32 and bf16 (this model stores its "
                  "activations in those), not " + oomguard::to_string(p));
+    if (!a.start_given) a.calibrate = !a.plan_cache.empty();
     if (!a.conf.budget) a.conf.budget = oomguard::Limit::fraction(0.9);
     if (!a.conf.policy) a.conf.policy = oomguard::ShrinkPolicy::predictive();
     if (a.conf.precisions.empty()) a.conf.precisions = {oomguard::Precision::fp32, oomguard::Precision::bf16};

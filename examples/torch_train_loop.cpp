@@ -16,6 +16,7 @@
 //   torch_train_loop --bs 1024 --device-memory 1GiB        (the same run, unpressured)
 #include <oomguard/oomguard.hpp>
 #include <oomguard/config.hpp>
+#include <oomguard/plan_cache.hpp>
 #include <oomguard/report.hpp>
 #include <oomguard/simulated_devices.hpp>
 #include <oomguard/torch.hpp>
@@ -75,12 +76,15 @@ struct Args {
     std::optional<oomguard::Limit> cap;  // on CUDA: cap the caching allocator (set_torch_memory_fraction)
     oomguard::ShrinkPolicy policy = oomguard::ShrinkPolicy::predictive();
     bool adam = false;  // Adam's two moments appear at its first step: what is held grows after the first commit
+    std::string plan_cache;  // keep the learned plans here across runs ("": nowhere)
+    std::optional<bool> calibrate;  // --start: measure first (default: with --plan-cache)
 };
 
 constexpr char const* flag_list =
     "flags: --bs N (1024)  --epochs N (3)  --samples N (4096)  --hidden N (128)  --min-batch N (64)\n"
     "       --device-memory SIZE (CPU: the simulated GPU, 1GiB)  --cap 0.5|2GiB (CUDA: the caching allocator's cap)\n"
-    "       --policy halve|geometric|bisect|predictive (predictive)  --optimizer sgd|adam (sgd)\n";
+    "       --policy halve|geometric|bisect|predictive (predictive)  --optimizer sgd|adam (sgd)\n"
+    "       --plan-cache FILE (none)  --start calibrate|requested (calibrate with --plan-cache)\n";
 
 [[noreturn]] void fail(std::string const& why) {
     std::fprintf(stderr, "torch_train_loop: %s\n%s", why.c_str(), flag_list);
@@ -122,6 +126,13 @@ Args parse(int argc, char** argv) {
             else if (f == "--optimizer") {
                 if (v != "sgd" && v != "adam") fail("bad value '" + v + "' for --optimizer: give sgd or adam");
                 a.adam = v == "adam";
+            }
+            else if (f == "--plan-cache") {
+                if (v.empty()) fail("--plan-cache needs a file name");
+                a.plan_cache = v;
+            } else if (f == "--start") {
+                if (v != "calibrate" && v != "requested") fail("bad value '" + v + "' for --start: give calibrate or requested");
+                a.calibrate = v == "calibrate";
             }
             else fail("unknown flag '" + f + "'");
         } catch (oomguard::config_error const& e) {
@@ -173,8 +184,18 @@ int main(int argc, char** argv) {
         // bf16 autocast keeps bf16 copies of the weights: it saves memory only where the
         // activations outweigh them, so the ladder turns to it at a size that still has some.
         opts.min_micro_batch = args.min_batch;
+        bool const calibrate = args.calibrate.value_or(!args.plan_cache.empty());
+        if (calibrate) opts.start = oomguard::BatchOptions::Start::calibrate;  // measure before the first OOM
         oomguard::AdaptiveBatch train(opts);
         oomguard::Report report;
+        // --plan-cache: the workloads start at what the last run like this one learned.
+        std::optional<oomguard::PlanCache> plan_cache;
+        std::vector<oomguard::ObserverRegistration> remembering;
+        std::string const fingerprint = "torch_train_loop MLP 32-" + std::to_string(args.hidden) + "-" +
+                                        std::to_string(args.hidden) + "-1 " + (args.adam ? "adam" : "sgd") +
+                                        " samples " + std::to_string(args.samples);
+        oomguard::DeviceIdentity device_id{on_gpu ? "CUDA device 0" : "simulated GPU", args.device_memory, ""};
+        if (!args.plan_cache.empty()) plan_cache.emplace(args.plan_cache);
 #if OOMGUARD_TORCH_CUDA
         oomguard::TorchCudaCache cache(0);
         oomguard::TorchCudaMeter meter(0);
@@ -195,6 +216,7 @@ int main(int argc, char** argv) {
             report.track("sim GPU", budget);
         }
         report.attach(train, "train");
+        if (plan_cache) remembering.push_back(plan_cache->attach(train, {"train", device_id, fingerprint}));
 
         std::printf("torch_train_loop on %s: %zu samples, MLP %d-%zu-%zu-1, --bs %zu, %s\n",
                     on_gpu ? "CUDA" : "the CPU over a simulated GPU", args.samples, inputs, args.hidden,
@@ -231,12 +253,14 @@ int main(int argc, char** argv) {
         eval_opts.global_batch = args.samples;
         eval_opts.resume = true;  // evaluation applies nothing: it keeps what completed
         eval_opts.policy = args.policy;  // it learns as training does
+        if (calibrate) eval_opts.start = oomguard::BatchOptions::Start::calibrate;
         oomguard::AdaptiveBatch eval(eval_opts);
 #if OOMGUARD_TORCH_CUDA
         if (on_gpu) eval.measure_with(meter);
 #endif
         if (!on_gpu) eval.measure_with(budget);
         report.attach(eval, "eval");
+        if (plan_cache) remembering.push_back(plan_cache->attach(eval, {"eval", device_id, fingerprint}));
         double total = eval.run([&](oomguard::MicroBatch const& mb) {
                                auto off = static_cast<std::int64_t>(mb.offset);
                                auto n = static_cast<std::int64_t>(mb.size);
@@ -250,6 +274,10 @@ int main(int argc, char** argv) {
                     train.counters().ooms + eval.counters().ooms, train.counters().ooms, eval.counters().ooms,
                     oomguard::format_bytes(train.counters().bytes_released).c_str(), train.plan().micro_batch,
                     oomguard::to_string(train.plan().precision));
+        if (plan_cache)
+            std::printf("torch_train_loop: plans from %s (train), %s (eval); plan cache warnings %zu\n",
+                        report.plan_source("train").c_str(), report.plan_source("eval").c_str(),
+                        plan_cache->warnings().size());
     } catch (oomguard::recovery_failed const& e) {
         std::fprintf(stderr, "torch_train_loop: %s\n", e.what());
         status = 1;

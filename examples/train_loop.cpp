@@ -15,6 +15,7 @@
 
 #include <oomguard/oomguard.hpp>
 #include <oomguard/config.hpp>
+#include <oomguard/plan_cache.hpp>
 #include <oomguard/plot.hpp>
 #include <oomguard/report.hpp>
 #include <oomguard/thrust.hpp>
@@ -28,6 +29,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #if THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_CUDA
 using Backend = oomguard::CudaRuntime;
@@ -112,6 +114,7 @@ int main(int argc, char** argv) {
         o.global_batch = global_batch;
         o.max_attempts = 1000;
         o.resume = resume;
+        if (args.calibrate) o.start = oomguard::BatchOptions::Start::calibrate;  // measure before the first OOM
         o.apply(args.conf);  // policy, precision ladder, min_batch, ... from OOMGUARD_CONF and the flags
         return o;
     };
@@ -183,6 +186,23 @@ int main(int argc, char** argv) {
         report.attach(*w.batch, w.name);
         if (trace) trace->attach(*w.batch, w.name);
     }
+    // --plan-cache: each workload starts at what the last run with the same device, model and
+    // settings learned, and saves what this one learns. A file that cannot be read or written
+    // is a warning in the report, never a stop.
+    std::optional<oomguard::PlanCache> plan_cache;
+    std::vector<oomguard::ObserverRegistration> remembering;
+    if (!args.plan_cache.empty()) {
+        plan_cache.emplace(args.plan_cache);
+        report.set_parameter("plan_cache", args.plan_cache);
+        // What changes the step's memory beyond the device, the ladder and G: the model and the cap.
+        std::string const fingerprint = "train_loop mlp 16-" + std::to_string(args.hidden) + "-1, budget " +
+                                        std::to_string(budget->limit()) + ", resume " + (args.resume ? "on" : "off");
+        oomguard::DeviceIdentity const device =
+            oomguard::device_identity(*budget, on_gpu ? "CUDA device 0" : "oomguard simulated GPU");
+        for (auto& w : workloads)
+            if (w.batch) remembering.push_back(plan_cache->attach(*w.batch, {w.name, device, fingerprint}));
+    }
+    report.set_parameter("start", args.calibrate ? "calibrate" : "requested");
     std::string first_oom;  // the first OOM survived, as oomguard reported it
     auto watching = train.observe([&first_oom](oomguard::BatchEvent const& e) {  // listens while `watching` lives
         if (e.kind == oomguard::BatchEventKind::oom_caught && first_oom.empty()) first_oom = e.what;
@@ -237,6 +257,8 @@ int main(int argc, char** argv) {
             for (auto& w : workloads) ooms += w.batch ? w.batch->counters().ooms : 0;
             std::printf("epoch %zu/%zu  loss %.6f  eval %.6f  plan m=%zu %s  OOMs survived %zu\n", epoch, args.epochs,
                         loss, eval_loss, plan.micro_batch, oomguard::to_string(plan.precision), ooms);
+            if (epoch == 1 && plan_cache)
+                std::printf("plan from %s\n", report.plan_source("train").c_str());
         }
         (void)eval;
         double final_loss = final_pass.run([&](oomguard::MicroBatch const& mb) { return model.step(0, mb, false); }).value /
