@@ -6,6 +6,13 @@
 set(_readme "${PROJECT_SOURCE_DIR}/README.md")
 set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${_readme}")
 file(READ "${_readme}" _text)
+# OOMGUARD_README_EXTRA: more Markdown files whose blocks of the same fence are
+# compiled too (docs/torch-distributed.md's libtorch block), after README.md's.
+foreach(_extra IN LISTS OOMGUARD_README_EXTRA)
+    set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${_extra}")
+    file(READ "${_extra}" _more)
+    string(APPEND _text "\n${_more}")
+endforeach()
 # OOMGUARD_README_FENCE and OOMGUARD_README_TARGET choose the blocks and the
 # target: ```cpp blocks by default, ```cpp torch blocks for the libtorch leg.
 if(NOT OOMGUARD_README_FENCE)
@@ -73,3 +80,4 @@ set_tests_properties(test_${_t} PROPERTIES LABELS docs)
 message(STATUS "oomguard: ${_n} C++ blocks of README.md are compiled by ${_t}")
 unset(OOMGUARD_README_FENCE)
 unset(OOMGUARD_README_LIBS)
+unset(OOMGUARD_README_EXTRA)
