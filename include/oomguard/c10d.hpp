@@ -39,6 +39,8 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace oomguard {
@@ -46,9 +48,9 @@ namespace oomguard {
 /// Thrown by C10dConsensus when its collective failed with an exception that
 /// oomguard's classifier would take for a device OOM (an NCCL call whose text
 /// quotes CUDA's "out of memory", say). An agreement that failed cannot be
-/// retried in step with the other ranks, so it must not look like an OOM; the
-/// process group's own exception is nested (std::rethrow_if_nested). Every
-/// other failure of the collective passes through unchanged.
+/// retried in step with the other ranks, so it must not look like an OOM: its
+/// text does not quote the original, which is nested (std::rethrow_if_nested).
+/// Every other failure of the collective passes through unchanged.
 class collective_error : public std::runtime_error {
 public:
     using std::runtime_error::runtime_error;
@@ -78,15 +80,16 @@ constexpr std::uint64_t from_ordered(std::int64_t v) noexcept {
 /// every run() of the AdaptiveBatch it is given to.
 class C10dConsensus {
 public:
-    /// Over a process group (as torch.distributed's init_process_group builds it).
-    /// `timeout`: each agreement's limit, passed to the collective
+    /// Over a process group (as torch.distributed's init_process_group builds
+    /// it): a pointer to c10d::ProcessGroup or to a class derived from it. `timeout`: each agreement's limit, passed to the collective
     /// (AllreduceOptions::timeout); the default, c10d::kUnsetTimeout, keeps the
     /// group's own. Throws std::invalid_argument for a null group, a group of
     /// fewer than one rank or a negative timeout other than kUnsetTimeout, and
     /// whatever libtorch throws allocating the tensor (c10::Error; an OOM here is
     /// before any recovery, and yours to handle).
-    explicit C10dConsensus(c10::intrusive_ptr<c10d::ProcessGroup> group,
-                           std::chrono::milliseconds timeout = c10d::kUnsetTimeout,
+    template <class Group>
+        requires std::is_base_of_v<c10d::ProcessGroup, Group>
+    explicit C10dConsensus(c10::intrusive_ptr<Group> group, std::chrono::milliseconds timeout = c10d::kUnsetTimeout,
                            std::optional<c10::Device> device = std::nullopt)
         : group_(std::move(group)), timeout_(timeout) {
         if (!group_) detail::throw_invalid("oomguard: C10dConsensus: the process group is null");
@@ -96,8 +99,11 @@ public:
     }
 
     /// Over one backend (a c10d::ProcessGroupGloo or ProcessGroupNCCL used
-    /// without a ProcessGroup around it). Same arguments and errors.
-    explicit C10dConsensus(c10::intrusive_ptr<c10d::Backend> backend,
+    /// without a ProcessGroup around it), or any class derived from Backend.
+    /// Same arguments and errors.
+    template <class Backend>
+        requires std::is_base_of_v<c10d::Backend, Backend>
+    explicit C10dConsensus(c10::intrusive_ptr<Backend> backend,
                            std::chrono::milliseconds timeout = c10d::kUnsetTimeout,
                            std::optional<c10::Device> device = std::nullopt)
         : backend_(std::move(backend)), timeout_(timeout) {
@@ -148,11 +154,11 @@ public:
             if (!on_host_) host_.copy_(buffer_);  // after the collective, on the stream it joined
         } catch (std::exception const& e) {
             if (!is_device_oom(e)) throw;
+            // Its text stays out of ours: the classifier reads texts, and this is no OOM.
             std::throw_with_nested(collective_error(
-                (detail::Message() << "oomguard: C10dConsensus: the agreement's all-reduce failed (not an OOM this "
-                                      "rank can retry alone): "
-                                   << e.what())
-                    .c_str()));
+                "oomguard: C10dConsensus: the agreement's all-reduce failed with an exception that reads as a device "
+                "OOM; a failed agreement is not an OOM this rank can retry alone (the exception is nested: "
+                "std::rethrow_if_nested)"));
         }
         for (std::size_t i = 0; i < count; ++i) values[i] = detail::from_ordered(host[i]);
     }
