@@ -69,3 +69,15 @@ else()
     message(STATUS "oomguard: Gloo's headers not found: the c10d example and its test are not built "
                    "(apt-get install libgloo-dev, or set OOMGUARD_GLOO_INCLUDE_DIR)")
 endif()
+# The data-parallel example's NCCL variant (--backend nccl) needs NCCL's header
+# (the toolkit's, or the nvidia-nccl wheel's beside torch) and CUDA: it is
+# compiled wherever they are, linked and run only with OOMGUARD_TORCH_CUDA_RUNTIME.
+set(OOMGUARD_HAVE_TORCH_NCCL OFF)
+if(OOMGUARD_HAVE_GLOO AND TARGET CUDA::cudart)
+    find_path(OOMGUARD_NCCL_INCLUDE_DIR nccl.h
+              HINTS ${CUDAToolkit_INCLUDE_DIRS} "${OOMGUARD_TORCH_DIR}/../nvidia/nccl/include"
+              DOC "NCCL's header, for c10d's ProcessGroupNCCL.hpp")
+    if(OOMGUARD_NCCL_INCLUDE_DIR)
+        set(OOMGUARD_HAVE_TORCH_NCCL ON)
+    endif()
+endif()

@@ -39,6 +39,17 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/torch.h>
 
+// --backend nccl: the group on the GPUs (one rank per GPU). Built where NCCL's
+// header and libtorch's CUDA runtime are (scripts/gpu-check); the torch leg
+// compiles it without running it.
+#if !defined(OOMGUARD_DDP_NCCL)
+#define OOMGUARD_DDP_NCCL 0
+#endif
+#if OOMGUARD_DDP_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
 #include "torch_model.hpp"
 
 #include <cxxabi.h>
@@ -54,6 +65,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <typeinfo>
@@ -68,6 +81,7 @@ struct Args {
     std::string store;     // --store: the FileStore's file
     long watchdog_s = 300;
     long timeout_ms = 60000;  // the process group's timeout
+    bool nccl = false;        // --backend nccl: the group on the GPUs; gloo (the default): on the CPUs
     std::size_t bs = 1024, epochs = 3, samples = 4096, hidden = 128, min_batch = 64;
     std::vector<std::size_t> device_memory{std::size_t{1} << 30};  // one for every rank, or one each
     double fault_rate = 0;
@@ -85,6 +99,7 @@ constexpr char const* flag_list =
     "       --hidden N (128)  --min-batch N (64)  --policy halve|geometric|bisect|predictive (predictive)\n"
     "       --device-memory SIZE[,SIZE...] (1GiB: every rank's simulated GPU, or one per rank)\n"
     "       --fault-rate P (0)  --fault-rank R (0)  --timeout MS (60000: the process group's)\n"
+    "       --backend gloo|nccl (gloo; nccl: one rank per GPU, the consensus and gradients on it)\n"
     "       --give-up-rank R  --exit-rank R  --hang-rank R  --at-batch K (2): failure drills\n";
 
 [[noreturn]] void fail(std::string const& why) {
@@ -126,6 +141,13 @@ Args parse(int argc, char** argv) {
                 a.store = v, forward = false;
             }
             else if (f == "--timeout") a.timeout_ms = whole(f, v, 1, 86400000);
+            else if (f == "--backend") {
+                if (v != "gloo" && v != "nccl") fail("bad value '" + v + "' for --backend: give gloo or nccl");
+                if (v == "nccl" && !OOMGUARD_DDP_NCCL)
+                    fail("--backend nccl: this build has no NCCL process group (it needs NCCL's header and "
+                         "libtorch's CUDA runtime: -DOOMGUARD_TORCH_CUDA_RUNTIME=ON, as scripts/gpu-check builds)");
+                a.nccl = v == "nccl";
+            }
             else if (f == "--bs") a.bs = static_cast<std::size_t>(whole(f, v, 1, 1 << 24));
             else if (f == "--epochs") a.epochs = static_cast<std::size_t>(whole(f, v, 1, 100000));
             else if (f == "--samples") a.samples = static_cast<std::size_t>(whole(f, v, 1, 1 << 24));
@@ -316,21 +338,46 @@ int run_rank(Args const& a) {
     int status = 0;
     std::size_t batch = 0;  // the global batch running, from 1 across epochs
     try {
-        // The process group: Gloo over a FileStore, as torch.distributed builds it.
+        // The process group over a FileStore, as torch.distributed builds it:
+        // Gloo on the CPUs, or NCCL on this rank's GPU.
         auto store = c10::make_intrusive<c10d::FileStore>(a.store, world);
-        auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(a.timeout_ms));
-        options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-        auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
         auto group = c10::make_intrusive<c10d::ProcessGroup>(store, rank, world);
-        group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
-        group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
-        oomguard::C10dConsensus consensus(group);
+        std::optional<torch::Device> wire;  // where the gradient all-reduce runs, when not on the CPU
+        if (!a.nccl) {
+            auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(a.timeout_ms));
+            options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+            auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+            group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
+            group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+        } else {
+#if OOMGUARD_DDP_NCCL
+            int const gpus = c10::cuda::device_count();
+            if (gpus < world)
+                throw std::runtime_error("--backend nccl runs one rank per GPU: " + std::to_string(world) +
+                                         " ranks, " + std::to_string(gpus) + " GPUs");
+            auto const index = static_cast<c10::DeviceIndex>(rank);
+            c10::cuda::set_device(index);
+            auto options = c10d::ProcessGroupNCCL::Options::create();
+            options->timeout = std::chrono::milliseconds(a.timeout_ms);
+            auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
+            group->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL, nccl);
+            group->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);
+            wire = torch::Device(torch::kCUDA, index);
+#endif
+        }
+        oomguard::C10dConsensus consensus(group);  // Gloo: a CPU tensor; NCCL: one on this rank's GPU
 
         auto const N = static_cast<std::int64_t>(a.samples);
         torch_example::Data const data(N, device);
         torch_example::Net model(torch_example::inputs, static_cast<int>(a.hidden));
         torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
         std::vector<torch::Tensor> params = model->parameters();
+        torch::Tensor on_wire;  // NCCL: the flat gradient's copy on the GPU, allocated once, here
+        if (wire) {
+            std::int64_t count = 0;
+            for (auto const& p : params) count += p.numel();
+            on_wire = torch::empty({count}, torch::TensorOptions().dtype(torch::kFloat).device(*wire));
+        }
 
         oomguard::BatchOptions opts;
         auto const share = a.bs / static_cast<std::size_t>(world);
@@ -394,8 +441,10 @@ int run_rank(Args const& a) {
                         }
                         mb.sync();  // every rank is here, or this throws peer_out_of_memory on all of them
                         if (last) {  // the gradient all-reduce, in place: allocates nothing
-                            std::vector<torch::Tensor> tensors{flat};
+                            if (on_wire.defined()) on_wire.copy_(flat);
+                            std::vector<torch::Tensor> tensors{on_wire.defined() ? on_wire : flat};
                             group->allreduce(tensors)->wait();
+                            if (on_wire.defined()) flat.copy_(on_wire);  // waits for the all-reduce
                             flat.div_(static_cast<double>(world));
                             std::int64_t at = 0;
                             for (auto& p : params) {

@@ -1,7 +1,7 @@
 # ctest: the libtorch example data-parallel over c10d (examples/torch_ddp.cpp):
 # real processes meeting at a FileStore, a Gloo process group, and
 # <oomguard/c10d.hpp>'s consensus on it. ${DDP} is the example, ${TRAIN} the
-# single-process one, ${CHECK} loss_compare. What it holds:
+# single-process one, ${CHECK} loss_compare. What it holds over Gloo:
 #   - two ranks (one with a 1.5 MiB simulated GPU, the other with random OOMs)
 #     and three ranks (2 MiB, 1 GiB with random OOMs, 1.2 MiB): every rank ends
 #     with bit-identical weights and ran the same micro-batches (each prints a
@@ -76,6 +76,36 @@ function(check_run text n reference)
     endif()
     message("  ${total} OOMs survived over the ranks")
 endfunction()
+
+# -DBACKEND=nccl -DRANKS=N (scripts/gpu-check, one rank per GPU): the same
+# example with the process group on the GPUs, so the consensus agrees over a
+# device tensor. It holds the runs that succeed and, with two ranks or more, the
+# forced give-up, against the example's own single-process unpressured run (a
+# CUDA torch_train_loop would run on the GPU). A rank that dies or hangs is
+# NCCL's watchdog's to handle (it tears the process down): not drilled here.
+if(BACKEND STREQUAL "nccl")
+    if(NOT RANKS OR RANKS LESS 1)
+        message(FATAL_ERROR "-DBACKEND=nccl needs -DRANKS=N, one rank per GPU")
+    endif()
+    run(ref ${DDP} --launch 1 --bs 1024 --device-memory 1GiB)
+    final_loss(reference "${ref}")
+    ddp(o rc --launch ${RANKS} --backend nccl --bs 1024 --device-memory 1536KiB --fault-rate 0.005 --fault-rank 0
+        --watchdog 200)
+    if(NOT rc EQUAL 0)
+        message(FATAL_ERROR "${RANKS} ranks over NCCL failed (${rc}):\n${o}")
+    endif()
+    check_run("${o}" ${RANKS} ${reference})
+    if(RANKS GREATER 1)
+        ddp(o rc --launch ${RANKS} --backend nccl --bs 1024 --give-up-rank 1 --at-batch 2 --watchdog 200)
+        string(REGEX MATCHALL "rank [0-9]+: recovery_failed at global batch 2" gave_up "${o}")
+        list(LENGTH gave_up count)
+        if(NOT count EQUAL RANKS OR NOT rc EQUAL 1 OR o MATCHES "watchdog")
+            message(FATAL_ERROR "a give-up on rank 1 over NCCL: every rank should throw recovery_failed:\n${o}")
+        endif()
+        message("  every rank threw recovery_failed at global batch 2")
+    endif()
+    return()
+endif()
 
 # 1. Two ranks, then three, under pressure and random faults on one rank.
 run(ref ${TRAIN} --bs 1024 --device-memory 1GiB)
