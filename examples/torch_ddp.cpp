@@ -243,7 +243,7 @@ int launch(Args const& a, char const* self) {
         args.insert(args.end(), a.forwarded.begin(), a.forwarded.end());
         pid_t pid = ::fork();
         if (pid == 0) {
-            ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // a launcher that dies takes its ranks with it
+            (void)::prctl(PR_SET_PDEATHSIG, SIGKILL);  // best effort: a launcher that dies takes its ranks along
             std::vector<char*> argv;
             for (auto& s : args) argv.push_back(s.data());
             argv.push_back(nullptr);
@@ -267,7 +267,13 @@ int launch(Args const& a, char const* self) {
         for (std::size_t r = 0; r < pids.size(); ++r) {
             if (status[r] != -1) continue;
             int st = 0;
-            if (::waitpid(pids[r], &st, WNOHANG) == pids[r]) status[r] = st, --running;
+            pid_t const got = ::waitpid(pids[r], &st, WNOHANG);
+            if (got == pids[r]) {
+                status[r] = st, --running;
+            } else if (got < 0 && errno != EINTR) {  // not ours to wait for any more: say so, count it failed
+                std::fprintf(stderr, "torch_ddp: waiting for rank %zu: %s\n", r, std::strerror(errno));
+                status[r] = 0x7f00, --running;  // reads as exit status 127
+            }
         }
         if (running == 0) break;
         if (!killed && std::chrono::steady_clock::now() > deadline) {
