@@ -8,10 +8,13 @@ set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${_readme}")
 file(READ "${_readme}" _text)
 # OOMGUARD_README_EXTRA: more Markdown files whose blocks of the same fence are
 # compiled too (docs/torch-distributed.md's libtorch block), after README.md's.
+set(_sources_read "README.md")
 foreach(_extra IN LISTS OOMGUARD_README_EXTRA)
     set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${_extra}")
     file(READ "${_extra}" _more)
     string(APPEND _text "\n${_more}")
+    file(RELATIVE_PATH _rel "${PROJECT_SOURCE_DIR}" "${_extra}")
+    string(APPEND _sources_read " and ${_rel}")
 endforeach()
 # OOMGUARD_README_FENCE and OOMGUARD_README_TARGET choose the blocks and the
 # target: ```cpp blocks by default, ```cpp torch blocks for the libtorch leg.
@@ -77,7 +80,7 @@ oomguard_strict(${_t})
 target_compile_options(${_t} PRIVATE -Wno-unused -Wno-unused-parameter)
 add_test(NAME test_${_t} COMMAND ${CMAKE_COMMAND} --build ${PROJECT_BINARY_DIR} --target ${_t})
 set_tests_properties(test_${_t} PROPERTIES LABELS docs)
-message(STATUS "oomguard: ${_n} C++ blocks of README.md are compiled by ${_t}")
+message(STATUS "oomguard: ${_n} C++ blocks of ${_sources_read} are compiled by ${_t}")
 unset(OOMGUARD_README_FENCE)
 unset(OOMGUARD_README_LIBS)
 unset(OOMGUARD_README_EXTRA)
