@@ -81,9 +81,11 @@ constexpr std::uint64_t from_ordered(std::int64_t v) noexcept {
 class C10dConsensus {
 public:
     /// Over a process group (as torch.distributed's init_process_group builds
-    /// it): a pointer to c10d::ProcessGroup or to a class derived from it. `timeout`: each agreement's limit, passed to the collective
+    /// it): a pointer to c10d::ProcessGroup or to a class derived from it.
+    /// `timeout`: each agreement's limit, passed to the collective
     /// (AllreduceOptions::timeout); the default, c10d::kUnsetTimeout, keeps the
-    /// group's own. Throws std::invalid_argument for a null group, a group of
+    /// group's own. `device`: where the agreement's tensor lives, when not the
+    /// one chosen as above. Throws std::invalid_argument for a null group, a group of
     /// fewer than one rank or a negative timeout other than kUnsetTimeout, and
     /// whatever libtorch throws allocating the tensor (c10::Error; an OOM here is
     /// before any recovery, and yours to handle).
