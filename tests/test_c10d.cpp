@@ -126,8 +126,8 @@ int leaves_with_a_non_oom_error(C10dConsensus& consensus, std::chrono::seconds w
 // Fake backends for what a CPU cannot produce.
 class ThrowingBackend final : public c10d::Backend {
 public:
-    ThrowingBackend(int size, bool oom) : Backend(0, size), oom_(oom) {}
-    const std::string getBackendName() const override { return "fake"; }
+    ThrowingBackend(int size, bool oom, std::string name = "fake") : Backend(0, size), oom_(oom), name_(std::move(name)) {}
+    const std::string getBackendName() const override { return name_; }
     c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>&, const c10d::AllreduceOptions&) override {
         if (oom_)  // what a communicator that ran out of device memory might raise
             TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory. Tried to allocate 2.00 MiB");
@@ -136,6 +136,7 @@ public:
 
 private:
     bool oom_;
+    std::string name_;
 };
 
 }  // namespace
@@ -245,4 +246,20 @@ TEST_CASE("bad arguments: a null group or backend, no ranks, a negative timeout"
                          "oomguard: C10dConsensus: timeout -5 ms; give a duration >= 0, or c10d::kUnsetTimeout "
                          "for the group's own",
                          std::invalid_argument);
+}
+
+TEST_CASE("a backend named nccl agrees on the GPU: here, with none, building it fails with libtorch's error") {
+    // With libtorch's CUDA hooks absent or no device, asking for the current
+    // CUDA device throws c10::Error -- before any recovery, and not an OOM.
+    try {
+        C10dConsensus on_gpu(c10::make_intrusive<ThrowingBackend>(2, false, "nccl"));
+        MESSAGE("a CUDA device answered: the agreement's tensor is on " << on_gpu.device().str());
+        CHECK(on_gpu.device().is_cuda());
+    } catch (c10::Error const& e) {
+        CHECK_FALSE(oomguard::is_device_oom(e));
+    }
+    // The device given wins over the backend's.
+    C10dConsensus on_cpu(c10::make_intrusive<ThrowingBackend>(2, false, "nccl"), c10d::kUnsetTimeout,
+                         c10::Device(c10::DeviceType::CPU));
+    CHECK(on_cpu.device().is_cpu());
 }
