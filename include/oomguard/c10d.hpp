@@ -167,8 +167,9 @@ public:
 
     /// The device the agreement's tensor lives on (the CPU for Gloo).
     c10::Device device() const noexcept { return buffer_.device(); }
-    /// This process's rank in the group, and the group's size.
+    /// This process's rank in the group, in [0, size()).
     int rank() const { return group_ ? group_->getRank() : backend_->getRank(); }
+    /// The number of ranks in the group (>= 1).
     int size() const { return group_ ? group_->getSize() : backend_->getSize(); }
 
     /// The most values one agreement carries (the ballot's size).
