@@ -107,6 +107,7 @@ TEST_CASE("micro-batches cover the global batch once, with weights summing to 1"
 TEST_CASE("an OOM shrinks the micro-batch, rolls back, and retries the same samples") {
     Workload w(1024 * KiB, 64 * KiB, 16 * KiB);  // fits m <= 60
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 256;
     AdaptiveBatch a(o);
     int rollbacks = 0, commits = 0;
@@ -240,6 +241,7 @@ TEST_CASE("a cache whose release throws during recovery: its exception reaches t
     auto bad = reg.add("poisoned", 1, [] { return std::size_t{KiB}; },
                        []() -> std::size_t { throw std::runtime_error("the context is gone"); });
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 128;  // 64 samples fit: the first attempt runs out
     o.caches = &reg;
     AdaptiveBatch a(o);
@@ -307,6 +309,7 @@ TEST_CASE("geometric is strictly decreasing even when the factor rounds to the s
 TEST_CASE("grow back after clean batches, never above the requested size") {
     Workload w(1000 * KiB, 0, 10 * KiB);
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 128;
     o.micro_batch = 128;
     o.grow_after = 3;
@@ -344,6 +347,7 @@ TEST_CASE("consensus: an OOM on one rank moves every rank to the same plan") {
     auto rank = [&](int r, std::size_t capacity) {
         Workload w(capacity, 0, 10 * KiB);
         BatchOptions o;
+        o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
         o.global_batch = 64;
         AdaptiveBatch a(o);
         a.consensus(tc.hook());
@@ -724,6 +728,7 @@ TEST_CASE("a short remainder that fails never decides the plan: the plan's size 
 TEST_CASE("a passing exception or a give-up leaves the last good plan and no half-made state") {
     Workload w(1024 * KiB, 0, 10 * KiB);
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 64;
     AdaptiveBatch a(o);
     a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
@@ -759,6 +764,7 @@ TEST_CASE("a rollback that throws a non-OOM passes through unchanged and leaves 
 TEST_CASE("one transient failure during a grow-back does not cap growth for good") {
     Workload w(1000 * KiB, 0, 10 * KiB);
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 64;
     o.grow_after = 1;
     AdaptiveBatch a(o);
@@ -1010,6 +1016,7 @@ TEST_CASE("reduce: a null combine is a bad argument; one that throws leaves the 
 TEST_CASE("a give-up after many attempts still shows the last error and its advice first") {
     Workload w(64 * KiB, 0, 80 * KiB);  // not even one sample fits
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 64;
     o.max_attempts = 30;
     o.transient_retries = 100;
@@ -1074,6 +1081,7 @@ TEST_CASE("observers see each global batch and micro-batch: its samples, what it
     Workload w(100 * KiB, 0, 4 * KiB);  // fits 25 samples at a time
     Buffer weights(w.budget, 10 * KiB);  // held across steps
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 40;
     o.micro_batch = 40;
     AdaptiveBatch a(o);
@@ -1363,6 +1371,7 @@ TEST_CASE("a workspace cache sized for a smaller micro-batch is emptied before a
     o.global_batch = 64;
     o.grow_after = 1;
     o.caches = &reg;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     AdaptiveBatch a(o);
     std::vector<std::size_t> sizes;
     auto step = [&](MicroBatch const& mb) {
@@ -1385,4 +1394,32 @@ TEST_CASE("a workspace cache sized for a smaller micro-batch is emptied before a
     CHECK(a.counters().ooms == 1);
     CHECK(a.counters().releases == releases + 1);
     CHECK(sizes == std::vector<std::size_t>{64, 32, 32, 48, 16});
+}
+
+TEST_CASE("the default policy: predictive with a meter, bisect without; predictive without one is refused") {
+    BatchOptions o;
+    o.global_batch = 64;
+    CHECK(o.policy.kind() == ShrinkPolicy::Kind::automatic);
+    CHECK(std::string(o.policy.name()) == "auto");
+    // Without a meter: bisection, which probes above the size that held (halving stays at 32).
+    Workload w(1024 * KiB, 0, 14 * KiB);                        // 14 KiB per sample
+    w.gpus.set_used_by_others(0, 1024 * KiB - 40 * 14 * KiB);  // room for 40 samples
+    AdaptiveBatch a(o);
+    auto step = [&](MicroBatch const& mb) { w.step(mb); };
+    auto none = [] {};
+    a.run(step, none, none);  // 64 fails, 32 holds; the probe comes next batch
+    CHECK(a.policy().kind() == ShrinkPolicy::Kind::bisect);
+    CHECK(a.plan().micro_batch == 48);
+    for (int i = 0; i < 6; ++i) a.run(step, none, none);
+    CHECK(a.plan().micro_batch == 40);  // the largest that fits, where halving stays at 32
+    // With a meter: predictive.
+    Workload v(1024 * KiB, 0, 14 * KiB);
+    AdaptiveBatch b(o);
+    b.measure_with(v.budget);
+    b.run([&](MicroBatch const& mb) { v.step(mb); }, none, none);
+    CHECK(b.policy().kind() == ShrinkPolicy::Kind::predictive);
+    // predictive chosen by name without a meter: an error naming measure_with.
+    o.policy = ShrinkPolicy::predictive();
+    AdaptiveBatch c(o);
+    CHECK_THROWS_WITH_AS(c.run(step, none, none), doctest::Contains("measure_with"), std::invalid_argument);
 }

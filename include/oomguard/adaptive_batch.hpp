@@ -541,6 +541,7 @@ private:
 
     template <class Step, class Commit, class Rollback>
     BatchResult run_batch(Step& step, Commit& commit, Rollback& rollback) {
+        planner_.use_meter(meter_for(plan().device) != nullptr);
         if (planner_.options().policy.kind() == ShrinkPolicy::Kind::predictive && meter_for(plan().device) == nullptr)
             detail::throw_invalid(detail::Message()
                                   << "oomguard: AdaptiveBatch: the predictive policy fits what a meter measures, and "

@@ -65,7 +65,9 @@ struct BatchOptions {
     /// the whole global batch is abandoned (an OOM in commit, a give-up).
     bool resume = false;
     bool release_caches = true;        ///< release the cache registry before each retry
-    ShrinkPolicy policy = ShrinkPolicy::halve();
+    /// How to shrink and where to probe: by default predictive when the batch
+    /// has a meter (AdaptiveBatch::measure_with), bisect otherwise.
+    ShrinkPolicy policy = ShrinkPolicy::automatic();
     CacheRegistry* caches = nullptr;   ///< nullptr: CacheRegistry::global()
 
     /// Applies the adaptive_batch settings of an OOMGUARD_CONF (min_batch,
@@ -211,7 +213,7 @@ struct Decision {
 /// The pure recovery state machine behind AdaptiveBatch (see the top of this header).
 class RecoveryPlanner {
 public:
-    explicit RecoveryPlanner(BatchOptions options) : opt_(std::move(options)) {
+    explicit RecoveryPlanner(BatchOptions options) : opt_(std::move(options)), policy_(opt_.policy.resolve(false)) {
         validate(opt_);
         if (opt_.micro_batch == 0) opt_.micro_batch = opt_.global_batch;
         reset();
@@ -373,7 +375,13 @@ public:
     Plan const& plan() const noexcept { return plan_; }
     Plan const& last_good_plan() const noexcept { return last_good_; }
     BatchOptions const& options() const noexcept { return opt_; }
-    ShrinkPolicy const& policy() const noexcept { return opt_.policy; }
+    /// The rule in effect: options().policy, with ShrinkPolicy::automatic()
+    /// resolved (by use_meter; bisect until then).
+    ShrinkPolicy const& policy() const noexcept { return policy_; }
+
+    /// Whether the runner measures the step (a meter for the plan's device):
+    /// ShrinkPolicy::automatic() runs as predictive with one, bisect without.
+    void use_meter(bool metered) { policy_ = opt_.policy.resolve(metered); }
     /// What the planner has measured and searched of the step (the one copy).
     StepModel const& model() const noexcept { return model_; }
     /// The largest size that completed at this precision and device (0: none).
@@ -454,14 +462,14 @@ private:
     // The next size after `ctx.failed` failed, by the policy; the model notes
     // whether it came from the fit.
     std::size_t shrink_to(ShrinkContext const& ctx) {
-        ShrinkPolicy::Next n = opt_.policy.after_failure(ctx, model_);
+        ShrinkPolicy::Next n = policy_.after_failure(ctx, model_);
         model_.predicted = n.predicted ? n.size : 0;
         return n.size;
     }
 
     // The next size after a success at the attempt's size, by the policy.
     std::size_t probe_after(std::size_t m) {
-        ShrinkPolicy::Next n = opt_.policy.after_success(m, opt_.global_batch, opt_.micro_batch, model_);
+        ShrinkPolicy::Next n = policy_.after_success(m, opt_.global_batch, opt_.micro_batch, model_);
         model_.predicted = n.predicted ? n.size : 0;
         return n.size;
     }
@@ -480,7 +488,7 @@ private:
     // Predictive refits and jumps inside it too (a prediction, segment 1), but
     // probes past its fit only where bisection would: at the next batch's start.
     std::size_t search_segment() const noexcept {
-        return opt_.resume && opt_.policy.searches() ? 1 : 0;
+        return opt_.resume && policy_.searches() ? 1 : 0;
     }
 
     Decision jumped(Observation const& o) {
@@ -492,7 +500,7 @@ private:
         } else if (o.full_done > 0) {
             std::size_t const next = probe_after(ran.micro_batch);
             bool const blind = model_.predicted != next;  // a probe past what the fit can tell
-            if (!(blind && opt_.policy.kind() == ShrinkPolicy::Kind::predictive)) {
+            if (!(blind && policy_.kind() == ShrinkPolicy::Kind::predictive)) {
                 plan_.micro_batch = next;
                 if (next != ran.micro_batch) segment_ = search_segment();
                 // A raise that a failure sends back to the size that held: a
@@ -642,7 +650,7 @@ private:
             }
             ShrinkContext ctx = context(failed, reach(o));
             std::size_t c1 = 0, c2 = 0;
-            if (opt_.policy.wants_calibration(ctx, model_, c1, c2)) {
+            if (policy_.wants_calibration(ctx, model_, c1, c2)) {
                 // Measure two small sizes inside the retried batch itself: two
                 // micro-batches at c1, then one at c2; their work is kept, and
                 // the rest of the batch jumps to the fitted size.
@@ -779,6 +787,7 @@ private:
     }
 
     BatchOptions opt_;
+    ShrinkPolicy policy_;  // opt_.policy, automatic() resolved
     StepModel model_;  // what was measured and searched: the one copy
     Plan plan_;
     Plan last_good_;
