@@ -1423,3 +1423,103 @@ TEST_CASE("the default policy: predictive with a meter, bisect without; predicti
     AdaptiveBatch c(o);
     CHECK_THROWS_WITH_AS(c.run(step, none, none), doctest::Contains("measure_with"), std::invalid_argument);
 }
+
+TEST_CASE("a short last batch under the same object: the plan is kept, every sample counted once") {
+    // 10 KiB per sample in 500 KiB: 64 fails, 32 holds (halving). An epoch of
+    // 3 * 64 + 20 samples: the last batch of 20 runs under the same plan.
+    Workload w(500 * KiB, 0, 10 * KiB);
+    BatchOptions o;
+    o.global_batch = 64;
+    o.policy = ShrinkPolicy::halve();
+    AdaptiveBatch a(o);
+    std::vector<double> seen(3 * 64 + 20, 0.0);  // each sample's weight x its batch's size, committed
+    std::vector<std::pair<std::size_t, double>> pending;
+    std::size_t first = 0, batch = 0;
+    double total = 0;  // the committed batch's weights
+    auto step = [&](MicroBatch const& mb) {
+        w.step(mb);
+        for (std::size_t i = 0; i < mb.size; ++i)
+            pending.emplace_back(first + mb.offset + i, mb.weight * static_cast<double>(batch) / static_cast<double>(mb.size));
+    };
+    auto commit = [&] {
+        total = 0;
+        for (auto const& p : pending) {
+            seen[p.first] += p.second;
+            total += p.second / static_cast<double>(batch);
+        }
+        pending.clear();
+    };
+    auto rollback = [&] { pending.clear(); };
+    for (int b = 0; b < 3; ++b, first += 64) {
+        batch = 64;
+        a.run(step, commit, rollback);
+        CHECK(total == doctest::Approx(1.0));
+    }
+    REQUIRE(a.plan().micro_batch == 32);
+    std::size_t const ooms = a.counters().ooms;
+    batch = 20;
+    BatchResult r = a.run(GlobalBatch{20}, step, commit, rollback);
+    CHECK(total == doctest::Approx(1.0));
+    CHECK(r.micro_batches == 1);        // one micro-batch of 20: the plan's 32, cut to the batch
+    CHECK(a.plan().micro_batch == 32);  // kept: the learned plan, not one from scratch
+    CHECK(a.counters().ooms == ooms);
+    CHECK(a.planner().global_batch() == 20);
+    for (double x : seen) CHECK(x == doctest::Approx(1.0));  // every sample once, weighted 1 / its batch
+    // The next full batch runs at the plan again.
+    first = 0;
+    batch = 64;
+    a.run(step, commit, rollback);
+    CHECK(total == doctest::Approx(1.0));
+    CHECK(a.planner().global_batch() == 64);
+    CHECK(a.plan().micro_batch == 32);
+    // A short batch that does not fit the plan's size: the batch runs in pieces, and the plan stays.
+    w.gpus.set_used_by_others(0, 500 * KiB - 25 * 10 * KiB);  // room for 25
+    batch = 30;
+    a.run(GlobalBatch{30}, step, commit, rollback);
+    CHECK(total == doctest::Approx(1.0));
+    CHECK(a.plan().micro_batch == 32);
+    // Bad sizes name the value and the range.
+    CHECK_THROWS_WITH_AS(a.run(GlobalBatch{0}, step, commit, rollback), doctest::Contains("GlobalBatch{0}"),
+                         std::invalid_argument);
+    CHECK_THROWS_WITH_AS(a.run(GlobalBatch{65}, step, commit, rollback), doctest::Contains("[1, 64]"),
+                         std::invalid_argument);
+    CHECK(a.plan().micro_batch == 32);
+}
+
+TEST_CASE("consensus: a short last batch on every rank; ranks that give different sizes fail together") {
+    ThreadConsensus tc(3);
+    Plan plans[3];
+    std::string errors[3];
+    std::size_t micro[3] = {0, 0, 0};
+    auto rank = [&](int r, std::size_t last) {
+        Workload w(r == 1 ? 500 * KiB : 1000 * KiB, 0, 10 * KiB);  // rank 1 fits 50: every rank runs 32
+        BatchOptions o;
+        o.global_batch = 64;
+        o.policy = ShrinkPolicy::halve();
+        AdaptiveBatch a(o);
+        a.consensus(tc.hook());
+        auto step = [&](MicroBatch const& mb) {
+            w.step(mb);
+            mb.sync();
+            return mb.size;
+        };
+        a.run(step);
+        auto res = a.run(GlobalBatch{20}, step);  // the epoch's last batch, on every rank
+        micro[r] = res.batch.micro_batches;
+        plans[r] = a.plan();
+        try {
+            a.run(GlobalBatch{last}, step);
+        } catch (std::logic_error const& e) {
+            errors[r] = e.what();
+        }
+    };
+    std::thread r0(rank, 0, 20), r1(rank, 1, 20), r2(rank, 2, 21);  // rank 2 disagrees on the second
+    r0.join();
+    r1.join();
+    r2.join();
+    for (int r = 0; r < 3; ++r) {
+        CHECK(plans[r].micro_batch == 32);
+        CHECK(micro[r] == 1);
+        CHECK(errors[r].find("different sizes (20 to 21 samples)") != std::string::npos);
+    }
+}

@@ -216,15 +216,25 @@ public:
     explicit RecoveryPlanner(BatchOptions options) : opt_(std::move(options)), policy_(opt_.policy.resolve(false)) {
         validate(opt_);
         if (opt_.micro_batch == 0) opt_.micro_batch = opt_.global_batch;
+        g_ = opt_.global_batch;
         reset();
     }
 
     /// Whether the ladder has a failover step (AdaptiveBatch sets it when a hook is installed).
     void allow_failover(bool on) noexcept { failover_ = on; }
 
-    /// Starts a global batch: clears what the last one left, and grows back
-    /// (the previous precision first, then the size) when enough clean batches passed.
-    Decision begin_batch() {
+    /// Starts a global batch of `global_batch` samples (0: BatchOptions::global_batch;
+    /// fewer for an epoch's last, shorter batch, under the same plan): clears
+    /// what the last one left, and grows back (the previous precision first,
+    /// then the size) when enough clean batches passed. Throws
+    /// std::invalid_argument for a size above BatchOptions::global_batch.
+    Decision begin_batch(std::size_t global_batch = 0) {
+        if (global_batch > opt_.global_batch)
+            detail::throw_invalid(detail::Message()
+                                  << "oomguard: a global batch of " << global_batch << " samples is above "
+                                  << "BatchOptions.global_batch " << opt_.global_batch << "; give [1, "
+                                  << opt_.global_batch << "] (or 0 for " << opt_.global_batch << ')');
+        g_ = global_batch != 0 ? global_batch : opt_.global_batch;
         clear_batch_state();
         Decision d{PlanAction::keep, plan_, plan_, ""};
         if (plan_.precision_index > 0 && opt_.restore_precision_after != 0 &&
@@ -375,6 +385,8 @@ public:
     Plan const& plan() const noexcept { return plan_; }
     Plan const& last_good_plan() const noexcept { return last_good_; }
     BatchOptions const& options() const noexcept { return opt_; }
+    /// The samples of the current global batch (begin_batch's; BatchOptions::global_batch by default).
+    std::size_t global_batch() const noexcept { return g_; }
     /// The rule in effect: options().policy, with ShrinkPolicy::automatic()
     /// resolved (by use_meter; bisect until then).
     ShrinkPolicy const& policy() const noexcept { return policy_; }
@@ -442,7 +454,7 @@ private:
         if (o.full_done > 0) {
             if (ran.micro_batch > proven_) proven_ = ran.micro_batch;
             if (o.full_peak != 0) {
-                if (o.full_later || ran.micro_batch >= opt_.global_batch)
+                if (o.full_later || ran.micro_batch >= g_)
                     model_.observe(ran.micro_batch, o.full_peak);
                 else
                     model_.bound(ran.micro_batch, o.full_peak);  // the first micro-batch's: a later one needs more
@@ -787,6 +799,7 @@ private:
     }
 
     BatchOptions opt_;
+    std::size_t g_ = 0;    // the current global batch's samples
     ShrinkPolicy policy_;  // opt_.policy, automatic() resolved
     StepModel model_;  // what was measured and searched: the one copy
     Plan plan_;
