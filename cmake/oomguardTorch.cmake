@@ -49,3 +49,35 @@ foreach(_h include/torch/headeronly/version.h include/torch/version.h)
 endforeach()
 set(OOMGUARD_HAVE_TORCH ON)
 message(STATUS "oomguard: libtorch ${_oomguard_torch_version} from ${OOMGUARD_TORCH_DIR}: the torch tests and example are built")
+# c10d's Gloo backend is in libtorch_cpu, but the wheel ships its header
+# (ProcessGroupGloo.hpp) without Gloo's own headers, which it includes; only
+# shared_ptrs to Gloo's types are in its layout, so any Gloo headers that
+# compile with it will do (Debian's libgloo-dev; nothing of libgloo is linked).
+# oomguard_libtorch_gloo: oomguard_libtorch plus those headers, for the
+# data-parallel example and its test. <oomguard/c10d.hpp> itself needs none of them.
+find_path(OOMGUARD_GLOO_INCLUDE_DIR gloo/algorithm.h HINTS "${OOMGUARD_TORCH_DIR}/include"
+          DOC "Gloo's headers, for c10d's ProcessGroupGloo.hpp (apt-get install libgloo-dev)")
+set(OOMGUARD_HAVE_GLOO OFF)
+if(OOMGUARD_GLOO_INCLUDE_DIR)
+    add_library(oomguard_libtorch_gloo INTERFACE)
+    target_link_libraries(oomguard_libtorch_gloo INTERFACE oomguard_libtorch)
+    target_include_directories(oomguard_libtorch_gloo SYSTEM INTERFACE "${OOMGUARD_GLOO_INCLUDE_DIR}")
+    target_compile_definitions(oomguard_libtorch_gloo INTERFACE USE_C10D_GLOO)
+    set(OOMGUARD_HAVE_GLOO ON)
+    message(STATUS "oomguard: Gloo headers in ${OOMGUARD_GLOO_INCLUDE_DIR}: the c10d example and test are built")
+else()
+    message(STATUS "oomguard: Gloo's headers not found: the c10d example and its test are not built "
+                   "(apt-get install libgloo-dev, or set OOMGUARD_GLOO_INCLUDE_DIR)")
+endif()
+# The data-parallel example's NCCL variant (--backend nccl) needs NCCL's header
+# (the toolkit's, or the nvidia-nccl wheel's beside torch) and CUDA: it is
+# compiled wherever they are, linked and run only with OOMGUARD_TORCH_CUDA_RUNTIME.
+set(OOMGUARD_HAVE_TORCH_NCCL OFF)
+if(OOMGUARD_HAVE_GLOO AND TARGET CUDA::cudart)
+    find_path(OOMGUARD_NCCL_INCLUDE_DIR nccl.h
+              HINTS ${CUDAToolkit_INCLUDE_DIRS} "${OOMGUARD_TORCH_DIR}/../nvidia/nccl/include"
+              DOC "NCCL's header, for c10d's ProcessGroupNCCL.hpp")
+    if(OOMGUARD_NCCL_INCLUDE_DIR)
+        set(OOMGUARD_HAVE_TORCH_NCCL ON)
+    endif()
+endif()

@@ -57,7 +57,7 @@ inline std::vector<Flag> flags(Args const& d) {
         {"--lr", "X", "learning rate, in [1e-9, 10]", "0.05"},
         {"--seed", "N", "seed of the data, the weights and the faults", std::to_string(d.seed)},
         {"--budget", "CAP", "the MemoryBudget's cap: 0.9, 90% or 512MiB (OOMGUARD_CONF budget=)", "0.9"},
-        {"--policy", "P", "how to shrink: halve, geometric, bisect, predictive (OOMGUARD_CONF policy=)",
+        {"--policy", "P", "how to shrink: auto, halve, geometric, bisect, predictive (OOMGUARD_CONF policy=)",
          "predictive"},
         {"--precision", "LADDER", "precisions to fall back through: fp32,bf16 or fp32 (\"fp32>bf16\" if quoted)",
          "fp32,bf16"},

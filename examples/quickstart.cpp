@@ -10,6 +10,7 @@ int main() {
     oomguard::BatchOptions opts;
     opts.global_batch = 1024;  // samples per optimizer step: kept whatever happens
     oomguard::AdaptiveBatch train(opts);
+    train.measure_with(budget);  // peaks measured: the default policy fits the step (predictive)
     auto log = train.observe([](oomguard::BatchEvent const& e) {
         if (e.kind == oomguard::BatchEventKind::oom_caught)
             std::printf("OOM at m=%zu: %s\n", e.from.micro_batch, e.what);

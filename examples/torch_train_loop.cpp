@@ -21,8 +21,9 @@
 #include <oomguard/simulated_devices.hpp>
 #include <oomguard/torch.hpp>
 
-#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
+
+#include "torch_model.hpp"
 
 #include <cstdio>
 #include <cstdlib>
@@ -33,42 +34,8 @@
 
 namespace {
 
-struct NetImpl : torch::nn::Module {
-    torch::nn::Linear fc1{nullptr}, fc2{nullptr}, out{nullptr};
-    NetImpl(int inputs, int hidden)
-        : fc1(register_module("fc1", torch::nn::Linear(inputs, hidden))),
-          fc2(register_module("fc2", torch::nn::Linear(hidden, hidden))),
-          out(register_module("out", torch::nn::Linear(hidden, 1))) {}
-    torch::Tensor forward(torch::Tensor x) {
-        x = torch::tanh(fc1->forward(x));
-        x = torch::tanh(fc2->forward(x));
-        return out->forward(x);
-    }
-};
-TORCH_MODULE(Net);
-
-// bf16 autocast on `device` for a scope (the precision ladder's second rung).
-class Autocast {
-public:
-    Autocast(c10::DeviceType device, bool on)
-        : device_(device), was_(at::autocast::is_autocast_enabled(device)),
-          dtype_(at::autocast::get_autocast_dtype(device)) {
-        if (on) {
-            at::autocast::set_autocast_dtype(device, at::kBFloat16);
-            at::autocast::set_autocast_enabled(device, true);
-        }
-    }
-    ~Autocast() {
-        at::autocast::set_autocast_enabled(device_, was_);
-        at::autocast::set_autocast_dtype(device_, dtype_);
-        at::autocast::clear_cache();
-    }
-
-private:
-    c10::DeviceType device_;
-    bool was_;
-    at::ScalarType dtype_;
-};
+using torch_example::Autocast;
+using torch_example::Net;
 
 struct Args {
     std::size_t bs = 1024, epochs = 3, samples = 4096, hidden = 128, min_batch = 64;
@@ -162,12 +129,11 @@ int main(int argc, char** argv) {
 
     int status = 0;
     try {
-        int const inputs = 32;
+        int const inputs = torch_example::inputs;
         auto const N = static_cast<std::int64_t>(args.samples);
-        // Synthetic data, held on the device like a dataset that fits.
-        torch::Tensor X = torch::randn({N, inputs}).to(device);
-        torch::Tensor w = torch::randn({inputs, 1}).to(device);
-        torch::Tensor Y = torch::sin(X.matmul(w) / 4) + 0.01 * torch::randn({N, 1}).to(device);
+        torch_example::Data const data(N, device);  // synthetic, held on the device like a dataset that fits
+        torch::Tensor const& X = data.X;
+        torch::Tensor const& Y = data.Y;
         Net model(inputs, static_cast<int>(args.hidden));
         model->to(device);
         std::unique_ptr<torch::optim::Optimizer> optimizer;

@@ -124,13 +124,12 @@ int main(int argc, char** argv) {
         bool resume;
         std::unique_ptr<oomguard::AdaptiveBatch> batch;
     };
+    // An epoch's last, shorter batch runs under its workload's object and plan
+    // (GlobalBatch below), not a second object that would learn from scratch.
     Workload workloads[] = {{"train", args.bs, args.resume, nullptr},
-                            {"tail", N % args.bs, args.resume, nullptr},
                             {"eval", eval_bs, true, nullptr},
-                            {"eval tail", NE % eval_bs, true, nullptr},
                             {"final", N, true, nullptr}};
     for (auto& w : workloads) {
-        if (w.global_batch == 0) continue;  // no short last batch
         try {
             w.batch = std::make_unique<oomguard::AdaptiveBatch>(options(w.global_batch, w.resume));
         } catch (std::invalid_argument const& e) {  // min_batch=600 above an evaluation batch of 500, say
@@ -138,7 +137,7 @@ int main(int argc, char** argv) {
                        " samples: " + e.what() + " (from OOMGUARD_CONF or the flags)");
         }
     }
-    oomguard::AdaptiveBatch &train = *workloads[0].batch, &eval = *workloads[2].batch, &final_pass = *workloads[4].batch;
+    oomguard::AdaptiveBatch &train = *workloads[0].batch, &eval = *workloads[1].batch, &final_pass = *workloads[2].batch;
 
     std::unique_ptr<oomguard::Trace> trace;
     try {
@@ -231,27 +230,28 @@ int main(int argc, char** argv) {
                     on_gpu ? "the GPU" : "a simulated GPU", N, args.hidden, args.bs,
                     oomguard::format_bytes(budget->limit()).c_str(), oomguard::format_bytes(capacity).c_str());
         auto sum = [](double a, double b) { return a + b; };
-        auto pass = [&](std::size_t begin, std::size_t count, std::size_t batch, Workload& full, Workload& tail,
+        auto pass = [&](std::size_t begin, std::size_t count, std::size_t batch, oomguard::AdaptiveBatch& runner,
                         bool learn) {
             double loss = 0;
             for (std::size_t first = begin; first < begin + count; first += batch) {
-                oomguard::AdaptiveBatch& runner = begin + count - first < batch ? *tail.batch : *full.batch;
+                // The last batch of the pass may be shorter: the same object, its size given.
+                oomguard::GlobalBatch const n{begin + count - first < batch ? begin + count - first : batch};
                 auto step = [&model, first, learn](oomguard::MicroBatch const& mb) { return model.step(first, mb, learn); };
                 // reduce() sums the losses of the micro-batches the committed attempt kept:
                 // a failed attempt's losses never count.
                 if (learn)
                     loss += runner
-                                .reduce(step, 0.0, sum, [&] { model.commit(static_cast<float>(args.lr)); },  // optimizer step
-                                        [&] { model.rollback(); })                                           // zero_grad
+                                .reduce(n, step, 0.0, sum, [&] { model.commit(static_cast<float>(args.lr)); },  // optimizer step
+                                        [&] { model.rollback(); })                                              // zero_grad
                                 .value;
                 else
-                    loss += runner.run(step).value;
+                    loss += runner.run(n, step).value;
             }
             return loss / static_cast<double>(count);
         };
         for (std::size_t epoch = 1; epoch <= args.epochs; ++epoch) {
-            double loss = pass(0, N, args.bs, workloads[0], workloads[1], true);
-            double eval_loss = pass(N, NE, eval_bs, workloads[2], workloads[3], false);
+            double loss = pass(0, N, args.bs, train, true);
+            double eval_loss = pass(N, NE, eval_bs, eval, false);
             oomguard::Plan const& plan = train.plan();
             std::size_t ooms = 0;
             for (auto& w : workloads) ooms += w.batch ? w.batch->counters().ooms : 0;
@@ -260,7 +260,6 @@ int main(int argc, char** argv) {
             if (epoch == 1 && plan_cache)
                 std::printf("plan from %s\n", report.plan_source("train").c_str());
         }
-        (void)eval;
         double final_loss = final_pass.run([&](oomguard::MicroBatch const& mb) { return model.step(0, mb, false); }).value /
                             static_cast<double>(N);
         if (!first_oom.empty()) std::printf("survived: %s\n", first_oom.c_str());

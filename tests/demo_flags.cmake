@@ -76,7 +76,7 @@ expect(2 "--budget of 1048577 bytes is more than the simulated GPU's 1048576" - 
 expect(2 "OOMGUARD_CONF's budget of 2097152 bytes is more than" "budget=2MiB" --device-memory 1MiB)
 expect(2 "OOMGUARD_CONF's budget: oomguard: Limit::headroom(2.00 MiB) is more than the" "headroom=2MiB"
        --device-memory 1MiB)
-expect(2 "bad value 'fast' for --policy: give halve, geometric, bisect or predictive" - --policy fast)
+expect(2 "bad value 'fast' for --policy: give auto, halve, geometric, bisect or predictive" - --policy fast)
 expect(2 "bf16 (2) would go up in memory" - --precision "bf16>fp32")
 expect(2 "--precision: the precision ladder may hold fp32 and bf16" - --precision "fp32>fp16")
 expect(2 "--precision: the precision ladder may hold fp32 and bf16" - --precision fp32,fp16)

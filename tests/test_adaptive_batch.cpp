@@ -107,6 +107,7 @@ TEST_CASE("micro-batches cover the global batch once, with weights summing to 1"
 TEST_CASE("an OOM shrinks the micro-batch, rolls back, and retries the same samples") {
     Workload w(1024 * KiB, 64 * KiB, 16 * KiB);  // fits m <= 60
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 256;
     AdaptiveBatch a(o);
     int rollbacks = 0, commits = 0;
@@ -240,6 +241,7 @@ TEST_CASE("a cache whose release throws during recovery: its exception reaches t
     auto bad = reg.add("poisoned", 1, [] { return std::size_t{KiB}; },
                        []() -> std::size_t { throw std::runtime_error("the context is gone"); });
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 128;  // 64 samples fit: the first attempt runs out
     o.caches = &reg;
     AdaptiveBatch a(o);
@@ -307,6 +309,7 @@ TEST_CASE("geometric is strictly decreasing even when the factor rounds to the s
 TEST_CASE("grow back after clean batches, never above the requested size") {
     Workload w(1000 * KiB, 0, 10 * KiB);
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 128;
     o.micro_batch = 128;
     o.grow_after = 3;
@@ -344,6 +347,7 @@ TEST_CASE("consensus: an OOM on one rank moves every rank to the same plan") {
     auto rank = [&](int r, std::size_t capacity) {
         Workload w(capacity, 0, 10 * KiB);
         BatchOptions o;
+        o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
         o.global_batch = 64;
         AdaptiveBatch a(o);
         a.consensus(tc.hook());
@@ -724,6 +728,7 @@ TEST_CASE("a short remainder that fails never decides the plan: the plan's size 
 TEST_CASE("a passing exception or a give-up leaves the last good plan and no half-made state") {
     Workload w(1024 * KiB, 0, 10 * KiB);
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 64;
     AdaptiveBatch a(o);
     a.run([&](MicroBatch const& mb) { w.step(mb); }, [] {}, [] {});
@@ -759,6 +764,7 @@ TEST_CASE("a rollback that throws a non-OOM passes through unchanged and leaves 
 TEST_CASE("one transient failure during a grow-back does not cap growth for good") {
     Workload w(1000 * KiB, 0, 10 * KiB);
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 64;
     o.grow_after = 1;
     AdaptiveBatch a(o);
@@ -1010,6 +1016,7 @@ TEST_CASE("reduce: a null combine is a bad argument; one that throws leaves the 
 TEST_CASE("a give-up after many attempts still shows the last error and its advice first") {
     Workload w(64 * KiB, 0, 80 * KiB);  // not even one sample fits
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 64;
     o.max_attempts = 30;
     o.transient_retries = 100;
@@ -1074,6 +1081,7 @@ TEST_CASE("observers see each global batch and micro-batch: its samples, what it
     Workload w(100 * KiB, 0, 4 * KiB);  // fits 25 samples at a time
     Buffer weights(w.budget, 10 * KiB);  // held across steps
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     o.global_batch = 40;
     o.micro_batch = 40;
     AdaptiveBatch a(o);
@@ -1363,6 +1371,7 @@ TEST_CASE("a workspace cache sized for a smaller micro-batch is emptied before a
     o.global_batch = 64;
     o.grow_after = 1;
     o.caches = &reg;
+    o.policy = ShrinkPolicy::halve();  // written for halving (the default is auto)
     AdaptiveBatch a(o);
     std::vector<std::size_t> sizes;
     auto step = [&](MicroBatch const& mb) {
@@ -1385,4 +1394,132 @@ TEST_CASE("a workspace cache sized for a smaller micro-batch is emptied before a
     CHECK(a.counters().ooms == 1);
     CHECK(a.counters().releases == releases + 1);
     CHECK(sizes == std::vector<std::size_t>{64, 32, 32, 48, 16});
+}
+
+TEST_CASE("the default policy: predictive with a meter, bisect without; predictive without one is refused") {
+    BatchOptions o;
+    o.global_batch = 64;
+    CHECK(o.policy.kind() == ShrinkPolicy::Kind::automatic);
+    CHECK(std::string(o.policy.name()) == "auto");
+    // Without a meter: bisection, which probes above the size that held (halving stays at 32).
+    Workload w(1024 * KiB, 0, 14 * KiB);                        // 14 KiB per sample
+    w.gpus.set_used_by_others(0, 1024 * KiB - 40 * 14 * KiB);  // room for 40 samples
+    AdaptiveBatch a(o);
+    auto step = [&](MicroBatch const& mb) { w.step(mb); };
+    auto none = [] {};
+    a.run(step, none, none);  // 64 fails, 32 holds; the probe comes next batch
+    CHECK(a.policy().kind() == ShrinkPolicy::Kind::bisect);
+    CHECK(a.plan().micro_batch == 48);
+    for (int i = 0; i < 6; ++i) a.run(step, none, none);
+    CHECK(a.plan().micro_batch == 40);  // the largest that fits, where halving stays at 32
+    // With a meter: predictive.
+    Workload v(1024 * KiB, 0, 14 * KiB);
+    AdaptiveBatch b(o);
+    b.measure_with(v.budget);
+    b.run([&](MicroBatch const& mb) { v.step(mb); }, none, none);
+    CHECK(b.policy().kind() == ShrinkPolicy::Kind::predictive);
+    // predictive chosen by name without a meter: an error naming measure_with.
+    o.policy = ShrinkPolicy::predictive();
+    AdaptiveBatch c(o);
+    CHECK_THROWS_WITH_AS(c.run(step, none, none), doctest::Contains("measure_with"), std::invalid_argument);
+}
+
+TEST_CASE("a short last batch under the same object: the plan is kept, every sample counted once") {
+    // 10 KiB per sample in 500 KiB: 64 fails, 32 holds (halving). An epoch of
+    // 3 * 64 + 20 samples: the last batch of 20 runs under the same plan.
+    Workload w(500 * KiB, 0, 10 * KiB);
+    BatchOptions o;
+    o.global_batch = 64;
+    o.policy = ShrinkPolicy::halve();
+    AdaptiveBatch a(o);
+    std::vector<double> seen(3 * 64 + 20, 0.0);  // each sample's weight x its batch's size, committed
+    std::vector<std::pair<std::size_t, double>> pending;
+    std::size_t first = 0, batch = 0;
+    double total = 0;  // the committed batch's weights
+    auto step = [&](MicroBatch const& mb) {
+        w.step(mb);
+        for (std::size_t i = 0; i < mb.size; ++i)
+            pending.emplace_back(first + mb.offset + i, mb.weight * static_cast<double>(batch) / static_cast<double>(mb.size));
+    };
+    auto commit = [&] {
+        total = 0;
+        for (auto const& p : pending) {
+            seen[p.first] += p.second;
+            total += p.second / static_cast<double>(batch);
+        }
+        pending.clear();
+    };
+    auto rollback = [&] { pending.clear(); };
+    for (int b = 0; b < 3; ++b, first += 64) {
+        batch = 64;
+        a.run(step, commit, rollback);
+        CHECK(total == doctest::Approx(1.0));
+    }
+    REQUIRE(a.plan().micro_batch == 32);
+    std::size_t const ooms = a.counters().ooms;
+    batch = 20;
+    BatchResult r = a.run(GlobalBatch{20}, step, commit, rollback);
+    CHECK(total == doctest::Approx(1.0));
+    CHECK(r.micro_batches == 1);        // one micro-batch of 20: the plan's 32, cut to the batch
+    CHECK(a.plan().micro_batch == 32);  // kept: the learned plan, not one from scratch
+    CHECK(a.counters().ooms == ooms);
+    CHECK(a.planner().global_batch() == 20);
+    for (double x : seen) CHECK(x == doctest::Approx(1.0));  // every sample once, weighted 1 / its batch
+    // The next full batch runs at the plan again.
+    first = 0;
+    batch = 64;
+    a.run(step, commit, rollback);
+    CHECK(total == doctest::Approx(1.0));
+    CHECK(a.planner().global_batch() == 64);
+    CHECK(a.plan().micro_batch == 32);
+    // A short batch that does not fit the plan's size: the batch runs in pieces, and the plan stays.
+    w.gpus.set_used_by_others(0, 500 * KiB - 25 * 10 * KiB);  // room for 25
+    batch = 30;
+    a.run(GlobalBatch{30}, step, commit, rollback);
+    CHECK(total == doctest::Approx(1.0));
+    CHECK(a.plan().micro_batch == 32);
+    // Bad sizes name the value and the range.
+    CHECK_THROWS_WITH_AS(a.run(GlobalBatch{0}, step, commit, rollback), doctest::Contains("GlobalBatch{0}"),
+                         std::invalid_argument);
+    CHECK_THROWS_WITH_AS(a.run(GlobalBatch{65}, step, commit, rollback), doctest::Contains("[1, 64]"),
+                         std::invalid_argument);
+    CHECK(a.plan().micro_batch == 32);
+}
+
+TEST_CASE("consensus: a short last batch on every rank; ranks that give different sizes fail together") {
+    ThreadConsensus tc(3);
+    Plan plans[3];
+    std::string errors[3];
+    std::size_t micro[3] = {0, 0, 0};
+    auto rank = [&](int r, std::size_t last) {
+        Workload w(r == 1 ? 500 * KiB : 1000 * KiB, 0, 10 * KiB);  // rank 1 fits 50: every rank runs 32
+        BatchOptions o;
+        o.global_batch = 64;
+        o.policy = ShrinkPolicy::halve();
+        AdaptiveBatch a(o);
+        a.consensus(tc.hook());
+        auto step = [&](MicroBatch const& mb) {
+            w.step(mb);
+            mb.sync();
+            return mb.size;
+        };
+        a.run(step);
+        auto res = a.run(GlobalBatch{20}, step);  // the epoch's last batch, on every rank
+        micro[r] = res.batch.micro_batches;
+        plans[r] = a.plan();
+        try {
+            a.run(GlobalBatch{last}, step);
+        } catch (std::logic_error const& e) {
+            errors[r] = e.what();
+        }
+    };
+    std::thread r0(rank, 0, 20), r1(rank, 1, 20), r2(rank, 2, 21);  // rank 2 disagrees on the second
+    r0.join();
+    r1.join();
+    r2.join();
+    for (int r = 0; r < 3; ++r) {
+        CHECK(plans[r].micro_batch == 32);
+        CHECK(micro[r] == 1);
+        CHECK(errors[r].find("different sizes (20 to 21 samples)") != std::string::npos);
+    }
 }

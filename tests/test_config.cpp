@@ -104,7 +104,7 @@ TEST_CASE("adaptive_batch keys") {
         char const* says;
     };
     Case const bad[] = {
-        {"policy=shrink", "give halve, geometric, bisect or predictive"},
+        {"policy=shrink", "give auto, halve, geometric, bisect or predictive"},
         {"factor=0.9", "factor is only for policy=geometric"},
         {"policy=halve,factor=0.5", "factor is only for policy=geometric"},
         {"policy=geometric,factor=1", "bad value '1' for factor"},

@@ -77,6 +77,7 @@ Observation metered_oom(std::size_t planned, std::size_t full_done, std::size_t 
 }
 BatchOptions options(std::size_t G, std::size_t m = 0, std::size_t min = 1) {
     BatchOptions o;
+    o.policy = ShrinkPolicy::halve();  // the table's rows are written for halving (rows set others)
     o.global_batch = G;
     o.micro_batch = m;
     o.min_micro_batch = min;

@@ -35,6 +35,7 @@ struct Run {
         o.micro_batch = 32;
         o.min_micro_batch = 16;
         o.precisions = {Precision::fp32, Precision::bf16};
+        o.policy = ShrinkPolicy::halve();
         o.caches = reg;
         return o;
     }

@@ -68,6 +68,14 @@ struct BatchResult {
     std::exception_ptr observer_error;
 };
 
+/// The samples of one global batch, given to run() or reduce() when it is not
+/// BatchOptions::global_batch: an epoch's last, shorter batch runs under the
+/// same object and the same learned plan. In [1, BatchOptions::global_batch];
+/// under consensus every rank must give the same.
+struct GlobalBatch {
+    std::size_t samples = 0;  ///< samples in this global batch
+};
+
 /// A global batch's BatchResult and the value its kept micro-batches combined to.
 template <class T>
 struct Reduced {
@@ -491,6 +499,36 @@ public:
         }
     }
 
+    /// run(step, commit, rollback) over a global batch of `g.samples` (an
+    /// epoch's last, shorter batch) under the same plan: each micro-batch's
+    /// weight is its size / g.samples. Throws std::invalid_argument for 0 or a
+    /// size above BatchOptions::global_batch; under consensus, std::logic_error
+    /// on every rank when the ranks give different sizes. Otherwise as run().
+    template <class Step, class Commit, class Rollback>
+    BatchResult run(GlobalBatch g, Step&& step, Commit&& commit, Rollback&& rollback) {
+        CallSize size(*this, g, "run");
+        return run(std::forward<Step>(step), std::forward<Commit>(commit), std::forward<Rollback>(rollback));
+    }
+    /// run(step) over a global batch of `g.samples` (see run(GlobalBatch, step, commit, rollback)).
+    template <class Step>
+    auto run(GlobalBatch g, Step&& step) {
+        CallSize size(*this, g, "run");
+        return run(std::forward<Step>(step));
+    }
+    /// reduce() over a global batch of `g.samples` (see run(GlobalBatch, step, commit, rollback)).
+    template <class T, class Step, class Combine, class Commit, class Rollback>
+    Reduced<T> reduce(GlobalBatch g, Step&& step, T init, Combine combine, Commit&& commit, Rollback&& rollback) {
+        CallSize size(*this, g, "reduce");
+        return reduce(std::forward<Step>(step), std::move(init), std::move(combine), std::forward<Commit>(commit),
+                      std::forward<Rollback>(rollback));
+    }
+    /// reduce() with nothing to commit or roll back, over a global batch of `g.samples`.
+    template <class T, class Step, class Combine>
+    Reduced<T> reduce(GlobalBatch g, Step&& step, T init, Combine combine) {
+        CallSize size(*this, g, "reduce");
+        return reduce(std::forward<Step>(step), std::move(init), std::move(combine));
+    }
+
     Plan const& plan() const noexcept { return planner_.plan(); }
     Plan const& last_good_plan() const noexcept { return planner_.last_good_plan(); }
     BatchCounters const& counters() const noexcept { return counters_; }
@@ -548,6 +586,24 @@ public:
 private:
     using Ballot = detail::Ballot;
 
+    // The global batch of one run()/reduce() call; the one before it back when
+    // the call ends (a nested run() is refused, and must not clear the outer one's).
+    struct CallSize {
+        AdaptiveBatch& a;
+        std::size_t before;
+        CallSize(AdaptiveBatch& self, GlobalBatch g, char const* what) : a(self), before(self.call_g_) {
+            std::size_t const G = self.planner_.options().global_batch;
+            if (g.samples == 0 || g.samples > G)
+                detail::throw_invalid(detail::Message() << "oomguard: AdaptiveBatch::" << what << ": GlobalBatch{"
+                                                        << g.samples << "}: give the batch's samples, in [1, " << G
+                                                        << "] (BatchOptions.global_batch)");
+            if (!self.running_) self.call_g_ = g.samples;
+        }
+        ~CallSize() { a.call_g_ = before; }
+        CallSize(CallSize const&) = delete;
+        CallSize& operator=(CallSize const&) = delete;
+    };
+
     // Where a rank stands, for the agreement's phase tag: a sync point is
     // (micro-batch index + 1) << 20 | its number within the micro-batch; the
     // rounds after the steps come after every sync point of the attempt.
@@ -584,6 +640,7 @@ private:
 
     template <class Step, class Commit, class Rollback>
     BatchResult run_batch(Step& step, Commit& commit, Rollback& rollback) {
+        planner_.use_meter(meter_for(plan().device) != nullptr);
         if (planner_.options().policy.kind() == ShrinkPolicy::Kind::predictive && meter_for(plan().device) == nullptr)
             detail::throw_invalid(detail::Message()
                                   << "oomguard: AdaptiveBatch: the predictive policy fits what a meter measures, and "
@@ -602,7 +659,7 @@ private:
         start_agreed_ = true;
         tried_.clear();
         batch_base_known_ = false;
-        Decision const begin = planner_.begin_batch();
+        Decision const begin = planner_.begin_batch(call_g_);
         emit(BatchEventKind::batch_begin, begin.from, begin.from, 0, 0, "");
         // Calibrating before any failure (BatchOptions::start): the caches go
         // first, so that the small sizes measure their own allocations, not a
@@ -631,7 +688,7 @@ private:
             emit(BatchEventKind::grow_back, begin.from, begin.to, 0, 0, "");
         }
         std::vector<AttemptRecord> history;
-        std::size_t const G = planner_.options().global_batch;
+        std::size_t const G = planner_.global_batch();
         std::size_t done = 0;       // samples of this global batch completed and kept
         std::size_t micro_batches = 0;  // kept micro-batches of this global batch
         for (;;) {
@@ -714,7 +771,7 @@ private:
     std::size_t recover(Attempt const& at, Local& l, Observation& obs, Ballot const& t_end,
                         std::vector<AttemptRecord>& history, Rollback& rollback) {
         bool const failed_here = l.oom || l.commit_oom;
-        std::size_t const G = planner_.options().global_batch;
+        std::size_t const G = planner_.global_batch();
         // Resume: every completed micro-batch is kept, and every rank must keep
         // the same ones -- which sync points in every micro-batch guarantee.
         bool const keep = planner_.options().resume && obs.outcome == Observation::Outcome::step_oom;
@@ -837,7 +894,7 @@ private:
             l.limit = l.available <= static_cast<std::size_t>(-1) - used ? used + l.available : 0;
             l.measured = true;
         }
-        std::size_t const G = planner_.options().global_batch;
+        std::size_t const G = planner_.global_batch();
         std::size_t offset = l.start, index = 0, planned = 0, n = 0;
         sync_aborted_ = false;
         try {
@@ -980,7 +1037,17 @@ private:
     // One collective (or, without consensus, this rank's ballot as it is). Every
     // rank must be in the same attempt, and outside the step in the same round.
     Ballot agree(Ballot b) {
+        b.set_min(Ballot::global_min, planner_.global_batch());
+        b.set_max(Ballot::global_max, planner_.global_batch());
         if (consensus_.all_min != nullptr) consensus_.all_min(consensus_.context, b.data(), Ballot::count);
+        if (b.min(Ballot::global_min) != b.max(Ballot::global_max)) {
+            detail::throw_logic(detail::Message()
+                                << "oomguard: adaptive_batch consensus: the ranks run global batches of different "
+                                   "sizes ("
+                                << static_cast<unsigned long long>(b.min(Ballot::global_min)) << " to "
+                                << static_cast<unsigned long long>(b.max(Ballot::global_max))
+                                << " samples): give every rank the same GlobalBatch");
+        }
         if (b.min(Ballot::serial_min) != b.max(Ballot::serial_max))
             protocol_error("the ranks are in different attempts (did every rank call run() for every global batch?)");
         std::uint64_t const lo = b.min(Ballot::phase_min), hi = b.max(Ballot::phase_max);
@@ -1260,7 +1327,7 @@ private:
         // The last error and its advice first: the text has a fixed room, and a
         // long attempt list is elided in the middle rather than cut at the end.
         detail::Message m;
-        m << "oomguard: adaptive_batch gave up on a global batch of " << planner_.options().global_batch
+        m << "oomguard: adaptive_batch gave up on a global batch of " << planner_.global_batch()
           << " after " << static_cast<unsigned long>(history.size()) << " attempts (" << why << ')';
         if (!tried_.empty() && !history.empty() && (l.oom || l.commit_oom)) {
             // The device the ladder ended on (by the attempt limit, say) is one tried too.
@@ -1377,6 +1444,7 @@ private:
     bool running_ = false;
     bool sync_aborted_ = false;       // the step left by a sync point: another rank failed
     std::size_t last_base_ = 0;       // bytes held when the last measured step began
+    std::size_t call_g_ = 0;          // this run()'s global batch (0: BatchOptions::global_batch)
     std::size_t grown_to_ = 0;        // the largest attempt since this runner emptied the caches (bytes per sample x m)
     std::uint64_t oom_serial_ = 0;    // detail::last_oom()'s count when the micro-batch began
     std::size_t batch_base_ = 0;      // bytes held when this global batch's first micro-batch began

@@ -55,7 +55,7 @@ struct Config {
     std::optional<Limit> budget;           ///< budget= (0.9, 90% or a size in bytes) or headroom= (a size)
     std::optional<std::size_t> min_batch;  ///< smallest micro-batch adaptive_batch may use, >= 1
     std::optional<unsigned> max_attempts;  ///< attempts per global batch, in [1, 1000]
-    std::optional<ShrinkPolicy> policy;    ///< policy=halve|bisect|predictive|geometric (factor= sets f)
+    std::optional<ShrinkPolicy> policy;    ///< policy=auto|halve|bisect|predictive|geometric (factor= sets f)
     std::optional<std::size_t> grow_after; ///< clean global batches before growing back, >= 0
     std::vector<Precision> precisions;     ///< precision=fp32>bf16>fp16 (empty: not given)
 
@@ -238,7 +238,8 @@ inline ShrinkPolicy::Kind parse_policy_kind(std::string_view v, std::string_view
     if (v == "geometric") return ShrinkPolicy::Kind::geometric;
     if (v == "bisect") return ShrinkPolicy::Kind::bisect;
     if (v == "predictive") return ShrinkPolicy::Kind::predictive;
-    bad_value(key, v, "give halve, geometric, bisect or predictive", source);
+    if (v == "auto") return ShrinkPolicy::Kind::automatic;
+    bad_value(key, v, "give auto, halve, geometric, bisect or predictive", source);
 }
 
 inline ShrinkPolicy make_policy(ShrinkPolicy::Kind kind, double factor) {
@@ -246,6 +247,7 @@ inline ShrinkPolicy make_policy(ShrinkPolicy::Kind kind, double factor) {
         case ShrinkPolicy::Kind::halve: return ShrinkPolicy::halve();
         case ShrinkPolicy::Kind::geometric: return ShrinkPolicy::geometric(factor);
         case ShrinkPolicy::Kind::bisect: return ShrinkPolicy::bisect();
+        case ShrinkPolicy::Kind::automatic: return ShrinkPolicy::automatic();
         default: return ShrinkPolicy::predictive();
     }
 }
@@ -400,7 +402,7 @@ inline Limit parse_limit(std::string_view text, std::string_view name = "budget"
 inline std::size_t parse_size(std::string_view text, std::string_view name = "size") {
     return detail::parse_size(detail::trim(text), name, "");
 }
-/// halve, geometric (factor 0.9), bisect or predictive.
+/// auto (predictive with a meter, bisect without), halve, geometric (factor 0.9), bisect or predictive.
 inline ShrinkPolicy parse_policy(std::string_view text, std::string_view name = "policy") {
     return detail::make_policy(detail::parse_policy_kind(detail::trim(text), name, ""), 0.9);
 }

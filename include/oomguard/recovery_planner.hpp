@@ -65,7 +65,9 @@ struct BatchOptions {
     /// the whole global batch is abandoned (an OOM in commit, a give-up).
     bool resume = false;
     bool release_caches = true;        ///< release the cache registry before each retry
-    ShrinkPolicy policy = ShrinkPolicy::halve();
+    /// How to shrink and where to probe: by default predictive when the batch
+    /// has a meter (AdaptiveBatch::measure_with), bisect otherwise.
+    ShrinkPolicy policy = ShrinkPolicy::automatic();
     CacheRegistry* caches = nullptr;   ///< nullptr: CacheRegistry::global()
     /// Where a workload's first global batch starts (see `start`).
     enum class Start : unsigned char {
@@ -237,18 +239,28 @@ struct Decision {
 /// The pure recovery state machine behind AdaptiveBatch (see the top of this header).
 class RecoveryPlanner {
 public:
-    explicit RecoveryPlanner(BatchOptions options) : opt_(std::move(options)) {
+    explicit RecoveryPlanner(BatchOptions options) : opt_(std::move(options)), policy_(opt_.policy.resolve(false)) {
         validate(opt_);
         if (opt_.micro_batch == 0) opt_.micro_batch = opt_.global_batch;
+        g_ = opt_.global_batch;
         reset();
     }
 
     /// Whether the ladder has a failover step (AdaptiveBatch sets it when a hook is installed).
     void allow_failover(bool on) noexcept { failover_ = on; }
 
-    /// Starts a global batch: clears what the last one left, and grows back
-    /// (the previous precision first, then the size) when enough clean batches passed.
-    Decision begin_batch() {
+    /// Starts a global batch of `global_batch` samples (0: BatchOptions::global_batch;
+    /// fewer for an epoch's last, shorter batch, under the same plan): clears
+    /// what the last one left, and grows back (the previous precision first,
+    /// then the size) when enough clean batches passed. Throws
+    /// std::invalid_argument for a size above BatchOptions::global_batch.
+    Decision begin_batch(std::size_t global_batch = 0) {
+        if (global_batch > opt_.global_batch)
+            detail::throw_invalid(detail::Message()
+                                  << "oomguard: a global batch of " << global_batch << " samples is above "
+                                  << "BatchOptions.global_batch " << opt_.global_batch << "; give [1, "
+                                  << opt_.global_batch << "] (or 0 for " << opt_.global_batch << ')');
+        g_ = global_batch != 0 ? global_batch : opt_.global_batch;
         clear_batch_state();
         Decision d{PlanAction::keep, plan_, plan_, ""};
         if (plan_.precision_index > 0 && opt_.restore_precision_after != 0 &&
@@ -451,7 +463,15 @@ public:
     Plan const& plan() const noexcept { return plan_; }
     Plan const& last_good_plan() const noexcept { return last_good_; }
     BatchOptions const& options() const noexcept { return opt_; }
-    ShrinkPolicy const& policy() const noexcept { return opt_.policy; }
+    /// The samples of the current global batch (begin_batch's; BatchOptions::global_batch by default).
+    std::size_t global_batch() const noexcept { return g_; }
+    /// The rule in effect: options().policy, with ShrinkPolicy::automatic()
+    /// resolved (by use_meter; bisect until then).
+    ShrinkPolicy const& policy() const noexcept { return policy_; }
+
+    /// Whether the runner measures the step (a meter for the plan's device):
+    /// ShrinkPolicy::automatic() runs as predictive with one, bisect without.
+    void use_meter(bool metered) { policy_ = opt_.policy.resolve(metered); }
     /// What the planner has measured and searched of the step (the one copy).
     StepModel const& model() const noexcept { return model_; }
     /// The largest size that completed at this precision and device (0: none).
@@ -512,7 +532,7 @@ private:
         if (o.full_done > 0) {
             if (ran.micro_batch > proven_) proven_ = ran.micro_batch;
             if (o.full_peak != 0) {
-                if (o.full_later || ran.micro_batch >= opt_.global_batch)
+                if (o.full_later || ran.micro_batch >= g_)
                     model_.observe(ran.micro_batch, o.full_peak);
                 else
                     model_.bound(ran.micro_batch, o.full_peak);  // the first micro-batch's: a later one needs more
@@ -532,14 +552,14 @@ private:
     // The next size after `ctx.failed` failed, by the policy; the model notes
     // whether it came from the fit.
     std::size_t shrink_to(ShrinkContext const& ctx) {
-        ShrinkPolicy::Next n = opt_.policy.after_failure(ctx, model_);
+        ShrinkPolicy::Next n = policy_.after_failure(ctx, model_);
         model_.predicted = n.predicted ? n.size : 0;
         return n.size;
     }
 
     // The next size after a success at the attempt's size, by the policy.
     std::size_t probe_after(std::size_t m) {
-        ShrinkPolicy::Next n = opt_.policy.after_success(m, opt_.global_batch, opt_.micro_batch, model_);
+        ShrinkPolicy::Next n = policy_.after_success(m, opt_.global_batch, opt_.micro_batch, model_);
         model_.predicted = n.predicted ? n.size : 0;
         return n.size;
     }
@@ -553,7 +573,7 @@ private:
             // Calibrated before any failure: the fit decides whatever the
             // policy (a later failure goes down the policy's ladder).
             ShrinkPolicy const fit = ShrinkPolicy::predictive(
-                opt_.policy.kind() == ShrinkPolicy::Kind::predictive ? opt_.policy.margin() : 0.01);
+                policy_.kind() == ShrinkPolicy::Kind::predictive ? policy_.margin() : 0.01);
             ShrinkPolicy::Next n = fit.after_failure(context(pending_failure_, reach(o)), model_);
             model_.predicted = n.predicted ? n.size : 0;
             next = n.size;
@@ -575,7 +595,7 @@ private:
     // Predictive refits and jumps inside it too (a prediction, segment 1), but
     // probes past its fit only where bisection would: at the next batch's start.
     std::size_t search_segment() const noexcept {
-        return opt_.resume && opt_.policy.searches() ? 1 : 0;
+        return opt_.resume && policy_.searches() ? 1 : 0;
     }
 
     Decision jumped(Observation const& o) {
@@ -587,7 +607,7 @@ private:
         } else if (o.full_done > 0) {
             std::size_t const next = probe_after(ran.micro_batch);
             bool const blind = model_.predicted != next;  // a probe past what the fit can tell
-            if (!(blind && opt_.policy.kind() == ShrinkPolicy::Kind::predictive)) {
+            if (!(blind && policy_.kind() == ShrinkPolicy::Kind::predictive)) {
                 plan_.micro_batch = next;
                 if (next != ran.micro_batch) segment_ = search_segment();
                 // A raise that a failure sends back to the size that held: a
@@ -738,7 +758,7 @@ private:
             }
             ShrinkContext ctx = context(failed, reach(o));
             std::size_t c1 = 0, c2 = 0;
-            if (opt_.policy.wants_calibration(ctx, model_, c1, c2)) {
+            if (policy_.wants_calibration(ctx, model_, c1, c2)) {
                 // Measure two small sizes inside the retried batch itself: two
                 // micro-batches at c1, then one at c2; their work is kept, and
                 // the rest of the batch jumps to the fitted size.
@@ -897,6 +917,8 @@ private:
     }
 
     BatchOptions opt_;
+    std::size_t g_ = 0;    // the current global batch's samples
+    ShrinkPolicy policy_;  // opt_.policy, automatic() resolved
     StepModel model_;  // what was measured and searched: the one copy
     Plan plan_;
     Plan last_good_;

@@ -15,6 +15,8 @@
 //               state after its first step) under the limit less a margin that
 //               follows the measured scatter; bisect if a predicted size fails
 //   custom      your function
+//   automatic   the default: predictive when the batch has a meter
+//               (AdaptiveBatch::measure_with), bisect otherwise
 //
 // An observation goes down once: the runner measures an attempt, the planner
 // (RecoveryPlanner) records it in its StepModel -- plain data, the only copy --
@@ -180,7 +182,9 @@ private:
 /// planner's StepModel holds all that was measured and searched.
 class ShrinkPolicy {
 public:
-    enum class Kind : unsigned char { halve, geometric, bisect, predictive, custom };
+    /// The rules (automatic: the default, resolved by AdaptiveBatch to predictive
+    /// or bisect; a RecoveryPlanner on its own, which knows of no meter, bisects).
+    enum class Kind : unsigned char { halve, geometric, bisect, predictive, custom, automatic };
     using CustomFn = std::size_t (*)(ShrinkContext const&, void* user);
 
     /// A size a rule chose, and whether it came from the model's fit.
@@ -204,6 +208,18 @@ public:
 
     /// Bisection between the largest success and the smallest failure.
     static ShrinkPolicy bisect() { return ShrinkPolicy(Kind::bisect); }
+
+    /// The default: the best rule the batch's options allow -- predictive()
+    /// when AdaptiveBatch has a meter for the plan's device (measure_with),
+    /// bisect() otherwise. resolve() says which.
+    static ShrinkPolicy automatic() { return ShrinkPolicy(Kind::automatic); }
+
+    /// The rule this one runs as: automatic() as predictive() when `metered`,
+    /// else bisect(); any other rule as itself.
+    ShrinkPolicy resolve(bool metered) const {
+        if (kind_ != Kind::automatic) return *this;
+        return metered ? predictive() : bisect();
+    }
 
     /// Fit-and-jump; `margin` (in [0, 0.5)) is the share of the limit kept free
     /// to absorb what the linear model misses. It needs a meter
@@ -241,6 +257,7 @@ public:
             case Kind::bisect: return "bisect";
             case Kind::predictive: return "predictive";
             case Kind::custom: return name_;
+            case Kind::automatic: return "auto";
         }
         return "unknown";
     }
@@ -249,7 +266,9 @@ public:
     /// predictive's margin, a share of the limit.
     double margin() const noexcept { return margin_; }
     /// Whether the rule searches upward after a success (bisect, predictive).
-    bool searches() const noexcept { return kind_ == Kind::bisect || kind_ == Kind::predictive; }
+    bool searches() const noexcept {
+        return kind_ == Kind::bisect || kind_ == Kind::predictive || kind_ == Kind::automatic;
+    }
 
     /// The next size after `ctx.failed` failed, in [ctx.minimum, ctx.failed),
     /// from the model as the planner has recorded that failure. Requires
@@ -264,7 +283,8 @@ public:
                 if (next.size >= ctx.failed) next.size = ctx.failed - 1;
                 break;
             }
-            case Kind::bisect: next.size = bisect_point(ctx, model); break;
+            case Kind::bisect:
+            case Kind::automatic: next.size = bisect_point(ctx, model); break;
             case Kind::predictive: {
                 std::size_t predicted = 0;
                 if (!model.prediction_failed &&
