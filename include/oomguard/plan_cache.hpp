@@ -101,13 +101,14 @@ struct PlanJson {
     bool boolean = false;
     std::uint64_t number = 0;
     std::string text;
-    std::vector<PlanJson> items;
-    std::vector<std::pair<std::string, PlanJson>> members;
+    std::vector<PlanJson> items;   // an array's
+    std::vector<std::string> keys;  // an object's, in order; values[k] is keys[k]'s
+    std::vector<PlanJson> values;   // (not a vector of pairs: a pair of an incomplete type is not allowed)
 
     PlanJson const* get(std::string_view key) const noexcept {
         if (type != Type::object) return nullptr;
-        for (auto const& m : members)
-            if (m.first == key) return &m.second;
+        for (std::size_t k = 0; k < keys.size(); ++k)
+            if (keys[k] == key) return &values[k];
         return nullptr;
     }
 };
@@ -125,7 +126,7 @@ public:
         }
         space();
         if (at_ != s_.size()) {
-            error = "text after the document at byte " + std::to_string(at_);
+            error = std::string("text after the document at byte ") + std::to_string(at_);
             return false;
         }
         return true;
@@ -295,8 +296,9 @@ private:
             space();
             if (at_ >= s_.size() || s_[at_] != ':') return fail("an object without ':' after a key");
             ++at_;
-            v.members.emplace_back(std::move(key), PlanJson());
-            if (!value(v.members.back().second, depth + 1)) return false;
+            v.keys.push_back(std::move(key));
+            v.values.emplace_back();
+            if (!value(v.values.back(), depth + 1)) return false;
             space();
             if (at_ >= s_.size()) return fail("an object that does not end");
             char const c = s_[at_++];
@@ -421,7 +423,10 @@ public:
         e.device = key.device.name;
         e.total_memory = key.device.total_memory;
         e.mig = key.device.mig;
-        for (Precision p : options.precisions) e.precisions += (e.precisions.empty() ? "" : ",") + std::string(to_string(p));
+        for (Precision p : options.precisions) {
+            if (!e.precisions.empty()) e.precisions += ',';
+            e.precisions += to_string(p);
+        }
         e.global_batch = options.global_batch;
         e.fingerprint = key.fingerprint;
         e.learned = learned;
@@ -470,7 +475,7 @@ public:
         }
         detail::PlanJson const* v = doc.get("version");
         if (v == nullptr || v->type != detail::PlanJson::Type::number || v->number != version) {
-            error = "version " + (v != nullptr && v->type == detail::PlanJson::Type::number ? std::to_string(v->number)
+            error = std::string("version ") + (v != nullptr && v->type == detail::PlanJson::Type::number ? std::to_string(v->number)
                                                                                            : std::string("missing")) +
                     ", and this oomguard reads version " + std::to_string(version);
             return false;
@@ -485,7 +490,7 @@ public:
             PlanCacheEntry e;
             std::string why;
             if (!entry(list->items[k], e, why)) {
-                error = "entry " + std::to_string(k) + ": " + why;
+                error = std::string("entry ") + std::to_string(k) + ": " + why;
                 return false;
             }
             entries.push_back(std::move(e));
@@ -510,8 +515,10 @@ private:
     template <class P>
     static std::string points(P const* p, std::size_t n) {
         std::string o = "[";
-        for (std::size_t i = 0; i < n; ++i)
-            o += (i == 0 ? "[" : ", [") + std::to_string(p[i].m) + ", " + std::to_string(p[i].bytes) + "]";
+        for (std::size_t i = 0; i < n; ++i) {
+            o += i == 0 ? "[" : ", [";
+            o += std::to_string(p[i].m) + ", " + std::to_string(p[i].bytes) + "]";
+        }
         return o + "]";
     }
 

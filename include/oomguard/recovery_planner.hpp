@@ -457,6 +457,7 @@ public:
         growing_ = Growing::none;
         clear_batch_state();
         calibrate_pending_ = opt_.start == BatchOptions::Start::calibrate;
+        first_fit_size_ = 0;
         attempt_ = Attempt{plan_, 0, 1, 0, tail()};
     }
 
@@ -545,8 +546,12 @@ private:
     void note_failure(std::size_t m) noexcept {
         if (model_.high == 0 || m < model_.high) model_.high = m;
         if (model_.low >= model_.high) model_.low = 0;  // conditions changed: the old success no longer holds
-        if (model_.predicted != 0 && m >= model_.predicted) model_.prediction_failed = true;
+        // A calibrated start's fit that failed has one more chance: refitted
+        // over this failure's bound (as after any first failure), not bisected.
+        if (model_.predicted != 0 && m >= model_.predicted && m != first_fit_size_)
+            model_.prediction_failed = true;
         model_.predicted = 0;
+        first_fit_size_ = 0;
     }
 
     // The next size after `ctx.failed` failed, by the policy; the model notes
@@ -560,6 +565,10 @@ private:
     // The next size after a success at the attempt's size, by the policy.
     std::size_t probe_after(std::size_t m) {
         ShrinkPolicy::Next n = policy_.after_success(m, opt_.global_batch, opt_.micro_batch, model_);
+        // A workload that calibrates first plans ahead of failures: it takes
+        // a refit's jump, never a blind probe (each one an OOM when the size
+        // does not fit); a grow-back (grow_after) still tries larger sizes.
+        if (opt_.start == BatchOptions::Start::calibrate && !n.predicted) n = ShrinkPolicy::Next{m, false};
         model_.predicted = n.predicted ? n.size : 0;
         return n.size;
     }
@@ -578,6 +587,7 @@ private:
             model_.predicted = n.predicted ? n.size : 0;
             next = n.size;
             first_fit_ = false;
+            first_fit_size_ = n.predicted ? next : 0;
             // The fit, with its margins, is the plan: no probe above it. A probe
             // is an OOM the fit was made to avoid (a calibration's small sizes
             // leave the line's scatter wide, and bisecting toward what a lucky
@@ -950,6 +960,7 @@ private:
     std::size_t segment_ = 0;         // the next attempt's segment (0: to the end of the batch)
     bool calibrate_pending_ = false;  // the next global batch calibrates first (BatchOptions::start)
     bool first_fit_ = false;          // the calibration under way was not asked for by a failure
+    std::size_t first_fit_size_ = 0;  // the size a calibrated start's fit chose, until it holds or fails
 };
 
 }  // namespace oomguard
