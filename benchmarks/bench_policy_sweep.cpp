@@ -7,7 +7,13 @@
 //   ratio_mean, ratio_worst   final m / the largest m that fits
 //   failures_mean             failed attempts after the OOM that started the recovery
 //   wasted_mean               samples processed and thrown away, per global batch
+// and two rows of issue 24, predictive on the same workloads:
+//   first_run_calibrate       first_run_ooms_mean: OOMs a workload meets in its first run when it
+//                             calibrates first (BatchOptions::start = calibrate); target <= 0.2
+//   restart_with_cache        restart_ooms_mean: OOMs in a second run that starts from the first
+//                             run's PlanCache entry; target 0
 #include <oomguard/adaptive_batch.hpp>
+#include <oomguard/plan_cache.hpp>
 #include <oomguard/detail/random.hpp>
 #include <oomguard/device_buffer.hpp>
 #include <oomguard/simulated_devices.hpp>
@@ -16,6 +22,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include <unistd.h>
 
 using namespace oomguard;
 
@@ -81,6 +91,52 @@ Outcome recover(Workload const& w, ShrinkPolicy policy) {
                    c.wasted_samples};
 }
 
+// One run of kGlobalBatches global batches of `w` with a fresh AdaptiveBatch:
+// calibrating first, attached to the cache at `path` when it is not empty.
+// Returns the OOMs it met.
+std::size_t run_once(Workload const& w, std::string const& path) {
+    SimulatedDevices gpu({{w.capacity}}, SimulatedMemory::phantom, false);
+    MemoryBudget<SimulatedDevices> budget(gpu, 0, Limit::unlimited());
+    BatchOptions o;
+    o.global_batch = w.start;
+    o.policy = ShrinkPolicy::predictive();
+    o.release_caches = false;
+    o.max_attempts = 200;
+    o.start = BatchOptions::Start::calibrate;
+    AdaptiveBatch a(o);
+    a.measure_with(budget);
+    PlanCache cache(path.empty() ? std::string("unused") : path);
+    ObserverRegistration saving;
+    if (!path.empty()) saving = cache.attach(a, {"train", device_identity(budget, "phantom"), "bench"});
+    for (int i = 0; i < kGlobalBatches; ++i)
+        a.run([&](MicroBatch const& mb) { DeviceBuffer<SimulatedDevices> act(budget, w.bytes(mb.size)); }, [] {},
+              [] {});
+    return a.counters().ooms;
+}
+
+// first_run_calibrate (restart = false) and restart_with_cache (restart = true).
+void plan_cache_rows(benchmark::State& state, bool restart) {
+    double sum = 0;
+    std::size_t worst = 0;
+    std::string const path = "/tmp/oomguard_bench_plans_" + std::to_string(::getpid()) + ".json";
+    for (auto _ : state) {
+        sum = 0;
+        worst = 0;
+        for (int i = 0; i < kWorkloads; ++i) {
+            Workload w = Workload::make(static_cast<std::uint64_t>(i) + 1);
+            std::remove(path.c_str());
+            std::size_t ooms = run_once(w, restart ? path : std::string());
+            if (restart) ooms = run_once(w, path);  // the restart: the first run's entry
+            sum += static_cast<double>(ooms);
+            worst = std::max(worst, ooms);
+        }
+    }
+    for (char const* f : {"", ".lock", ".tmp"}) std::remove((path + f).c_str());
+    state.counters[restart ? "restart_ooms_mean" : "first_run_ooms_mean"] = sum / kWorkloads;
+    state.counters[restart ? "restart_ooms_worst" : "first_run_ooms_worst"] = static_cast<double>(worst);
+    state.counters["workloads"] = kWorkloads;
+}
+
 void sweep(benchmark::State& state, ShrinkPolicy policy) {
     double ratio_sum = 0, ratio_worst = 1e9, fail_sum = 0, waste_sum = 0;
     for (auto _ : state) {
@@ -108,4 +164,6 @@ BENCHMARK_CAPTURE(sweep, halve, ShrinkPolicy::halve())->Iterations(1)->Unit(benc
 BENCHMARK_CAPTURE(sweep, geometric_0_9, ShrinkPolicy::geometric(0.9))->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(sweep, bisect, ShrinkPolicy::bisect())->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(sweep, predictive, ShrinkPolicy::predictive())->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(plan_cache_rows, first_run_calibrate, false)->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(plan_cache_rows, restart_with_cache, true)->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK_MAIN();

@@ -32,7 +32,15 @@
 // gradient-norm buffer of half the weights through its backward. `faults` is the chance, in percent, that a
 // micro-batch meets a transient OOM (another process's burst) at one of its
 // allocations, chosen at random.
+//
+// Two rows of issue 24 (predictive, no faults), per family:
+//   first_run_calibrate   first_run_ooms_mean, _max: OOMs in a workload's first run when it
+//                         calibrates first (BatchOptions::start = calibrate); ratio_mean: its
+//                         plan after 12 batches / the best plan
+//   restart_with_cache    restart_ooms_mean, _max: OOMs in a second run started from the first
+//                         run's PlanCache entry; ratio_mean: its plan / the best plan
 #include <oomguard/adaptive_batch.hpp>
+#include <oomguard/plan_cache.hpp>
 #include <oomguard/detail/random.hpp>
 #include <oomguard/device_buffer.hpp>
 #include <oomguard/simulated_devices.hpp>
@@ -42,8 +50,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <memory>
+#include <string>
 #include <vector>
+
+#include <unistd.h>
 
 using namespace oomguard;
 
@@ -260,6 +272,59 @@ void real_steps(benchmark::State& state, ShrinkPolicy policy, bool resume) {
     state.counters["given_up"] = given_up;
 }
 
+// One run of kGlobalBatches global batches, calibrating first, attached to
+// the plan cache at `path` when it is not empty: its OOMs and its plan / the best.
+std::pair<std::size_t, double> calibrated_run(Model const& w, std::string const& path) {
+    Run run(w, 0.0);
+    BatchOptions o;
+    o.global_batch = w.start;
+    o.policy = ShrinkPolicy::predictive();
+    o.release_caches = false;
+    o.max_attempts = 1000;
+    o.start = BatchOptions::Start::calibrate;
+    AdaptiveBatch a(o);
+    a.measure_with(run.budget);
+    PlanCache cache(path.empty() ? std::string("unused") : path);
+    ObserverRegistration saving;
+    if (!path.empty()) saving = cache.attach(a, {"train", device_identity(run.budget, "phantom"), "bench"});
+    for (int i = 0; i < kGlobalBatches; ++i) {
+        try {
+            a.run([&](MicroBatch const& mb) { run.step(mb, w.start); }, [&] { run.commit(); }, [&] { run.rollback(); });
+        } catch (recovery_failed const&) {
+        }
+    }
+    double const ratio = std::min(1.0, static_cast<double>(a.last_good_plan().micro_batch) / static_cast<double>(w.best));
+    return {a.counters().ooms, ratio};
+}
+
+// first_run_calibrate (restart = false) and restart_with_cache (restart = true).
+void plan_cache_rows(benchmark::State& state, bool restart) {
+    int const family = static_cast<int>(state.range(0));
+    std::string const path = "/tmp/oomguard_bench_real_plans_" + std::to_string(::getpid()) + ".json";
+    double sum = 0, worst = 0, ratio_sum = 0;
+    for (auto _ : state) {
+        sum = worst = ratio_sum = 0;
+        for (int i = 0; i < kWorkloads; ++i) {
+            Model w = Model::make(static_cast<std::uint64_t>(i) + 1 + static_cast<std::uint64_t>(family) * 100003, family);
+            std::remove(path.c_str());
+            auto out = calibrated_run(w, restart ? path : std::string());
+            if (restart) out = calibrated_run(w, path);  // the restart: the first run's entry
+            sum += static_cast<double>(out.first);
+            worst = std::max(worst, static_cast<double>(out.first));
+            ratio_sum += out.second;
+        }
+    }
+    for (char const* f : {"", ".lock", ".tmp"}) std::remove((path + f).c_str());
+    state.counters[restart ? "restart_ooms_mean" : "first_run_ooms_mean"] = sum / kWorkloads;
+    state.counters[restart ? "restart_ooms_max" : "first_run_ooms_max"] = worst;
+    state.counters["ratio_mean"] = ratio_sum / kWorkloads;
+}
+
+void family_args(benchmark::internal::Benchmark* b) {
+    for (int family : {0, 1, 2, 3}) b->Args({family});
+    b->ArgNames({"family"})->Iterations(1)->Unit(benchmark::kMillisecond);
+}
+
 void args(benchmark::internal::Benchmark* b) {
     for (int family : {0, 1, 2, 3})
         for (int faults : {0, 1, 5}) b->Args({family, faults});
@@ -274,4 +339,6 @@ BENCHMARK_CAPTURE(real_steps, bisect, ShrinkPolicy::bisect(), false)->Apply(args
 BENCHMARK_CAPTURE(real_steps, bisect_resume, ShrinkPolicy::bisect(), true)->Apply(args);
 BENCHMARK_CAPTURE(real_steps, predictive, ShrinkPolicy::predictive(), false)->Apply(args);
 BENCHMARK_CAPTURE(real_steps, predictive_resume, ShrinkPolicy::predictive(), true)->Apply(args);
+BENCHMARK_CAPTURE(plan_cache_rows, first_run_calibrate, false)->Apply(family_args);
+BENCHMARK_CAPTURE(plan_cache_rows, restart_with_cache, true)->Apply(family_args);
 BENCHMARK_MAIN();

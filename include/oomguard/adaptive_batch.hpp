@@ -1113,6 +1113,7 @@ private:
         mix(l.plan.micro_batch);
         mix(l.plan.precision_index);
         mix(l.grow_ceiling);
+        mix(l.tail);
         StepModel const& m = l.model;
         mix(m.n_points);
         for (std::size_t i = 0; i < m.n_points; ++i) mix(m.points[i].m), mix(m.points[i].bytes);

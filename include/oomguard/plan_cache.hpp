@@ -374,7 +374,8 @@ public:
     /// Attaches `batch` under `key`: the batch starts at the entry's plan when
     /// the file has one for this key (a plan_loaded event), and the entry is
     /// saved whenever a global batch commits under a plan other than the one
-    /// last saved (the first commit included: a plan_saved event). A file that
+    /// last saved, or with a short remainder now cut into other pieces (the
+    /// first commit included: a plan_saved event). A file that
     /// cannot be read or written, or an entry that does not fit the batch's
     /// options, is a plan_cache_warning event (each text once per cache) and
     /// otherwise ignored. The cache must outlive the returned registration,
@@ -392,6 +393,7 @@ public:
             try {
                 batch.restore(found.learned);
                 state->saved = found.learned.plan;
+                state->saved_tail = found.learned.tail;
                 state->has_saved = true;
             } catch (std::invalid_argument const& e) {
                 warn(std::string("the entry for ") + state->key.workload + " does not fit its options (" + e.what() +
@@ -403,12 +405,13 @@ public:
         return batch.observe([this, state](BatchEvent const& e) {
             if (e.kind != BatchEventKind::commit || e.batch == nullptr) return;
             LearnedPlan const l = e.batch->learned();
-            if (state->has_saved && l.plan == state->saved) return;
+            if (state->has_saved && l.plan == state->saved && l.tail == state->saved_tail) return;
             // The observer hears a const batch; the object is not: announce() only tells observers.
             AdaptiveBatch& b = const_cast<AdaptiveBatch&>(*e.batch);
             std::size_t const before = warnings_.size();
             bool const ok = save(make_entry(state->key, b.options(), l));
             state->saved = l.plan;  // tried once per plan: a file that cannot be written is not retried per batch
+            state->saved_tail = l.tail;
             state->has_saved = true;
             if (ok) b.announce(BatchEventKind::plan_saved, "");
             for (std::size_t i = before; i < warnings_.size(); ++i)
@@ -450,7 +453,8 @@ public:
                  std::to_string(p.micro_batch) + ", \"precision\": " + detail::json_string(to_string(p.precision)) +
                  ", \"precision_index\": " + std::to_string(p.precision_index) +
                  ", \"device\": " + std::to_string(p.device < 0 ? 0 : p.device) + "}, \"grow_ceiling\": " +
-                 std::to_string(e.learned.grow_ceiling) + ",\n     \"model\": {\"points\": " +
+                 std::to_string(e.learned.grow_ceiling) + ", \"tail\": " + std::to_string(e.learned.tail) +
+                 ",\n     \"model\": {\"points\": " +
                  points(m.points, m.n_points) + ", \"bounds\": " + points(m.bounds, m.n_bounds) +
                  ", \"low\": " + std::to_string(m.low) + ", \"high\": " + std::to_string(m.high) +
                  ", \"has_base\": " + (m.has_base ? "true" : "false") + ", \"base\": " + std::to_string(m.base) +
@@ -502,6 +506,7 @@ private:
     struct Attached {
         PlanKey key;
         Plan saved;
+        std::size_t saved_tail = 0;
         bool has_saved = false;
     };
 
@@ -580,6 +585,8 @@ private:
             has_base == nullptr || has_base->type != detail::PlanJson::Type::boolean)
             return (why = "the model is missing or malformed"), false;
         model.has_base = has_base->boolean;
+        detail::PlanJson const* tail = j.get("tail");  // optional: absent in the first files written
+        if (tail != nullptr && !size_of(tail, e.learned.tail)) return (why = "the tail is not a size"), false;
         return true;
     }
 

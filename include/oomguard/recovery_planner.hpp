@@ -126,6 +126,9 @@ struct LearnedPlan {
     Plan plan;                     ///< the last plan that committed a global batch
     StepModel model;               ///< what was measured and searched
     std::size_t grow_ceiling = 0;  ///< the smallest grow-back size that failed (0: none)
+    /// The pieces a short remainder runs in under `plan` (0: whole): a
+    /// remainder that failed by its own need is not failed again after a restart.
+    std::size_t tail = 0;
 };
 
 inline bool operator==(Plan const& a, Plan const& b) noexcept {
@@ -302,7 +305,9 @@ public:
 
     /// What this planner has learned (for a PlanCache): the last good plan, the
     /// model, the grow-back ceiling.
-    LearnedPlan learned() const noexcept { return LearnedPlan{last_good_, model_, grow_ceiling_}; }
+    LearnedPlan learned() const noexcept {
+        return LearnedPlan{last_good_, model_, grow_ceiling_, tail_ != 0 && tail_plan_ == last_good_ ? tail_ : 0};
+    }
 
     /// Starts from what an earlier run learned: its plan becomes the plan and
     /// the last good one, its model the model (a prediction pending in it is
@@ -333,6 +338,10 @@ public:
         if (model_.high == 0 || model_.high > p.micro_batch + 1) model_.high = p.micro_batch + 1;
         if (model_.low > p.micro_batch) model_.low = p.micro_batch;
         grow_ceiling_ = l.grow_ceiling;
+        if (l.tail != 0 && l.tail < p.micro_batch && l.tail >= opt_.min_micro_batch) {
+            tail_ = l.tail;
+            tail_plan_ = p;
+        }
         calibrate_pending_ = false;
         attempt_ = Attempt{plan_, 0, 1, 0, tail()};
     }
