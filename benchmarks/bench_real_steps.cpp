@@ -30,7 +30,7 @@
 // its commit (zero_grad sets them to none, rollback too), Adam's two moments
 // appear at the first commit, and the last micro-batch of a batch holds a
 // gradient-norm buffer of half the weights through its backward; 4 family 3's
-// workloads (the same seeds' shapes) as a framework allocates them, through a
+// workloads (the same seeds and shapes) as a framework allocates them, through a
 // caching allocator after PyTorch's (real_workloads.hpp, Reserve): every
 // allocation is a block of the reserve, which grows only by segments (2 MiB for
 // blocks up to 1 MiB; 20 MiB under 10 MiB; the size rounded up to 2 MiB above),
@@ -48,9 +48,14 @@
 // backward, the last the gradient-norm buffer of family 3. Family 4's best plan
 // is found by running the program: global batches at m, from a fresh program
 // with its steady state reached (runs() in real_workloads.hpp), for every size
-// up to m. `faults` is the chance, in percent, that a micro-batch meets a
+// up to m. Family 5 is family 4's workloads (the same seeds) measured and
+// released as torch.hpp pairs TorchCudaMeter and TorchCudaCache: the meter reads
+// the allocator's bytes in use (not its segments) and their peak, available is
+// the device's free memory plus what the reserve holds unused, and the
+// registered cache estimates reserved - in use and empties the wholly free
+// segments. `faults` is the chance, in percent, that a micro-batch meets a
 // transient OOM (another process's burst) at one of its allocations, chosen at
-// random; in family 4 the burst fails that allocation only if it reaches the
+// random; in families 4 and 5 the burst fails that allocation only if it reaches the
 // device (a miss of the reserve: then both its cudaMalloc and the one after
 // emptying fail), so a warm reserve absorbs it.
 #include "real_workloads.hpp"
@@ -59,8 +64,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <map>
-#include <utility>
 
 using namespace bench;
 
@@ -68,17 +71,6 @@ namespace {
 
 constexpr int kWorkloads = 300;
 constexpr int kGlobalBatches = 12;
-
-// Workload `i` of `family`, made once (family 4's best is found by running it).
-Model const& workload(int i, int family) {
-    static std::map<std::pair<int, int>, Model> made;
-    auto it = made.find({family, i});
-    if (it == made.end()) {
-        auto seed = static_cast<std::uint64_t>(i) + 1 + static_cast<std::uint64_t>(family) * 100003;
-        it = made.emplace(std::make_pair(family, i), make_workload(seed, family)).first;
-    }
-    return it->second;
-}
 
 struct Outcome {
     double ratio = 0, ratio_largest = 0, further = 0, later = 0, thrown = 0, stable = 0, given_up = 0, after_first = 0;
@@ -91,11 +83,14 @@ Outcome recover(Model const& w, ShrinkPolicy policy, bool resume, double fault_r
     o.policy = policy;
     o.resume = resume;
     // Family 4 empties its allocator's free segments before retries, as torch.hpp's TorchCudaCache does.
-    o.release_caches = w.caching;
+    o.release_caches = w.caching;  // (release_caches = false for families 0-3)
     o.caches = &run.caches;
     o.max_attempts = 1000;
     AdaptiveBatch a(o);
-    a.measure_with(run.budget);
+    if (w.allocator_meter)
+        a.measure_with(run.allocator_meter);
+    else
+        a.measure_with(run.budget);
     Outcome out;
     std::size_t last_plan = 0, recoveries = 0, ooms_before = 0, wasted_before = 0;
     for (int i = 0; i < kGlobalBatches; ++i) {
@@ -170,7 +165,7 @@ void real_steps(benchmark::State& state, ShrinkPolicy policy, bool resume) {
 }
 
 void args(benchmark::internal::Benchmark* b) {
-    for (int family : {0, 1, 2, 3, 4})
+    for (int family : {0, 1, 2, 3, 4, 5})
         for (int faults : {0, 1, 5}) b->Args({family, faults});
     b->ArgNames({"family", "faults%"})->Iterations(1)->Unit(benchmark::kMillisecond);
 }

@@ -41,7 +41,8 @@ struct Model {
     std::size_t start, best, largest;
     double over = 0;          // how far above the best the global batch starts
     bool framework = false;   // families 3 and 4: a framework's timing
-    bool caching = false;     // family 4: through a caching allocator, with per-position temporaries
+    bool caching = false;     // families 4 and 5: through a caching allocator, with per-position temporaries
+    bool allocator_meter = false;  // family 5: measured and released as torch.hpp's TorchCudaMeter/Cache do
     std::size_t tail_extra() const { return framework ? weights / 2 : 0; }
     std::size_t first_extra() const { return caching ? weights / 4 : 0; }
     // Family 4 keeps its weights, gradients and Adam moments per layer, as a framework does per parameter.
@@ -157,6 +158,8 @@ public:
             s.blocks[off] = {have, false};
         }
         ++s.live;
+        allocated_ += s.blocks[off].first;
+        peak_ = std::max(peak_, allocated_);
         return Where{seg, off};
     }
 
@@ -165,6 +168,7 @@ public:
         auto& pool = free_[s.small ? 1 : 0];
         auto it = s.blocks.find(w.offset);
         std::size_t off = it->first, size = it->second.first;
+        allocated_ -= size;
         auto next = std::next(it);
         if (next != s.blocks.end() && next->second.second) {
             pool.erase(Key{next->second.first, w.segment, next->first});
@@ -208,6 +212,11 @@ public:
     }
 
     std::size_t segments_made() const noexcept { return made_; }  // cudaMallocs that succeeded
+    // The allocator's statistics, as libtorch's getDeviceStats gives them (family 5's meter).
+    std::size_t allocated() const noexcept { return allocated_; }
+    std::size_t reserved() const noexcept { return budget_.used(); }
+    std::size_t allocated_peak() const noexcept { return peak_; }
+    void reset_allocated_peak() noexcept { peak_ = allocated_; }
 
 private:
     using Key = std::tuple<std::size_t, std::size_t, std::size_t>;  // size, segment, offset
@@ -260,6 +269,35 @@ private:
     std::vector<std::size_t> unused_;  // released segments' slots
     std::set<Key> free_[2];            // free blocks of the large [0] and small [1] pools
     std::size_t made_ = 0;
+    std::size_t allocated_ = 0, peak_ = 0;  // bytes in blocks in use (rounded), now and at the peak
+};
+
+// Family 5's meter: the allocator's bytes in use and their peak, and available =
+// the device's free memory plus what the reserve holds unused -- what
+// torch.hpp's TorchCudaMeter reads from libtorch's allocator.
+class AllocatorMeter {
+public:
+    AllocatorMeter(Reserve& r, SimulatedDevices& gpu) noexcept : reserve_(r), gpu_(gpu) {}
+    int device() const noexcept { return 0; }
+    std::size_t used() const noexcept { return reserve_.allocated(); }
+    std::size_t peak() const noexcept { return std::max(reserve_.allocated_peak(), raised_); }
+    std::size_t reset_peak() noexcept {
+        std::size_t const old = peak();
+        reserve_.reset_allocated_peak();
+        raised_ = 0;
+        return old;
+    }
+    void raise_peak(std::size_t v) noexcept { raised_ = std::max(raised_, v); }
+    std::size_t available() const noexcept {
+        std::size_t free = 0, total = 0;
+        if (!gpu_.memory_info(0, &free, &total).ok()) return 0;
+        return free + (reserve_.reserved() - reserve_.allocated());
+    }
+
+private:
+    Reserve& reserve_;
+    SimulatedDevices& gpu_;
+    std::size_t raised_ = 0;
 };
 
 // One allocation of the program: a buffer of its own (families 0-3) or a block of the reserve (family 4).
@@ -303,6 +341,7 @@ struct Run {
     SimulatedDevices gpu;
     Budget budget;
     Reserve reserve;
+    AllocatorMeter allocator_meter;
     CacheRegistry caches;        // this program's own: the reserve's free segments (family 4)
     CacheRegistration reserve_registered;
     std::vector<Mem> weights, adam, grads;  // families 0-3: one buffer each; family 4: per layer
@@ -311,10 +350,17 @@ struct Run {
 
     Run(Model const& model, double faults)
         : w(model), gpu({{model.capacity}}, SimulatedMemory::phantom, false), budget(gpu, 0, Limit::unlimited()),
-          reserve(budget, gpu), fault_rate(faults) {
+          reserve(budget, gpu), allocator_meter(reserve, gpu), fault_rate(faults) {
         gpu.set_used_by_others(0, w.others);
-        if (w.caching) {
+        if (w.allocator_meter) {
+            // TorchCudaCache's pair: releasable is reserved - allocated, release() is empty_cache.
+            reserve_registered = caches.add(
+                "caching allocator", 0, [this] { return reserve.reserved() - reserve.allocated(); },
+                [this] { return reserve.release(); });
+        } else if (w.caching) {
             reserve_registered = caches.add("caching allocator's free segments", 0, reserve);
+        }
+        if (w.caching) {
             for (std::size_t l = 0; l < w.act.size(); ++l) weights.push_back(alloc(w.layer_weights(l)));
         } else {
             weights.push_back(alloc(w.weights));
@@ -411,6 +457,23 @@ inline Model make_workload(std::uint64_t seed, int family) {
     if (w.largest == 0) w.largest = w.best;
     w.start = w.best + 1 + scaled(w.over * static_cast<double>(w.best));
     return w;
+}
+
+// Workload `i` (from 0) of `family`, made once per process (family 4's best is found by running it).
+inline Model const& workload(int i, int family) {
+    static std::map<std::pair<int, int>, Model> made;
+    auto it = made.find({family, i});
+    if (it == made.end() && family == 5) {  // family 4's workloads, measured by the allocator
+        Model w = workload(i, 4);
+        w.allocator_meter = true;
+        it = made.emplace(std::make_pair(family, i), w).first;
+    }
+    if (it == made.end()) {
+        int const seeds = family == 4 ? 3 : family;  // family 4: family 3's workloads, through the allocator
+        auto seed = static_cast<std::uint64_t>(i) + 1 + static_cast<std::uint64_t>(seeds) * 100003;
+        it = made.emplace(std::make_pair(family, i), make_workload(seed, family)).first;
+    }
+    return it->second;
 }
 
 }  // namespace bench
