@@ -7,11 +7,20 @@
 //   ratio_mean, ratio_worst   final m / the largest m that fits
 //   failures_mean             failed attempts after the OOM that started the recovery
 //   wasted_mean               samples processed and thrown away, per global batch
-// and two rows of issue 24, predictive on the same workloads:
-//   first_run_calibrate       first_run_ooms_mean: OOMs a workload meets in its first run when it
-//                             calibrates first (BatchOptions::start = calibrate); target <= 0.2
-//   restart_with_cache        restart_ooms_mean: OOMs in a second run that starts from the first
-//                             run's PlanCache entry; target 0
+// The framework rows (sweep_framework) run the same counters over the 300
+// workloads of bench_real_steps' family 4 (real_workloads.hpp; that file's header
+// comment has the whole shape): layered steps allocated through a caching
+// allocator that only grows, in segments, and fragments, with gradients from the
+// first backward to the commit, Adam's state from the first commit and
+// temporaries on the first and last micro-batches, 12 global batches each, no
+// faults. Their best m is the largest such that every size up to it runs
+// (found by running the program), so ratio_mean and ratio_worst there are the
+// largest micro-batch of the last global batch over it, and may exceed 1 when a
+// plan settles on a larger size that happens to run; failures_mean counts every
+// failed attempt after the first OOM, and given_up the global batches that
+// recovery_failed ended, of all workloads.
+#include "real_workloads.hpp"
+
 #include <oomguard/adaptive_batch.hpp>
 #include <oomguard/plan_cache.hpp>
 #include <oomguard/detail/random.hpp>
@@ -92,8 +101,8 @@ Outcome recover(Workload const& w, ShrinkPolicy policy) {
 }
 
 // One run of kGlobalBatches global batches of `w` with a fresh AdaptiveBatch:
-// calibrating first, attached to the cache at `path` when it is not empty.
-// Returns the OOMs it met.
+// calibrating first (issue 24), attached to the cache at `path` when it is
+// not empty. Returns the OOMs it met.
 std::size_t run_once(Workload const& w, std::string const& path) {
     SimulatedDevices gpu({{w.capacity}}, SimulatedMemory::phantom, false);
     MemoryBudget<SimulatedDevices> budget(gpu, 0, Limit::unlimited());
@@ -114,7 +123,9 @@ std::size_t run_once(Workload const& w, std::string const& path) {
     return a.counters().ooms;
 }
 
-// first_run_calibrate (restart = false) and restart_with_cache (restart = true).
+// Issue 24's rows: first_run_calibrate (restart = false): OOMs per workload in
+// a first run that calibrates first (target <= 0.2); restart_with_cache
+// (restart = true): OOMs in a second run from the first run's PlanCache entry (target 0).
 void plan_cache_rows(benchmark::State& state, bool restart) {
     double sum = 0;
     std::size_t worst = 0;
@@ -158,12 +169,86 @@ void sweep(benchmark::State& state, ShrinkPolicy policy) {
     state.counters["workloads"] = kWorkloads;
 }
 
+// One family-4 workload under `policy`, 12 global batches.
+struct FrameworkOutcome {
+    double ratio = 0, failures = 0, wasted = 0, given_up = 0;
+};
+
+FrameworkOutcome recover_framework(bench::Model const& w, ShrinkPolicy policy, bool resume) {
+    bench::Run run(w, 0.0);
+    BatchOptions o;
+    o.global_batch = w.start;
+    o.policy = policy;
+    o.resume = resume;
+    o.release_caches = true;  // the allocator's free segments, registered in the run's own registry
+    o.caches = &run.caches;
+    o.max_attempts = 1000;
+    AdaptiveBatch a(o);
+    a.measure_with(run.budget);
+    FrameworkOutcome out;
+    std::size_t largest = 0;
+    for (int i = 0; i < kGlobalBatches; ++i) {
+        largest = 0;
+        try {
+            a.run([&](MicroBatch const& mb) {
+                run.step(mb, w.start);
+                if (mb.size > largest) largest = mb.size;
+            }, [&] { run.commit(); }, [&] { run.rollback(); });
+        } catch (recovery_failed const&) {
+            out.given_up += 1;
+        }
+    }
+    auto const& c = a.counters();
+    out.ratio = static_cast<double>(largest) / static_cast<double>(w.best);
+    out.failures = static_cast<double>(c.ooms > 0 ? c.ooms - 1 : 0);
+    out.wasted = static_cast<double>(c.wasted_samples) / static_cast<double>(w.start);
+    return out;
+}
+
+constexpr int kFrameworkWorkloads = 300;
+
+void sweep_framework(benchmark::State& state, ShrinkPolicy policy, bool resume) {
+    double ratio_sum = 0, ratio_worst = 1e9, fail_sum = 0, waste_sum = 0, given_up = 0;
+    for (auto _ : state) {
+        ratio_sum = fail_sum = waste_sum = given_up = 0;
+        ratio_worst = 1e9;
+        for (int i = 0; i < kFrameworkWorkloads; ++i) {
+            FrameworkOutcome out = recover_framework(bench::workload(i, 4), policy, resume);
+            ratio_sum += out.ratio;
+            ratio_worst = std::min(ratio_worst, out.ratio);
+            fail_sum += out.failures;
+            waste_sum += out.wasted;
+            given_up += out.given_up;
+        }
+    }
+    state.counters["ratio_mean"] = ratio_sum / kFrameworkWorkloads;
+    state.counters["ratio_worst"] = ratio_worst;
+    state.counters["failures_mean"] = fail_sum / kFrameworkWorkloads;
+    state.counters["wasted_mean"] = waste_sum / kFrameworkWorkloads;
+    state.counters["given_up"] = given_up;
+    state.counters["workloads"] = kFrameworkWorkloads;
+}
+
 }  // namespace
 
 BENCHMARK_CAPTURE(sweep, halve, ShrinkPolicy::halve())->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(sweep, geometric_0_9, ShrinkPolicy::geometric(0.9))->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(sweep, bisect, ShrinkPolicy::bisect())->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(sweep, predictive, ShrinkPolicy::predictive())->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(sweep_framework, halve, ShrinkPolicy::halve(), false)->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(sweep_framework, geometric_0_9, ShrinkPolicy::geometric(0.9), false)
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(sweep_framework, bisect, ShrinkPolicy::bisect(), false)->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(sweep_framework, bisect_resume, ShrinkPolicy::bisect(), true)
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(sweep_framework, predictive, ShrinkPolicy::predictive(), false)
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(sweep_framework, predictive_resume, ShrinkPolicy::predictive(), true)
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(plan_cache_rows, first_run_calibrate, false)->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(plan_cache_rows, restart_with_cache, true)->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK_MAIN();

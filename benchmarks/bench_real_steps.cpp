@@ -29,9 +29,35 @@
 // gradients appear at the first backward of each global batch and stay until
 // its commit (zero_grad sets them to none, rollback too), Adam's two moments
 // appear at the first commit, and the last micro-batch of a batch holds a
-// gradient-norm buffer of half the weights through its backward. `faults` is the chance, in percent, that a
-// micro-batch meets a transient OOM (another process's burst) at one of its
-// allocations, chosen at random.
+// gradient-norm buffer of half the weights through its backward; 4 family 3's
+// workloads (the same seeds and shapes) as a framework allocates them, through a
+// caching allocator after PyTorch's (real_workloads.hpp, Reserve): every
+// allocation is a block of the reserve, which grows only by segments (2 MiB for
+// blocks up to 1 MiB; 20 MiB under 10 MiB; the size rounded up to 2 MiB above),
+// keeps what the step frees for reuse (best fit, split, merged with free
+// neighbours: it fragments) and, when a segment's cudaMalloc fails, frees its
+// wholly free segments and tries once more; the budget, and so the meter, sees
+// the segments. Its wholly free segments are a cache in the run's own
+// CacheRegistry (BatchOptions::caches, release_caches on), which adaptive_batch
+// empties before retries and before a larger attempt. Weights, .grad and Adam's
+// moments are per layer: each layer's gradient is allocated when the first
+// backward of a global batch reaches it (between that layer's activation
+// gradient and its workspace), Adam's two moments per layer at the first commit.
+// Temporaries by position: the first micro-batch of a global batch holds a
+// lazily built buffer of a quarter of the weights from its start through its
+// backward, the last the gradient-norm buffer of family 3. Family 4's best plan
+// is found by running the program: global batches at m, from a fresh program
+// with its steady state reached (runs() in real_workloads.hpp), for every size
+// up to m. Family 5 is family 4's workloads (the same seeds) measured and
+// released as torch.hpp pairs TorchCudaMeter and TorchCudaCache: the meter reads
+// the allocator's bytes in use (not its segments) and their peak, available is
+// the device's free memory plus what the reserve holds unused, and the
+// registered cache estimates reserved - in use and empties the wholly free
+// segments. `faults` is the chance, in percent, that a micro-batch meets a
+// transient OOM (another process's burst) at one of its allocations, chosen at
+// random; in families 4 and 5 the burst fails that allocation only if it reaches the
+// device (a miss of the reserve: then both its cudaMalloc and the one after
+// emptying fail), so a warm reserve absorbs it.
 //
 // Two rows of issue 24 (predictive, no faults), per family:
 //   first_run_calibrate   first_run_ooms_mean, _max: OOMs in a workload's first run when it
@@ -39,151 +65,26 @@
 //                         plan after 12 batches / the best plan
 //   restart_with_cache    restart_ooms_mean, _max: OOMs in a second run started from the first
 //                         run's PlanCache entry; ratio_mean: its plan / the best plan
-#include <oomguard/adaptive_batch.hpp>
+#include "real_workloads.hpp"
+
 #include <oomguard/plan_cache.hpp>
-#include <oomguard/detail/random.hpp>
-#include <oomguard/device_buffer.hpp>
-#include <oomguard/simulated_devices.hpp>
 
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <memory>
 #include <string>
-#include <vector>
+#include <utility>
 
 #include <unistd.h>
 
-using namespace oomguard;
+using namespace bench;
 
 namespace {
 
 constexpr int kWorkloads = 300;
 constexpr int kGlobalBatches = 12;
-using Budget = MemoryBudget<SimulatedDevices>;
-using Buffer = DeviceBuffer<SimulatedDevices>;
-
-// A hash of the seed, and a uniform [0, 1) from it: the first draw of a SplitMix64.
-std::uint64_t mix(std::uint64_t x) { return detail::SplitMix64(x).next(); }
-double unit(std::uint64_t x) { return detail::SplitMix64(x).uniform(); }
-std::size_t scaled(double x) { return static_cast<std::size_t>(x); }
-
-struct Model {
-    std::uint64_t seed;
-    std::size_t capacity, others, weights;
-    std::vector<std::size_t> act;  // activation bytes per sample, per layer
-    std::size_t workspace;         // the largest workspace request
-    std::size_t start, best, largest;
-    bool framework = false;  // family 3
-    std::size_t tail_extra() const { return framework ? weights / 2 : 0; }
-
-    double nonlinear(std::size_t m) const { return 1.0 + 0.04 * (2.0 * unit(seed * 7919 + m) - 1.0); }
-    std::size_t activation(std::size_t layer, std::size_t m) const {
-        return scaled(static_cast<double>(act[layer] * m) * nonlinear(m));
-    }
-    // A cuBLAS-like workspace: a quarter to all of the largest, by layer and size.
-    std::size_t workspace_for(std::size_t layer, std::size_t m) const {
-        return workspace / 4 * (1 + mix(seed * 131 + layer * 31 + m) % 4);
-    }
-    std::size_t persistent() const { return 4 * weights; }  // weights, Adam m and v, gradients
-    // The step's peak over what is held before it (the peak is at the start of the backward).
-    std::size_t step_peak(std::size_t m) const {
-        std::size_t held = 0, peak = 0;
-        for (std::size_t l = 0; l < act.size(); ++l) {
-            held += activation(l, m);
-            peak = std::max(peak, held + workspace_for(l, m));
-        }
-        for (std::size_t l = act.size(); l-- > 0;) {
-            peak = std::max(peak, held + activation(l, m) + workspace_for(l, m));
-            held -= activation(l, m);
-        }
-        return peak;
-    }
-    // Steady state, the optimizer's state included: any micro-batch, the last with its extra.
-    bool fits(std::size_t m) const { return others + persistent() + step_peak(m) + tail_extra() <= capacity; }
-
-    static Model make(std::uint64_t seed, int family) {
-        Model w{};
-        w.seed = seed;
-        w.framework = family == 3;
-        if (family == 3) family = 0;
-        double gib = static_cast<double>(std::size_t{1} << 30);
-        w.capacity = scaled((16 + 64 * unit(seed * 8 + 1)) * gib);
-        double other_share = family == 1 ? 0.15 : 0.10;
-        w.others = scaled(other_share * unit(seed * 8 + 2) * static_cast<double>(w.capacity));
-        w.weights = scaled((0.005 + 0.03 * unit(seed * 8 + 3)) * static_cast<double>(w.capacity));
-        std::size_t layers = family == 0   ? 4 + mix(seed * 8 + 4) % 9
-                             : family == 1 ? 16 + mix(seed * 8 + 4) % 17
-                                           : 2 + mix(seed * 8 + 4) % 3;
-        // Room left for the step, shared out so that the best size lands in [16, 2048].
-        double room = static_cast<double>(w.capacity - w.others - w.persistent());
-        double target = 16.0 * std::pow(128.0, unit(seed * 8 + 5));
-        double per_sample = room * 0.85 / target;
-        for (std::size_t l = 0; l < layers; ++l)
-            w.act.push_back(scaled(per_sample / static_cast<double>(layers) * (0.5 + unit(seed * 97 + l))));
-        w.workspace = scaled((family == 0 ? 0.01 : family == 1 ? 0.04 : 0.08) * room * (0.5 + unit(seed * 8 + 6)));
-        // The best plan: the largest m such that every size up to m fits. A plan
-        // runs remainders of whatever size G leaves, and the workspace choice
-        // can make one size fit where a smaller one does not; a policy that
-        // settles above the best on a size that happens to fit scores 1.
-        while (w.fits(w.best + 1)) ++w.best;
-        // The largest size that fits at all, lucky ones included (the stricter yardstick).
-        for (std::size_t m = 2 * w.best + 2; m > w.best && w.largest == 0; --m)
-            if (w.fits(m)) w.largest = m;
-        if (w.largest == 0) w.largest = w.best;
-        double over = family == 2 ? 0.05 + 14.95 * unit(seed * 8 + 7) : 0.2 + 6.8 * unit(seed * 8 + 7);
-        w.start = w.best + 1 + scaled(over * static_cast<double>(w.best));
-        return w;
-    }
-};
-
-// The training program: persistent state first, then global batches under adaptive_batch.
-struct Run {
-    Model const& w;
-    SimulatedDevices gpu;
-    Budget budget;
-    std::unique_ptr<Buffer> weights, adam, grads;
-    double fault_rate;
-    std::uint64_t draws = 0;
-    Run(Model const& model, double faults)
-        : w(model), gpu({{model.capacity}}, SimulatedMemory::phantom, false), budget(gpu, 0, Limit::unlimited()),
-          fault_rate(faults) {
-        gpu.set_used_by_others(0, w.others);
-        weights = std::make_unique<Buffer>(budget, w.weights);
-        if (!w.framework) adam = std::make_unique<Buffer>(budget, 2 * w.weights);
-    }
-    // The optimizer's step: Adam's moments on the first; a framework's zero_grad frees the gradients.
-    void commit() {
-        if (!adam) adam = std::make_unique<Buffer>(budget, 2 * w.weights);
-        if (w.framework) grads.reset();
-    }
-    void rollback() {
-        if (w.framework) grads.reset();
-    }
-    void step(MicroBatch const& mb, std::size_t G) {
-        if (!grads) grads = std::make_unique<Buffer>(budget, w.weights);  // the first backward's .grad
-        std::size_t burst = w.act.size();  // the layer whose activation meets a burst (none)
-        if (fault_rate > 0 && unit(w.seed * 1000003 + ++draws) < fault_rate)
-            burst = static_cast<std::size_t>(mix(w.seed * 999983 + draws) % w.act.size());
-        std::vector<Buffer> acts;
-        acts.reserve(w.act.size());
-        for (std::size_t l = 0; l < w.act.size(); ++l) {
-            if (l == burst) gpu.fail_next(0, 1);
-            acts.emplace_back(budget, w.activation(l, mb.size));
-            Buffer ws(budget, w.workspace_for(l, mb.size));
-        }
-        std::unique_ptr<Buffer> norm;  // the last micro-batch's gradient norm, through its backward
-        if (w.tail_extra() != 0 && mb.offset + mb.size == G) norm = std::make_unique<Buffer>(budget, w.tail_extra());
-        for (std::size_t l = w.act.size(); l-- > 0;) {
-            Buffer grad_act(budget, w.activation(l, mb.size));
-            Buffer ws(budget, w.workspace_for(l, mb.size));
-            acts.pop_back();
-        }
-    }
-};
 
 struct Outcome {
     double ratio = 0, ratio_largest = 0, further = 0, later = 0, thrown = 0, stable = 0, given_up = 0, after_first = 0;
@@ -195,10 +96,15 @@ Outcome recover(Model const& w, ShrinkPolicy policy, bool resume, double fault_r
     o.global_batch = w.start;
     o.policy = policy;
     o.resume = resume;
-    o.release_caches = false;
+    // Family 4 empties its allocator's free segments before retries, as torch.hpp's TorchCudaCache does.
+    o.release_caches = w.caching;  // (release_caches = false for families 0-3)
+    o.caches = &run.caches;
     o.max_attempts = 1000;
     AdaptiveBatch a(o);
-    a.measure_with(run.budget);
+    if (w.allocator_meter)
+        a.measure_with(run.allocator_meter);
+    else
+        a.measure_with(run.budget);
     Outcome out;
     std::size_t last_plan = 0, recoveries = 0, ooms_before = 0, wasted_before = 0;
     for (int i = 0; i < kGlobalBatches; ++i) {
@@ -240,7 +146,7 @@ void real_steps(benchmark::State& state, ShrinkPolicy policy, bool resume) {
             given_up = 0;
         ratio_worst = largest_worst = 1e9;
         for (int i = 0; i < kWorkloads; ++i) {
-            Model w = Model::make(static_cast<std::uint64_t>(i) + 1 + static_cast<std::uint64_t>(family) * 100003, family);
+            Model const& w = workload(i, family);
             Outcome out = recover(w, policy, resume, fault_rate);
             first_sum += out.after_first;
             first_worst = std::min(first_worst, out.after_first);
@@ -279,11 +185,15 @@ std::pair<std::size_t, double> calibrated_run(Model const& w, std::string const&
     BatchOptions o;
     o.global_batch = w.start;
     o.policy = ShrinkPolicy::predictive();
-    o.release_caches = false;
+    o.release_caches = w.caching;
+    o.caches = &run.caches;
     o.max_attempts = 1000;
     o.start = BatchOptions::Start::calibrate;
     AdaptiveBatch a(o);
-    a.measure_with(run.budget);
+    if (w.allocator_meter)
+        a.measure_with(run.allocator_meter);
+    else
+        a.measure_with(run.budget);
     PlanCache cache(path.empty() ? std::string("unused") : path);
     ObserverRegistration saving;
     if (!path.empty()) saving = cache.attach(a, {"train", device_identity(run.budget, "phantom"), "bench"});
@@ -305,7 +215,7 @@ void plan_cache_rows(benchmark::State& state, bool restart) {
     for (auto _ : state) {
         sum = worst = ratio_sum = 0;
         for (int i = 0; i < kWorkloads; ++i) {
-            Model w = Model::make(static_cast<std::uint64_t>(i) + 1 + static_cast<std::uint64_t>(family) * 100003, family);
+            Model const& w = workload(i, family);
             std::remove(path.c_str());
             auto out = calibrated_run(w, restart ? path : std::string());
             if (restart) out = calibrated_run(w, path);  // the restart: the first run's entry
@@ -321,12 +231,12 @@ void plan_cache_rows(benchmark::State& state, bool restart) {
 }
 
 void family_args(benchmark::internal::Benchmark* b) {
-    for (int family : {0, 1, 2, 3}) b->Args({family});
+    for (int family : {0, 1, 2, 3, 4, 5}) b->Args({family});
     b->ArgNames({"family"})->Iterations(1)->Unit(benchmark::kMillisecond);
 }
 
 void args(benchmark::internal::Benchmark* b) {
-    for (int family : {0, 1, 2, 3})
+    for (int family : {0, 1, 2, 3, 4, 5})
         for (int faults : {0, 1, 5}) b->Args({family, faults});
     b->ArgNames({"family", "faults%"})->Iterations(1)->Unit(benchmark::kMillisecond);
 }

@@ -1523,3 +1523,108 @@ TEST_CASE("consensus: a short last batch on every rank; ranks that give differen
         CHECK(errors[r].find("different sizes (20 to 21 samples)") != std::string::npos);
     }
 }
+
+TEST_CASE("consensus: the automatic policy is predictive only when every rank measures; predictive named where one "
+          "does not is refused on every rank") {
+    auto run_ranks = [](ShrinkPolicy policy, Plan (&plans)[2], std::string (&errors)[2], ShrinkPolicy::Kind (&kinds)[2]) {
+        ThreadConsensus tc(2);
+        auto rank = [&](int r) {
+            Workload w(1024 * KiB, 0, 10 * KiB);
+            w.gpus.set_used_by_others(0, 1024 * KiB - 25 * 10 * KiB);  // room for 25 samples
+            BatchOptions o;
+            o.global_batch = 256;
+            o.policy = policy;
+            AdaptiveBatch a(o);
+            a.consensus(tc.hook());
+            if (r == 0) a.measure_with(w.budget);  // rank 1 has no meter
+            try {
+                for (int i = 0; i < 3; ++i)
+                    a.run([&](MicroBatch const& mb) { w.step(mb); mb.sync(); }, [] {}, [] {});
+            } catch (std::exception const& e) {
+                errors[r] = e.what();
+            }
+            plans[r] = a.plan();
+            kinds[r] = a.policy().kind();
+        };
+        std::thread r0(rank, 0), r1(rank, 1);
+        r0.join();
+        r1.join();
+    };
+    Plan plans[2];
+    std::string errors[2];
+    ShrinkPolicy::Kind kinds[2];
+    run_ranks(ShrinkPolicy::automatic(), plans, errors, kinds);
+    for (int r = 0; r < 2; ++r) {
+        CHECK(errors[r].empty());
+        CHECK(kinds[r] == ShrinkPolicy::Kind::bisect);  // not every rank measures
+    }
+    CHECK(plans[0] == plans[1]);
+    Plan p2[2];
+    std::string e2[2];
+    ShrinkPolicy::Kind k2[2];
+    run_ranks(ShrinkPolicy::predictive(), p2, e2, k2);
+    CHECK(e2[0].find("another rank has none") != std::string::npos);
+    CHECK(e2[1].find("measure_with") != std::string::npos);
+}
+
+TEST_CASE("a cache release before a larger micro-batch that throws: rolled back, and every rank leaves together") {
+    // Predictive: 64 fails, the calibration runs 6 twice, and before 12 the
+    // workspace of 6 is emptied: on rank 0 that release throws a non-OOM.
+    struct Broken : std::runtime_error {
+        using std::runtime_error::runtime_error;
+    };
+    ThreadConsensus tc(2);
+    std::string errors[2];
+    int rollbacks[2] = {0, 0};
+    double weight[2] = {0, 0};
+    std::vector<std::size_t> sizes[2];
+    auto rank = [&](int r) {
+        Workload w(1024 * KiB, 0, 10 * KiB);
+        w.gpus.set_used_by_others(0, 1024 * KiB - 50 * 10 * KiB);  // room for 50
+        CacheRegistry reg;
+        std::size_t cached = 0;  // the step's workspace, kept as a cache
+        int releases = 0;
+        auto reg_r = reg.add("workspace", 0, [&] { return cached; }, [&]() -> std::size_t {
+            // The first (after 64's OOM) works; the one before the larger 12 throws on rank 0.
+            if (r == 0 && ++releases == 2) throw Broken("the workspace's stream is gone");
+            std::size_t const b = cached;
+            cached = 0;
+            return b;
+        });
+        BatchOptions o;
+        o.global_batch = 64;
+        o.policy = ShrinkPolicy::predictive();
+        o.caches = &reg;
+        AdaptiveBatch a(o);
+        a.consensus(tc.hook());
+        a.measure_with(w.budget);
+        try {
+            a.run([&](MicroBatch const& mb) {
+                w.step(mb);
+                mb.sync();
+                cached = mb.size;
+                weight[r] += mb.weight;
+                sizes[r].push_back(mb.size);
+            }, [] {}, [&] {
+                ++rollbacks[r];
+                weight[r] = 0;
+            });
+        } catch (Broken const& e) {
+            errors[r] = std::string("Broken: ") + e.what();
+        } catch (recovery_failed const& e) {
+            errors[r] = std::string("recovery_failed: ") + e.what();
+        } catch (std::exception const& e) {
+            errors[r] = std::string("other: ") + e.what();
+        }
+    };
+    std::thread r0(rank, 0), r1(rank, 1);
+    r0.join();
+    r1.join();
+    CHECK(errors[0] == "Broken: the workspace's stream is gone");  // as thrown
+    CHECK(errors[1].rfind("recovery_failed: ", 0) == 0);
+    for (int r = 0; r < 2; ++r) {
+        CHECK(sizes[r] == std::vector<std::size_t>{6, 6});  // (64 failed) 12 never began
+        CHECK(rollbacks[r] == 2);  // after 64's OOM, and the calibration's work, undone
+        CHECK(weight[r] == 0.0);   // nothing of the batch is left in the user's state
+    }
+}

@@ -662,3 +662,35 @@ TEST_CASE("planner: a size raised above one that held (a probe) fails by its own
     REQUIRE(q.on_attempt(oom(64)).to.micro_batch == 32);
     CHECK(q.on_attempt(oom(32)).to.micro_batch == 16);
 }
+
+TEST_CASE("planner: a short batch's lone micro-batch at the plan's size is a bound, not the size's point") {
+    // G = 64 at 32: the full batches' point for 32 holds what the first
+    // micro-batch left (620). A GlobalBatch{32} runs 32 alone (320): it must
+    // not replace that point, or the fit under-predicts the full batches.
+    BatchOptions o = options(64, 32);
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    Observation full;
+    full.full_done = 2;
+    full.full_peak = 620;
+    full.full_later = true;
+    full.limit = 1000;
+    full.first_base = 0;
+    REQUIRE(p.on_attempt(full).action == PlanAction::commit);
+    REQUIRE(p.model().n_points == 1);
+    p.begin_batch(32);
+    Observation lone;
+    lone.full_done = 1;
+    lone.full_peak = 320;
+    lone.limit = 1000;
+    lone.first_base = 0;
+    REQUIRE(p.on_attempt(lone).action == PlanAction::commit);
+    REQUIRE(p.model().n_points == 1);
+    CHECK(p.model().points[0].m == 32);
+    CHECK(p.model().points[0].bytes == 620);
+    // The whole global batch in one micro-batch is a point: nothing is held over it.
+    RecoveryPlanner q(options(32, 32));
+    q.begin_batch();
+    REQUIRE(q.on_attempt(lone).action == PlanAction::commit);
+    CHECK(q.model().n_points == 1);
+}

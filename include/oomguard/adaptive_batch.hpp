@@ -636,25 +636,26 @@ private:
         bool measured = false;  // a meter measured the attempt (limit; the batch's first base)
         oom_info info;
         detail::Message what;
+        // A cache release before a larger micro-batch (make_room) threw: the
+        // attempt ends there, and every rank learns it at the end's agreement.
+        std::exception_ptr release_error;
     };
 
     template <class Step, class Commit, class Rollback>
     BatchResult run_batch(Step& step, Commit& commit, Rollback& rollback) {
-        planner_.use_meter(meter_for(plan().device) != nullptr);
-        if (planner_.options().policy.kind() == ShrinkPolicy::Kind::predictive && meter_for(plan().device) == nullptr)
-            detail::throw_invalid(detail::Message()
-                                  << "oomguard: AdaptiveBatch: the predictive policy fits what a meter measures, and "
-                                     "there is none for GPU "
-                                  << plan().device
-                                  << ": call measure_with(budget) (or with a meter such as torch.hpp's "
-                                     "TorchCudaMeter) before run(), or choose bisect");
-        if (planner_.options().start == BatchOptions::Start::calibrate && meter_for(plan().device) == nullptr)
-            detail::throw_invalid(detail::Message()
-                                  << "oomguard: AdaptiveBatch: BatchOptions::start is calibrate, which measures "
-                                     "micro-batches through a meter, and there is none for GPU "
-                                  << plan().device
-                                  << ": call measure_with(budget) (or with a meter such as torch.hpp's "
-                                     "TorchCudaMeter) before run(), or start at requested");
+        // Without consensus the rank decides alone, before its first step; with
+        // one, at the first agreement, together (agree()).
+        if (consensus_.all_min == nullptr) {
+            bool const metered = meter_for(plan().device) != nullptr;
+            if (!metered && planner_.options().policy.kind() == ShrinkPolicy::Kind::predictive) refuse_unmetered(false);
+            planner_.use_meter(metered);
+        }
+        // Calibrating first measures: without a meter it is refused -- alone,
+        // or with consensus on every rank together once they agree on who
+        // measures (agree_start), so that no rank is left waiting.
+        if (consensus_.all_min == nullptr && planner_.options().start == BatchOptions::Start::calibrate &&
+            meter_for(plan().device) == nullptr)
+            refuse_uncalibrated();
         if (consensus_.all_min != nullptr && !start_agreed_) agree_start();
         start_agreed_ = true;
         tried_.clear();
@@ -699,6 +700,15 @@ private:
             run_attempt(step, at, l);
             micro_batches += l.micro_batches;
             Ballot t = agree_end(l);
+            if (t.any(Ballot::any_error)) {
+                // A rank's cache release before a larger micro-batch threw: what
+                // this global batch accumulated is undone (the kept micro-batches
+                // too), then every rank leaves together, the one that threw with
+                // its own exception.
+                roll_back(rollback, at.number);
+                history.push_back(AttemptRecord{at.plan, l.samples_done, 0, 0, false, l.release_error == nullptr});
+                fail_together(l.release_error, l, history);
+            }
             if (!t.any(Ballot::any_oom) && t.any(Ballot::any_aborted))
                 protocol_error("a rank left a MicroBatch::sync() because another rank had ended its step without "
                                "failing: the ranks called sync() a different number of times");
@@ -903,7 +913,12 @@ private:
                 n = planned < G - offset ? planned : G - offset;
                 if (n < planned && at.tail != 0 && n > at.tail) n = at.tail;  // a failed remainder, in pieces
                 bool const calibration = at.calibrating(index);
-                make_room(n, at.plan.precision, at.number);
+                try {
+                    make_room(n, at.plan.precision, at.number);
+                } catch (...) {
+                    l.release_error = std::current_exception();
+                    break;
+                }
                 mb_index_ = index;
                 sync_index_ = 0;
                 if (!observers_.empty()) emit_step(BatchEventKind::micro_batch_begin, at, offset, n, 0, oom_info::unknown);
@@ -983,6 +998,7 @@ private:
         Ballot b(serial_, phase_end);
         b.set_any(Ballot::any_oom, l.oom);
         b.set_any(Ballot::any_aborted, l.aborted);
+        b.set_any(Ballot::any_error, l.release_error != nullptr);
         if (l.oom) {
             // The figures of a failure go to its group: one rank's short remainder
             // must not lend its shortness, room or need to another's full-size failure.
@@ -1039,7 +1055,15 @@ private:
     Ballot agree(Ballot b) {
         b.set_min(Ballot::global_min, planner_.global_batch());
         b.set_max(Ballot::global_max, planner_.global_batch());
+        bool const metered = meter_for(planner_.attempt().plan.device) != nullptr;
+        b.set_all(Ballot::all_metered, metered);
         if (consensus_.all_min != nullptr) consensus_.all_min(consensus_.context, b.data(), Ballot::count);
+        // The policy every rank plans with: ShrinkPolicy::automatic() is
+        // predictive only when every rank measures; predictive chosen by name
+        // where some rank has no meter is refused on every rank.
+        if (!b.all(Ballot::all_metered) && planner_.options().policy.kind() == ShrinkPolicy::Kind::predictive)
+            refuse_unmetered(metered);
+        planner_.use_meter(b.all(Ballot::all_metered));
         if (b.min(Ballot::global_min) != b.max(Ballot::global_max)) {
             detail::throw_logic(detail::Message()
                                 << "oomguard: adaptive_batch consensus: the ranks run global batches of different "
@@ -1075,6 +1099,8 @@ private:
         Ballot t = agree(b);
         if (t.min(Ballot::phase_min) != phase_start || t.max(Ballot::phase_max) != phase_start)
             protocol_error("a rank began its first global batch while another was in a later round");
+        if (planner_.options().start == BatchOptions::Start::calibrate && !t.all(Ballot::all_metered))
+            refuse_uncalibrated();
         Plan const from = planner_.plan();
         if (!t.all(Ballot::all_restored)) {
             if (restored_) {
@@ -1149,6 +1175,19 @@ private:
           << " against micro-batch " << static_cast<unsigned long long>((hi >> 20) - 1) << " sync "
           << static_cast<unsigned long long>(hi & max_syncs);
         detail::throw_logic(m);
+    }
+
+    // Predictive without a meter (on this rank, or on another one).
+    [[noreturn]] void refuse_unmetered(bool here_metered) const {
+        detail::Message m;
+        m << "oomguard: AdaptiveBatch: the predictive policy fits what a meter measures, and ";
+        if (here_metered)
+            m << "another rank has none for its device";
+        else
+            m << "there is none for GPU " << planner_.attempt().plan.device;
+        m << ": call measure_with(budget) (or with a meter such as torch.hpp's TorchCudaMeter) before run(), on "
+             "every rank, or choose bisect";
+        detail::throw_invalid(m);
     }
 
     [[noreturn]] static void protocol_error(char const* what) {
@@ -1299,6 +1338,16 @@ private:
             if (reg.size() != 0 && reg.releasable_bytes() != 0) release_caches(attempt);
         }
         grown_to_ = bytes;
+    }
+
+    [[noreturn]] void refuse_uncalibrated() const {
+        detail::throw_invalid(detail::Message()
+                              << "oomguard: AdaptiveBatch: BatchOptions::start is calibrate, which measures "
+                                 "micro-batches through a meter, and there is none for GPU "
+                              << plan().device
+                              << (consensus_.all_min != nullptr ? " on some rank" : "")
+                              << ": call measure_with(budget) (or with a meter such as torch.hpp's "
+                                 "TorchCudaMeter) before run(), or start at requested");
     }
 
     // What the registered caches could give back now (0 with releases off).

@@ -542,7 +542,10 @@ private:
         if (o.full_done > 0) {
             if (ran.micro_batch > proven_) proven_ = ran.micro_batch;
             if (o.full_peak != 0) {
-                if (o.full_later || ran.micro_batch >= g_)
+                // (The whole global batch in one micro-batch: nothing is held
+                // over it. Not a short batch's lone micro-batch, GlobalBatch{n}:
+                // later ones of a full batch hold what it left.)
+                if (o.full_later || ran.micro_batch >= opt_.global_batch)
                     model_.observe(ran.micro_batch, o.full_peak);
                 else
                     model_.bound(ran.micro_batch, o.full_peak);  // the first micro-batch's: a later one needs more

@@ -17,6 +17,7 @@ public:
         serial_min, serial_max,  // the attempt, counted from the object's first: equal on every rank
         phase_min, phase_max,    // where in the attempt each rank stands (see AdaptiveBatch)
         global_min, global_max,  // the global batch's samples: equal on every rank
+        all_metered,             // every rank has a meter for its plan's device (the policy's choice)
         any_oom,                 // a micro-batch ran out of device memory
         any_aborted,             // a step left a sync point because another rank had failed
         any_error,               // oomguard's failure path threw (rollback, release, policy, failover hook)
