@@ -6,6 +6,7 @@
 #include <oomguard/errors.hpp>
 
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
 #include <doctest/doctest.h>
@@ -262,7 +263,7 @@ TEST_CASE("a collective's error passes through as it is; one that would pass for
     CHECK(nested_oom);
 }
 
-TEST_CASE("bad arguments: a null group or backend, no ranks, a negative timeout") {
+TEST_CASE("bad arguments: a null group or backend, no ranks, a timeout of 0 ms or below") {
     CHECK_THROWS_WITH_AS(C10dConsensus{Group()}, "oomguard: C10dConsensus: the process group is null",
                          std::invalid_argument);
     CHECK_THROWS_WITH_AS(C10dConsensus{c10::intrusive_ptr<c10d::Backend>()},
@@ -271,9 +272,42 @@ TEST_CASE("bad arguments: a null group or backend, no ranks, a negative timeout"
                          "oomguard: C10dConsensus: the group has 0 ranks; a group needs at least 1",
                          std::invalid_argument);
     CHECK_THROWS_WITH_AS(C10dConsensus(c10::make_intrusive<ThrowingBackend>(2, false), -5ms),
-                         "oomguard: C10dConsensus: timeout -5 ms; give a duration >= 0, or c10d::kUnsetTimeout "
-                         "for the group's own",
+                         "oomguard: C10dConsensus: timeout -5 ms; give a duration above 0 ms, or "
+                         "c10d::kUnsetTimeout for the group's own",
                          std::invalid_argument);
+    // 0 ms: Work::wait reads it as "no timeout", and a collective given it fails at once.
+    CHECK_THROWS_WITH_AS(C10dConsensus(c10::make_intrusive<ThrowingBackend>(2, false), 0ms),
+                         "oomguard: C10dConsensus: timeout 0 ms; give a duration above 0 ms, or "
+                         "c10d::kUnsetTimeout for the group's own",
+                         std::invalid_argument);
+    CHECK_NOTHROW(C10dConsensus(c10::make_intrusive<ThrowingBackend>(2, false), 1ms));
+    CHECK_NOTHROW(C10dConsensus(c10::make_intrusive<ThrowingBackend>(2, false), c10d::kUnsetTimeout));
+}
+
+TEST_CASE("a process group with no backend for the agreement's device is refused when the consensus is built") {
+    auto store = c10::make_intrusive<c10d::HashStore>();
+    // No backend at all: the agreement would run on the CPU, where none serves it.
+    auto bare = c10::make_intrusive<c10d::ProcessGroup>(store, 0, 2);
+    CHECK_THROWS_WITH_AS(C10dConsensus{bare},
+                         "oomguard: C10dConsensus: the process group has no backend for cpu tensors, where the "
+                         "agreement's tensor would live; give a group with one (setBackend), or a device it has a "
+                         "backend for",
+                         std::invalid_argument);
+    // A CPU backend only, and a CUDA device asked for: refused before any CUDA call.
+    auto cpu_only = c10::make_intrusive<c10d::ProcessGroup>(store, 0, 2);
+    cpu_only->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::CUSTOM,
+                         c10::make_intrusive<ThrowingBackend>(2, false));
+    cpu_only->setDefaultBackend(c10d::ProcessGroup::BackendType::CUSTOM);
+    CHECK_THROWS_WITH_AS(C10dConsensus(cpu_only, c10d::kUnsetTimeout, c10::Device(c10::DeviceType::CUDA, 0)),
+                         "oomguard: C10dConsensus: the process group has no backend for cuda:0 tensors, where the "
+                         "agreement's tensor would live; give a group with one (setBackend), or a device it has a "
+                         "backend for",
+                         std::invalid_argument);
+    // And on the CPU, which it serves, it is built (and its backend's error passes through).
+    C10dConsensus on_cpu(cpu_only);
+    CHECK(on_cpu.device().is_cpu());
+    std::uint64_t v[2] = {1, 2};
+    CHECK_THROWS_AS(on_cpu.all_min(v, 2), c10::DistBackendError);
 }
 
 TEST_CASE("a backend named nccl agrees on the GPU: here, with none, building it fails with libtorch's error") {
