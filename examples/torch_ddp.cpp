@@ -18,6 +18,9 @@
 //   torch_ddp --launch 2 --device-memory 1GiB,2MiB          (forks 2 ranks, waits, a watchdog)
 //   torch_ddp --world-size 2 --rank 0 --store /tmp/s &  torch_ddp --world-size 2 --rank 1 --store /tmp/s
 //
+// --store: a fresh path for every job (--launch makes one): a FileStore left by
+// a crashed run holds its keys, and the new ranks can hang on them.
+//
 // Drills for the tests: --give-up-rank R (rank R's device fills before global
 // batch --at-batch: every rank throws recovery_failed together), --exit-rank R
 // (rank R dies there: the others get the process group's error, not an OOM),
@@ -94,7 +97,7 @@ struct Args {
 
 constexpr char const* flag_list =
     "flags: --launch N (fork N ranks)  --watchdog SECONDS (300: the launcher kills every rank after it)\n"
-    "       --world-size N  --rank R  --store PATH (one rank, started by you; the FileStore's file)\n"
+    "       --world-size N  --rank R  --store PATH (one rank, started by you; the FileStore, new for each job)\n"
     "       --bs N (1024: the global batch, split evenly over the ranks)  --epochs N (3)  --samples N (4096)\n"
     "       --hidden N (128)  --min-batch N (64)  --policy halve|geometric|bisect|predictive (predictive)\n"
     "       --device-memory SIZE[,SIZE...] (1GiB: every rank's simulated GPU, or one per rank)\n"
@@ -237,13 +240,15 @@ int launch(Args const& a, char const* self) {
     std::string const store = std::string(dir.data()) + "/store";
     std::fflush(stdout);
     std::vector<pid_t> pids;
+    pid_t const launcher = ::getpid();
     for (long r = 0; r < a.launch; ++r) {
         std::vector<std::string> args{self, "--world-size", std::to_string(a.launch), "--rank", std::to_string(r),
                                       "--store", store};
         args.insert(args.end(), a.forwarded.begin(), a.forwarded.end());
         pid_t pid = ::fork();
         if (pid == 0) {
-            (void)::prctl(PR_SET_PDEATHSIG, SIGKILL);  // best effort: a launcher that dies takes its ranks along
+            (void)::prctl(PR_SET_PDEATHSIG, SIGKILL);  // a launcher that dies takes its ranks along
+            if (::getppid() != launcher) std::_Exit(127);  // it died before the line above: nobody would reap us
             std::vector<char*> argv;
             for (auto& s : args) argv.push_back(s.data());
             argv.push_back(nullptr);
@@ -363,15 +368,27 @@ int run_rank(Args const& a) {
                                          " ranks, " + std::to_string(gpus) + " GPUs");
             auto const index = static_cast<c10::DeviceIndex>(rank);
             c10::cuda::set_device(index);
+            wire = torch::Device(torch::kCUDA, index);
             auto options = c10d::ProcessGroupNCCL::Options::create();
             options->timeout = std::chrono::milliseconds(a.timeout_ms);
+            group->setBoundDeviceId(*wire);  // the group's device, before its backend: handed on to it
             auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
             group->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL, nccl);
             group->setDefaultBackend(c10d::ProcessGroup::BackendType::NCCL);
-            wire = torch::Device(torch::kCUDA, index);
+            // NCCL builds its communicator lazily, at the first collective, and that
+            // allocates device memory: now, while the device has room, not at the
+            // first mb.sync() of a step on a full device (a DistBackendError, no OOM).
+            nccl->eagerConnectSingleDevice(*wire);
 #endif
         }
         oomguard::C10dConsensus consensus(group);  // Gloo: a CPU tensor; NCCL: one on this rank's GPU
+        {
+            // A warm-up agreement on every rank, before training: every connection
+            // (and NCCL's communicator) is up before the first step's mb.sync(), and
+            // a rank that cannot join fails here, outside any recovery.
+            std::uint64_t ready = 1;
+            consensus.all_min(&ready, 1);
+        }
 
         auto const N = static_cast<std::int64_t>(a.samples);
         torch_example::Data const data(N, device);
@@ -401,8 +418,8 @@ int run_rank(Args const& a) {
             faults.seed = 7;
             sim.set_faults(0, faults);
         }
-        std::printf("rank %d of %d: torch_ddp over c10d (Gloo, FileStore), shard %zu of --bs %zu, %s simulated GPU\n",
-                    rank, world, share, a.bs, oomguard::format_bytes(capacity).c_str());
+        std::printf("rank %d of %d: torch_ddp over c10d (%s, FileStore), shard %zu of --bs %zu, %s simulated GPU\n",
+                    rank, world, a.nccl ? "NCCL" : "Gloo", share, a.bs, oomguard::format_bytes(capacity).c_str());
 
         Hash steps;
         std::uint64_t calls = 0;

@@ -6,6 +6,7 @@
 #include <oomguard/errors.hpp>
 
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
 #include <doctest/doctest.h>
@@ -54,9 +55,28 @@ Group gloo_group(std::string const& store_path, int rank, int size, std::chrono:
     return group;
 }
 
+void remove_store(std::string const& store) {
+    ::unlink(store.c_str());
+    ::rmdir(store.substr(0, store.rfind('/')).c_str());
+}
+
+// Kills the ranks still running (codes[r] == -1) and reaps them.
+void kill_and_reap(std::vector<pid_t> const& pids, std::vector<int>& codes) {
+    for (std::size_t r = 0; r < pids.size(); ++r)
+        if (codes[r] == -1) ::kill(pids[r], SIGKILL);
+    for (std::size_t r = 0; r < pids.size(); ++r) {
+        int st = 0;
+        if (codes[r] == -1 && ::waitpid(pids[r], &st, 0) == pids[r])
+            codes[r] = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    }
+}
+
 // Runs body(rank, group) in `size` forked processes; returns their exit codes
-// (body's result; 90 when it threw). After `deadline` every rank still running
-// is killed and the test fails.
+// (body's result; 90 when it threw; 128 + the signal when one ended it). After
+// `deadline` every rank still running is killed and reaped, the store removed,
+// and the test fails; a failed fork kills and reaps the ranks already forked.
+// The ranks ignore SIGPIPE: a write to a peer that left is an error Gloo
+// raises, not a signal that ends the rank.
 template <class Body>
 std::vector<int> run_ranks(int size, std::chrono::milliseconds group_timeout, Body body,
                            std::chrono::seconds deadline = 60s) {
@@ -66,8 +86,14 @@ std::vector<int> run_ranks(int size, std::chrono::milliseconds group_timeout, Bo
     std::vector<pid_t> pids;
     for (int r = 0; r < size; ++r) {
         pid_t pid = ::fork();
-        REQUIRE(pid >= 0);
+        if (pid < 0) {
+            std::vector<int> codes(pids.size(), -1);
+            kill_and_reap(pids, codes);
+            remove_store(store);
+            FAIL("fork failed for rank " << r << " of " << size);
+        }
         if (pid == 0) {
+            ::signal(SIGPIPE, SIG_IGN);
             int code = 90;
             try {
                 code = body(r, gloo_group(store, r, size, group_timeout));
@@ -92,14 +118,13 @@ std::vector<int> run_ranks(int size, std::chrono::milliseconds group_timeout, Bo
             }
         }
         if (running > 0 && std::chrono::steady_clock::now() > end) {
-            for (std::size_t r = 0; r < pids.size(); ++r)
-                if (codes[r] == -1) ::kill(pids[r], SIGKILL);
+            kill_and_reap(pids, codes);
+            remove_store(store);
             FAIL("the ranks hung: killed after the deadline");
         }
         std::this_thread::sleep_for(10ms);
     }
-    ::unlink(store.c_str());
-    ::rmdir(store.substr(0, store.rfind('/')).c_str());
+    remove_store(store);
     return codes;
 }
 
@@ -163,8 +188,7 @@ TEST_CASE("one rank: the consensus agrees with itself on the CPU, every value as
     std::uint64_t one[1] = {top + 5};
     hook.all_min(hook.context, one, 1);
     CHECK(one[0] == top + 5);
-    ::unlink(store.c_str());
-    ::rmdir(store.substr(0, store.rfind('/')).c_str());
+    remove_store(store);
 }
 
 TEST_CASE("three ranks: each value's minimum as an unsigned integer, on both sides of 2^63") {
@@ -192,7 +216,12 @@ TEST_CASE("three ranks: each value's minimum as an unsigned integer, on both sid
 TEST_CASE("a peer that left: the agreement fails with Gloo's own error, not an OOM") {
     auto codes = run_ranks(2, 60s, [](int rank, Group const& group) {
         C10dConsensus consensus(group);
-        if (rank == 1) return 0;  // leaves without its part of the collective
+        // One agreement together first: every connection of the mesh is up
+        // before rank 1 leaves (else rank 0 may fail connecting, not agreeing).
+        std::vector<std::uint64_t> v(8, static_cast<std::uint64_t>(rank));
+        consensus.all_min(v.data(), v.size());
+        if (v != std::vector<std::uint64_t>(8, 0)) return 20;
+        if (rank == 1) return 0;  // leaves without its part of the next collective
         return leaves_with_a_non_oom_error(consensus, 30s);  // well before the group's 60 s timeout
     });
     CHECK(codes == std::vector<int>{0, 0});
@@ -234,7 +263,7 @@ TEST_CASE("a collective's error passes through as it is; one that would pass for
     CHECK(nested_oom);
 }
 
-TEST_CASE("bad arguments: a null group or backend, no ranks, a negative timeout") {
+TEST_CASE("bad arguments: a null group or backend, no ranks, a timeout of 0 ms or below") {
     CHECK_THROWS_WITH_AS(C10dConsensus{Group()}, "oomguard: C10dConsensus: the process group is null",
                          std::invalid_argument);
     CHECK_THROWS_WITH_AS(C10dConsensus{c10::intrusive_ptr<c10d::Backend>()},
@@ -243,9 +272,42 @@ TEST_CASE("bad arguments: a null group or backend, no ranks, a negative timeout"
                          "oomguard: C10dConsensus: the group has 0 ranks; a group needs at least 1",
                          std::invalid_argument);
     CHECK_THROWS_WITH_AS(C10dConsensus(c10::make_intrusive<ThrowingBackend>(2, false), -5ms),
-                         "oomguard: C10dConsensus: timeout -5 ms; give a duration >= 0, or c10d::kUnsetTimeout "
-                         "for the group's own",
+                         "oomguard: C10dConsensus: timeout -5 ms; give a duration above 0 ms, or "
+                         "c10d::kUnsetTimeout for the group's own",
                          std::invalid_argument);
+    // 0 ms: Work::wait reads it as "no timeout", and a collective given it fails at once.
+    CHECK_THROWS_WITH_AS(C10dConsensus(c10::make_intrusive<ThrowingBackend>(2, false), 0ms),
+                         "oomguard: C10dConsensus: timeout 0 ms; give a duration above 0 ms, or "
+                         "c10d::kUnsetTimeout for the group's own",
+                         std::invalid_argument);
+    CHECK_NOTHROW(C10dConsensus(c10::make_intrusive<ThrowingBackend>(2, false), 1ms));
+    CHECK_NOTHROW(C10dConsensus(c10::make_intrusive<ThrowingBackend>(2, false), c10d::kUnsetTimeout));
+}
+
+TEST_CASE("a process group with no backend for the agreement's device is refused when the consensus is built") {
+    auto store = c10::make_intrusive<c10d::HashStore>();
+    // No backend at all: the agreement would run on the CPU, where none serves it.
+    auto bare = c10::make_intrusive<c10d::ProcessGroup>(store, 0, 2);
+    CHECK_THROWS_WITH_AS(C10dConsensus{bare},
+                         "oomguard: C10dConsensus: the process group has no backend for cpu tensors, where the "
+                         "agreement's tensor would live; give a group with one (setBackend), or a device it has a "
+                         "backend for",
+                         std::invalid_argument);
+    // A CPU backend only, and a CUDA device asked for: refused before any CUDA call.
+    auto cpu_only = c10::make_intrusive<c10d::ProcessGroup>(store, 0, 2);
+    cpu_only->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::CUSTOM,
+                         c10::make_intrusive<ThrowingBackend>(2, false));
+    cpu_only->setDefaultBackend(c10d::ProcessGroup::BackendType::CUSTOM);
+    CHECK_THROWS_WITH_AS(C10dConsensus(cpu_only, c10d::kUnsetTimeout, c10::Device(c10::DeviceType::CUDA, 0)),
+                         "oomguard: C10dConsensus: the process group has no backend for cuda:0 tensors, where the "
+                         "agreement's tensor would live; give a group with one (setBackend), or a device it has a "
+                         "backend for",
+                         std::invalid_argument);
+    // And on the CPU, which it serves, it is built (and its backend's error passes through).
+    C10dConsensus on_cpu(cpu_only);
+    CHECK(on_cpu.device().is_cpu());
+    std::uint64_t v[2] = {1, 2};
+    CHECK_THROWS_AS(on_cpu.all_min(v, 2), c10::DistBackendError);
 }
 
 TEST_CASE("a backend named nccl agrees on the GPU: here, with none, building it fails with libtorch's error") {

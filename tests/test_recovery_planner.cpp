@@ -83,6 +83,10 @@ BatchOptions options(std::size_t G, std::size_t m = 0, std::size_t min = 1) {
     o.min_micro_batch = min;
     return o;
 }
+BatchOptions resumed(BatchOptions o) {
+    o.resume = true;
+    return o;
+}
 BatchOptions with_precisions(BatchOptions o) {
     o.precisions = {Precision::fp32, Precision::bf16};
     return o;
@@ -127,6 +131,12 @@ TEST_CASE("planner table: every action for every kind of observation") {
          released(oom(64), 4096), PlanAction::shrink, 32, Precision::fp32},
         {"metered: the release freed enough for the failed need: retry the same size", options(64), nothing,
          released(metered_oom(64, 0, 100, 1000), 100), PlanAction::retry_same, 64, Precision::fp32},
+        {"with resume, the release's retry is once per size and global batch, progress or not", resumed(options(64, 16)),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             REQUIRE(p.on_attempt(released(metered_oom(16, 0, 0, 1050), 100)).action == PlanAction::retry_same);
+         },
+         released(metered_oom(16, 1, 0, 1050), 100), PlanAction::shrink, 8, Precision::fp32},
         {"metered: the release freed too little for the failed need: no retry, shrink", options(64), nothing,
          released(metered_oom(64, 0, 100, 1000), 99), PlanAction::shrink, 32, Precision::fp32},
         {"OOM at a size that has completed: a transient, retried", options(64), proven_64, oom(64),

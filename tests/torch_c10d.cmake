@@ -77,12 +77,22 @@ function(check_run text n reference)
     message("  ${total} OOMs survived over the ranks")
 endfunction()
 
+# Every rank's first line names the process group's backend as it is.
+function(banner text n backend)
+    string(REGEX MATCHALL "rank [0-9]+ of ${n}: torch_ddp over c10d \\(${backend}, FileStore\\)" lines "${text}")
+    list(LENGTH lines count)
+    if(NOT count EQUAL n)
+        message(FATAL_ERROR "${n} ranks should each say 'over c10d (${backend}, FileStore)', ${count} did:\n${text}")
+    endif()
+endfunction()
+
 # -DBACKEND=nccl -DRANKS=N (scripts/gpu-check, one rank per GPU): the same
 # example with the process group on the GPUs, so the consensus agrees over a
 # device tensor. It holds the runs that succeed and, with two ranks or more, the
 # forced give-up, against the example's own single-process unpressured run (a
-# CUDA torch_train_loop would run on the GPU). A rank that dies or hangs is
-# NCCL's watchdog's to handle (it tears the process down): not drilled here.
+# CUDA torch_train_loop would run on the GPU). Every rank's banner names NCCL.
+# A rank that dies or hangs is NCCL's watchdog's to handle (it tears the
+# process down): not drilled here.
 if(BACKEND STREQUAL "nccl")
     if(NOT RANKS OR RANKS LESS 1)
         message(FATAL_ERROR "-DBACKEND=nccl needs -DRANKS=N, one rank per GPU")
@@ -94,6 +104,7 @@ if(BACKEND STREQUAL "nccl")
     if(NOT rc EQUAL 0)
         message(FATAL_ERROR "${RANKS} ranks over NCCL failed (${rc}):\n${o}")
     endif()
+    banner("${o}" ${RANKS} "NCCL")
     check_run("${o}" ${RANKS} ${reference})
     if(RANKS GREATER 1)
         ddp(o rc --launch ${RANKS} --backend nccl --bs 1024 --give-up-rank 1 --at-batch 2 --watchdog 200)
@@ -114,6 +125,7 @@ ddp(o rc --launch 2 --bs 1024 --device-memory 1GiB,1536KiB --fault-rate 0.005 --
 if(NOT rc EQUAL 0)
     message(FATAL_ERROR "two ranks failed (${rc}):\n${o}")
 endif()
+banner("${o}" 2 "Gloo")
 check_run("${o}" 2 ${ref1024})
 
 run(ref ${TRAIN} --bs 1020 --device-memory 1GiB)

@@ -12,9 +12,22 @@
 //
 // The agreement's tensor (a few hundred bytes of int64) is allocated when the
 // consensus is built, on the device its collective runs on, not during an OOM
-// recovery. Its collective's failures -- a peer that left, the group's timeout --
-// reach the caller as the process group raised them (c10::DistBackendError and
-// friends), never as a device OOM: they are not retried.
+// recovery. What the collective throws reaches the caller as the process group
+// raised it (c10::DistBackendError and friends), never as a device OOM, so it is
+// not retried. What a CPU (Gloo) group throws when a peer left or its timeout
+// passed does reach the caller. On a GPU (NCCL) group the wait is
+// Work::wait(timeout), which blocks this thread and throws on timeout; but
+// NCCL's own watchdog may abort the process first when the group's timeout
+// passes (TORCH_NCCL_ASYNC_ERROR_HANDLING), so the caller sees the exception
+// only with a consensus timeout below the group's, or with
+// TORCH_NCCL_BLOCKING_WAIT=1, or on a "cpu:gloo,cuda:nccl" group, whose
+// agreement runs on the CPU over Gloo.
+//
+// ProcessGroupNCCL builds its communicator lazily, at its first collective, and
+// that allocates device memory: initialise the group eagerly (a bound device,
+// or a barrier or one agreement right after building the consensus, before
+// training), or the first mb.sync() of the first step does it on a device that
+// may be full (a DistBackendError, not an OOM).
 #pragma once
 
 #if __cplusplus < 202002L
@@ -83,12 +96,19 @@ public:
     /// Over a process group (as torch.distributed's init_process_group builds
     /// it): a pointer to c10d::ProcessGroup or to a class derived from it.
     /// `timeout`: each agreement's limit, passed to the collective
-    /// (AllreduceOptions::timeout); the default, c10d::kUnsetTimeout, keeps the
-    /// group's own. `device`: where the agreement's tensor lives, when not the
-    /// one chosen as above. Throws std::invalid_argument for a null group, a group of
-    /// fewer than one rank or a negative timeout other than kUnsetTimeout, and
-    /// whatever libtorch throws allocating the tensor (c10::Error; an OOM here is
-    /// before any recovery, and yours to handle).
+    /// (AllreduceOptions::timeout) and, on a device, to Work::wait; the default,
+    /// c10d::kUnsetTimeout, keeps the group's own. At MicroBatch::sync() it
+    /// covers the slowest rank's whole micro-batch, or its OOM recovery, since
+    /// the others wait there for it: a limit of a few hundred ms breaks a healthy
+    /// job; give minutes, as the group's own. On NCCL, only a limit below the
+    /// group's reliably reaches the caller as an exception (NCCL's watchdog
+    /// aborts the process at the group's). `device`: where the agreement's
+    /// tensor lives, when not the one chosen as above. Throws
+    /// std::invalid_argument for a null group, a group of fewer than one rank, a
+    /// timeout of 0 ms or below other than kUnsetTimeout, a process group with
+    /// no backend for the device's type, and whatever libtorch throws allocating
+    /// the tensor (c10::Error; an OOM here is before any recovery, and yours to
+    /// handle).
     template <class Group>
         requires std::is_base_of_v<c10d::ProcessGroup, Group>
     explicit C10dConsensus(c10::intrusive_ptr<Group> group, std::chrono::milliseconds timeout = c10d::kUnsetTimeout,
@@ -97,12 +117,20 @@ public:
         if (!group_) detail::throw_invalid("oomguard: C10dConsensus: the process group is null");
         check_size(group_->getSize());
         check_timeout(timeout);
-        allocate(device ? *device : device_of(*group_));
+        c10::Device const on = device ? *device : device_of(*group_);
+        if (!group_->hasBackendForDeviceType(on.type()))
+            detail::throw_invalid(detail::Message()
+                                  << "oomguard: C10dConsensus: the process group has no backend for "
+                                  << on.str() << " tensors, where the agreement's tensor would live; give a group "
+                                  << "with one (setBackend), or a device it has a backend for");
+        allocate(on);
+        wait_timeout_ = wait_timeout([&] { return group_->getBackend(on.type()); });
     }
 
     /// Over one backend (a c10d::ProcessGroupGloo or ProcessGroupNCCL used
     /// without a ProcessGroup around it), or any class derived from Backend.
-    /// Same arguments and errors.
+    /// Same arguments and errors, less the check for a backend of the device's
+    /// type: a lone backend is taken to serve the device chosen.
     template <class Backend>
         requires std::is_base_of_v<c10d::Backend, Backend>
     explicit C10dConsensus(c10::intrusive_ptr<Backend> backend,
@@ -113,6 +141,7 @@ public:
         check_size(backend_->getSize());
         check_timeout(timeout);
         allocate(device ? *device : device_of(*backend_));
+        wait_timeout_ = wait_timeout([&] { return backend_; });
     }
 
     C10dConsensus(C10dConsensus const&) = delete;
@@ -132,9 +161,13 @@ public:
     /// The collective itself: every rank of the group calls it with the same
     /// `count` (at most `capacity`), and each of values[0..count) becomes its
     /// minimum over the ranks. Throws std::length_error above `capacity`; the
-    /// process group's exception when the collective fails (a peer gone, the
-    /// timeout), unchanged, or collective_error when that exception would pass
-    /// for a device OOM.
+    /// process group's exception when the collective fails, unchanged, or
+    /// collective_error when that exception would pass for a device OOM. On the
+    /// CPU it waits with Work::wait(), which Gloo ends with an exception when a
+    /// peer left or the timeout passed. On a device it waits with
+    /// Work::wait(timeout) (the consensus's timeout, else the backend's), which
+    /// for NCCL blocks this thread and throws on timeout -- unless NCCL's
+    /// watchdog, at the group's timeout, tears the process down first.
     void all_min(std::uint64_t* values, std::size_t count) {
         if (count > capacity)
             throw std::length_error((detail::Message() << "oomguard: C10dConsensus: " << count
@@ -152,8 +185,16 @@ public:
             opts.timeout = timeout_;
             c10::intrusive_ptr<c10d::Work> work =
                 group_ ? group_->allreduce(tensors, opts) : backend_->allreduce(tensors, opts);
-            work->wait();
-            if (!on_host_) host_.copy_(buffer_);  // after the collective, on the stream it joined
+            if (on_host_) {
+                work->wait();
+            } else {
+                // A bare wait() would only make the current stream wait for
+                // NCCL's; the copy below would then block inside CUDA where no
+                // timeout reaches it. With a timeout, NCCL's wait blocks this
+                // thread until the collective completes, or throws.
+                work->wait(wait_timeout_);
+                host_.copy_(buffer_);  // the collective is complete
+            }
         } catch (std::exception const& e) {
             if (!is_device_oom(e)) throw;
             // Its text stays out of ours: the classifier reads texts, and this is no OOM.
@@ -182,10 +223,10 @@ private:
                                                     << " ranks; a group needs at least 1");
     }
     static void check_timeout(std::chrono::milliseconds t) {
-        if (t < std::chrono::milliseconds(0) && t != c10d::kUnsetTimeout)
+        if (t <= std::chrono::milliseconds(0) && t != c10d::kUnsetTimeout)
             detail::throw_invalid(detail::Message()
                                   << "oomguard: C10dConsensus: timeout " << static_cast<long long>(t.count())
-                                  << " ms; give a duration >= 0, or c10d::kUnsetTimeout for the group's own");
+                                  << " ms; give a duration above 0 ms, or c10d::kUnsetTimeout for the group's own");
     }
     static c10::Device current(c10::DeviceType type) {
         return c10::impl::getDeviceGuardImpl(type)->getDevice();
@@ -204,6 +245,21 @@ private:
         if (auto bound = b.getBoundDeviceId()) return *bound;
         return current(c10::DeviceType::CUDA);
     }
+    // The limit Work::wait gets on a device: the consensus's, else the backend's
+    // own (its options' timeout), else c10d's default for backends. Never 0,
+    // which Work::wait reads as "no timeout".
+    template <class GetBackend>
+    std::chrono::milliseconds wait_timeout(GetBackend get) const {
+        if (timeout_ != c10d::kUnsetTimeout) return timeout_;
+        try {
+            if (c10::intrusive_ptr<c10d::Backend> b = get()) {
+                auto const t = b->getBackendOptions()->timeout;
+                if (t > std::chrono::milliseconds(0)) return t;
+            }
+        } catch (std::exception const&) {  // no backend yet, or one without options: c10d's default
+        }
+        return ::kBackendDefaultTimeout;
+    }
     void allocate(c10::Device device) {
         auto const n = static_cast<std::int64_t>(capacity);
         host_ = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(c10::DeviceType::CPU));
@@ -214,6 +270,7 @@ private:
     c10::intrusive_ptr<c10d::ProcessGroup> group_;
     c10::intrusive_ptr<c10d::Backend> backend_;
     std::chrono::milliseconds timeout_;
+    std::chrono::milliseconds wait_timeout_ = ::kBackendDefaultTimeout;  // Work::wait's, on a device
     at::Tensor host_, buffer_;  // the same tensor when the collective runs on the CPU
     bool on_host_ = true;
 };

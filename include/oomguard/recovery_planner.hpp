@@ -376,10 +376,11 @@ public:
         // completed a micro-batch of this size before failing made progress that
         // is kept, so its failure is a fresh one; without resume the progress is
         // rolled back, and a failure at the same place again is a repeat.
-        if (progressed && o.full_done > 0) {
-            same_retries_ = 0;
-            release_retried_ = false;
-        }
+        // The retry after a cache release stays once per size and global batch:
+        // a size that fails on a warm cache (a caching allocator's fragmented
+        // reserve) and holds only after each release would otherwise cost an
+        // OOM per micro-batch.
+        if (progressed && o.full_done > 0) same_retries_ = 0;
         std::size_t failed = ran.micro_batch;
         if (o.outcome == Observation::Outcome::step_oom) {
             if (o.failed_size == 0 || (o.failed_size != ran.micro_batch && o.failed_size != attempt_.calibration))
