@@ -91,6 +91,7 @@ struct BatchCounters {
                 peer_aborts = 0, observer_errors = 0;
 };
 
+/// What a BatchEvent reports: a failure caught, a decision of the ladder, or a step boundary.
 enum class BatchEventKind : unsigned char {
     oom_caught, released, retry_same, shrink, precision_change, failover, grow_back, calibration, give_up, commit,
     jump,  ///< the calibration micro-batches held: the rest of the global batch runs at the fitted size
@@ -102,6 +103,7 @@ enum class BatchEventKind : unsigned char {
     plan_cache_warning  ///< a PlanCache could not read or write its file: `what` says why; training goes on
 };
 
+/// The kind's name, as reports and traces write it ("oom_caught", "shrink", ...).
 constexpr char const* to_string(BatchEventKind k) noexcept {
     switch (k) {
         case BatchEventKind::oom_caught: return "oom_caught";

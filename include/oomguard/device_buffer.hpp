@@ -160,6 +160,7 @@ private:
     stream_type stream_{};
 };
 
+/// Deduces StreamBuffer's backend from its budget: `StreamBuffer buf(budget, bytes, stream)`.
 template <class Backend, class Stream>
 StreamBuffer(MemoryBudget<Backend>&, std::size_t, Stream) -> StreamBuffer<Backend>;
 

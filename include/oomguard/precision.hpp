@@ -10,6 +10,7 @@ namespace oomguard {
 /// buffers; oomguard only walks the ladder the user gives.
 enum class Precision : unsigned char { fp32, tf32, bf16, fp16, fp8 };
 
+/// The precision's name: "fp32", "tf32", "bf16", "fp16" or "fp8".
 constexpr char const* to_string(Precision p) noexcept {
     switch (p) {
         case Precision::fp32: return "fp32";

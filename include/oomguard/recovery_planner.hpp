@@ -131,9 +131,11 @@ struct LearnedPlan {
     std::size_t tail = 0;
 };
 
+/// Two plans are the same when their micro-batch, rung of the precision ladder and device are.
 inline bool operator==(Plan const& a, Plan const& b) noexcept {
     return a.micro_batch == b.micro_batch && a.precision_index == b.precision_index && a.device == b.device;
 }
+/// Not operator==.
 inline bool operator!=(Plan const& a, Plan const& b) noexcept { return !(a == b); }
 
 /// What one attempt runs, from where the global batch stands: micro-batches of
@@ -218,6 +220,7 @@ enum class PlanAction : unsigned char {
     give_up          ///< nothing fits: the plan is back at the last good one
 };
 
+/// The action's name, as reports write it ("shrink", "retry_same", ...).
 constexpr char const* to_string(PlanAction a) noexcept {
     switch (a) {
         case PlanAction::keep: return "keep";
