@@ -38,7 +38,7 @@ struct SyncHook {
 struct MicroBatch {
     std::size_t offset = 0;     ///< first sample of the global batch in this micro-batch
     std::size_t size = 0;       ///< samples in it
-    Precision precision = Precision::fp32;
+    Precision precision = Precision::fp32;  ///< the precision it runs at: the plan's rung of BatchOptions::precisions
     double weight = 0.0;        ///< size / G: weighted gradients sum to the full-batch gradient
     int device = 0;             ///< the device the plan runs on (changes only by failover)
     bool calibration = false;   ///< a measuring micro-batch at a small size (predictive, after an
@@ -61,6 +61,8 @@ struct MicroBatch {
 struct BatchResult {
     Plan plan;                 ///< the plan for the next global batch
     unsigned attempts = 0;     ///< 1 when nothing failed
+    /// Micro-batches whose work the committed global batch kept: the committed attempt's, a calibration
+    /// segment's before it, and with resume every micro-batch kept over the attempts.
     std::size_t micro_batches = 0;
     /// The first exception an observer threw during this batch (null: none).
     /// The batch was committed regardless: an observer never changes what
@@ -79,16 +81,37 @@ struct GlobalBatch {
 /// A global batch's BatchResult and the value its kept micro-batches combined to.
 template <class T>
 struct Reduced {
-    BatchResult batch;
-    T value;
+    BatchResult batch;  ///< what the global batch took: its plan, attempts and micro-batches
+    T value;            ///< the step's results over the kept micro-batches, folded by the combine function
 };
 
 /// Everything adaptive_batch decided, counted (on this rank).
 struct BatchCounters {
-    std::size_t global_batches = 0, micro_batches = 0, ooms = 0, releases = 0, bytes_released = 0,
-                retries_same = 0, shrinks = 0, precision_changes = 0, failovers = 0, grow_backs = 0,
-                calibrations = 0, give_ups = 0, wasted_samples = 0, rollback_retries = 0, commit_ooms = 0,
-                peer_aborts = 0, observer_errors = 0;
+    std::size_t global_batches = 0,     ///< global batches committed
+                micro_batches = 0,      ///< micro-batches that completed (kept or not)
+                ooms = 0,               ///< device OOMs this rank caught in a step or a commit, each one
+                                        ///< survived or the last before a give-up
+                releases = 0,           ///< cache registry releases run: before a retry, and ahead of a
+                                        ///< calibration or a larger micro-batch the cached memory would crowd
+                bytes_released = 0,     ///< bytes those releases freed, as the caches reported them
+                retries_same = 0,       ///< retries at the same plan (after a release that freed memory, or a
+                                        ///< transient OOM)
+                shrinks = 0,            ///< times the micro-batch was made smaller
+                precision_changes = 0,  ///< steps down the precision ladder
+                failovers = 0,          ///< moves to another device through the failover hook
+                grow_backs = 0,         ///< tries of a larger size, or of the previous precision, after clean batches
+                calibrations = 0,       ///< calibration micro-batches that completed (predictive policy, after an
+                                        ///< OOM, or before any with BatchOptions::Start::calibrate)
+                give_ups = 0,           ///< global batches given up (recovery_failed thrown)
+                wasted_samples = 0,     ///< samples that completed in a failed attempt and were thrown away (all
+                                        ///< of the global batch for an OOM in the commit; with resume, only what
+                                        ///< no kept micro-batch holds)
+                rollback_retries = 0,   ///< rollbacks that ran out of memory and were retried after a release
+                commit_ooms = 0,        ///< attempts whose commit ran out of device memory
+                peer_aborts = 0,        ///< attempts this rank left because another rank ran out of memory
+                                        ///< (peer_out_of_memory)
+                observer_errors = 0;    ///< exceptions observers threw (kept in BatchResult::observer_error;
+                                        ///< the batches went on)
 };
 
 /// What a BatchEvent reports: a failure caught, a decision of the ladder, or a step boundary.
@@ -131,14 +154,17 @@ class AdaptiveBatch;
 
 /// One decision or step boundary, for observers (reports, traces, logs, plots).
 struct BatchEvent {
-    BatchEventKind kind = BatchEventKind::commit;
-    Plan from, to;
+    BatchEventKind kind = BatchEventKind::commit;  ///< what happened
+    Plan from,  ///< the plan before the event (for a decision), or the plan in effect
+         to;    ///< the plan after the event (for a decision), or the plan in effect
     std::size_t bytes = 0;          ///< released bytes, the failed request, a calibration's or a
                                     ///< micro-batch's peak (over `held`)
-    unsigned attempt = 0;
+    unsigned attempt = 0;           ///< the attempt's number within its global batch, from 1
     char const* what = "";          ///< the OOM's message for oom_caught and give_up
     ReleaseReport const* release = nullptr;  ///< per-cache bytes, for `released`
-    std::size_t offset = 0, size = 0;  ///< the micro-batch's samples (micro-batch events, oom_caught)
+    std::size_t offset = 0,  ///< the micro-batch's first sample within the global batch (micro-batch events,
+                             ///< oom_caught)
+                size = 0;    ///< the micro-batch's samples (micro-batch events, oom_caught)
     /// Bytes held under the measuring budget (measure_with) when the micro-batch
     /// began (micro_batch_end), or when the allocation failed (oom_caught): the
     /// failed micro-batch wanted held + bytes. oom_info::unknown when not measured.
@@ -151,10 +177,10 @@ struct BatchEvent {
 
 /// One failed attempt, kept for the give-up report.
 struct AttemptRecord {
-    Plan plan;
+    Plan plan;                      ///< the plan the attempt ran under
     std::size_t samples_done = 0;   ///< samples that completed before it failed
     std::size_t failed_size = 0;    ///< the micro-batch that ran out of memory on this rank (0: see below)
-    std::size_t bytes_released = 0;
+    std::size_t bytes_released = 0; ///< bytes the cache release after the attempt freed
     bool in_commit = false;         ///< the commit ran out of memory
     bool peer = false;              ///< another rank ran out of memory; this one did not
 };
@@ -163,8 +189,10 @@ struct AttemptRecord {
 /// every attempt. Still an out_of_memory (and so a std::bad_alloc).
 class recovery_failed : public out_of_memory {
 public:
+    /// The last OOM's figures `info`, the give-up's `message` (it lists every attempt), and the attempts themselves.
     recovery_failed(oom_info info, detail::Message const& message, std::vector<AttemptRecord> attempts)
         : out_of_memory(info, message), attempts_(std::move(attempts)) {}
+    /// Every failed attempt of the global batch, in order.
     std::vector<AttemptRecord> const& attempts() const noexcept { return attempts_; }
 
 private:
@@ -193,7 +221,9 @@ public:
 /// leaves its rank at once, and the others wait in the next collective, as with
 /// any error in a collective program -- abort the job (MPI_Abort) from your handler.
 struct Consensus {
-    void* context = nullptr;
+    void* context = nullptr;  ///< passed back to all_min as its first argument (the object behind the hook)
+    /// The collective: replaces each of `values[0..count)` by its minimum over every rank; every
+    /// rank calls it with the same `count`. It may throw (a failed MPI call): the exception leaves run().
     void (*all_min)(void* context, std::uint64_t* values, std::size_t count) = nullptr;
 };
 
@@ -202,7 +232,7 @@ struct Consensus {
 /// `tried` has already failed this global batch: sending the plan back there
 /// would only fail again).
 struct FailoverRequest {
-    Plan plan;
+    Plan plan;              ///< the plan that cannot fit on plan.device, at its minimum and lowest precision
     oom_info last;          ///< the OOM that ended the ladder on plan.device
     std::vector<int> tried; ///< the devices this global batch has run out of memory on, in order, plan.device last
 };
@@ -308,6 +338,10 @@ struct is_observer<F, E, std::void_t<decltype(std::declval<F&>()(std::declval<E 
 /// runs the step, measures, agrees with the other ranks and acts.
 class AdaptiveBatch {
 public:
+    /// One workload's recovery state (keep one per workload: training, evaluation). Throws
+    /// std::invalid_argument for options RecoveryPlanner::validate refuses (global_batch 0, micro_batch
+    /// outside [min_micro_batch, G] (0: G), an empty precision ladder, one that lists a precision twice
+    /// or whose bytes per value rise, max_attempts 0, ...).
     explicit AdaptiveBatch(BatchOptions options) : planner_(std::move(options)) {}
 
     /// Measures each micro-batch's peak through `budget` (the predictive policy
@@ -531,11 +565,19 @@ public:
         return reduce(std::forward<Step>(step), std::move(init), std::move(combine));
     }
 
+    /// The plan the next global batch starts with.
     Plan const& plan() const noexcept { return planner_.plan(); }
+    /// The last plan a global batch committed under (where a give-up leaves the object).
     Plan const& last_good_plan() const noexcept { return planner_.last_good_plan(); }
+    /// Everything decided so far, counted on this rank.
     BatchCounters const& counters() const noexcept { return counters_; }
+    /// The options as validated (micro_batch 0 already replaced by global_batch).
     BatchOptions const& options() const noexcept { return planner_.options(); }
+    /// The shrink policy in use: options().policy, with ShrinkPolicy::automatic() resolved by the last
+    /// run() to predictive (a meter for the plan's device; with consensus, on every rank) or bisect
+    /// (bisect until the first run()).
     ShrinkPolicy const& policy() const noexcept { return planner_.policy(); }
+    /// The recovery planner that takes this workload's decisions: its model of the step and its state.
     RecoveryPlanner const& planner() const noexcept { return planner_; }
     /// What the last attempt observed, as the planner was fed it (with a
     /// consensus hook: as every rank agreed on it).

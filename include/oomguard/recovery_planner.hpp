@@ -104,10 +104,10 @@ struct BatchOptions {
 
 /// The plan in effect.
 struct Plan {
-    std::size_t micro_batch = 0;
-    Precision precision = Precision::fp32;
-    std::size_t precision_index = 0;
-    int device = 0;
+    std::size_t micro_batch = 0;            ///< samples per micro-batch
+    Precision precision = Precision::fp32;  ///< the precision micro-batches run at
+    std::size_t precision_index = 0;        ///< its index in BatchOptions::precisions
+    int device = 0;                         ///< the device the plan runs on (changes only by failover)
 };
 
 namespace detail {
@@ -140,14 +140,17 @@ inline bool operator!=(Plan const& a, Plan const& b) noexcept { return !(a == b)
 
 /// What one attempt runs, from where the global batch stands: micro-batches of
 /// `plan.micro_batch` samples (the last one shorter when what is left is not a
-/// multiple), the first of them at `calibration` samples when that is not 0 -- a
-/// measuring micro-batch whose work is kept -- and, when `segment` is not 0, no
-/// more than `segment` micro-batches before the planner looks again.
+/// multiple), the first `calibration_runs` of them at `calibration` samples when
+/// that is not 0 -- measuring micro-batches whose work is kept -- and, when
+/// `segment` is not 0, no more than `segment` micro-batches before the planner
+/// looks again.
 struct Attempt {
-    Plan plan;
+    Plan plan;                    ///< the plan the attempt runs under
+    /// When not 0: the first micro-batches (calibration_runs of them) run at this many samples, measuring
+    /// ones whose work is kept.
     std::size_t calibration = 0;
     unsigned number = 1;  ///< the attempt's number within its global batch, from 1
-    std::size_t segment = 0;
+    std::size_t segment = 0;  ///< when not 0: at most this many micro-batches run before the planner looks again
     /// When not 0: a short remainder (fewer samples left than the plan's size)
     /// runs in pieces of at most this many samples. The plan's size stays: a
     /// remainder that failed says nothing of the size every other micro-batch runs at.
@@ -175,13 +178,14 @@ struct Attempt {
 struct Observation {
     static constexpr std::size_t unknown = std::numeric_limits<std::size_t>::max();  ///< not measured
 
+    /// How an attempt ended.
     enum class Outcome : unsigned char {
         completed,   ///< every micro-batch and the commit completed
         segment_done,  ///< the attempt's segment completed; the global batch goes on
         step_oom,    ///< a micro-batch ran out of device memory (on some rank)
         commit_oom   ///< the commit ran out of device memory (on every rank)
     };
-    Outcome outcome = Outcome::completed;
+    Outcome outcome = Outcome::completed;  ///< how the attempt ended (with consensus: as every rank agreed)
     std::size_t failed_size = 0;       ///< the planned size of the micro-batch that failed (the smallest over ranks)
     bool calibration_done = false;     ///< the calibration micro-batches completed (on every rank)
     std::size_t calibration_peak = 0;  ///< their largest peak over what was held before (the largest; 0: not measured)
@@ -236,15 +240,19 @@ constexpr char const* to_string(PlanAction a) noexcept {
     return "unknown";
 }
 
+/// What the planner decided, and the plan before and after.
 struct Decision {
-    PlanAction action = PlanAction::keep;
-    Plan from, to;        ///< the plan before and after
+    PlanAction action = PlanAction::keep;  ///< what the runner does next
+    Plan from,            ///< the plan before the decision
+         to;              ///< the plan after the decision
     char const* why = "";  ///< for give_up: the reason, in words
 };
 
 /// The pure recovery state machine behind AdaptiveBatch (see the top of this header).
 class RecoveryPlanner {
 public:
+    /// A planner for `options`, starting at options.micro_batch (0: the global batch) and the first
+    /// precision; throws std::invalid_argument for options validate refuses.
     explicit RecoveryPlanner(BatchOptions options) : opt_(std::move(options)), policy_(opt_.policy.resolve(false)) {
         validate(opt_);
         if (opt_.micro_batch == 0) opt_.micro_batch = opt_.global_batch;
@@ -474,12 +482,15 @@ public:
         attempt_ = Attempt{plan_, 0, 1, 0, tail()};
     }
 
+    /// The plan in effect.
     Plan const& plan() const noexcept { return plan_; }
+    /// The last plan a global batch committed under.
     Plan const& last_good_plan() const noexcept { return last_good_; }
+    /// The options as validated (micro_batch 0 already replaced by global_batch).
     BatchOptions const& options() const noexcept { return opt_; }
     /// The samples of the current global batch (begin_batch's; BatchOptions::global_batch by default).
     std::size_t global_batch() const noexcept { return g_; }
-    /// The rule in effect: options().policy, with ShrinkPolicy::automatic()
+    /// The shrink policy in effect: options().policy, with ShrinkPolicy::automatic()
     /// resolved (by use_meter; bisect until then).
     ShrinkPolicy const& policy() const noexcept { return policy_; }
 

@@ -52,7 +52,8 @@ struct ShrinkContext {
 struct StepModel {
     /// A size and a byte count.
     struct Point {
-        std::size_t m = 0, bytes = 0;
+        std::size_t m = 0,      ///< the micro-batch size, in samples
+                    bytes = 0;  ///< bytes it needed, as the meter counts them
     };
     static constexpr std::size_t max_points = 32;  ///< sizes measured, the oldest forgotten first
     static constexpr std::size_t max_bounds = 8;   ///< failed sizes' lower bounds kept
@@ -84,8 +85,9 @@ struct StepModel {
 
     /// A fitted line and how far the points stray from it.
     struct Line {
-        bool ok = false;
-        double a = 0, b = 0;  ///< bytes = a + b*m
+        bool ok = false;      ///< true when the fit holds: at least two sizes and a rising slope
+        double a = 0,         ///< the intercept, bytes: what a step holds whatever its size
+               b = 0;         ///< the slope, bytes per sample: bytes = a + b*m
         double scatter = 0;   ///< the largest relative distance of a point from the line (assumed until 3 points)
     };
     /// Least squares over the points, the slope raised so that the line passes
@@ -182,9 +184,11 @@ private:
 /// planner's StepModel holds all that was measured and searched.
 class ShrinkPolicy {
 public:
-    /// The rules (automatic: the default, resolved by AdaptiveBatch to predictive
+    /// Which rule the policy is (automatic: the default, resolved by AdaptiveBatch to predictive
     /// or bisect; a RecoveryPlanner on its own, which knows of no meter, bisects).
     enum class Kind : unsigned char { halve, geometric, bisect, predictive, custom, automatic };
+    /// A custom rule: given what the failure told, the next size in samples; `user` is what
+    /// ShrinkPolicy::custom was given.
     using CustomFn = std::size_t (*)(ShrinkContext const&, void* user);
 
     /// A size a rule chose, and whether it came from the model's fit.
