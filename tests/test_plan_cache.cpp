@@ -21,7 +21,9 @@
 #include <string>
 #include <vector>
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -517,4 +519,55 @@ TEST_CASE("faults: SIGKILL at random moments while saving, 200 runs: the old fil
     CHECK(cache.find(key("other workload", 1 << 20), o, e));
     CHECK(e.learned.plan.micro_batch == 99);
     CHECK(cache.warnings().empty());
+}
+
+TEST_CASE("review: a plan cached for another device is ignored with a warning, and training goes on") {
+    Scratch s;
+    std::string const path = s.file("plans.json");
+    Workload w(2048 * KiB);
+    BatchOptions o = w.options(256);
+    PlanCache cache(path);
+    LearnedPlan l;
+    l.plan.micro_batch = 64;
+    l.plan.device = 7;  // a device the workload failed over to, say
+    REQUIRE(cache.save(PlanCache::make_entry(key("train", 2048 * KiB), o, l)));
+    AdaptiveBatch a(o);
+    a.measure_with(w.budget);
+    auto saving = cache.attach(a, key("train", 2048 * KiB));
+    CHECK_FALSE(a.restored());
+    CHECK(a.plan().device == 0);
+    REQUIRE(cache.warnings().size() == 1);
+    CHECK(cache.warnings()[0].find("GPU 7") != std::string::npos);
+    CHECK(w.run(a, 2) == doctest::Approx(256.0 * 255.0 / 2.0));  // trains, and is rewritten for GPU 0
+    PlanCacheEntry e;
+    REQUIRE(cache.find(key("train", 2048 * KiB), o, e));
+    CHECK(e.learned.plan.device == 0);
+}
+
+TEST_CASE("review: another version's file is left as it is; a save gives up on a lock held over 2 s") {
+    Scratch s;
+    std::string const path = s.file("plans.json");
+    std::string v2 = two_entries(path);
+    v2.replace(v2.find("\"version\": 1"), 12, "\"version\": 2");
+    write_text(path, v2);
+    PlanCache cache(path);
+    BatchOptions o;
+    o.global_batch = 100;
+    LearnedPlan l;
+    l.plan.micro_batch = 10;
+    CHECK_FALSE(cache.save(PlanCache::make_entry(key("other", 1 << 20), o, l)));
+    CHECK(read_text(path) == v2);  // a newer oomguard's cache survives an older one's save
+    REQUIRE_FALSE(cache.warnings().empty());
+    CHECK(cache.warnings().back().find("version 2") != std::string::npos);
+    // A lock held by another open file (another process, stopped): the save gives up, warned.
+    std::remove(path.c_str());
+    int const held = ::open((path + ".lock").c_str(), O_RDWR | O_CREAT, 0644);
+    REQUIRE(held >= 0);
+    REQUIRE(::flock(held, LOCK_EX) == 0);
+    PlanCache other(path);
+    CHECK_FALSE(other.save(PlanCache::make_entry(key("train", 1 << 20), o, l)));
+    REQUIRE_FALSE(other.warnings().empty());
+    CHECK(other.warnings().back().find("cannot lock") != std::string::npos);
+    ::close(held);
+    CHECK(other.save(PlanCache::make_entry(key("train", 1 << 20), o, l)));  // free again: saved
 }

@@ -333,6 +333,11 @@ public:
                                   "plans.json");
     }
 
+    /// Not copyable or movable: attach() keeps a pointer to this cache in the batch's observer.
+    PlanCache(PlanCache const&) = delete;
+    /// Not assignable (see the copy constructor).
+    PlanCache& operator=(PlanCache const&) = delete;
+
     /// The file's path.
     std::string const& path() const noexcept { return path_; }
 
@@ -387,9 +392,15 @@ public:
                                   "workload, such as \"train\" or \"eval\"");
         auto state = std::make_shared<Attached>();
         state->key = std::move(key);
+        state->device = batch.plan().device;
         std::size_t const seen = warnings_.size();
         PlanCacheEntry found;
-        if (find(state->key, batch.options(), found)) {
+        if (find(state->key, batch.options(), found) && found.learned.plan.device != state->device) {
+            // A plan for another device (one the workload failed over to) is not this one's.
+            warn("the entry for " + state->key.workload + " holds a plan on GPU " +
+                 std::to_string(found.learned.plan.device) + ", and this workload starts on GPU " +
+                 std::to_string(state->device) + "; it is ignored and will be rewritten");
+        } else if (found.learned.plan.micro_batch != 0) {
             try {
                 batch.restore(found.learned);
                 state->saved = found.learned.plan;
@@ -405,6 +416,8 @@ public:
         return batch.observe([this, state](BatchEvent const& e) {
             if (e.kind != BatchEventKind::commit || e.batch == nullptr) return;
             LearnedPlan const l = e.batch->learned();
+            // After a failover the plan is another device's: the key names the one it started on.
+            if (l.plan.device != state->device) return;
             if (state->has_saved && l.plan == state->saved && l.tail == state->saved_tail) return;
             // The observer hears a const batch; the object is not: announce() only tells observers.
             AdaptiveBatch& b = const_cast<AdaptiveBatch&>(*e.batch);
@@ -466,7 +479,8 @@ public:
 
     /// Reads a file's text into `entries`; false with `error` (what is wrong,
     /// and where) when it is not a plan cache of this version. Throws std::bad_alloc.
-    static bool from_json(std::string_view text, std::vector<PlanCacheEntry>& entries, std::string& error) {
+    static bool from_json(std::string_view text, std::vector<PlanCacheEntry>& entries, std::string& error,
+                          bool* foreign = nullptr) {
         detail::PlanJson doc;
         if (!detail::PlanJsonReader(text).parse(doc, error)) {
             error = "not valid JSON (" + error + ")";
@@ -479,6 +493,7 @@ public:
         }
         detail::PlanJson const* v = doc.get("version");
         if (v == nullptr || v->type != detail::PlanJson::Type::number || v->number != version) {
+            if (foreign != nullptr) *foreign = v != nullptr && v->type == detail::PlanJson::Type::number;
             error = std::string("version ") + (v != nullptr && v->type == detail::PlanJson::Type::number ? std::to_string(v->number)
                                                                                            : std::string("missing")) +
                     ", and this oomguard reads version " + std::to_string(version);
@@ -505,6 +520,7 @@ public:
 private:
     struct Attached {
         PlanKey key;
+        int device = 0;  // the device the workload starts on, which the key names
         Plan saved;
         std::size_t saved_tail = 0;
         bool has_saved = false;
@@ -604,8 +620,12 @@ private:
     }
 
     // The file's entries: none when it does not exist; false when it cannot be read or parsed.
-    bool read_file(std::vector<PlanCacheEntry>& entries, std::string& error) const {
+    // `replaceable` (when given) says whether a file that failed to read may be
+    // replaced at a save: a corrupt one may; another version's, or one that
+    // could not be read (permissions, I/O), may not.
+    bool read_file(std::vector<PlanCacheEntry>& entries, std::string& error, bool* replaceable = nullptr) const {
         entries.clear();
+        if (replaceable != nullptr) *replaceable = false;
         Fd f;
         do f.fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
         while (f.fd < 0 && errno == EINTR);
@@ -635,8 +655,10 @@ private:
                 return false;
             }
         }
-        if (!from_json(text, entries, error)) {
-            error += "; it is ignored and will be replaced at the next save";
+        bool foreign = false;
+        if (!from_json(text, entries, error, &foreign)) {
+            if (replaceable != nullptr) *replaceable = !foreign;
+            error += foreign ? "; it is ignored, and left as it is" : "; it is ignored and will be replaced at the next save";
             entries.clear();
             return false;
         }
@@ -666,17 +688,27 @@ private:
             error = os_error("cannot save: cannot open the lock file", lock_path);
             return false;
         }
+        // Another process saving holds it for milliseconds; one that holds it
+        // longer (stopped, hung) must not stop training: 2 s, then no save.
         int rc = 0;
-        do rc = ::flock(lock.fd, LOCK_EX);
-        while (rc != 0 && errno == EINTR);
+        for (int tries = 0;; ++tries) {
+            rc = ::flock(lock.fd, LOCK_EX | LOCK_NB);
+            if (rc == 0 || (errno != EWOULDBLOCK && errno != EINTR) || tries >= 200) break;
+            ::usleep(10000);
+        }
         if (rc != 0) {
-            error = os_error("cannot save: cannot lock", lock_path);
+            error = os_error("cannot save: cannot lock (held by another process for over 2 s?)", lock_path);
             return false;
         }
         std::vector<PlanCacheEntry> entries;
         std::string read_error;
-        if (!read_file(entries, read_error)) {
-            warn(read_error);  // the file was not ours to keep: it is replaced by a valid one
+        bool replaceable = true;
+        if (!read_file(entries, read_error, &replaceable)) {
+            if (!replaceable) {  // another version's cache, or a file we could not read: not ours to replace
+                error = "cannot save: " + read_error;
+                return false;
+            }
+            warn(read_error);  // corrupt: it is replaced by a valid one
             entries.clear();
         }
         bool replaced = false;
