@@ -3,7 +3,7 @@
 # packages as root; a leg it does not know is refused (exit 2, naming it and the
 # valid ones) before any package is installed or anything built.
 execute_process(COMMAND ${SCRIPT} --help RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-foreach(part "Usage: scripts/test [leg ...]" "about 12-18 minutes" "As root it installs the" "apt-get" "release" "rmm")
+foreach(part "Usage: scripts/test [leg ...]" "about 15-25 minutes" "As root it installs the" "apt-get" "release" "rmm")
     string(FIND "${out}" "${part}" at)
     if(NOT rc EQUAL 0 OR at EQUAL -1)
         message(FATAL_ERROR "scripts/test --help: exit ${rc}, or no '${part}':\n${out}\n${err}")
