@@ -1310,10 +1310,7 @@ private:
     // `held` less what the cache registry could give back now (nothing when
     // releases are off): the caches' bytes are the step's to reuse.
     std::size_t beyond_caches(std::size_t held) const {
-        if (!planner_.options().release_caches) return held;
-        CacheRegistry* own = planner_.options().caches;
-        CacheRegistry const& reg = own != nullptr ? *own : CacheRegistry::global();
-        std::size_t const cached = reg.size() == 0 ? 0 : reg.releasable_bytes();
+        std::size_t const cached = releasable_now();
         return held > cached ? held - cached : 0;
     }
 
@@ -1376,11 +1373,7 @@ private:
     void make_room(std::size_t n, Precision p, unsigned attempt) {
         std::size_t const bytes = n * bytes_per_element(p);
         if (bytes <= grown_to_) return;
-        if (grown_to_ != 0 && planner_.options().release_caches) {
-            CacheRegistry* own = planner_.options().caches;
-            CacheRegistry& reg = own != nullptr ? *own : CacheRegistry::global();
-            if (reg.size() != 0 && reg.releasable_bytes() != 0) release_caches(attempt);
-        }
+        if (grown_to_ != 0 && releasable_now() != 0) release_caches(attempt);
         grown_to_ = bytes;
     }
 
@@ -1397,15 +1390,19 @@ private:
     // What the registered caches could give back now (0 with releases off).
     std::size_t releasable_now() const {
         if (!planner_.options().release_caches) return 0;
-        CacheRegistry* own = planner_.options().caches;
-        CacheRegistry const& reg = own != nullptr ? *own : CacheRegistry::global();
+        CacheRegistry const& reg = registry();
         return reg.size() != 0 ? reg.releasable_bytes() : 0;
+    }
+
+    // The registry adaptive_batch releases: BatchOptions::caches, or the global one.
+    CacheRegistry& registry() const {
+        CacheRegistry* own = planner_.options().caches;
+        return own != nullptr ? *own : CacheRegistry::global();
     }
 
     std::size_t release_caches(unsigned attempt) {
         if (!planner_.options().release_caches) return 0;
-        CacheRegistry* own = planner_.options().caches;
-        CacheRegistry& reg = own != nullptr ? *own : CacheRegistry::global();
+        CacheRegistry& reg = registry();
         if (reg.size() == 0) return 0;
         grown_to_ = 0;
         ReleaseReport r = reg.release_all();
