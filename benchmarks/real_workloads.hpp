@@ -288,6 +288,7 @@ public:
         return old;
     }
     void raise_peak(std::size_t v) noexcept { raised_ = std::max(raised_, v); }
+    static constexpr bool counts_cached() noexcept { return false; }  // bytes in use: not the reserve
     std::size_t available() const noexcept {
         std::size_t free = 0, total = 0;
         if (!gpu_.memory_info(0, &free, &total).ok()) return 0;

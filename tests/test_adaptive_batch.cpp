@@ -1192,6 +1192,97 @@ TEST_CASE("measure_with takes any meter: the predictive policy fits what it meas
     CHECK(meter.held == 0);
 }
 
+namespace {
+// A caching allocator's meter: used() counts its reserve, free blocks and all,
+// as a budget under it does; its segments empty themselves when a segment
+// allocation fails, before the one more try that fails too.
+struct ReserveMeter {
+    std::size_t capacity = 1000, held = 0, high = 0;
+    int device() const { return 0; }
+    std::size_t used() const { return held; }
+    std::size_t peak() const { return high; }
+    std::size_t reset_peak() {
+        std::size_t old = high;
+        high = held;
+        return old;
+    }
+    void raise_peak(std::size_t v) { high = v > high ? v : high; }
+    std::size_t available() const { return capacity - held; }
+};
+}  // namespace
+
+TEST_CASE("a failure with less held than its micro-batch began with is the size's need, not an unknown one") {
+    // G = 64 at 32 under bisection: the first batch completes at 32 (a size
+    // that completed). In the second, micro-batch 2 begins with 700 held (300
+    // of it free blocks of the reserve), the allocator empties those when its
+    // segment of 600 fails and tries again: the denial says 500 held, 600
+    // asked, 1100 in all against 1000. Read as "held below the base: need
+    // unknown", a completed size that fails is retried as a transient; it is
+    // a data point, and the size shrinks.
+    ReserveMeter meter;
+    meter.held = 400;
+    BatchOptions o;
+    o.global_batch = 64;
+    o.micro_batch = 32;
+    o.policy = ShrinkPolicy::bisect();
+    o.release_caches = false;
+    AdaptiveBatch a(o);
+    a.measure_with(meter);
+    int batch = 0;
+    bool failed = false;
+    auto step = [&](MicroBatch const& mb) {
+        if (batch == 1 && mb.offset > 0 && !failed) {
+            failed = true;
+            meter.held = 400;  // the allocator emptied its free blocks: 500 with the failed micro-batch's
+            oom_info info;
+            info.requested = 600;
+            info.budget_used = 500;
+            info.free = 500;
+            throw out_of_memory(info);
+        }
+        meter.raise_peak(meter.held + 200);
+        // The second batch's first micro-batch leaves 300 of free blocks in the reserve.
+        if (batch == 1 && mb.offset == 0 && !failed) meter.held = 700;
+    };
+    a.run(step, [] {}, [] {});
+    REQUIRE(a.counters().ooms == 0);
+    batch = 1;
+    a.run(step, [] {}, [] {});
+    CHECK(a.counters().ooms == 1);
+    CHECK(a.counters().retries_same == 0);
+    CHECK(a.counters().shrinks == 1);
+    CHECK(a.plan().micro_batch < 32);
+}
+
+TEST_CASE("a meter whose used() leaves out the caches' bytes: they are not subtracted from the batch's base") {
+    // 300 held when the batch begins, 200 of it in a registered cache's
+    // estimate. A budget (or any meter by default) counts the cache among
+    // what it holds: the base is 300 - 200. A caching allocator's meter of
+    // bytes in use (counts_cached() false) does not: the base is all 300.
+    struct InUseMeter : ReserveMeter {
+        static constexpr bool counts_cached() noexcept { return false; }
+    };
+    static_assert(detail::is_meter<InUseMeter>::value, "a meter");
+    CacheRegistry reg;
+    auto r = reg.add("allocator's reserve", 0, [] { return std::size_t{200}; }, [] { return std::size_t{0}; });
+    BatchOptions o;
+    o.global_batch = 64;
+    o.micro_batch = 32;
+    o.caches = &reg;
+    auto run_once = [&](auto& meter) {
+        meter.held = 300;
+        AdaptiveBatch a(o);
+        a.measure_with(meter);
+        a.run([&](MicroBatch const&) { meter.raise_peak(meter.held + 100); }, [] {}, [] {});
+        REQUIRE(a.planner().model().has_base);
+        return a.planner().model().base;
+    };
+    ReserveMeter counts;
+    InUseMeter in_use;
+    CHECK(run_once(counts) == 100);
+    CHECK(run_once(in_use) == 300);
+}
+
 TEST_CASE("an OOM caused only by frees pending on another stream: release synchronizes, the same size again") {
     SimulatedDevices sim(1, 1024 * KiB);
     Budget budget(sim, 0);

@@ -704,3 +704,113 @@ TEST_CASE("planner: a short batch's lone micro-batch at the plan's size is a bou
     REQUIRE(q.on_attempt(lone).action == PlanAction::commit);
     CHECK(q.model().n_points == 1);
 }
+
+TEST_CASE("planner: a raised size that fails by its own need goes back at once, with no retry after a release") {
+    // Bisection, metered (limit 1000, nothing held under the batch): 64 fails
+    // needing 1500, 32 commits, the next batch probes 48. The probe fails
+    // needing 1100 while the release freed 300 (1100 - 300 would fit): the
+    // size that held needs no release, so the probe costs one OOM, not two.
+    BatchOptions o = options(64);
+    o.policy = ShrinkPolicy::bisect();
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    REQUIRE(p.on_attempt(metered_oom(64, 0, 0, 1500)).to.micro_batch == 32);
+    Observation good = done(2, 420);
+    good.limit = 1000;
+    good.first_base = 0;
+    Decision d = p.on_attempt(good);
+    REQUIRE(d.action == PlanAction::commit);
+    REQUIRE(d.to.micro_batch == 48);
+    p.begin_batch();
+    d = p.on_attempt(released(metered_oom(48, 1, 0, 1100), 300));
+    CHECK(d.action == PlanAction::shrink);
+    CHECK(d.to.micro_batch == 32);
+    CHECK(p.model().high == 48);
+    // The size that held, failing by its own need, still gets its retry after a release.
+    d = p.on_attempt(released(metered_oom(32, 1, 0, 1100), 300));
+    CHECK(d.action == PlanAction::retry_same);
+    CHECK(d.to.micro_batch == 32);
+}
+
+namespace {
+// A predictive planner restored at 64 with a line of 12.5 bytes a sample
+// (16 -> 200, 32 -> 400) under a limit of 1000 over nothing held.
+RecoveryPlanner restored_at_64(ShrinkPolicy policy) {
+    BatchOptions o = options(256, 128);
+    o.policy = policy;
+    RecoveryPlanner p(o);
+    LearnedPlan l;
+    l.plan = p.plan();
+    l.plan.micro_batch = 64;
+    l.model.observe(16, 200);
+    l.model.observe(32, 400);
+    l.model.limit = 1000;
+    l.model.base = 0;
+    l.model.has_base = true;
+    p.restore(l);
+    return p;
+}
+// A global batch at 64 whose third micro-batch fails needing 1010 (> 1000),
+// holds after the release (500 freed) at a peak of 800, and commits.
+Decision rescued_batch(RecoveryPlanner& p) {
+    p.begin_batch();
+    Decision d = p.on_attempt(released(metered_oom(64, 2, 0, 1010), 500));
+    REQUIRE(d.action == PlanAction::retry_same);
+    Observation good = done(4, 800);
+    good.limit = 1000;
+    good.first_base = 0;
+    good.after_commit = 0;
+    d = p.on_attempt(good);
+    REQUIRE(d.action == PlanAction::commit);
+    return d;
+}
+}  // namespace
+
+TEST_CASE("planner: a size that holds only after a release in two batches in a row is a ceiling") {
+    // A caching allocator's reserve that fragments at 64: each batch's third
+    // micro-batch fails by its own need and holds after empty_cache. Once is
+    // a one-off (frees pending on another stream); twice in a row, the size
+    // would cost an OOM in every batch.
+    SUBCASE("predictive plans below it by the fit") {
+        RecoveryPlanner p = restored_at_64(ShrinkPolicy::predictive());
+        Decision d = rescued_batch(p);
+        CHECK(d.to.micro_batch == 64);  // once: kept
+        CHECK(p.model().high == 65);    // (the restored plan's ceiling)
+        d = rescued_batch(p);
+        CHECK(d.to.micro_batch < 64);  // twice: below it
+        CHECK(d.to.micro_batch > 32);  // by the fit, not halved
+        CHECK(p.model().high == 64);
+        CHECK(p.last_good_plan().micro_batch == 64);
+    }
+    SUBCASE("bisect keeps it and probes no higher") {
+        RecoveryPlanner p = restored_at_64(ShrinkPolicy::bisect());
+        rescued_batch(p);
+        Decision d = rescued_batch(p);
+        CHECK(d.to.micro_batch == 64);
+        CHECK(p.model().high == 64);
+    }
+    SUBCASE("a clean batch between the two: a one-off each time") {
+        RecoveryPlanner p = restored_at_64(ShrinkPolicy::predictive());
+        rescued_batch(p);
+        p.begin_batch();
+        Observation good = done(4, 800);
+        good.limit = 1000;
+        good.first_base = 0;
+        REQUIRE(p.on_attempt(good).to.micro_batch == 64);
+        Decision d = rescued_batch(p);
+        CHECK(d.to.micro_batch == 64);
+        CHECK(p.model().high == 65);
+    }
+    SUBCASE("a transient failure held after the release is no evidence") {
+        RecoveryPlanner p = restored_at_64(ShrinkPolicy::predictive());
+        for (int i = 0; i < 3; ++i) {
+            p.begin_batch();
+            // needing 900 (within the limit): another process's burst
+            REQUIRE(p.on_attempt(released(metered_oom(64, 2, 0, 900), 500)).action == PlanAction::retry_same);
+            Observation good = done(4, 800);
+            good.limit = 1000;
+            good.first_base = 0;
+            CHECK(p.on_attempt(good).to.micro_batch == 64);
+        }
+    }
+}

@@ -263,6 +263,20 @@ std::true_type is_budget_test(MemoryBudget<B> const*);
 std::false_type is_budget_test(void const*);
 // A meter: the members measure_with reads (returning any integer type), and not
 // a MemoryBudget (or one derived from it): measure_with(MemoryBudget&) is its own.
+// Whether a meter's used() counts what the registered caches hold: its own
+// `bool counts_cached() const` when it has one, else true.
+template <class M, class = void>
+struct has_counts_cached : std::false_type {};
+template <class M>
+struct has_counts_cached<M, std::void_t<decltype(static_cast<bool>(std::declval<M const&>().counts_cached()))>>
+    : std::true_type {};
+template <class M>
+bool meter_counts_cached(M const& m) {
+    if constexpr (has_counts_cached<M>::value)
+        return static_cast<bool>(m.counts_cached());
+    else
+        return true;
+}
 template <class M>
 struct is_meter
     : std::integral_constant<bool, has_meter_members<M>::value &&
@@ -376,6 +390,10 @@ public:
     /// the peak at what is held now), `void raise_peak(std::size_t)` (the peak is
     /// at least this) and `std::size_t available() const` (what a step could
     /// still take). libtorch's caching allocator is one (<oomguard/torch.hpp>).
+    /// Optionally `bool counts_cached() const`: false when used() leaves out
+    /// what the registered caches hold (an allocator's bytes in use, not its
+    /// reserve); by default (true) those bytes are taken as the step's to
+    /// reuse, and subtracted from what is held under a global batch.
     template <class Meter_, std::enable_if_t<detail::is_meter<Meter_>::value, int> = 0>
     AdaptiveBatch& measure_with(Meter_& meter) {
         Meter m;
@@ -392,6 +410,7 @@ public:
         m.available = [](void* o) -> std::size_t {
             return static_cast<std::size_t>(static_cast<Meter_*>(o)->available());
         };
+        m.counts_cached = detail::meter_counts_cached(meter);
         return add_meter(m);
     }
 
@@ -666,6 +685,7 @@ private:
         std::size_t (*used)(void*) = nullptr;
         void (*raise)(void*, std::size_t) = nullptr;
         std::size_t (*available)(void*) = nullptr;
+        bool counts_cached = true;  // used() includes what the registered caches hold
     };
 
     // What this rank saw in one attempt.
@@ -777,7 +797,7 @@ private:
                 // What the commit leaves held is where the next batch begins
                 // (an optimizer's state appears at its first step).
                 Meter const* meter = l.commit_oom ? nullptr : meter_for(at.plan.device);
-                std::size_t const after = meter != nullptr ? beyond_caches(meter->used(meter->object)) : 0;
+                std::size_t const after = meter != nullptr ? beyond_caches(*meter, meter->used(meter->object)) : 0;
                 obs.after_commit = meter != nullptr ? after : Observation::unknown;
                 bool any_commit_oom = l.commit_oom;
                 if (consensus_.all_min != nullptr) {
@@ -1294,7 +1314,7 @@ private:
         // as held under the batch, or a step that reuses it would seem to need
         // nothing.
         if (mb.offset == 0 || !batch_base_known_) {
-            batch_base_ = beyond_caches(base);
+            batch_base_ = beyond_caches(*meter, base);
             batch_base_known_ = true;
         }
         struct Restore {
@@ -1308,8 +1328,11 @@ private:
     }
 
     // `held` less what the cache registry could give back now (nothing when
-    // releases are off): the caches' bytes are the step's to reuse.
-    std::size_t beyond_caches(std::size_t held) const {
+    // releases are off, or when the meter does not count what the caches
+    // hold -- a caching allocator's bytes in use): the caches' bytes are the
+    // step's to reuse.
+    std::size_t beyond_caches(Meter const& meter, std::size_t held) const {
+        if (!meter.counts_cached) return held;
         std::size_t const cached = releasable_now();
         return held > cached ? held - cached : 0;
     }
@@ -1320,12 +1343,18 @@ private:
     }
 
     // What the failed micro-batch needed at least: what it held when the
-    // allocation failed, plus that allocation.
+    // allocation failed, plus that allocation, over the batch's first base.
+    // Held may be below what the micro-batch began with: a caching allocator
+    // whose segment allocation fails empties its free segments and tries once
+    // more, so the denial comes with less held than there was at the start.
+    // That failure is still the size's own need, not an unknown one.
     std::size_t failure_need(Meter const* meter, oom_info const& info) const noexcept {
         if (meter == nullptr || !info.requested_known || info.requested == oom_info::unknown ||
-            info.budget_used == oom_info::unknown || info.budget_used < last_base_ || !batch_base_known_)
+            info.budget_used == oom_info::unknown || !batch_base_known_ ||
+            info.requested > static_cast<std::size_t>(-1) - info.budget_used)
             return 0;
-        return over_batch_base(info.budget_used - last_base_ + info.requested);
+        std::size_t const at = info.budget_used + info.requested;
+        return at > batch_base_ ? at - batch_base_ : 0;
     }
 
     // The OOM's text, and its figures when it is oomguard's (true).

@@ -470,6 +470,8 @@ public:
         last_good_ = plan_;
         tail_ = 0;
         raised_from_ = 0;
+        rescue_size_ = 0;
+        rescue_streak_ = 0;
         model_.reset();
         proven_ = 0;
         clean_batches_ = 0;
@@ -675,7 +677,23 @@ private:
             model_.base = o.after_commit;
             model_.has_base = true;
         }
-        if (pending_failure_ != 0 && o.full_done > 0) {
+        // A size that failed by its own need and held only after the caches
+        // were emptied, in two global batches in a row: a caching allocator's
+        // reserve that fragments at it, not a one-off (frees pending on another
+        // stream, a workspace that stays released), and it would fail again in
+        // every batch. It becomes the search's ceiling, and predictive plans
+        // below it by the fit, which now passes above what it needed; the
+        // others keep it but probe no higher.
+        bool const rescued_here = rescued_ == ran.micro_batch && o.full_done > 0;
+        rescue_streak_ = rescued_here ? (rescue_size_ == ran.micro_batch ? rescue_streak_ + 1 : 1) : 0;
+        rescue_size_ = rescued_here ? ran.micro_batch : 0;
+        if (pending_failure_ == 0 && rescued_here && rescue_streak_ >= 2) {
+            rescue_streak_ = 0;
+            rescue_size_ = 0;
+            note_failure(ran.micro_batch);
+            if (policy_.kind() == ShrinkPolicy::Kind::predictive && ran.micro_batch > opt_.min_micro_batch)
+                next = shrink_to(context(ran.micro_batch, reach(o)));
+        } else if (pending_failure_ != 0 && o.full_done > 0) {
             next = jump_size(o);  // the calibration segment ended the batch: jump at the next
         } else if (pending_failure_ != 0) {
             // A short remainder ended the segment before its second size ran:
@@ -722,8 +740,19 @@ private:
             proven_ = last_good_.micro_batch;  // it committed under these conditions
             return Decision{PlanAction::shrink, ran, plan_, ""};
         }
-        if (o.released > 0 && !release_retried_ && release_may_help(o)) {
+        // A raised size (a probe, a refit's jump) that failed by its own need
+        // goes back to the size that held at once (below): that one needs no
+        // release, and a retry after one would be a second OOM for the probe.
+        bool const raise_failed = raised_from_ != 0 && raised_from_ < failed && failed == ran.micro_batch &&
+                                  !transient && o.outcome == Observation::Outcome::step_oom && !o.failed_short;
+        if (o.released > 0 && !release_retried_ && !raise_failed && release_may_help(o)) {
             release_retried_ = true;
+            // A size that failed by its own need (measured) and may hold only
+            // after the release: if the batch commits so, it is no plan to
+            // keep (an OOM per global batch), see committed().
+            if (!transient && o.outcome == Observation::Outcome::step_oom && !o.failed_short &&
+                failed == ran.micro_batch)
+                rescued_ = failed;
             return retry_same(ran, o);
         }
         if (o.outcome == Observation::Outcome::commit_oom) {
@@ -771,7 +800,7 @@ private:
             }
             return below_sizes(ran);
         }
-        if (raised_from_ != 0 && raised_from_ < failed && failed == ran.micro_batch && !transient) {
+        if (raise_failed) {
             // A size raised above one that held (a probe, a refit) failed by its
             // own need: back to the size that held, with this one the search's
             // ceiling; the next probe comes at a later batch's start. One
@@ -930,6 +959,8 @@ private:
     // bounded about sizes misleads now.
     void forget_sizes() noexcept {
         raised_from_ = 0;
+        rescue_size_ = 0;
+        rescue_streak_ = 0;
         model_.reset();
         proven_ = 0;
         grow_ceiling_ = 0;
@@ -947,6 +978,7 @@ private:
         commit_shrunk_ = false;
         search_ = false;
         first_fit_ = false;
+        rescued_ = 0;
     }
 
     void set_precision(std::size_t index) noexcept {
@@ -974,6 +1006,10 @@ private:
     bool release_retried_ = false;    // the retry after a release was used for this size
     unsigned commit_retries_ = 0;     // transient retries of a commit that ran out of memory
     bool commit_shrunk_ = false;      // the size was shrunk once for a commit that ran out of memory
+    std::size_t rescued_ = 0;         // a size that failed by its own need and was retried after a release
+    // Across global batches: the size whose batches committed only after such a retry, and how many in a row.
+    std::size_t rescue_size_ = 0;
+    unsigned rescue_streak_ = 0;
     // A short remainder that failed runs in pieces of `tail_` (0: whole) while
     // the plan is `tail_plan_`: every global batch of that plan ends with the
     // same remainder (the last micro-batch carrying what no other does -- a

@@ -290,6 +290,9 @@ public:
     }
     /// Raises the peak peak() reports to at least `v` until the next reset_peak.
     void raise_peak(std::size_t v) noexcept { raised_ = v > raised_ ? v : raised_; }
+    /// false: used() counts tensors' bytes, not what the allocator keeps cached
+    /// (TorchCudaCache's bytes), so AdaptiveBatch does not subtract those from it.
+    static constexpr bool counts_cached() noexcept { return false; }
     /// Bytes a step could still reach: the device's free memory plus what the allocator reserves and
     /// does not use, within the memory fraction set_torch_memory_fraction gave; 0 when CUDA cannot say.
     std::size_t available() const {
