@@ -1254,6 +1254,49 @@ TEST_CASE("a failure with less held than its micro-batch began with is the size'
     CHECK(a.plan().micro_batch < 32);
 }
 
+TEST_CASE("measured, a release that frees only what the failed micro-batch left cached earns no retry") {
+    // A caching step: it frees its first buffer (5 KiB a sample) into a cache
+    // it keeps, then asks for 10 KiB a sample. At 64 on 800 KiB: 320 cached
+    // + 640 > 800. The release after the OOM frees those 320, but the failed
+    // micro-batch put them there itself, and a retry would cache them again
+    // and fail the same way: the size shrinks at once, at one OOM.
+    SimulatedDevices gpus(1, 800 * KiB);
+    Budget budget(gpus, 0, Limit::unlimited());
+    CacheRegistry reg;
+    std::vector<Buffer> cached;
+    auto r = reg.add(
+        "step's pool", 0,
+        [&] {
+            std::size_t n = 0;
+            for (auto const& b : cached) n += b.size();
+            return n;
+        },
+        [&] {
+            std::size_t n = 0;
+            for (auto const& b : cached) n += b.size();
+            cached.clear();
+            return n;
+        });
+    BatchOptions o;
+    o.global_batch = 64;
+    o.policy = ShrinkPolicy::bisect();
+    o.caches = &reg;
+    AdaptiveBatch a(o);
+    a.measure_with(budget);
+    a.run(
+        [&](MicroBatch const& mb) {
+            cached.emplace_back(budget, mb.size * 5 * KiB);  // used, then kept for reuse
+            Buffer big(budget, mb.size * 10 * KiB);
+        },
+        [] {}, [] {});
+    CHECK(a.counters().ooms == 1);
+    CHECK(a.counters().retries_same == 0);
+    CHECK(a.counters().shrinks == 1);
+    CHECK(a.last_good_plan().micro_batch == 32);  // (bisection probes 48 next)
+    cached.clear();
+    CHECK(budget.used() == 0);
+}
+
 TEST_CASE("a meter whose used() leaves out the caches' bytes: they are not subtracted from the batch's base") {
     // 300 held when the batch begins, 200 of it in a registered cache's
     // estimate. A budget (or any meter by default) counts the cache among

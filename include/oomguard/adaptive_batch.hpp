@@ -694,6 +694,7 @@ private:
         bool full_later = false;  // a completed full-size micro-batch ran after the batch's first
         bool failed_short = false, room = false;  // the failed micro-batch: a short remainder; the device had room
         std::size_t start = 0;          // where in the global batch this attempt began
+        std::size_t cached_before = 0;  // what the caches could give back when the last micro-batch began
         std::size_t failed_planned = 0, failed_size = 0, failed_offset = 0, samples_done = 0, micro_batches = 0, full_done = 0;
         std::size_t full_peak = 0, calibration_peak = 0, need = 0, available = 0, limit = 0;
         bool available_known = false;
@@ -875,7 +876,13 @@ private:
                                         !failed_here});
         Ballot b(serial_, phase_decide);
         b.set_any(Ballot::any_error, err != nullptr);
-        if (failed_here) b.set_min(Ballot::released, released);
+        // Measured, what the release freed helps the retry only up to what the
+        // caches held when the failed micro-batch began: the rest it freed is
+        // what that micro-batch itself left cached as it unwound, which it
+        // needs again (its need is over all it held, those bytes among them).
+        if (failed_here)
+            b.set_min(Ballot::released,
+                      l.measured && !l.commit_oom && released > l.cached_before ? l.cached_before : released);
         Ballot t = agree(b);
         if (t.any(Ballot::any_error)) {
             undo_kept();
@@ -979,6 +986,7 @@ private:
                 bool const calibration = at.calibrating(index);
                 try {
                     make_room(n, at.plan.precision, at.number);
+                    if (meter != nullptr) l.cached_before = releasable_now();
                 } catch (...) {
                     l.release_error = std::current_exception();
                     break;
