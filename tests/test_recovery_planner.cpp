@@ -771,23 +771,17 @@ TEST_CASE("planner: a size that holds only after a release in two batches in a r
     // micro-batch fails by its own need and holds after empty_cache. Once is
     // a one-off (frees pending on another stream); twice in a row, the size
     // would cost an OOM in every batch.
-    SUBCASE("predictive plans below it by the fit") {
-        RecoveryPlanner p = restored_at_64(ShrinkPolicy::predictive());
+    for (auto policy : {ShrinkPolicy::predictive(), ShrinkPolicy::bisect(), ShrinkPolicy::halve()}) {
+        CAPTURE(std::string(policy.name()));
+        // By as much as it went over: 64 * 1000 / 1010 = 63.
+        RecoveryPlanner p = restored_at_64(policy);
         Decision d = rescued_batch(p);
         CHECK(d.to.micro_batch == 64);  // once: kept
         CHECK(p.model().high == 65);    // (the restored plan's ceiling)
         d = rescued_batch(p);
-        CHECK(d.to.micro_batch < 64);  // twice: below it
-        CHECK(d.to.micro_batch > 32);  // by the fit, not halved
+        CHECK(d.to.micro_batch == 63);  // twice: below it
         CHECK(p.model().high == 64);
         CHECK(p.last_good_plan().micro_batch == 64);
-    }
-    SUBCASE("bisect keeps it and probes no higher") {
-        RecoveryPlanner p = restored_at_64(ShrinkPolicy::bisect());
-        rescued_batch(p);
-        Decision d = rescued_batch(p);
-        CHECK(d.to.micro_batch == 64);
-        CHECK(p.model().high == 64);
     }
     SUBCASE("a clean batch between the two: a one-off each time") {
         RecoveryPlanner p = restored_at_64(ShrinkPolicy::predictive());
@@ -813,4 +807,51 @@ TEST_CASE("planner: a size that holds only after a release in two batches in a r
             CHECK(p.on_attempt(good).to.micro_batch == 64);
         }
     }
+}
+
+TEST_CASE("planner: a failed remainder's pieces hold at every size of its precision and device") {
+    // The last micro-batch carries what no other does (a gradient norm)
+    // whatever the plan's size: a probe to another size keeps the pieces.
+    BatchOptions o = options(64);
+    o.policy = ShrinkPolicy::bisect();
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    REQUIRE(p.on_attempt(oom(64)).to.micro_batch == 32);
+    REQUIRE(p.on_attempt(done()).to.micro_batch == 48);  // the probe
+    p.begin_batch();
+    Decision d = p.on_attempt(short_remainder(oom(48, 1)));  // 16 left after 48; failed (2 samples in)
+    REQUIRE(d.action == PlanAction::shrink);
+    REQUIRE(p.attempt().tail == 1);
+    d = p.on_attempt(done());
+    REQUIRE(d.action == PlanAction::commit);
+    REQUIRE(d.to.micro_batch == 56);  // the next probe
+    p.begin_batch();
+    CHECK(p.attempt().plan.micro_batch == 56);
+    CHECK(p.attempt().tail == 1);
+    CHECK(p.learned().tail == 1);
+}
+
+TEST_CASE("predictive: no probe past where a failure, scaled by how far it went over, puts the limit") {
+    // 12.5 bytes a sample over nothing held, a limit of 1000; 80 failed
+    // needing 1100: scaled, the limit is at 80 * 1000 / 1100 = 72. The lucky
+    // side of the fit alone would probe up to 80.
+    StepModel m;
+    m.observe(16, 200);
+    m.observe(32, 400);
+    m.bound(80, 1100);
+    m.limit = 1000;
+    m.base = 0;
+    m.has_base = true;
+    m.high = 80;
+    CHECK(m.scaled_ceiling() == 72);
+    ShrinkPolicy::Next n = ShrinkPolicy::predictive().after_success(68, 256, 256, m);
+    CHECK(n.size > 68);
+    CHECK(n.size <= 72);
+    // Nothing beyond the reach: no scaled ceiling.
+    StepModel within = m;
+    within.n_bounds = 0;
+    within.bound(80, 900);
+    CHECK(within.scaled_ceiling() == 0);
+    within.has_base = false;
+    CHECK(within.scaled_ceiling() == 0);
 }

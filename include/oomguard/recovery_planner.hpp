@@ -7,7 +7,13 @@
 //
 // The ladder, walked in this order at every size (the minimum too):
 //   1. a grow-back or a restored precision that failed: back to the last good plan
-//   2. the cache release freed memory: retry the same size, once per size
+//   2. the cache release freed memory: retry the same size, once per size and
+//      global batch (measured: when what it freed of what the caches held as
+//      the failed micro-batch began could make its need fit; not for a raised
+//      size, which goes back at once, see 5). A size that fails by its own
+//      need and holds only after this retry in two global batches in a row (a
+//      caching allocator fragmenting at it) is cut at the commit to
+//      m * reach / need and becomes the search's ceiling
 //   3. a transient OOM (see is_transient: with a meter, the failed micro-batch's
 //      held + requested bytes within all a step could reach; without, a size
 //      that completed before, or a request below what was available with room
@@ -15,7 +21,7 @@
 //      resume, an attempt that kept a micro-batch starts the count again)
 //   4. a short remainder that failed by its own need: the plan's size stays, and
 //      the remainder runs in halves (Attempt::tail), in this global batch and
-//      in the next ones while the plan stays
+//      in the next ones, at any size of that precision and device
 //   5. above the minimum: shrink by the policy (from the plan's size), measuring
 //      small sizes first when predictive has fewer than two points (a
 //      calibration segment -- c1 twice, then c2 -- whose work is kept)
@@ -318,7 +324,7 @@ public:
     /// What this planner has learned (for a PlanCache): the last good plan, the
     /// model, the grow-back ceiling.
     LearnedPlan learned() const noexcept {
-        return LearnedPlan{last_good_, model_, grow_ceiling_, tail_ != 0 && tail_plan_ == last_good_ ? tail_ : 0};
+        return LearnedPlan{last_good_, model_, grow_ceiling_, tail_for(last_good_)};
     }
 
     /// Starts from what an earlier run learned: its plan becomes the plan and
@@ -681,9 +687,10 @@ private:
         // were emptied, in two global batches in a row: a caching allocator's
         // reserve that fragments at it, not a one-off (frees pending on another
         // stream, a workspace that stays released), and it would fail again in
-        // every batch. It becomes the search's ceiling, and predictive plans
-        // below it by the fit, which now passes above what it needed; the
-        // others keep it but probe no higher.
+        // every batch. It becomes the search's ceiling, and the plan goes
+        // below it by as much as the failure went over what a step could
+        // reach: m * reach / need. (Only a measured need beyond the reach
+        // makes a failure at a size that completed more than a transient.)
         bool const rescued_here = rescued_ == ran.micro_batch && o.full_done > 0;
         rescue_streak_ = rescued_here ? (rescue_size_ == ran.micro_batch ? rescue_streak_ + 1 : 1) : 0;
         rescue_size_ = rescued_here ? ran.micro_batch : 0;
@@ -691,8 +698,8 @@ private:
             rescue_streak_ = 0;
             rescue_size_ = 0;
             note_failure(ran.micro_batch);
-            if (policy_.kind() == ShrinkPolicy::Kind::predictive && ran.micro_batch > opt_.min_micro_batch)
-                next = shrink_to(context(ran.micro_batch, reach(o)));
+            if (rescued_cut_ != 0 && rescued_cut_ < ran.micro_batch)
+                next = rescued_cut_ > opt_.min_micro_batch ? rescued_cut_ : opt_.min_micro_batch;
         } else if (pending_failure_ != 0 && o.full_done > 0) {
             next = jump_size(o);  // the calibration segment ended the batch: jump at the next
         } else if (pending_failure_ != 0) {
@@ -751,8 +758,16 @@ private:
             // after the release: if the batch commits so, it is no plan to
             // keep (an OOM per global batch), see committed().
             if (!transient && o.outcome == Observation::Outcome::step_oom && !o.failed_short &&
-                failed == ran.micro_batch)
+                failed == ran.micro_batch) {
                 rescued_ = failed;
+                // By how much it went over: the cut if it keeps happening.
+                std::size_t const r = reach(o);
+                if (o.need > r && r != 0) {
+                    double const cut = static_cast<double>(failed) * static_cast<double>(r) / static_cast<double>(o.need);
+                    std::size_t const c = static_cast<std::size_t>(cut);
+                    if (rescued_cut_ == 0 || c < rescued_cut_) rescued_cut_ = c;
+                }
+            }
             return retry_same(ran, o);
         }
         if (o.outcome == Observation::Outcome::commit_oom) {
@@ -941,7 +956,14 @@ private:
     }
 
     // The pieces a short remainder runs in under the current plan (0: whole).
-    std::size_t tail() const noexcept { return tail_ != 0 && plan_ == tail_plan_ ? tail_ : 0; }
+    // A remainder runs with what only the last micro-batch carries (a gradient
+    // norm) whatever the plan's size: the pieces hold for every size at the
+    // precision and on the device where the remainder failed.
+    std::size_t tail() const noexcept { return tail_for(plan_); }
+    std::size_t tail_for(Plan const& p) const noexcept {
+        return tail_ != 0 && p.precision_index == tail_plan_.precision_index && p.device == tail_plan_.device ? tail_
+                                                                                                             : 0;
+    }
 
     ShrinkContext context(std::size_t failed, std::size_t available) const noexcept {
         ShrinkContext ctx;
@@ -979,6 +1001,7 @@ private:
         search_ = false;
         first_fit_ = false;
         rescued_ = 0;
+        rescued_cut_ = 0;
     }
 
     void set_precision(std::size_t index) noexcept {
@@ -1007,11 +1030,12 @@ private:
     unsigned commit_retries_ = 0;     // transient retries of a commit that ran out of memory
     bool commit_shrunk_ = false;      // the size was shrunk once for a commit that ran out of memory
     std::size_t rescued_ = 0;         // a size that failed by its own need and was retried after a release
+    std::size_t rescued_cut_ = 0;     // that size scaled by reach / need (0: not measured)
     // Across global batches: the size whose batches committed only after such a retry, and how many in a row.
     std::size_t rescue_size_ = 0;
     unsigned rescue_streak_ = 0;
-    // A short remainder that failed runs in pieces of `tail_` (0: whole) while
-    // the plan is `tail_plan_`: every global batch of that plan ends with the
+    // A short remainder that failed runs in pieces of `tail_` (0: whole) at
+    // `tail_plan_`'s precision and device: every global batch ends with the
     // same remainder (the last micro-batch carrying what no other does -- a
     // gradient norm), so it is not failed again in each of them.
     std::size_t tail_ = 0;

@@ -151,6 +151,24 @@ struct StepModel {
         return true;
     }
 
+    /// Where the failures went over: the smallest of m * (limit - base) / need
+    /// over the failed sizes whose need (`bounds`) was beyond all a step could
+    /// reach -- the size at which a need growing in proportion to the size
+    /// meets the limit, an upper estimate when part of it does not grow with
+    /// the size. 0 when no failure is measured beyond it.
+    std::size_t scaled_ceiling() const noexcept {
+        if (!has_base || limit <= base) return 0;
+        double const reach = static_cast<double>(limit - base);
+        std::size_t best = 0;
+        for (std::size_t i = 0; i < n_bounds; ++i) {
+            double const need = static_cast<double>(bounds[i].bytes);
+            if (!(need > reach)) continue;
+            auto const m = static_cast<std::size_t>(static_cast<double>(bounds[i].m) * reach / need);
+            if (best == 0 || m < best) best = m;
+        }
+        return best;
+    }
+
     /// Forgets the search (memory conditions changed: a grow-back, a new device).
     void forget_search() noexcept {
         low = high = predicted = 0;
@@ -342,10 +360,14 @@ public:
             std::size_t lucky = 0;
             if (model.largest_fitting(G, below, m, margin_, true, lucky) && (upper == 0 || lucky + 1 < upper))
                 upper = lucky + 1;
+            // Nor past where a failure, scaled by how far it went over, puts the limit.
+            std::size_t const scaled = model.scaled_ceiling();
+            if (scaled != 0 && (upper == 0 || scaled + 1 < upper)) upper = scaled + 1;
         }
         // A probe may fail: bisect only while the gap is worth it (bisect: any
-        // gap; predictive: more than 1 %, its fit's own resolution).
-        std::size_t const worth = kind_ == Kind::predictive ? m / 50 : 0;
+        // gap; predictive: more than 4 %, twice the few percent a size's own
+        // non-linearity moves its need by, past which a probe is a coin toss).
+        std::size_t const worth = kind_ == Kind::predictive ? m / 25 : 0;
         if (upper > m + 1 && upper - m > worth) {
             std::size_t mid = m + (upper - m) / 2;
             return Next{mid < requested ? mid : requested, false};
