@@ -707,25 +707,26 @@ TEST_CASE("planner: a short batch's lone micro-batch at the plan's size is a bou
 
 TEST_CASE("planner: a raised size that fails by its own need goes back at once, with no retry after a release") {
     // Bisection, metered (limit 1000, nothing held under the batch): 64 fails
-    // needing 1500, 32 commits, the next batch probes 48. The probe fails
-    // needing 1100 while the release freed 300 (1100 - 300 would fit): the
-    // size that held needs no release, so the probe costs one OOM, not two.
+    // needing 1100, 32 commits, the next batch probes 45 (bisecting up to
+    // 64 * 1000 / 1100 = 58, where that failure scaled puts the limit). The
+    // probe fails needing 1100 while the release freed 300 (1100 - 300 would
+    // fit): the size that held needs no release, so the probe costs one OOM, not two.
     BatchOptions o = options(64);
     o.policy = ShrinkPolicy::bisect();
     RecoveryPlanner p(o);
     p.begin_batch();
-    REQUIRE(p.on_attempt(metered_oom(64, 0, 0, 1500)).to.micro_batch == 32);
+    REQUIRE(p.on_attempt(metered_oom(64, 0, 0, 1100)).to.micro_batch == 32);
     Observation good = done(2, 420);
     good.limit = 1000;
     good.first_base = 0;
     Decision d = p.on_attempt(good);
     REQUIRE(d.action == PlanAction::commit);
-    REQUIRE(d.to.micro_batch == 48);
+    REQUIRE(d.to.micro_batch == 45);
     p.begin_batch();
-    d = p.on_attempt(released(metered_oom(48, 1, 0, 1100), 300));
+    d = p.on_attempt(released(metered_oom(45, 1, 0, 1100), 300));
     CHECK(d.action == PlanAction::shrink);
     CHECK(d.to.micro_batch == 32);
-    CHECK(p.model().high == 48);
+    CHECK(p.model().high == 45);
     // The size that held, failing by its own need, still gets its retry after a release.
     d = p.on_attempt(released(metered_oom(32, 1, 0, 1100), 300));
     CHECK(d.action == PlanAction::retry_same);
@@ -847,6 +848,18 @@ TEST_CASE("predictive: no probe past where a failure, scaled by how far it went 
     ShrinkPolicy::Next n = ShrinkPolicy::predictive().after_success(68, 256, 256, m);
     CHECK(n.size > 68);
     CHECK(n.size <= 72);
+    // Bisection too: up from 40, toward 72 + 1, not 80; after 80 fails with
+    // 40 holding, the midpoint of [40, 73), not of [40, 80).
+    m.low = 40;
+    CHECK(ShrinkPolicy::bisect().after_success(40, 256, 256, m).size == 56);
+    ShrinkContext ctx;
+    ctx.failed = 80;
+    ctx.minimum = 1;
+    ctx.requested = 256;
+    ctx.global_batch = 256;
+    CHECK(ShrinkPolicy::bisect().after_failure(ctx, m).size == 56);
+    // Above the scaled ceiling already (it held, luckily): no probe.
+    CHECK(ShrinkPolicy::bisect().after_success(74, 256, 256, m).size == 74);
     // Nothing beyond the reach: no scaled ceiling.
     StepModel within = m;
     within.n_bounds = 0;

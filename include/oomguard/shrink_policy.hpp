@@ -352,6 +352,10 @@ public:
         }
         if (!searches()) return Next{m, false};
         std::size_t upper = model.high;
+        // Measured, no probe past where a failure, scaled by how far its need
+        // went over all a step could reach, puts the limit (StepModel::scaled_ceiling).
+        std::size_t const scaled = model.scaled_ceiling();
+        if (scaled != 0 && (upper == 0 || scaled + 1 < upper)) upper = scaled + 1;
         if (kind_ == Kind::predictive) {
             // Past what the line can tell, a size fits or not by its own few
             // percent: probe by bisection, up to the smallest failure or, when
@@ -360,9 +364,6 @@ public:
             std::size_t lucky = 0;
             if (model.largest_fitting(G, below, m, margin_, true, lucky) && (upper == 0 || lucky + 1 < upper))
                 upper = lucky + 1;
-            // Nor past where a failure, scaled by how far it went over, puts the limit.
-            std::size_t const scaled = model.scaled_ceiling();
-            if (scaled != 0 && (upper == 0 || scaled + 1 < upper)) upper = scaled + 1;
         }
         // A probe may fail: bisect only while the gap is worth it (bisect: any
         // gap; predictive: more than 4 %, twice the few percent a size's own
@@ -408,7 +409,12 @@ private:
     static std::size_t bisect_point(ShrinkContext const& ctx, StepModel const& model) noexcept {
         std::size_t lo = model.low != 0 && model.low < ctx.failed ? model.low : 0;
         if (lo == 0) return ctx.failed / 2;  // nothing known to fit: halve until something does
-        std::size_t mid = lo + (ctx.failed - lo) / 2;
+        // Between the size that held and the failed one -- or, measured, where
+        // a failure scaled by how far it went over puts the limit, when lower.
+        std::size_t hi = ctx.failed;
+        std::size_t const scaled = model.scaled_ceiling();
+        if (scaled != 0 && scaled + 1 < hi && scaled + 1 > lo) hi = scaled + 1;
+        std::size_t mid = lo + (hi - lo) / 2;
         return mid > lo ? mid : lo;
     }
 
