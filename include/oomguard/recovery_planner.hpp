@@ -13,7 +13,9 @@
 //      size, which goes back at once, see 5). A size that fails by its own
 //      need and holds only after this retry in two global batches in a row (a
 //      caching allocator fragmenting at it) is cut at the commit to
-//      m * reach / need and becomes the search's ceiling
+//      m * reach / need and becomes the search's ceiling. (A retry is once per
+//      size: the rungs below that keep the size -- a remainder cut into pieces --
+//      allow another.)
 //   3. a transient OOM (see is_transient: with a meter, the failed micro-batch's
 //      held + requested bytes within all a step could reach; without, a size
 //      that completed before, or a request below what was available with room
@@ -21,7 +23,7 @@
 //      resume, an attempt that kept a micro-batch starts the count again)
 //   4. a short remainder that failed by its own need: the plan's size stays, and
 //      the remainder runs in halves (Attempt::tail), in this global batch and
-//      in the next ones, at any size of that precision and device
+//      in the next ones while the plan stays
 //   5. above the minimum: shrink by the policy (from the plan's size), measuring
 //      small sizes first when predictive has fewer than two points (a
 //      calibration segment -- c1 twice, then c2 -- whose work is kept)
@@ -650,6 +652,11 @@ private:
         if (pending_failure_ != 0 && o.full_done > 0) {
             plan_.micro_batch = jump_size(o);
             segment_ = search_segment();
+            // One micro-batch at the fitted size first: it is a fourth point,
+            // measured where the plan runs, and the refit over it (the line's
+            // real scatter instead of the assumed one) may jump again for the
+            // rest of the batch.
+            if (segment_ == 0 && model_.predicted != 0 && model_.predicted == plan_.micro_batch) segment_ = 1;
         } else if (o.full_done > 0) {
             std::size_t const next = probe_after(ran.micro_batch);
             bool const blind = model_.predicted != next;  // a probe past what the fit can tell
@@ -695,8 +702,9 @@ private:
         rescue_streak_ = rescued_here ? (rescue_size_ == ran.micro_batch ? rescue_streak_ + 1 : 1) : 0;
         rescue_size_ = rescued_here ? ran.micro_batch : 0;
         if (pending_failure_ == 0 && rescued_here && rescue_streak_ >= 2) {
-            rescue_streak_ = 0;
-            rescue_size_ = 0;
+            // (The streak stays: a plan back at this size -- a give-up, an
+            // abandoned batch -- is cut again at its next such commit.)
+            rescue_streak_ = 1;
             note_failure(ran.micro_batch);
             if (rescued_cut_ != 0 && rescued_cut_ < ran.micro_batch)
                 next = rescued_cut_ > opt_.min_micro_batch ? rescued_cut_ : opt_.min_micro_batch;
@@ -956,13 +964,10 @@ private:
     }
 
     // The pieces a short remainder runs in under the current plan (0: whole).
-    // A remainder runs with what only the last micro-batch carries (a gradient
-    // norm) whatever the plan's size: the pieces hold for every size at the
-    // precision and on the device where the remainder failed.
+    // The pieces a short remainder runs in under the current plan (0: whole).
     std::size_t tail() const noexcept { return tail_for(plan_); }
     std::size_t tail_for(Plan const& p) const noexcept {
-        return tail_ != 0 && p.precision_index == tail_plan_.precision_index && p.device == tail_plan_.device ? tail_
-                                                                                                             : 0;
+        return tail_ != 0 && p == tail_plan_ ? tail_ : 0;
     }
 
     ShrinkContext context(std::size_t failed, std::size_t available) const noexcept {
@@ -1034,8 +1039,8 @@ private:
     // Across global batches: the size whose batches committed only after such a retry, and how many in a row.
     std::size_t rescue_size_ = 0;
     unsigned rescue_streak_ = 0;
-    // A short remainder that failed runs in pieces of `tail_` (0: whole) at
-    // `tail_plan_`'s precision and device: every global batch ends with the
+    // A short remainder that failed runs in pieces of `tail_` (0: whole) while
+    // the plan is `tail_plan_`: every global batch of that plan ends with the
     // same remainder (the last micro-batch carrying what no other does -- a
     // gradient norm), so it is not failed again in each of them.
     std::size_t tail_ = 0;

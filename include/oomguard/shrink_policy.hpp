@@ -152,10 +152,12 @@ struct StepModel {
     }
 
     /// Where the failures went over: the smallest of m * (limit - base) / need
-    /// over the failed sizes whose need (`bounds`) was beyond all a step could
-    /// reach -- the size at which a need growing in proportion to the size
-    /// meets the limit, an upper estimate when part of it does not grow with
-    /// the size. 0 when no failure is measured beyond it.
+    /// over the failed sizes whose need (`bounds`) is beyond what a step can
+    /// reach now -- the size at which a need growing in proportion to the size
+    /// meets the limit (at least 1). An estimate, not a law: a need measured
+    /// over an older base may count what is held now twice, so the policies
+    /// treat it as a hint that expires once a size at or above it has held.
+    /// 0 when no failure is measured beyond the reach.
     std::size_t scaled_ceiling() const noexcept {
         if (!has_base || limit <= base) return 0;
         double const reach = static_cast<double>(limit - base);
@@ -163,7 +165,8 @@ struct StepModel {
         for (std::size_t i = 0; i < n_bounds; ++i) {
             double const need = static_cast<double>(bounds[i].bytes);
             if (!(need > reach)) continue;
-            auto const m = static_cast<std::size_t>(static_cast<double>(bounds[i].m) * reach / need);
+            auto m = static_cast<std::size_t>(static_cast<double>(bounds[i].m) * reach / need);
+            if (m == 0) m = 1;
             if (best == 0 || m < best) best = m;
         }
         return best;
@@ -337,8 +340,9 @@ public:
     /// measured: the size to run next (>= m, at most `requested`). Bisection
     /// probes upward while the gap to the smallest failure is open; predictive
     /// jumps again when a refit promises more than half a percent, then probes
-    /// up to the size the fit allows if the scatter goes the lucky way; the
-    /// others keep `m`.
+    /// up to the size the fit allows if the scatter goes the lucky way, while
+    /// the gap is over 4 %; both, measured, no higher than
+    /// StepModel::scaled_ceiling while `m` is below it; the others keep `m`.
     Next after_success(std::size_t m, std::size_t G, std::size_t requested, StepModel const& model) const {
         std::size_t const below = model.high != 0 ? model.high : requested + 1;  // what the fit may choose under
         // A refit that promises more than half a percent: jump to it (a
@@ -353,9 +357,11 @@ public:
         if (!searches()) return Next{m, false};
         std::size_t upper = model.high;
         // Measured, no probe past where a failure, scaled by how far its need
-        // went over all a step could reach, puts the limit (StepModel::scaled_ceiling).
+        // went over all a step could reach, puts the limit
+        // (StepModel::scaled_ceiling) -- until a size at or above it holds:
+        // the estimate was low, and bisection goes on above it.
         std::size_t const scaled = model.scaled_ceiling();
-        if (scaled != 0 && (upper == 0 || scaled + 1 < upper)) upper = scaled + 1;
+        if (scaled > m && (upper == 0 || scaled + 1 < upper)) upper = scaled + 1;
         if (kind_ == Kind::predictive) {
             // Past what the line can tell, a size fits or not by its own few
             // percent: probe by bisection, up to the smallest failure or, when
