@@ -341,6 +341,37 @@ TEST_CASE("planner table: every action for every kind of observation") {
              p.on_attempt(oom(64));  // -> 32
          },
          done(), PlanAction::commit, 48, Precision::fp32},
+        {"bisect, metered: a probe that fails by its own need goes back to the size that held, no release "
+         "retry",
+         [] {
+             BatchOptions o = options(64);
+             o.policy = ShrinkPolicy::bisect();
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             p.on_attempt(oom(64));  // -> 32 (unmeasured: no scaled ceiling)
+             p.on_attempt(done());   // commit, probe 48
+             p.begin_batch();
+         },
+         released(metered_oom(48, 1, 0, 1100), 300), PlanAction::shrink, 32, Precision::fp32},
+        {"bisect, metered: a success probes no higher than the failure scaled by how far it went over",
+         [] {
+             BatchOptions o = options(64);
+             o.policy = ShrinkPolicy::bisect();
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             p.on_attempt(metered_oom(64, 0, 0, 1280));  // -> 32; 64 * 1000 / 1280 = 50
+         },
+         [] {
+             Observation o = done(2, 400);
+             o.limit = 1000;
+             o.first_base = 0;
+             return o;
+         }(),
+         PlanAction::commit, 41, Precision::fp32},
     };
     for (auto const& row : rows) {
         CAPTURE(std::string(row.name));
