@@ -456,24 +456,13 @@ TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps a
     // scatter, so the fit assumes real steps' 4 % until a third point does.
     CHECK(d.to.micro_batch == 81);
     CHECK(p.attempt().number == 2);   // the same attempt goes on: nothing failed
-    CHECK(p.attempt().segment == 1);  // one micro-batch at the fit, measured where the plan runs
-    CHECK(p.attempt().calibration == 0);
-    Observation at_fit;
-    at_fit.outcome = Outcome::segment_done;
-    at_fit.full_done = 1;
-    at_fit.full_peak = bytes(81);
-    at_fit.full_later = true;
-    at_fit.limit = 1000 * 1024;
-    at_fit.first_base = 0;
-    d = p.on_attempt(at_fit);
-    // Three points on one line: no scatter left, so the rest of the batch runs
-    // at (1000 * 0.98 - 100) / 10 = 88.
-    CHECK(d.action == PlanAction::continue_batch);
-    CHECK(d.to.micro_batch == 88);
     CHECK(p.attempt().segment == 0);  // to the end of the global batch
-    d = p.on_attempt(done(2, bytes(88)));
+    CHECK(p.attempt().calibration == 0);
+    d = p.on_attempt(done(2, bytes(81)));
     CHECK(d.action == PlanAction::commit);
-    CHECK(p.last_good_plan().micro_batch == 88);
+    CHECK(p.last_good_plan().micro_batch == 81);
+    // Three points on one line: no scatter left, so the next batch starts at
+    // (1000 * 0.98 - 100) / 10 = 88.
     CHECK(d.to.micro_batch == 88);
 }
 
@@ -912,4 +901,26 @@ TEST_CASE("predictive: no probe past where a failure, scaled by how far it went 
     CHECK(within.scaled_ceiling() == 0);
     within.has_base = false;
     CHECK(within.scaled_ceiling() == 0);
+}
+
+TEST_CASE("bisect: a scaled ceiling at or below the size that held has expired, after a failure too") {
+    // 40 held at or above the failure-scaled estimate (40): after 58 fails,
+    // bisection goes on in [40, 58), not pinned at [40, 41).
+    StepModel m;
+    m.observe(16, 200);
+    m.observe(32, 400);
+    m.bound(80, 2000);  // 80 * 1000 / 2000 = 40
+    m.limit = 1000;
+    m.base = 0;
+    m.has_base = true;
+    m.low = 40;
+    m.high = 70;
+    REQUIRE(m.scaled_ceiling() == 40);
+    ShrinkContext ctx;
+    ctx.failed = 58;
+    ctx.minimum = 1;
+    ctx.requested = 256;
+    ctx.global_batch = 256;
+    CHECK(ShrinkPolicy::bisect().after_failure(ctx, m).size == 49);
+    CHECK(ShrinkPolicy::bisect().after_success(40, 256, 256, m).size == 55);
 }

@@ -652,11 +652,6 @@ private:
         if (pending_failure_ != 0 && o.full_done > 0) {
             plan_.micro_batch = jump_size(o);
             segment_ = search_segment();
-            // One micro-batch at the fitted size first: it is a fourth point,
-            // measured where the plan runs, and the refit over it (the line's
-            // real scatter instead of the assumed one) may jump again for the
-            // rest of the batch.
-            if (segment_ == 0 && model_.predicted != 0 && model_.predicted == plan_.micro_batch) segment_ = 1;
         } else if (o.full_done > 0) {
             std::size_t const next = probe_after(ran.micro_batch);
             bool const blind = model_.predicted != next;  // a probe past what the fit can tell
@@ -963,7 +958,6 @@ private:
         return o.available;
     }
 
-    // The pieces a short remainder runs in under the current plan (0: whole).
     // The pieces a short remainder runs in under the current plan (0: whole).
     std::size_t tail() const noexcept { return tail_for(plan_); }
     std::size_t tail_for(Plan const& p) const noexcept {

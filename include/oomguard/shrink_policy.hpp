@@ -419,7 +419,7 @@ private:
         // a failure scaled by how far it went over puts the limit, when lower.
         std::size_t hi = ctx.failed;
         std::size_t const scaled = model.scaled_ceiling();
-        if (scaled != 0 && scaled + 1 < hi && scaled + 1 > lo) hi = scaled + 1;
+        if (scaled > lo && scaled + 1 < hi) hi = scaled + 1;  // (at or below lo: expired, as in after_success)
         std::size_t mid = lo + (hi - lo) / 2;
         return mid > lo ? mid : lo;
     }
