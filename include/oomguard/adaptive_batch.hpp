@@ -261,8 +261,6 @@ struct converts_without_narrowing<R, T, std::void_t<decltype(T{std::declval<R>()
 template <class B>
 std::true_type is_budget_test(MemoryBudget<B> const*);
 std::false_type is_budget_test(void const*);
-// A meter: the members measure_with reads (returning any integer type), and not
-// a MemoryBudget (or one derived from it): measure_with(MemoryBudget&) is its own.
 // Whether a meter's used() counts what the registered caches hold: its own
 // `bool counts_cached() const` when it has one, else true.
 template <class M, class = void>
@@ -277,6 +275,8 @@ bool meter_counts_cached(M const& m) {
     else
         return true;
 }
+// A meter: the members measure_with reads (returning any integer type), and not
+// a MemoryBudget (or one derived from it): measure_with(MemoryBudget&) is its own.
 template <class M>
 struct is_meter
     : std::integral_constant<bool, has_meter_members<M>::value &&
