@@ -952,28 +952,3 @@ TEST_CASE("predictive: a commit that leaves more held (an optimizer's state) re-
     good.after_commit = 200;
     CHECK(b.on_attempt(good).to.micro_batch == 64);
 }
-
-TEST_CASE("predictive: a restarted run's first commit adds back the state its restored model already holds") {
-    // Restored from a PlanCache at 64 with a base of 250 (the optimizer's
-    // state, measured in the run that saved it; 64 held over it there). The
-    // restarted process begins with nothing held, and its first commit adds
-    // the 250 again: no growth over the base the model plans with, so 64 stays.
-    BatchOptions o = options(256, 128);
-    o.policy = ShrinkPolicy::predictive();
-    RecoveryPlanner p(o);
-    LearnedPlan l;
-    l.plan = p.plan();
-    l.plan.micro_batch = 64;
-    l.model.observe(16, 200);
-    l.model.observe(32, 400);
-    l.model.limit = 1000;
-    l.model.base = 250;
-    l.model.has_base = true;
-    p.restore(l);
-    p.begin_batch();
-    Observation good = done(4, 800);
-    good.limit = 1000;
-    good.first_base = 0;
-    good.after_commit = 250;
-    CHECK(p.on_attempt(good).to.micro_batch == 64);
-}

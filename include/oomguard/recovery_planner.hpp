@@ -556,7 +556,6 @@ private:
     // Records what an attempt measured, once, into the model.
     void record(Observation const& o) noexcept {
         Plan const ran = attempt_.plan;
-        planned_base_ = model_.has_base ? model_.base : Observation::unknown;
         if (o.limit != 0) model_.limit = o.limit;
         if (o.first_base != Observation::unknown) {
             model_.base = o.first_base;
@@ -721,14 +720,8 @@ private:
             // against the fit over the new base, and plans the fitted size
             // when the size no longer fits -- not a probe above it, and not
             // the two OOMs that would take.
-            // (Over the base the model planned with: a model restored from a
-            // PlanCache already holds the state a restarted run's first commit
-            // adds again.)
-            std::size_t before = o.first_base;
-            if (planned_base_ != Observation::unknown && (before == Observation::unknown || planned_base_ > before))
-                before = planned_base_;
-            bool const grew =
-                o.after_commit != Observation::unknown && before != Observation::unknown && o.after_commit > before;
+            bool const grew = o.after_commit != Observation::unknown && o.first_base != Observation::unknown &&
+                              o.after_commit > o.first_base;
             std::size_t fit = 0;
             if (grew && policy_.kind() == ShrinkPolicy::Kind::predictive && model_.distinct_sizes() >= 2 &&
                 !model_.prediction_failed &&
@@ -1052,7 +1045,6 @@ private:
     bool release_retried_ = false;    // the retry after a release was used for this size
     unsigned commit_retries_ = 0;     // transient retries of a commit that ran out of memory
     bool commit_shrunk_ = false;      // the size was shrunk once for a commit that ran out of memory
-    std::size_t planned_base_ = 0;    // the model's base before the last observation (unknown: none)
     std::size_t rescued_ = 0;         // a size that failed by its own need and was retried after a release
     std::size_t rescued_cut_ = 0;     // that size scaled by reach / need (0: not measured)
     // Across global batches: the size whose batches committed only after such a retry, and how many in a row.
