@@ -924,31 +924,3 @@ TEST_CASE("bisect: a scaled ceiling at or below the size that held has expired, 
     CHECK(ShrinkPolicy::bisect().after_failure(ctx, m).size == 49);
     CHECK(ShrinkPolicy::bisect().after_success(40, 256, 256, m).size == 55);
 }
-
-TEST_CASE("predictive: a commit that leaves more held (an optimizer's state) re-checks the size against the fit") {
-    // 12.5 bytes a sample over nothing held, limit 1000. 64 held its batch
-    // (800), then the first optimizer step left 200 held: over that, 64 needs
-    // 1000, beyond the margin. The next batch plans the fitted size, not 64
-    // (and not a probe above it): the OOMs it would take are the fit's to spare.
-    RecoveryPlanner p = restored_at_64(ShrinkPolicy::predictive());
-    p.begin_batch();
-    Observation good = done(4, 800);
-    good.limit = 1000;
-    good.first_base = 0;
-    good.after_commit = 200;
-    Decision d = p.on_attempt(good);
-    REQUIRE(d.action == PlanAction::commit);
-    CHECK(d.to.micro_batch < 64);
-    CHECK(d.to.micro_batch >= 60);  // (1000 * 0.99 - 200) / 12.5 = 63, under the scatter's margin
-    CHECK(p.model().predicted == d.to.micro_batch);
-    // The same commit with nothing new held keeps 64.
-    RecoveryPlanner q = restored_at_64(ShrinkPolicy::predictive());
-    q.begin_batch();
-    good.after_commit = 0;
-    CHECK(q.on_attempt(good).to.micro_batch == 64);
-    // Bisection reads no fit: it keeps the size (its first OOM tells).
-    RecoveryPlanner b = restored_at_64(ShrinkPolicy::bisect());
-    b.begin_batch();
-    good.after_commit = 200;
-    CHECK(b.on_attempt(good).to.micro_batch == 64);
-}

@@ -714,23 +714,6 @@ private:
             // Bisection and predictive probe upward here, at the start of the next
             // global batch, where a failure costs no completed micro-batch.
             next = probe_after(ran.micro_batch);
-            // The commit left more held than the batch began with (an
-            // optimizer's state on its first step): the size that just held ran
-            // over less than every later batch will. Predictive checks it
-            // against the fit over the new base, and plans the fitted size
-            // when the size no longer fits -- not a probe above it, and not
-            // the two OOMs that would take.
-            bool const grew = o.after_commit != Observation::unknown && o.first_base != Observation::unknown &&
-                              o.after_commit > o.first_base;
-            std::size_t fit = 0;
-            if (grew && policy_.kind() == ShrinkPolicy::Kind::predictive && model_.distinct_sizes() >= 2 &&
-                !model_.prediction_failed &&
-                model_.largest_fitting(opt_.global_batch, model_.high != 0 ? model_.high : opt_.micro_batch + 1,
-                                       opt_.min_micro_batch, policy_.margin(), false, fit) &&
-                fit < ran.micro_batch) {
-                next = fit;
-                model_.predicted = fit;
-            }
         }
         if (next > ran.micro_batch)
             raised_from_ = ran.micro_batch;
