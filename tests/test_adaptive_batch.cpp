@@ -1264,19 +1264,16 @@ TEST_CASE("measured, a release that frees only what the failed micro-batch left 
     Budget budget(gpus, 0, Limit::unlimited());
     CacheRegistry reg;
     std::vector<Buffer> cached;
-    auto r = reg.add(
-        "step's pool", 0,
-        [&] {
-            std::size_t n = 0;
-            for (auto const& b : cached) n += b.size();
-            return n;
-        },
-        [&] {
-            std::size_t n = 0;
-            for (auto const& b : cached) n += b.size();
-            cached.clear();
-            return n;
-        });
+    auto held = [&] {
+        std::size_t n = 0;
+        for (auto const& b : cached) n += b.size();
+        return n;
+    };
+    auto r = reg.add("step's pool", 0, held, [&] {
+        std::size_t const n = held();
+        cached.clear();
+        return n;
+    });
     BatchOptions o;
     o.global_batch = 64;
     o.policy = ShrinkPolicy::bisect();

@@ -850,6 +850,18 @@ TEST_CASE("planner: a size that holds only after a release in two batches in a r
     }
 }
 
+namespace {
+// What a policy is told after `failed` failed (G and the requested size 256, minimum 1).
+ShrinkContext failed_at(std::size_t failed) {
+    ShrinkContext ctx;
+    ctx.failed = failed;
+    ctx.minimum = 1;
+    ctx.requested = 256;
+    ctx.global_batch = 256;
+    return ctx;
+}
+}  // namespace
+
 TEST_CASE("predictive: no probe past where a failure, scaled by how far it went over, puts the limit") {
     // 12.5 bytes a sample over nothing held, a limit of 1000; 80 failed
     // needing 1100: scaled, the limit is at 80 * 1000 / 1100 = 72. The lucky
@@ -870,12 +882,7 @@ TEST_CASE("predictive: no probe past where a failure, scaled by how far it went 
     // 40 holding, the midpoint of [40, 73), not of [40, 80).
     m.low = 40;
     CHECK(ShrinkPolicy::bisect().after_success(40, 256, 256, m).size == 56);
-    ShrinkContext ctx;
-    ctx.failed = 80;
-    ctx.minimum = 1;
-    ctx.requested = 256;
-    ctx.global_batch = 256;
-    CHECK(ShrinkPolicy::bisect().after_failure(ctx, m).size == 56);
+    CHECK(ShrinkPolicy::bisect().after_failure(failed_at(80), m).size == 56);
     // At or above the scaled ceiling, a size held: the estimate was low (a
     // need measured over an older base counts twice what is held now), and
     // it expires -- bisection goes on toward the failure itself.
@@ -916,11 +923,6 @@ TEST_CASE("bisect: a scaled ceiling at or below the size that held has expired, 
     m.low = 40;
     m.high = 70;
     REQUIRE(m.scaled_ceiling() == 40);
-    ShrinkContext ctx;
-    ctx.failed = 58;
-    ctx.minimum = 1;
-    ctx.requested = 256;
-    ctx.global_batch = 256;
-    CHECK(ShrinkPolicy::bisect().after_failure(ctx, m).size == 49);
+    CHECK(ShrinkPolicy::bisect().after_failure(failed_at(58), m).size == 49);
     CHECK(ShrinkPolicy::bisect().after_success(40, 256, 256, m).size == 55);
 }
