@@ -921,17 +921,19 @@ TEST_CASE("predictive calibrates inside the retried batch, keeps that work, and 
         },
         [] {}, [&] { ++rollbacks; });
     // 256 fails, needing at least 2660 KiB where 1000 KiB were available: the
-    // calibration sizes are a quarter of what that bound allows, 256 * 1000 /
-    // (4 * 2660) = 24, and half of it. 12 twice (the batch's first micro-batch,
-    // and one after it) and 24 are measured and kept, and the rest of the batch
-    // runs at the fitted size: (980 - 100) / (10 * 1.08) = 81.
+    // first calibration size is half of a quarter of what that bound allows:
+    // 256 * 1000 / (4 * 2660) = 24, halved. 12 runs twice (the batch's first
+    // micro-batch, and one after it); its 220 KiB, scaled to the 1000 KiB a
+    // step may reach, put the second at 0.75 * 12 * 1000 / 220 = 40. All three
+    // are measured and kept, and the rest of the batch runs at the fitted
+    // size: (980 - 100) / (10 * 1.08) = 81.
     REQUIRE(sizes.size() >= 5);
     CHECK(sizes[0] == 256);
     CHECK(sizes[1] == 12);
     CHECK(calibration[1]);
     CHECK(sizes[2] == 12);
     CHECK(calibration[2]);
-    CHECK(sizes[3] == 24);
+    CHECK(sizes[3] == 40);
     CHECK_FALSE(calibration[3]);
     CHECK(sizes[4] == 81);
     CHECK(rollbacks == 1);  // only the first, failed attempt

@@ -372,6 +372,28 @@ TEST_CASE("planner table: every action for every kind of observation") {
              return o;
          }(),
          PlanAction::commit, 41, Precision::fp32},
+        {"predictive: the calibration's first size held twice: the second, chosen from what it measured, runs next",
+         [] {
+             BatchOptions o = options(256);
+             o.policy = ShrinkPolicy::predictive();
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             Observation o = metered_oom(256, 0, 0, 2660);  // calibrates at 12 (twice), floor 24
+             o.limit = 1000;
+             REQUIRE(p.on_attempt(o).action == PlanAction::shrink);
+         },
+         [] {
+             Observation o = done(0);
+             o.outcome = Outcome::segment_done;
+             o.calibration_done = true;
+             o.calibration_peak = 220;  // 12 * 1000 / 220 = 54.5, and 0.75 of it
+             o.limit = 1000;
+             o.first_base = 0;
+             return o;
+         }(),
+         PlanAction::continue_batch, 40, Precision::fp32},
     };
     for (auto const& row : rows) {
         CAPTURE(std::string(row.name));
@@ -438,24 +460,39 @@ TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps a
     // and half of it: small enough to fit when 256 was far too big.
     CHECK(p.attempt().calibration == 12);
     CHECK(p.attempt().plan.micro_batch == 24);
-    CHECK(p.attempt().segment == 3);  // 12 twice (first, and over what the first left), 24, then look again
+    CHECK(p.attempt().segment == 2);  // 12 twice (first, and over what the first left), then look again
     CHECK(p.attempt().planned(0) == 12);
     CHECK(p.attempt().planned(1) == 12);
-    CHECK(p.attempt().planned(2) == 24);
-    Observation cal = done(1, bytes(24));
+    Observation c1 = done(0);
+    c1.outcome = Outcome::segment_done;
+    c1.calibration_done = true;
+    c1.calibration_peak = bytes(12);
+    c1.available = 1000 * 1024;
+    c1.limit = 1000 * 1024;  // nothing held between steps: all of it is the step's
+    c1.first_base = 0;
+    d = p.on_attempt(c1);
+    CHECK(d.action == PlanAction::continue_batch);
+    CHECK(d.from.micro_batch == 24);
+    // The second size from what 12 measured: 12's 220 KiB scaled through the
+    // origin to 1000 KiB allows 54 (its fixed 100 KiB makes that an under-
+    // estimate of the 90 that fit); 0.75 of it, under half of what the
+    // failure's bound allows (256 * 1000 / 2660 / 2 = 48).
+    CHECK(d.to.micro_batch == 40);
+    CHECK(p.attempt().number == 2);   // the same attempt goes on: nothing failed
+    CHECK(p.attempt().segment == 1);  // one micro-batch at 40, then look again
+    CHECK(p.attempt().calibration == 0);
+    Observation cal = done(1, bytes(40));
     cal.outcome = Outcome::segment_done;
-    cal.calibration_done = true;
-    cal.calibration_peak = bytes(12);
     cal.available = 1000 * 1024;
-    cal.limit = 1000 * 1024;  // nothing held between steps: all of it is the step's
+    cal.limit = 1000 * 1024;
     cal.first_base = 0;
     d = p.on_attempt(cal);
     CHECK(d.action == PlanAction::continue_batch);
-    CHECK(d.from.micro_batch == 24);
+    CHECK(d.from.micro_batch == 40);
     // (1000 * 0.98 - 100) / (10 * (1 + 2 * 4 %)): two points cannot tell their
     // scatter, so the fit assumes real steps' 4 % until a third point does.
     CHECK(d.to.micro_batch == 81);
-    CHECK(p.attempt().number == 2);   // the same attempt goes on: nothing failed
+    CHECK(p.attempt().number == 2);
     CHECK(p.attempt().segment == 0);  // to the end of the global batch
     CHECK(p.attempt().calibration == 0);
     d = p.on_attempt(done(2, bytes(81)));
@@ -464,6 +501,85 @@ TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps a
     // Three points on one line: no scatter left, so the next batch starts at
     // (1000 * 0.98 - 100) / 10 = 88.
     CHECK(d.to.micro_batch == 88);
+}
+
+TEST_CASE("predictive: the calibration's second size comes from what the first measured, within its caps") {
+    ShrinkPolicy const pol = ShrinkPolicy::predictive(0.02);
+    StepModel m;
+    m.observe(12, 220 * 1024);  // c1 = 12 measured: 100 KiB fixed + 10 KiB a sample
+    ShrinkContext ctx;
+    ctx.failed = 256;
+    ctx.minimum = 1;
+    ctx.available_bytes = 1000 * 1024;
+    // 12 * 1000 / 220 = 54.5 through the origin (90 fit: the fixed cost makes it
+    // an under-estimate); 0.75 of it.
+    CHECK(pol.second_calibration(ctx, m, 12, 24) == 40);
+    SUBCASE("at most half the failed (or requested) size") {
+        ctx.failed = 61;
+        CHECK(pol.second_calibration(ctx, m, 12, 24) == 30);
+        ctx.failed = 81;
+        CHECK(pol.second_calibration(ctx, m, 12, 24) == 40);  // 40.5: the scaled size is the smaller
+    }
+    SUBCASE("at most half of what the failed size's own bound allows") {
+        m.bound(256, 4000 * 1024);  // 256 needed at least 4000 KiB: no more than 64 fit
+        CHECK(pol.second_calibration(ctx, m, 12, 24) == 32);
+        StepModel other;
+        other.observe(12, 220 * 1024);
+        other.bound(300, 4000 * 1024);  // another size's bound says nothing of this failure
+        CHECK(pol.second_calibration(ctx, other, 12, 24) == 40);
+    }
+    SUBCASE("never below the floor, which is all there is without a measurement") {
+        CHECK(pol.second_calibration(ctx, m, 12, 41) == 41);
+        CHECK(pol.second_calibration(ctx, m, 13, 24) == 24);  // 13 was not measured
+        ctx.available_bytes = 0;
+        CHECK(pol.second_calibration(ctx, m, 12, 24) == 24);
+        CHECK(pol.second_calibration(ctx, StepModel{}, 0, 24) == 24);
+    }
+}
+
+TEST_CASE("planner: a transient OOM at the calibration's first size runs it again, then still chooses the second") {
+    BatchOptions o = options(256);
+    o.policy = ShrinkPolicy::predictive(0.02);
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    auto bytes = [](std::size_t m) { return (100 + 10 * m) * 1024; };
+    Observation first = oom(256);
+    first.need = bytes(256);
+    first.available = 1000 * 1024;
+    REQUIRE(p.on_attempt(first).action == PlanAction::shrink);
+    REQUIRE(p.attempt().calibration == 12);
+    REQUIRE(p.attempt().segment == 2);
+    // The second micro-batch at 12 fails with what it held and asked for well
+    // within reach: a transient, retried as the same segment.
+    Observation blip = oom(12);
+    blip.need = 300 * 1024;
+    blip.limit = 1000 * 1024;
+    blip.first_base = 0;
+    Decision d = p.on_attempt(blip);
+    CHECK(d.action == PlanAction::retry_same);
+    CHECK(p.attempt().calibration == 12);
+    CHECK(p.attempt().segment == 2);
+    CHECK(p.attempt().plan.micro_batch == 24);  // the floor of the second size, until 12 is measured
+    Observation c1 = done(0);
+    c1.outcome = Outcome::segment_done;
+    c1.calibration_done = true;
+    c1.calibration_peak = bytes(12);
+    c1.limit = 1000 * 1024;
+    c1.first_base = 0;
+    d = p.on_attempt(c1);
+    CHECK(d.action == PlanAction::continue_batch);
+    CHECK(d.to.micro_batch == 40);
+    CHECK(p.attempt().segment == 1);
+    // A short global batch that the calibration's first size ended: that size is the plan.
+    RecoveryPlanner q(o);
+    q.begin_batch(20);
+    REQUIRE(q.on_attempt(first).action == PlanAction::shrink);
+    Observation ended = done(0);
+    ended.calibration_done = true;
+    ended.calibration_peak = bytes(12);
+    d = q.on_attempt(ended);
+    CHECK(d.action == PlanAction::commit);
+    CHECK(d.to.micro_batch == 12);
 }
 
 TEST_CASE("planner: a give-up or an abandoned batch leaves no half-made recovery state") {

@@ -26,7 +26,8 @@
 //      in the next ones while the plan stays
 //   5. above the minimum: shrink by the policy (from the plan's size), measuring
 //      small sizes first when predictive has fewer than two points (a
-//      calibration segment -- c1 twice, then c2 -- whose work is kept)
+//      calibration -- c1 twice, then c2 chosen from what c1 measured -- whose
+//      work is kept)
 //   (an OOM in the commit: up to `transient_retries` retries over the whole
 //    global batch, then one shrink, then on to 6: the commit's own memory
 //    hardly follows the micro-batch)
@@ -85,9 +86,11 @@ struct BatchOptions {
     };
     /// Where the first global batch starts. `calibrate` runs, before any OOM,
     /// the calibration micro-batches the predictive policy runs after one (two
-    /// at c1, one at c2 = a sixteenth of `micro_batch`, at least twice
-    /// min_micro_batch and min_micro_batch + 1; c1 = c2 / 2, at least
-    /// min_micro_batch; none when c2 is not below `micro_batch`), fits the step's line to what the
+    /// at c1 = half a sixteenth of `micro_batch`, at least min_micro_batch;
+    /// then one at c2, chosen from what c1 measured by
+    /// ShrinkPolicy::second_calibration, at least a sixteenth of `micro_batch`,
+    /// twice min_micro_batch and min_micro_batch + 1; none when that sixteenth
+    /// is not below `micro_batch`), fits the step's line to what the
     /// meter measured and runs the rest of the batch at the largest size the
     /// fit allows under the predictive margin: the first OOM then comes only
     /// when the fit is wrong. Their work is kept: the result is the same. It
@@ -648,6 +651,19 @@ private:
 
     Decision jumped(Observation const& o) {
         Plan const ran = attempt_.plan;
+        if (second_pending_ && pending_failure_ != 0 && o.calibration_done) {
+            // The calibration's first size held (twice): its second, chosen
+            // from what the first measured (no smaller than the one planned
+            // before it), runs as a segment of its own.
+            plan_.micro_batch = policy_.second_calibration(context(pending_failure_, reach(o)), model_,
+                                                           attempt_.calibration, plan_.micro_batch);
+            second_pending_ = false;
+            calibration_ = 0;
+            segment_ = 1;
+            attempt_ = Attempt{plan_, 0, attempt_.number, segment_, tail()};
+            return Decision{PlanAction::continue_batch, ran, plan_, ""};
+        }
+        second_pending_ = false;
         segment_ = 0;
         if (pending_failure_ != 0 && o.full_done > 0) {
             plan_.micro_batch = jump_size(o);
@@ -735,6 +751,7 @@ private:
     Decision next_rung(Plan const& ran, std::size_t failed, bool transient, Observation const& o) {
         first_fit_ = false;
         calibration_ = 0;
+        second_pending_ = false;
         segment_ = 0;
         search_ = false;
         if (growing_ != Growing::none) {  // the grow-back did not hold: back to the last good plan, wait longer
@@ -845,10 +862,12 @@ private:
             std::size_t c1 = 0, c2 = 0;
             if (policy_.wants_calibration(ctx, model_, c1, c2)) {
                 // Measure two small sizes inside the retried batch itself: two
-                // micro-batches at c1, then one at c2; their work is kept, and
-                // the rest of the batch jumps to the fitted size.
+                // micro-batches at c1, then (jumped()) one at c2, chosen from
+                // what c1 measured; their work is kept, and the rest of the
+                // batch jumps to the fitted size.
                 calibration_ = c1;
-                segment_ = 3;  // c1 twice (the first micro-batch, and one over what it left), then c2
+                segment_ = 2;  // c1 twice (the first micro-batch, and one over what it left), then c2
+                second_pending_ = true;
                 pending_failure_ = failed;
                 plan_.micro_batch = c2;
             } else {
@@ -909,8 +928,9 @@ private:
     }
 
     // The first global batch measures before it fails: two micro-batches at
-    // c1, one at c2, then the rest at the fitted size (as after a failure of
-    // a size one above the requested one).
+    // c1, one at c2 (at least the sixteenth planned here, chosen once c1 is
+    // measured), then the rest at the fitted size (as after a failure of a
+    // size one above the requested one).
     void begin_calibration() noexcept {
         calibrate_pending_ = false;
         if (model_.distinct_sizes() >= 2) return;
@@ -922,11 +942,12 @@ private:
         std::size_t const c1 = c2 / 2 > opt_.min_micro_batch ? c2 / 2 : opt_.min_micro_batch;
         if (c2 >= requested) return;  // too small a batch to measure apart
         calibration_ = c1;
-        segment_ = 3;
+        segment_ = 2;
+        second_pending_ = true;
         pending_failure_ = requested + 1;
         first_fit_ = true;
         plan_.micro_batch = c2;
-        attempt_ = Attempt{plan_, c1, 1, 3, tail()};
+        attempt_ = Attempt{plan_, c1, 1, 2, tail()};
     }
 
     void require_failover_pending(char const* what) const {
@@ -946,6 +967,7 @@ private:
                 calibration_ = 0;
                 segment_ = 1;
             }
+            second_pending_ = calibration_ != 0;  // c1 again, then c2 chosen from it
         }
         return Decision{PlanAction::retry_same, ran, plan_, ""};
     }
@@ -994,6 +1016,7 @@ private:
         release_retried_ = false;
         pending_failure_ = 0;
         calibration_ = 0;
+        second_pending_ = false;
         segment_ = 0;
         commit_retries_ = 0;
         commit_shrunk_ = false;
@@ -1046,6 +1069,7 @@ private:
     std::size_t calibration_ = 0;     // the next attempt's calibration size
     std::size_t segment_ = 0;         // the next attempt's segment (0: to the end of the batch)
     bool calibrate_pending_ = false;  // the next global batch calibrates first (BatchOptions::start)
+    bool second_pending_ = false;     // the calibration's c1 runs now; c2 (at least plan_'s size) is chosen after it
     bool first_fit_ = false;          // the calibration under way was not asked for by a failure
     std::size_t first_fit_size_ = 0;  // the size a calibrated start's fit chose, until it holds or fails
 };

@@ -409,6 +409,37 @@ public:
         return c2 < ctx.failed;
     }
 
+    /// The calibration's second size, chosen once its first size `c1` has run
+    /// (twice) and is a point of `model`: the line's slope is read off two
+    /// points, and the farther apart they are, the less a few percent of
+    /// scatter at each tilts where the line reaches the limit. `c1`'s peak over
+    /// what the batch began with, scaled through the origin to all a step may
+    /// reach (`ctx.available_bytes`), under-estimates the largest size that
+    /// fits (a step's fixed costs weigh most at small sizes): the second size
+    /// is 0.75 of that, and no more than half the size whose failure (or
+    /// request) asked for the calibration, nor than half of what that
+    /// failure's own lower bound allows. Never below `floor` (the size
+    /// wants_calibration chose before anything was measured). Returns `floor`
+    /// when `c1` was not measured or nothing is known of the reach.
+    std::size_t second_calibration(ShrinkContext const& ctx, StepModel const& model, std::size_t c1,
+                                   std::size_t floor) const noexcept {
+        std::size_t peak = 0;
+        for (std::size_t i = 0; i < model.n_points; ++i)
+            if (model.points[i].m == c1) peak = model.points[i].bytes;
+        if (peak == 0 || ctx.available_bytes == 0 || c1 == 0) return floor;
+        double const reach = static_cast<double>(ctx.available_bytes);
+        double cap = static_cast<double>(ctx.failed / 2);
+        for (std::size_t i = 0; i < model.n_bounds; ++i) {
+            if (model.bounds[i].m != ctx.failed || model.bounds[i].bytes == 0) continue;
+            double const allowed = static_cast<double>(ctx.failed) * reach / static_cast<double>(model.bounds[i].bytes);
+            if (allowed / 2 < cap) cap = allowed / 2;
+        }
+        double c2 = 0.75 * static_cast<double>(c1) * reach / static_cast<double>(peak);
+        if (c2 > cap) c2 = cap;
+        auto const chosen = static_cast<std::size_t>(c2);
+        return chosen > floor ? chosen : floor;
+    }
+
 private:
     explicit ShrinkPolicy(Kind k) : kind_(k) {}
 
