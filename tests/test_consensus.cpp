@@ -629,8 +629,8 @@ TEST_CASE("resume under consensus: every rank keeps the same micro-batches; with
     CHECK(std::string(outcome_of(errors[1])) == "logic_error");
 }
 
-// docs/data_parallel.md quotes the ballot's size (47 integers, 376 bytes per round).
-static_assert(detail::Ballot::count == 47, "update the consensus cost in docs/data_parallel.md");
+// docs/data_parallel.md quotes the ballot's size (48 integers, 384 bytes per round).
+static_assert(detail::Ballot::count == 48, "update the consensus cost in docs/data_parallel.md");
 
 TEST_CASE("a short remainder's failure on one rank does not hide another rank's full-size failure") {
     // G = 10 at m = 8: micro-batches of 8 and 2. Rank 1 fails in its first (8,

@@ -582,6 +582,66 @@ TEST_CASE("planner: a transient OOM at the calibration's first size runs it agai
     CHECK(d.to.micro_batch == 12);
 }
 
+// A predictive planner that calibrated after an OOM at 256 and committed its
+// first batch at 81, with the commit's observation `c`; the step needs
+// 100 KiB + 10 KiB a sample over what the batch began with, 1000 KiB in all.
+Decision first_commit(Observation c) {
+    BatchOptions o = options(256);
+    o.policy = ShrinkPolicy::predictive(0.02);
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    auto bytes = [](std::size_t m) { return (100 + 10 * m) * 1024; };
+    Observation first = oom(256);
+    first.need = bytes(256);
+    first.available = 1000 * 1024;
+    REQUIRE(p.on_attempt(first).action == PlanAction::shrink);
+    Observation c1 = done(0);
+    c1.outcome = Outcome::segment_done;
+    c1.calibration_done = true;
+    c1.calibration_peak = bytes(12);
+    c1.limit = 1000 * 1024;
+    c1.first_base = 0;
+    REQUIRE(p.on_attempt(c1).to.micro_batch == 40);
+    Observation c2 = done(1, bytes(40));
+    c2.outcome = Outcome::segment_done;
+    c2.limit = 1000 * 1024;
+    c2.first_base = 0;
+    REQUIRE(p.on_attempt(c2).to.micro_batch == 81);
+    c.full_done = 2;
+    c.full_peak = bytes(81);
+    c.full_later = true;
+    c.limit = 1000 * 1024;
+    c.first_base = 0;
+    return p.on_attempt(c);
+}
+
+TEST_CASE("planner: the first commit that adds optimizer state plans the next batch over it, not into an OOM") {
+    // Without growth, three points on one line: (1000 * 0.98 - 100) / 10 = 88.
+    CHECK(first_commit(Observation{}).to.micro_batch == 88);
+    Observation c;
+    c.commit_growth = 0;
+    CHECK(first_commit(c).to.micro_batch == 88);
+    SUBCASE("the commit added 100 KiB (Adam's moments): the next batch is planned over them") {
+        c.commit_growth = 100 * 1024;
+        c.after_commit = 100 * 1024;
+        Decision d = first_commit(c);
+        CHECK(d.action == PlanAction::commit);
+        CHECK(d.to.micro_batch == 78);  // (980 - 100 - 100) / 10
+        CHECK(d.from.micro_batch == 81);
+    }
+    SUBCASE("gradients kept across the commit count once: over the commit's growth, not all it left held") {
+        c.commit_growth = 100 * 1024;
+        c.after_commit = 400 * 1024;  // 300 KiB of them were held before the commit too
+        CHECK(first_commit(c).to.micro_batch == 78);  // not (980 - 100 - 400) / 10 = 48
+    }
+    SUBCASE("a size the line still puts within the limit itself is not planned down for a margin") {
+        c.commit_growth = 20 * 1024;  // 20 + 100 + 880 = 1000 KiB at 88: exactly the limit
+        CHECK(first_commit(c).to.micro_batch == 88);
+        c.commit_growth = 21 * 1024;  // 1 KiB over at 88: the raise past 81, which still fits, waits
+        CHECK(first_commit(c).to.micro_batch == 81);
+    }
+}
+
 TEST_CASE("planner: a give-up or an abandoned batch leaves no half-made recovery state") {
     BatchOptions o = options(64);
     o.max_attempts = 3;

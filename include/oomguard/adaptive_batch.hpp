@@ -788,6 +788,9 @@ private:
                 continue;
             }
             if (!t.any(Ballot::any_oom)) {
+                Meter const* commit_meter = meter_for(at.plan.device);
+                std::size_t const before =
+                    commit_meter != nullptr ? beyond_caches(*commit_meter, commit_meter->used(commit_meter->object)) : 0;
                 try {
                     commit();
                 } catch (...) {
@@ -800,14 +803,18 @@ private:
                 Meter const* meter = l.commit_oom ? nullptr : meter_for(at.plan.device);
                 std::size_t const after = meter != nullptr ? beyond_caches(*meter, meter->used(meter->object)) : 0;
                 obs.after_commit = meter != nullptr ? after : Observation::unknown;
+                std::size_t const growth = after > before ? after - before : 0;
+                obs.commit_growth = meter != nullptr ? growth : Observation::unknown;
                 bool any_commit_oom = l.commit_oom;
                 if (consensus_.all_min != nullptr) {
                     Ballot b(serial_, phase_commit);
                     b.set_any(Ballot::any_commit_oom, l.commit_oom);
                     b.set_all(Ballot::all_commit_oom, l.commit_oom);
                     b.set_held(Ballot::after_commit, after, meter != nullptr);
+                    b.set_held(Ballot::commit_growth, growth, meter != nullptr);
                     Ballot c = agree(b);
                     obs.after_commit = c.held(Ballot::after_commit, Observation::unknown);
+                    obs.commit_growth = c.held(Ballot::commit_growth, Observation::unknown);
                     any_commit_oom = c.any(Ballot::any_commit_oom);
                     if (any_commit_oom && !c.all(Ballot::all_commit_oom)) {
                         if (l.commit_oom) {  // this rank's commit failed: undo what it accumulated, then leave

@@ -221,6 +221,12 @@ struct Observation {
     std::size_t first_base = unknown;
     std::size_t limit = 0;             ///< held + available when the attempt began (the least; 0: unknown)
     std::size_t after_commit = unknown;  ///< held after the commit returned (the most)
+    /// Bytes the commit itself added to what is held: held after it returned
+    /// less held when it began (0 when it freed as much as it added; the most
+    /// over the ranks; unknown: not measured). An optimizer's state appearing
+    /// at its first step. Not the gradients the commit may keep: they were
+    /// held before it too, and the fitted points already hold them.
+    std::size_t commit_growth = unknown;
 };
 
 /// What the planner decided.
@@ -603,6 +609,31 @@ private:
         return n.size;
     }
 
+    // When the line through the measured points alone puts `m` over the limit
+    // itself over `base` + `growth`: the largest size below it that the
+    // fitted line (its bounds, the policy's margin and twice the scatter
+    // included) puts under the limit there. Else `m` (also when the line
+    // cannot tell): a size that holds is not planned down for a margin, nor
+    // for a failure's bound taken over an older base (gradients a failed
+    // micro-batch allocated and that stayed).
+    std::size_t fit_over(std::size_t m, std::size_t base, std::size_t growth) const noexcept {
+        if (m <= opt_.min_micro_batch || growth > static_cast<std::size_t>(-1) - base) return m;
+        StepModel over = model_;
+        over.base = base + growth;
+        over.has_base = true;
+        if (over.limit <= over.base) return m;
+        StepModel points = over;
+        points.n_bounds = 0;
+        StepModel::Line const central = points.fit();
+        if (!central.ok) return m;
+        double const room = static_cast<double>(over.limit - over.base);
+        if (central.a + central.b * static_cast<double>(m) <= room * (1.0 + 1e-9)) return m;  // (the fit's rounding)
+        double const margin = policy_.kind() == ShrinkPolicy::Kind::predictive ? policy_.margin() : 0.01;
+        std::size_t fits = m;
+        if (!over.largest_fitting(0, m, opt_.min_micro_batch, margin, false, fits)) return m;
+        return fits < m ? fits : m;
+    }
+
     // The next size after a success at the attempt's size, by the policy.
     std::size_t probe_after(std::size_t m) {
         ShrinkPolicy::Next n = policy_.after_success(m, opt_.global_batch, opt_.micro_batch, model_);
@@ -695,6 +726,7 @@ private:
     Decision committed(Observation const& o) {
         Plan const ran = attempt_.plan;
         std::size_t next = ran.micro_batch;
+        std::size_t const fitted_base = model_.has_base ? model_.base : 0;  // what this batch's points are over
         // The commit may add what stays (an optimizer's state on its first
         // step): the next global batch begins over what is held now.
         if (o.after_commit != Observation::unknown) {
@@ -730,6 +762,22 @@ private:
             // Bisection and predictive probe upward here, at the start of the next
             // global batch, where a failure costs no completed micro-batch.
             next = probe_after(ran.micro_batch);
+        }
+        // What the commit added stays through the next batch: a size the line
+        // puts over the limit on top of it is planned down now, not failed
+        // first (Adam's moments at the first step). Over the base this batch's
+        // points were measured on plus the commit's own growth -- not over
+        // all that is held after it, which counts gradients the commit kept
+        // twice (the points hold them already).
+        if (o.commit_growth != Observation::unknown && o.commit_growth > 0 && model_.has_base) {
+            std::size_t const over = fit_over(next, fitted_base, o.commit_growth);
+            if (over < next) {
+                // A raise past the size that held waits while that one still
+                // fits over the growth; below it, the line's size.
+                std::size_t const kept = fit_over(ran.micro_batch, fitted_base, o.commit_growth);
+                next = kept == ran.micro_batch && ran.micro_batch < next ? ran.micro_batch : over;
+                model_.predicted = next == ran.micro_batch ? 0 : next;
+            }
         }
         if (next > ran.micro_batch)
             raised_from_ = ran.micro_batch;
