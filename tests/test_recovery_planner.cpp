@@ -640,6 +640,16 @@ TEST_CASE("planner: the first commit that adds optimizer state plans the next ba
         c.commit_growth = 21 * 1024;  // 1 KiB over at 88: the raise past 81, which still fits, waits
         CHECK(first_commit(c).to.micro_batch == 81);
     }
+    SUBCASE("never below the size that held scaled by what the growth leaves of the reach") {
+        // 500 KiB: the line allows (980 - 500 - 100) / 10 = 38. The floor is
+        // 81, the size that held, scaled by what the growth leaves of the
+        // reach: 81 * 500 / 1000 = 40 (88, a raise that never held, scales
+        // nothing: not 44). No line plans below it before a failure says so.
+        c.commit_growth = 500 * 1024;
+        CHECK(first_commit(c).to.micro_batch == 40);
+        c.commit_growth = 1000 * 1024;  // all of the reach: the line cannot plan it; the failure will
+        CHECK(first_commit(c).to.micro_batch == 88);
+    }
 }
 
 TEST_CASE("planner: a give-up or an abandoned batch leaves no half-made recovery state") {
