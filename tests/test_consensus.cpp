@@ -629,6 +629,44 @@ TEST_CASE("resume under consensus: every rank keeps the same micro-batches; with
     CHECK(std::string(outcome_of(errors[1])) == "logic_error");
 }
 
+TEST_CASE("a commit that adds state on one rank only: every rank plans the next batch over the most any added") {
+    // The sharded optimizer state lives on rank 0 (100 KiB from the first
+    // commit); rank 1's commit adds nothing. Both plan 78 after it, over
+    // rank 0's growth: (980 - 100 - 100) / 10 -- and run the same sizes.
+    DataParallel dp(2);
+    RankLog logs[2];
+    std::size_t plans[2][3] = {};
+    std::size_t ooms[2] = {};
+    run_ranks(2, [&](int r) {
+        SimulatedDevices gpus(1, 1000 * KiB);
+        Budget budget(gpus, 0, Limit::unlimited());
+        BatchOptions o;
+        o.global_batch = 256;
+        o.policy = ShrinkPolicy::predictive(0.02);
+        AdaptiveBatch a(o);
+        a.measure_with(budget);
+        a.consensus(dp.group.hook());
+        std::vector<Buffer> state;
+        for (int b = 0; b < 3; ++b) {
+            a.run([&](MicroBatch const& mb) { dp.step(budget, mb, 100 * KiB, 10 * KiB, logs[r]); },
+                  [&] {
+                      if (r == 0 && state.empty()) state.emplace_back(budget, 100 * KiB);
+                  },
+                  [] {});
+            plans[r][b] = a.last_good_plan().micro_batch;
+        }
+        ooms[r] = a.counters().ooms;
+    });
+    CHECK(logs[0].calls == logs[1].calls);
+    for (int r = 0; r < 2; ++r) {
+        CAPTURE(r);
+        CHECK(plans[r][0] == 81);
+        CHECK(plans[r][1] == 78);
+        CHECK(plans[r][2] == 78);
+    }
+    CHECK(ooms[0] == 1);  // the first only
+}
+
 // docs/data_parallel.md quotes the ballot's size (48 integers, 384 bytes per round).
 static_assert(detail::Ballot::count == 48, "update the consensus cost in docs/data_parallel.md");
 

@@ -570,6 +570,18 @@ TEST_CASE("planner: a transient OOM at the calibration's first size runs it agai
     CHECK(d.action == PlanAction::continue_batch);
     CHECK(d.to.micro_batch == 40);
     CHECK(p.attempt().segment == 1);
+    // A short remainder as c2's one micro-batch ends the batch: c2 was not
+    // measured, so the plan is the first size, which was.
+    RecoveryPlanner r(o);
+    r.begin_batch(60);
+    REQUIRE(r.on_attempt(first).action == PlanAction::shrink);
+    REQUIRE(r.on_attempt(c1).to.micro_batch == 40);
+    Observation short_c2 = done(0);
+    short_c2.limit = 1000 * 1024;
+    short_c2.first_base = 0;
+    d = r.on_attempt(short_c2);
+    CHECK(d.action == PlanAction::commit);
+    CHECK(d.to.micro_batch == 12);
     // A short global batch that the calibration's first size ended: that size is the plan.
     RecoveryPlanner q(o);
     q.begin_batch(20);
@@ -639,6 +651,33 @@ TEST_CASE("planner: the first commit that adds optimizer state plans the next ba
         CHECK(first_commit(c).to.micro_batch == 88);
         c.commit_growth = 21 * 1024;  // 1 KiB over at 88: the raise past 81, which still fits, waits
         CHECK(first_commit(c).to.micro_batch == 81);
+    }
+    SUBCASE("a size the line puts over the limit without any growth is not planned down for one") {
+        // A concave step, 100 + 12 m - 0.02 m^2 KiB, measured at 12, 40, 60
+        // and 81; 81 runs at 940.8 KiB under 942, where the line through the
+        // four points (which overshoots at its ends) puts it over 942: the
+        // line's misfit at an edge size, not the growth, is what says so.
+        BatchOptions o = options(256);
+        o.policy = ShrinkPolicy::bisect();
+        RecoveryPlanner p(o);
+        LearnedPlan l;
+        l.plan = p.plan();
+        l.plan.micro_batch = 81;
+        auto concave = [](double m) { return static_cast<std::size_t>((100 + 12 * m - 0.02 * m * m) * 1024); };
+        for (double m : {12.0, 40.0, 60.0}) l.model.observe(static_cast<std::size_t>(m), concave(m));
+        l.model.limit = 942 * 1024;
+        l.model.has_base = true;
+        p.restore(l);
+        p.begin_batch();
+        Observation held = done(2, concave(81));
+        held.limit = 942 * 1024;
+        held.first_base = 0;
+        held.commit_growth = 1024;
+        StepModel line = p.model();
+        line.observe(81, concave(81));
+        StepModel::Line const f = line.fit();
+        REQUIRE(f.a + f.b * 81 > 942.0 * 1024);  // the line's misfit: over the limit before any growth
+        CHECK(p.on_attempt(held).to.micro_batch == 81);
     }
     SUBCASE("never below the size that held scaled by what the growth leaves of the reach") {
         // 500 KiB: the line allows (980 - 500 - 100) / 10 = 38. The floor is

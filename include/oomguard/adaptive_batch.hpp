@@ -117,7 +117,8 @@ struct BatchCounters {
 /// What a BatchEvent reports: a failure caught, a decision of the ladder, or a step boundary.
 enum class BatchEventKind : unsigned char {
     oom_caught, released, retry_same, shrink, precision_change, failover, grow_back, calibration, give_up, commit,
-    jump,  ///< the calibration micro-batches held: the rest of the global batch runs at the fitted size
+    jump,  ///< a segment held and the global batch goes on at another size: the calibration's first size
+           ///< (its second runs next), its second (the rest runs at the fitted size), or a search step with resume
     batch_begin,        ///< a global batch starts (its end is commit or give_up)
     micro_batch_begin,  ///< a micro-batch starts: offset, size
     micro_batch_end,    ///< a micro-batch completed: bytes is its peak over `held`, what it held when it began
@@ -779,7 +780,8 @@ private:
                                "failing: the ranks called sync() a different number of times");
             Observation obs = observation(t, at);
             if (!t.any(Ballot::any_oom) && l.samples_done < G) {
-                // The segment (the calibration micro-batches) held: go on at the fitted size.
+                // The segment held (the calibration's first size, its second,
+                // a search step with resume): go on at the planner's next size.
                 obs.outcome = Observation::Outcome::segment_done;
                 last_observation_ = obs;
                 Decision d = planner_.on_attempt(obs);
@@ -788,22 +790,50 @@ private:
                 continue;
             }
             if (!t.any(Ballot::any_oom)) {
-                Meter const* commit_meter = meter_for(at.plan.device);
-                std::size_t const before =
-                    commit_meter != nullptr ? beyond_caches(*commit_meter, commit_meter->used(commit_meter->object)) : 0;
-                try {
-                    commit();
-                } catch (...) {
-                    if (!is_device_oom(std::current_exception())) throw;
-                    l.commit_oom = true;
-                    capture(std::current_exception(), l.info, l.what);
+                // Measured, the commit's own peak too: what it adds that stays
+                // (an optimizer's state at its first step) is read from it
+                // below, since a commit that frees the gradients as well
+                // leaves less held than the state it added.
+                std::size_t before = 0, before_raw = 0, commit_peak = 0;
+                {
+                    Meter const* cm = meter_for(at.plan.device);
+                    struct Restore {
+                        Meter const* m;
+                        std::size_t v;
+                        ~Restore() {
+                            if (m != nullptr) m->raise(m->object, v);
+                        }
+                    } restore{cm, cm != nullptr ? cm->peak(cm->object) : 0};
+                    if (cm != nullptr) {
+                        before_raw = cm->start(cm->object);
+                        before = beyond_caches(*cm, before_raw);
+                    }
+                    try {
+                        commit();
+                    } catch (...) {
+                        if (!is_device_oom(std::current_exception())) throw;
+                        l.commit_oom = true;
+                        capture(std::current_exception(), l.info, l.what);
+                    }
+                    if (cm != nullptr) commit_peak = cm->peak(cm->object);
                 }
                 // What the commit leaves held is where the next batch begins
                 // (an optimizer's state appears at its first step).
                 Meter const* meter = l.commit_oom ? nullptr : meter_for(at.plan.device);
                 std::size_t const after = meter != nullptr ? beyond_caches(*meter, meter->used(meter->object)) : 0;
                 obs.after_commit = meter != nullptr ? after : Observation::unknown;
-                std::size_t const growth = after > before ? after - before : 0;
+                // What stays: at least what it left held over what it began
+                // with; when it freed the gradients too, what it left over the
+                // batch's first base -- no more than its own peak over its
+                // start (which also holds its temporaries), so that gradients
+                // kept across it are not counted again.
+                std::size_t growth = after > before ? after - before : 0;
+                if (meter != nullptr && batch_base_known_) {
+                    std::size_t const over_batch = after > batch_base_ ? after - batch_base_ : 0;
+                    std::size_t const own_peak = commit_peak > before_raw ? commit_peak - before_raw : 0;
+                    std::size_t const stays = over_batch < own_peak ? over_batch : own_peak;
+                    if (stays > growth) growth = stays;
+                }
                 obs.commit_growth = meter != nullptr ? growth : Observation::unknown;
                 bool any_commit_oom = l.commit_oom;
                 if (consensus_.all_min != nullptr) {

@@ -221,11 +221,13 @@ struct Observation {
     std::size_t first_base = unknown;
     std::size_t limit = 0;             ///< held + available when the attempt began (the least; 0: unknown)
     std::size_t after_commit = unknown;  ///< held after the commit returned (the most)
-    /// Bytes the commit itself added to what is held: held after it returned
-    /// less held when it began (0 when it freed as much as it added; the most
-    /// over the ranks; unknown: not measured). An optimizer's state appearing
-    /// at its first step. Not the gradients the commit may keep: they were
-    /// held before it too, and the fitted points already hold them.
+    /// Bytes the commit added that stay held (the most over the ranks;
+    /// unknown: not measured): an optimizer's state appearing at its first
+    /// step. At least held after it less held when it began; when it also
+    /// freed the gradients, held after it over the batch's first base, but no
+    /// more than its own peak over its start (which holds its temporaries
+    /// too) -- so gradients it keeps, held before it as well and already in
+    /// the fitted points, do not count.
     std::size_t commit_growth = unknown;
 };
 
@@ -609,8 +611,8 @@ private:
         return n.size;
     }
 
-    // When the line through the measured points alone puts `m` over the limit
-    // itself over `base` + `growth`: the largest size below it that the
+    // When the line through the measured points alone puts `m` within the
+    // limit over `base` and over it on top of `growth`: the largest size below it that the
     // fitted line (its bounds, the policy's margin and twice the scatter
     // included) puts under the limit there -- but never below m scaled by
     // what the growth leaves of the reach, m * (reach - growth) / reach, what
@@ -630,8 +632,12 @@ private:
         StepModel::Line const central = points.fit();
         if (!central.ok) return m;
         double const room = static_cast<double>(over.limit - over.base);
-        if (central.a + central.b * static_cast<double>(m) <= room * (1.0 + 1e-9)) return m;  // (the fit's rounding)
         double const reach = static_cast<double>(model_.limit - base);
+        double const need = central.a + central.b * static_cast<double>(m);
+        // (The slack is the fit's rounding.) A size the line already puts over
+        // the limit without the growth is one it does not fit there (a size a
+        // probe found at the edge): the growth is not what would make it fail.
+        if (need <= room * (1.0 + 1e-9) || need > reach * (1.0 + 1e-9)) return m;
         auto const scaled = static_cast<std::size_t>(static_cast<double>(m) * room / reach);
         double const margin = policy_.kind() == ShrinkPolicy::Kind::predictive ? policy_.margin() : 0.01;
         std::size_t fits = 0;
@@ -760,9 +766,11 @@ private:
         } else if (pending_failure_ != 0 && o.full_done > 0) {
             next = jump_size(o);  // the calibration segment ended the batch: jump at the next
         } else if (pending_failure_ != 0) {
-            // A short remainder ended the segment before its second size ran:
-            // only the calibration size is measured.
+            // A short remainder ended the calibration before its second size
+            // ran whole (in c1's segment, or as c2's one micro-batch): only
+            // the first size is measured.
             if (attempt_.calibration != 0 && o.calibration_done) next = attempt_.calibration;
+            if (attempt_.calibration == 0 && calibrated_c1_ != 0) next = calibrated_c1_;
             pending_failure_ = 0;
         } else if (o.full_done > 0) {
             // Bisection and predictive probe upward here, at the start of the next
@@ -921,6 +929,7 @@ private:
                 // what c1 measured; their work is kept, and the rest of the
                 // batch jumps to the fitted size.
                 calibration_ = c1;
+                calibrated_c1_ = c1;
                 segment_ = 2;  // c1 twice (the first micro-batch, and one over what it left), then c2
                 second_pending_ = true;
                 pending_failure_ = failed;
@@ -997,6 +1006,7 @@ private:
         std::size_t const c1 = c2 / 2 > opt_.min_micro_batch ? c2 / 2 : opt_.min_micro_batch;
         if (c2 >= requested) return;  // too small a batch to measure apart
         calibration_ = c1;
+        calibrated_c1_ = c1;
         segment_ = 2;
         second_pending_ = true;
         pending_failure_ = requested + 1;
@@ -1021,6 +1031,14 @@ private:
             if (opt_.resume && attempt_.calibration != 0 && o.calibration_done) {  // kept: only c2 is left
                 calibration_ = 0;
                 segment_ = 1;
+            }
+            // c2's segment retried from the batch's start (no resume, or a
+            // commit's OOM, keeps nothing): c1 runs again before it, twice,
+            // or c2 would run first and measure only a bound.
+            bool const kept = opt_.resume && o.outcome != Observation::Outcome::commit_oom;
+            if (calibration_ == 0 && calibrated_c1_ != 0 && !kept) {
+                calibration_ = calibrated_c1_;
+                segment_ = 2;
             }
             second_pending_ = calibration_ != 0;  // c1 again, then c2 chosen from it
         }
@@ -1072,6 +1090,7 @@ private:
         pending_failure_ = 0;
         calibration_ = 0;
         second_pending_ = false;
+        calibrated_c1_ = 0;
         segment_ = 0;
         commit_retries_ = 0;
         commit_shrunk_ = false;
@@ -1124,7 +1143,8 @@ private:
     std::size_t calibration_ = 0;     // the next attempt's calibration size
     std::size_t segment_ = 0;         // the next attempt's segment (0: to the end of the batch)
     bool calibrate_pending_ = false;  // the next global batch calibrates first (BatchOptions::start)
-    bool second_pending_ = false;     // the calibration's c1 runs now; c2 (at least plan_'s size) is chosen after it
+    bool second_pending_ = false;
+    std::size_t calibrated_c1_ = 0;  // the calibration's first size, while pending_failure_ (to run it again)     // the calibration's c1 runs now; c2 (at least plan_'s size) is chosen after it
     bool first_fit_ = false;          // the calibration under way was not asked for by a failure
     std::size_t first_fit_size_ = 0;  // the size a calibrated start's fit chose, until it holds or fails
 };
