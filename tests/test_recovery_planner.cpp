@@ -444,17 +444,42 @@ TEST_CASE("planner: a failed size that is not a planned size of the attempt is a
     CHECK_THROWS_AS(p.on_attempt(oom(0)), std::invalid_argument);
 }
 
-TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps at the next") {
+// The calibration cases' step: 100 KiB + 10 KiB a sample over what the batch
+// began with, 1000 KiB in all (the best size is 90), under predictive(0.02).
+std::size_t line_kib(std::size_t m) { return (100 + 10 * m) * 1024; }
+BatchOptions predictive_256() {
     BatchOptions o = options(256);
     o.policy = ShrinkPolicy::predictive(0.02);
-    RecoveryPlanner p(o);
+    return o;
+}
+Observation over_nothing(Observation o) {  // measured over nothing held, all 1000 KiB a step's
+    o.limit = 1000 * 1024;
+    o.first_base = 0;
+    return o;
+}
+Observation oom_at_256() {  // needing at least line_kib(256) with 1000 KiB available: calibrates at 12
+    Observation o = oom(256);
+    o.need = line_kib(256);
+    o.available = 1000 * 1024;
+    return o;
+}
+Observation c1_held() {  // the calibration's first size, 12, ran twice
+    Observation o = done(0);
+    o.outcome = Outcome::segment_done;
+    o.calibration_done = true;
+    o.calibration_peak = line_kib(12);
+    return over_nothing(o);
+}
+Observation c2_held() {  // its second, 40, ran once
+    Observation o = done(1, line_kib(40));
+    o.outcome = Outcome::segment_done;
+    return over_nothing(o);
+}
+
+TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps at the next") {
+    RecoveryPlanner p(predictive_256());
     p.begin_batch();
-    // bytes(m) = 100 KiB + 10 KiB * m, 1000 KiB available: the best size is 90.
-    auto bytes = [](std::size_t m) { return (100 + 10 * m) * 1024; };
-    Observation first = oom(256);
-    first.need = bytes(256);
-    first.available = 1000 * 1024;
-    Decision d = p.on_attempt(first);
+    Decision d = p.on_attempt(oom_at_256());
     REQUIRE(d.action == PlanAction::shrink);
     // A quarter of what the failure's bound allows, 256 * 1000 / (4 * 2660) = 24,
     // and half of it: small enough to fit when 256 was far too big.
@@ -463,14 +488,7 @@ TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps a
     CHECK(p.attempt().segment == 2);  // 12 twice (first, and over what the first left), then look again
     CHECK(p.attempt().planned(0) == 12);
     CHECK(p.attempt().planned(1) == 12);
-    Observation c1 = done(0);
-    c1.outcome = Outcome::segment_done;
-    c1.calibration_done = true;
-    c1.calibration_peak = bytes(12);
-    c1.available = 1000 * 1024;
-    c1.limit = 1000 * 1024;  // nothing held between steps: all of it is the step's
-    c1.first_base = 0;
-    d = p.on_attempt(c1);
+    d = p.on_attempt(c1_held());
     CHECK(d.action == PlanAction::continue_batch);
     CHECK(d.from.micro_batch == 24);
     // The second size from what 12 measured: 12's 220 KiB scaled through the
@@ -481,12 +499,7 @@ TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps a
     CHECK(p.attempt().number == 2);   // the same attempt goes on: nothing failed
     CHECK(p.attempt().segment == 1);  // one micro-batch at 40, then look again
     CHECK(p.attempt().calibration == 0);
-    Observation cal = done(1, bytes(40));
-    cal.outcome = Outcome::segment_done;
-    cal.available = 1000 * 1024;
-    cal.limit = 1000 * 1024;
-    cal.first_base = 0;
-    d = p.on_attempt(cal);
+    d = p.on_attempt(c2_held());
     CHECK(d.action == PlanAction::continue_batch);
     CHECK(d.from.micro_batch == 40);
     // (1000 * 0.98 - 100) / (10 * (1 + 2 * 4 %)): two points cannot tell their
@@ -495,7 +508,7 @@ TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps a
     CHECK(p.attempt().number == 2);
     CHECK(p.attempt().segment == 0);  // to the end of the global batch
     CHECK(p.attempt().calibration == 0);
-    d = p.on_attempt(done(2, bytes(81)));
+    d = p.on_attempt(done(2, line_kib(81)));
     CHECK(d.action == PlanAction::commit);
     CHECK(p.last_good_plan().micro_batch == 81);
     // Three points on one line: no scatter left, so the next batch starts at
@@ -538,35 +551,23 @@ TEST_CASE("predictive: the calibration's second size comes from what the first m
 }
 
 TEST_CASE("planner: a transient OOM at the calibration's first size runs it again, then still chooses the second") {
-    BatchOptions o = options(256);
-    o.policy = ShrinkPolicy::predictive(0.02);
+    BatchOptions const o = predictive_256();
     RecoveryPlanner p(o);
     p.begin_batch();
-    auto bytes = [](std::size_t m) { return (100 + 10 * m) * 1024; };
-    Observation first = oom(256);
-    first.need = bytes(256);
-    first.available = 1000 * 1024;
+    Observation const first = oom_at_256();
     REQUIRE(p.on_attempt(first).action == PlanAction::shrink);
     REQUIRE(p.attempt().calibration == 12);
     REQUIRE(p.attempt().segment == 2);
     // The second micro-batch at 12 fails with what it held and asked for well
     // within reach: a transient, retried as the same segment.
-    Observation blip = oom(12);
+    Observation blip = over_nothing(oom(12));
     blip.need = 300 * 1024;
-    blip.limit = 1000 * 1024;
-    blip.first_base = 0;
     Decision d = p.on_attempt(blip);
     CHECK(d.action == PlanAction::retry_same);
     CHECK(p.attempt().calibration == 12);
     CHECK(p.attempt().segment == 2);
     CHECK(p.attempt().plan.micro_batch == 24);  // the floor of the second size, until 12 is measured
-    Observation c1 = done(0);
-    c1.outcome = Outcome::segment_done;
-    c1.calibration_done = true;
-    c1.calibration_peak = bytes(12);
-    c1.limit = 1000 * 1024;
-    c1.first_base = 0;
-    d = p.on_attempt(c1);
+    d = p.on_attempt(c1_held());
     CHECK(d.action == PlanAction::continue_batch);
     CHECK(d.to.micro_batch == 40);
     CHECK(p.attempt().segment == 1);
@@ -575,11 +576,8 @@ TEST_CASE("planner: a transient OOM at the calibration's first size runs it agai
     RecoveryPlanner r(o);
     r.begin_batch(60);
     REQUIRE(r.on_attempt(first).action == PlanAction::shrink);
-    REQUIRE(r.on_attempt(c1).to.micro_batch == 40);
-    Observation short_c2 = done(0);
-    short_c2.limit = 1000 * 1024;
-    short_c2.first_base = 0;
-    d = r.on_attempt(short_c2);
+    REQUIRE(r.on_attempt(c1_held()).to.micro_batch == 40);
+    d = r.on_attempt(over_nothing(done(0)));
     CHECK(d.action == PlanAction::commit);
     CHECK(d.to.micro_batch == 12);
     // A short global batch that the calibration's first size ended: that size is the plan.
@@ -588,7 +586,7 @@ TEST_CASE("planner: a transient OOM at the calibration's first size runs it agai
     REQUIRE(q.on_attempt(first).action == PlanAction::shrink);
     Observation ended = done(0);
     ended.calibration_done = true;
-    ended.calibration_peak = bytes(12);
+    ended.calibration_peak = line_kib(12);
     d = q.on_attempt(ended);
     CHECK(d.action == PlanAction::commit);
     CHECK(d.to.micro_batch == 12);
@@ -598,33 +596,15 @@ TEST_CASE("planner: a transient OOM at the calibration's first size runs it agai
 // first batch at 81, with the commit's observation `c`; the step needs
 // 100 KiB + 10 KiB a sample over what the batch began with, 1000 KiB in all.
 Decision first_commit(Observation c) {
-    BatchOptions o = options(256);
-    o.policy = ShrinkPolicy::predictive(0.02);
-    RecoveryPlanner p(o);
+    RecoveryPlanner p(predictive_256());
     p.begin_batch();
-    auto bytes = [](std::size_t m) { return (100 + 10 * m) * 1024; };
-    Observation first = oom(256);
-    first.need = bytes(256);
-    first.available = 1000 * 1024;
-    REQUIRE(p.on_attempt(first).action == PlanAction::shrink);
-    Observation c1 = done(0);
-    c1.outcome = Outcome::segment_done;
-    c1.calibration_done = true;
-    c1.calibration_peak = bytes(12);
-    c1.limit = 1000 * 1024;
-    c1.first_base = 0;
-    REQUIRE(p.on_attempt(c1).to.micro_batch == 40);
-    Observation c2 = done(1, bytes(40));
-    c2.outcome = Outcome::segment_done;
-    c2.limit = 1000 * 1024;
-    c2.first_base = 0;
-    REQUIRE(p.on_attempt(c2).to.micro_batch == 81);
+    REQUIRE(p.on_attempt(oom_at_256()).action == PlanAction::shrink);
+    REQUIRE(p.on_attempt(c1_held()).to.micro_batch == 40);
+    REQUIRE(p.on_attempt(c2_held()).to.micro_batch == 81);
     c.full_done = 2;
-    c.full_peak = bytes(81);
+    c.full_peak = line_kib(81);
     c.full_later = true;
-    c.limit = 1000 * 1024;
-    c.first_base = 0;
-    return p.on_attempt(c);
+    return p.on_attempt(over_nothing(c));
 }
 
 TEST_CASE("planner: the first commit that adds optimizer state plans the next batch over it, not into an OOM") {
