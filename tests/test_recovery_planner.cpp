@@ -790,6 +790,36 @@ TEST_CASE("a grow-back after a failed one aims at the midpoint below the failed 
     CHECK(g.to.micro_batch == 40);  // 32 + (48 - 32 + 1) / 2: below the ceiling, rounded down
 }
 
+TEST_CASE("predictive: points that are no line (scatter past max_scatter) leave the search to bisection") {
+    // 10, 20 and 30 samples at 10 bytes each; 40 at 480 (the line through the
+    // four strays 19 % at 10) or at 520 (32 %: a caching allocator's segment
+    // in one peak, not the step). Past StepModel::max_scatter, 25 %, the fit
+    // cannot tell, and the policy bisects instead of planning from it.
+    for (std::size_t y : {480u, 520u}) {
+        CAPTURE(y);
+        StepModel m;
+        m.observe(10, 100);
+        m.observe(20, 200);
+        m.observe(30, 300);
+        m.observe(40, y);
+        m.limit = 1000;
+        m.has_base = true;
+        StepModel::Line const l = m.fit();
+        bool const line = y == 480;
+        CHECK(l.ok == line);
+        CHECK(l.scatter == doctest::Approx(line ? 0.1905 : 0.3158).epsilon(1e-3));
+        std::size_t out = 0;
+        CHECK(m.largest_fitting(0, 1000, 1, 0.02, false, out) == line);
+        ShrinkContext ctx;
+        ctx.failed = 100;
+        ctx.minimum = 1;
+        ctx.available_bytes = 1000;
+        ShrinkPolicy::Next const n = ShrinkPolicy::predictive(0.02).after_failure(ctx, m);
+        CHECK(n.predicted == line);
+        if (!line) CHECK(n.size == 50);  // nothing held since the search began: halve
+    }
+}
+
 TEST_CASE("predictive: the fitted line is raised above what a failed size was seen to need") {
     StepModel model;
     model.observe(10, 200);  // a + b*m = 100 + 10*m

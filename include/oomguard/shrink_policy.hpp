@@ -58,6 +58,10 @@ struct StepModel {
     static constexpr std::size_t max_points = 32;  ///< sizes measured, the oldest forgotten first
     static constexpr std::size_t max_bounds = 8;   ///< failed sizes' lower bounds kept
     static constexpr double assumed_scatter = 0.04;  ///< until a third point tells the real one
+    /// Past this scatter the points are no line (a caching allocator's
+    /// segments in the peaks, a step whose algorithm changes with the size):
+    /// the fit cannot tell, and the policies search without it.
+    static constexpr double max_scatter = 0.25;
 
     Point points[max_points] = {};  ///< a micro-batch's peak over what was held when its global batch
                                     ///< began (its first micro-batch), the worst per size
@@ -85,13 +89,16 @@ struct StepModel {
 
     /// A fitted line and how far the points stray from it.
     struct Line {
-        bool ok = false;      ///< true when the fit holds: at least two sizes and a rising slope
+        bool ok = false;      ///< true when the fit holds: at least two sizes, a rising slope, and
+                              ///< no point further than max_scatter from their least-squares line
         double a = 0,         ///< the intercept, bytes: what a step holds whatever its size
                b = 0;         ///< the slope, bytes per sample: bytes = a + b*m
         double scatter = 0;   ///< the largest relative distance of a point from the line (assumed until 3 points)
     };
     /// Least squares over the points, the slope raised so that the line passes
-    /// above every bound; not ok with fewer than two sizes or no rising slope.
+    /// above every bound; not ok with fewer than two sizes, no rising slope, or
+    /// a point further than max_scatter from the least-squares line (before
+    /// the bounds raise it: they are lower bounds, not points).
     Line fit() const noexcept {
         Line l;
         if (n_points < 2) return l;
@@ -108,6 +115,15 @@ struct StepModel {
         l.b = (n * sxy - sx * sy) / den;
         l.a = (sy - l.b * sx) / n;
         if (!(l.b > 0.0)) return l;
+        // Points that are no line: their own least-squares line, before any
+        // bound raises it, leaves one of them past max_scatter.
+        double stray = 0.0;
+        for (std::size_t i = 0; i < n_points; ++i) {
+            double x = static_cast<double>(points[i].m), y = static_cast<double>(points[i].bytes);
+            double f = l.a + l.b * x;
+            double r = f > 0.0 ? (y > f ? y - f : f - y) / f : 2.0 * max_scatter;  // (a line below 0 at a point: none)
+            if (r > stray) stray = r;
+        }
         // The line must not pass below what a failed size was seen to need.
         for (std::size_t i = 0; i < n_bounds; ++i) {
             double x = static_cast<double>(bounds[i].m), y = static_cast<double>(bounds[i].bytes);
@@ -124,7 +140,7 @@ struct StepModel {
                 if (r > l.scatter) l.scatter = r;
             }
         }
-        l.ok = true;
+        l.ok = stray <= max_scatter;
         return l;
     }
 
