@@ -612,9 +612,9 @@ private:
     }
 
     // When the line through the measured points alone puts `m` within the
-    // limit over `base` and over it on top of `growth`: the largest size below it that the
-    // fitted line (its bounds, the policy's margin and twice the scatter
-    // included) puts under the limit there -- but never below m scaled by
+    // limit over `base` and over it on top of `growth`: the largest size below
+    // it that the fitted line (its bounds, the policy's margin and twice the
+    // scatter included) puts under the limit there -- but never below m scaled by
     // what the growth leaves of the reach, m * (reach - growth) / reach, what
     // a need in proportion to the size would allow. Fixed costs make the
     // right size smaller still, but a line that says so before any failure
@@ -1143,8 +1143,8 @@ private:
     std::size_t calibration_ = 0;     // the next attempt's calibration size
     std::size_t segment_ = 0;         // the next attempt's segment (0: to the end of the batch)
     bool calibrate_pending_ = false;  // the next global batch calibrates first (BatchOptions::start)
-    bool second_pending_ = false;
-    std::size_t calibrated_c1_ = 0;  // the calibration's first size, while pending_failure_ (to run it again)     // the calibration's c1 runs now; c2 (at least plan_'s size) is chosen after it
+    bool second_pending_ = false;     // the calibration's c1 runs now; c2 (at least plan_'s size) is chosen after it
+    std::size_t calibrated_c1_ = 0;   // the calibration's first size, while pending_failure_ (to run it again)
     bool first_fit_ = false;          // the calibration under way was not asked for by a failure
     std::size_t first_fit_size_ = 0;  // the size a calibrated start's fit chose, until it holds or fails
 };

@@ -41,7 +41,7 @@ public:
         released,                // bytes the release freed on a rank that failed (least)
         all_failover,            // every rank got another device
         after_commit,            // held after the commit returned (largest, + 1)
-        commit_growth,           // what the commit added to what is held (largest, + 1)
+        commit_growth,           // what the commit added that stays held (largest, + 1)
         // Before the first global batch: where every rank starts (a PlanCache's plan).
         all_restored,            // every rank restored a plan (all)
         restored_micro,          // the smallest restored micro-batch
