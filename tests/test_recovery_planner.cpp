@@ -571,15 +571,15 @@ TEST_CASE("planner: a transient OOM at the calibration's first size runs it agai
     CHECK(d.action == PlanAction::continue_batch);
     CHECK(d.to.micro_batch == 40);
     CHECK(p.attempt().segment == 1);
-    // A short remainder as c2's one micro-batch ends the batch: c2 was not
-    // measured, so the plan is the first size, which was.
+    // A short remainder as c2's one micro-batch ends the batch: c2 stays the
+    // plan, so the next batch measures it (at 12 there would be one point).
     RecoveryPlanner r(o);
     r.begin_batch(60);
     REQUIRE(r.on_attempt(first).action == PlanAction::shrink);
     REQUIRE(r.on_attempt(c1_held()).to.micro_batch == 40);
     d = r.on_attempt(over_nothing(done(0)));
     CHECK(d.action == PlanAction::commit);
-    CHECK(d.to.micro_batch == 12);
+    CHECK(d.to.micro_batch == 40);
     // A short global batch that the calibration's first size ended: that size is the plan.
     RecoveryPlanner q(o);
     q.begin_batch(20);

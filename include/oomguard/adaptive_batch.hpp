@@ -823,10 +823,13 @@ private:
                 std::size_t const after = meter != nullptr ? beyond_caches(*meter, meter->used(meter->object)) : 0;
                 obs.after_commit = meter != nullptr ? after : Observation::unknown;
                 // What stays: at least what it left held over what it began
-                // with; when it freed the gradients too, what it left over the
-                // batch's first base -- no more than its own peak over its
-                // start (which also holds its temporaries), so that gradients
-                // kept across it are not counted again.
+                // with; and what it left over the batch's first base (it freed
+                // the gradients too: set_to_none, libtorch's default), no more
+                // than its own peak over its start -- exact for that default,
+                // with or without temporaries. Gradients kept across a commit
+                // that also makes temporaries are the one case counted (up to
+                // the smaller of the two) twice: from the aggregates alone it
+                // looks the same as a larger state made while freeing them.
                 std::size_t growth = after > before ? after - before : 0;
                 if (meter != nullptr && batch_base_known_) {
                     std::size_t const over_batch = after > batch_base_ ? after - batch_base_ : 0;

@@ -767,10 +767,12 @@ private:
             next = jump_size(o);  // the calibration segment ended the batch: jump at the next
         } else if (pending_failure_ != 0) {
             // A short remainder ended the calibration before its second size
-            // ran whole (in c1's segment, or as c2's one micro-batch): only
-            // the first size is measured.
+            // ran whole: in c1's segment, only c1 is measured and it is the
+            // plan; as c2's one micro-batch, c2 stays the plan (chosen under
+            // what c1 allows), so the next batch measures it -- at c1, a
+            // workload that calibrates first would have one point and no
+            // probe to find a second.
             if (attempt_.calibration != 0 && o.calibration_done) next = attempt_.calibration;
-            if (attempt_.calibration == 0 && calibrated_c1_ != 0) next = calibrated_c1_;
             pending_failure_ = 0;
         } else if (o.full_done > 0) {
             // Bisection and predictive probe upward here, at the start of the next
