@@ -223,11 +223,12 @@ struct Observation {
     std::size_t after_commit = unknown;  ///< held after the commit returned (the most)
     /// Bytes the commit added that stay held (the most over the ranks;
     /// unknown: not measured): an optimizer's state appearing at its first
-    /// step. At least held after it less held when it began; when it also
-    /// freed the gradients, held after it over the batch's first base, but no
-    /// more than its own peak over its start (which holds its temporaries
-    /// too) -- so gradients it keeps, held before it as well and already in
-    /// the fitted points, do not count.
+    /// step. At least held after it less held when it began; and held after
+    /// it over the batch's first base, but no more than its own peak over its
+    /// start -- exact when it frees the gradients (set_to_none, libtorch's
+    /// default) and when it keeps them and makes no temporaries; gradients
+    /// kept across a commit that makes temporaries count up to the smaller of
+    /// the two twice (the aggregates cannot tell them apart).
     std::size_t commit_growth = unknown;
 };
 
