@@ -1686,6 +1686,152 @@ TEST_CASE("a workspace cache sized for a smaller micro-batch is emptied before a
     CHECK(sizes == std::vector<std::size_t>{64, 32, 32, 48, 16});
 }
 
+namespace {
+// A pool that keeps each freed block for a request of exactly its size, as a
+// per-shape buffer pool does: blocks of one batch's shapes are held, unusable,
+// while the next batch's shapes are allocated afresh.
+struct ShapePool {
+    Budget& budget;
+    std::vector<Buffer> free_blocks;
+    explicit ShapePool(Budget& b) : budget(b) {}
+    Buffer take(std::size_t bytes) {
+        for (auto it = free_blocks.begin(); it != free_blocks.end(); ++it)
+            if (it->size() == bytes) {
+                Buffer b = std::move(*it);
+                free_blocks.erase(it);
+                return b;
+            }
+        return Buffer(budget, bytes);
+    }
+    void give(Buffer b) { free_blocks.push_back(std::move(b)); }
+    std::size_t held() const {
+        std::size_t n = 0;
+        for (auto const& b : free_blocks) n += b.size();
+        return n;
+    }
+    std::size_t release() {
+        std::size_t const n = held();
+        free_blocks.clear();
+        return n;
+    }
+};
+}  // namespace
+
+TEST_CASE("an OOM of a step that began with cached blocks: the caches go before every later batch") {
+    // Each global batch has its own sample size (bucketed sequence lengths):
+    // 4, 5, 6, 7 KiB a sample, micro-batches of 32 on 256 KiB. Batch 2 needs
+    // 160 KiB while batch 1's 128 KiB block sits in the pool: 288 > 256, an
+    // OOM, a release, the same size again. From then on the pool is emptied
+    // before each batch, and batches 3 and 4 (192 and 224 KiB after 160 and
+    // 192 cached) need no OOM to get there. Without it: an OOM every batch.
+    SimulatedDevices gpus(1, 256 * KiB);
+    Budget budget(gpus, 0, Limit::unlimited());
+    ShapePool pool(budget);
+    CacheRegistry reg;
+    auto r = reg.add("shape pool", 0, [&] { return pool.held(); }, [&] { return pool.release(); });
+    BatchOptions o;
+    o.global_batch = 64;
+    o.micro_batch = 32;
+    o.caches = &reg;
+    o.policy = ShrinkPolicy::bisect();
+    AdaptiveBatch a(o);
+    std::size_t per_sample = 4 * KiB;
+    std::vector<std::pair<BatchEventKind, unsigned>> events;
+    auto seen = a.observe([&](BatchEvent const& e) {
+        if (e.kind != BatchEventKind::micro_batch_begin && e.kind != BatchEventKind::micro_batch_end)
+            events.emplace_back(e.kind, e.attempt);
+    });
+    auto step = [&](MicroBatch const& mb) { pool.give(pool.take(mb.size * per_sample)); };
+    auto none = [] {};
+    a.run(step, none, none);
+    CHECK(a.counters().ooms == 0);
+    CHECK_FALSE(a.release_before_batches());
+    per_sample = 5 * KiB;
+    a.run(step, none, none);
+    CHECK(a.counters().ooms == 1);
+    CHECK(a.counters().retries_same == 1);
+    CHECK(a.release_before_batches());
+    CHECK(a.learned().release_before_batches);
+    CHECK(a.plan().micro_batch == 32);
+    for (std::size_t kib : {6, 7}) {
+        per_sample = kib * KiB;
+        events.clear();
+        std::size_t const releases = a.counters().releases;
+        a.run(step, none, none);
+        CHECK(a.counters().ooms == 1);
+        CHECK(a.counters().releases == releases + 1);
+        REQUIRE(events.size() == 3);  // the release comes ahead of any attempt (attempt 0)
+        CHECK(events[0].first == BatchEventKind::batch_begin);
+        CHECK(events[1] == std::make_pair(BatchEventKind::released, 0u));
+        CHECK(events[2].first == BatchEventKind::commit);
+    }
+    a.reset();
+    CHECK_FALSE(a.release_before_batches());
+    pool.release();
+    CHECK(budget.used() == 0);
+}
+
+TEST_CASE("an OOM of a step that began with the caches empty teaches nothing about them") {
+    // 96 KiB at 64 on 80 KiB: the first micro-batch of the run fails with
+    // nothing cached. The 48 KiB blocks of 32 stay cached and are reused.
+    SimulatedDevices gpus(1, 80 * KiB);
+    Budget budget(gpus, 0, Limit::unlimited());
+    ShapePool pool(budget);
+    CacheRegistry reg;
+    auto r = reg.add("shape pool", 0, [&] { return pool.held(); }, [&] { return pool.release(); });
+    BatchOptions o;
+    o.global_batch = 64;
+    o.caches = &reg;
+    o.policy = ShrinkPolicy::halve();
+    AdaptiveBatch a(o);
+    auto step = [&](MicroBatch const& mb) { pool.give(pool.take(mb.size * 3 * KiB / 2)); };
+    auto none = [] {};
+    a.run(step, none, none);
+    CHECK(a.counters().ooms == 1);
+    CHECK_FALSE(a.release_before_batches());
+    std::size_t const releases = a.counters().releases;
+    a.run(step, none, none);
+    CHECK(a.counters().releases == releases);  // the 48 KiB block is reused, not let go
+    CHECK(a.counters().ooms == 1);
+    pool.release();
+}
+
+TEST_CASE("a commit that adds state over 1 MiB: the caches go once, before the next batch") {
+    // The step's 4 MiB block goes back to a pool; the first commit adds what
+    // stays (an optimizer's moments). Over 1 MiB the pool is emptied before
+    // batch 2 (once: batch 3 reuses it); exactly 1 MiB (a caching allocator's
+    // small blocks) it is not.
+    constexpr std::size_t MiB = 1024 * KiB;
+    for (std::size_t state : {MiB + 1, MiB}) {
+        CAPTURE(state);
+        SimulatedDevices gpus(1, 64 * MiB);
+        Budget budget(gpus, 0, Limit::unlimited());
+        ShapePool pool(budget);
+        CacheRegistry reg;
+        auto r = reg.add("shape pool", 0, [&] { return pool.held(); }, [&] { return pool.release(); });
+        BatchOptions o;
+        o.global_batch = 8;
+        o.caches = &reg;
+        AdaptiveBatch a(o);
+        a.measure_with(budget);
+        std::vector<Buffer> moments;
+        auto step = [&](MicroBatch const& mb) { pool.give(pool.take(mb.size * MiB / 2)); };
+        auto commit = [&] {
+            if (moments.empty()) moments.emplace_back(budget, state);
+        };
+        a.run(step, commit, [] {});
+        REQUIRE(a.last_observation().commit_growth == state);
+        std::size_t const releases = a.counters().releases;
+        a.run(step, commit, [] {});
+        CHECK(a.counters().releases == releases + (state > MiB ? 1 : 0));
+        a.run(step, commit, [] {});
+        CHECK(a.counters().releases == releases + (state > MiB ? 1 : 0));
+        CHECK(a.counters().ooms == 0);
+        CHECK_FALSE(a.release_before_batches());
+        pool.release();
+    }
+}
+
 TEST_CASE("the default policy: predictive with a meter, bisect without; predictive without one is refused") {
     BatchOptions o;
     o.global_batch = 64;

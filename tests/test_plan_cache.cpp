@@ -19,6 +19,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <fcntl.h>
@@ -574,4 +575,68 @@ TEST_CASE("review: another version's file is left as it is; a save gives up on a
     CHECK(other.warnings().back().find("cannot lock") != std::string::npos);
     ::close(held);
     CHECK(other.save(PlanCache::make_entry(key("train", 1 << 20), o, l)));  // free again: saved
+}
+
+TEST_CASE("the learned cache release: saved when it turns on, restored, and optional in the file") {
+    // A cache that always holds 1 KiB and frees it: an OOM of a step that
+    // began with it turns release_before_batches on at the same plan (the
+    // release earns a retry at the same size), and the entry is saved again.
+    Scratch s;
+    std::string const path = s.file("plans.json");
+    CacheRegistry reg;
+    auto r = reg.add("pool", 0, [] { return KiB; }, [] { return KiB; });
+    BatchOptions o;
+    o.global_batch = 64;
+    o.micro_batch = 32;
+    o.policy = ShrinkPolicy::bisect();
+    o.caches = &reg;
+    bool fail = false;
+    auto step = [&](MicroBatch const&) {
+        if (std::exchange(fail, false)) throw out_of_memory(oom_info{});
+    };
+    auto entry = [&] {
+        std::vector<PlanCacheEntry> entries;
+        std::string error;
+        REQUIRE(PlanCache::from_json(read_text(path), entries, error));
+        REQUIRE(entries.size() == 1);
+        return entries[0].learned;
+    };
+    {
+        AdaptiveBatch a(o);
+        PlanCache cache(path);
+        auto saving = cache.attach(a, key("train", 1 << 20));
+        a.run(step, [] {}, [] {});
+        CHECK_FALSE(entry().release_before_batches);
+        fail = true;
+        a.run(step, [] {}, [] {});
+        CHECK(a.counters().retries_same == 1);
+        CHECK(a.plan().micro_batch == 32);
+        CHECK(entry().release_before_batches);
+        CHECK(entry().plan.micro_batch == 32);
+    }
+    std::string const text = read_text(path);
+    {
+        AdaptiveBatch a(o);
+        CHECK_FALSE(a.release_before_batches());
+        PlanCache cache(path);
+        auto saving = cache.attach(a, key("train", 1 << 20));
+        CHECK(a.restored());
+        CHECK(a.release_before_batches());
+        std::size_t const releases = a.counters().releases;
+        a.run(step, [] {}, [] {});
+        CHECK(a.counters().releases == releases + 1);  // before the batch, with no OOM
+        CHECK(a.counters().ooms == 0);
+    }
+    std::vector<PlanCacheEntry> entries;
+    std::string error;
+    std::string const field = ", \"release_before_batches\": true";
+    REQUIRE(text.find(field) != std::string::npos);
+    std::string without = text;
+    without.erase(without.find(field), field.size());
+    REQUIRE(PlanCache::from_json(without, entries, error));  // files written before it existed
+    CHECK_FALSE(entries[0].learned.release_before_batches);
+    std::string wrong = text;
+    wrong.replace(wrong.find(field), field.size(), ", \"release_before_batches\": 1");
+    CHECK_FALSE(PlanCache::from_json(wrong, entries, error));
+    CHECK(error.find("release_before_batches is not true or false") != std::string::npos);
 }

@@ -609,11 +609,29 @@ public:
     void reset() noexcept {
         planner_.reset();
         restored_ = false;
+        release_before_batches_ = false;
+        state_grew_ = false;
     }
 
     /// What this workload has learned (its last good plan, the model, the
     /// failed ceilings), for a PlanCache to save.
-    LearnedPlan learned() const noexcept { return planner_.learned(); }
+    LearnedPlan learned() const noexcept {
+        LearnedPlan l = planner_.learned();
+        l.release_before_batches = release_before_batches_;
+        return l;
+    }
+
+    /// Whether the registered caches are emptied before each global batch
+    /// (when they hold anything, and BatchOptions::release_caches is on). It
+    /// turns on, for the rest of this workload's life (or until reset()), at
+    /// the first OOM of a step that began while the caches held bytes it could
+    /// have reused: blocks one batch left cached are carved for its shapes (a
+    /// short remainder, a commit's temporaries, an optimizer's state placed
+    /// among them) and can fail the next batch where fresh memory would not.
+    /// restore() brings it back from a PlanCache entry, so that a restart does
+    /// not pay that OOM again. Each rank decides alone; the steps every rank
+    /// runs are the same either way.
+    bool release_before_batches() const noexcept { return release_before_batches_; }
 
     /// Starts from what an earlier run learned (a PlanCache's entry) and tells
     /// the observers (plan_loaded). With a consensus hook the ranks still agree,
@@ -627,6 +645,7 @@ public:
         Plan const from = planner_.plan();
         planner_.restore(l);
         restored_ = true;
+        release_before_batches_ = l.release_before_batches;
         emit(BatchEventKind::plan_loaded, from, planner_.plan(), 0, 0, "");
     }
 
@@ -738,8 +757,13 @@ private:
         // while this one allocates -- an OOM the release after it would only
         // answer, and not the fit's.
         std::size_t const cached_now = releasable_now();
+        // And before every batch once the caches' blocks have cost an OOM
+        // (release_before_batches()), or once after a commit that added state
+        // that stays (an optimizer's moments): those were carved out of the
+        // blocks the steps left cached, and the next batch's steps would be
+        // fitted around them.
         bool const ahead = planner_.options().start == BatchOptions::Start::calibrate;
-        if (cached_now != 0 && (planner_.attempt().calibration != 0 ||
+        if (cached_now != 0 && (planner_.attempt().calibration != 0 || release_before_batches_ || state_grew_ ||
                                 (ahead && cached_left_ != unknown_cached && cached_now != cached_left_))) {
             try {
                 release_caches(0);
@@ -864,6 +888,7 @@ private:
                 }
                 if (!any_commit_oom) {
                     cached_left_ = releasable_now();
+                    state_grew_ = obs.commit_growth != Observation::unknown && obs.commit_growth > state_growth_release;
                     last_observation_ = obs;
                     Decision d = planner_.on_attempt(obs);
                     ++counters_.global_batches;
@@ -899,6 +924,12 @@ private:
         auto undo_kept = [&] {
             if (keep && kept > 0) roll_back(rollback, at.number);
         };
+        // A step that failed while the caches held blocks it could have
+        // reused: what one batch leaves cached is carved for its own shapes
+        // (a remainder, a commit's temporaries), and it can fail the next batch
+        // where fresh memory would not. From now on the caches go before each
+        // global batch, as users empty them by hand.
+        if (l.oom && l.cached_before != 0) release_before_batches_ = true;
         if (failed_here) {
             note_oom(at, l);
         } else if (l.aborted) {
@@ -1026,7 +1057,7 @@ private:
                 bool const calibration = at.calibrating(index);
                 try {
                     make_room(n, at.plan.precision, at.number);
-                    if (meter != nullptr) l.cached_before = releasable_now();
+                    l.cached_before = releasable_now();
                 } catch (...) {
                     l.release_error = std::current_exception();
                     break;
@@ -1618,7 +1649,14 @@ private:
     std::size_t batch_base_ = 0;      // bytes held when this global batch's first micro-batch began
     bool batch_base_known_ = false;
     static constexpr std::size_t unknown_cached = static_cast<std::size_t>(-1);
+    // A commit's growth (Observation::commit_growth) over this empties the
+    // caches before the next batch: more than a caching allocator's small
+    // blocks (PyTorch serves up to 1 MiB from small segments of their own),
+    // so some of it was carved out of the blocks the steps use.
+    static constexpr std::size_t state_growth_release = std::size_t{1} << 20;
     std::size_t cached_left_ = unknown_cached;  // what the caches held when this runner's last batch committed
+    bool release_before_batches_ = false;       // learned: the caches go before each global batch
+    bool state_grew_ = false;                   // the last commit added state over state_growth_release
     bool restored_ = false;           // the plan came from restore()
     bool start_agreed_ = false;       // the ranks agreed on where to start (consensus)
 };

@@ -405,6 +405,7 @@ public:
                 batch.restore(found.learned);
                 state->saved = found.learned.plan;
                 state->saved_tail = found.learned.tail;
+                state->saved_release = found.learned.release_before_batches;
                 state->has_saved = true;
             } catch (std::invalid_argument const& e) {
                 warn(std::string("the entry for ") + state->key.workload + " does not fit its options (" + e.what() +
@@ -418,13 +419,16 @@ public:
             LearnedPlan const l = e.batch->learned();
             // After a failover the plan is another device's: the key names the one it started on.
             if (l.plan.device != state->device) return;
-            if (state->has_saved && l.plan == state->saved && l.tail == state->saved_tail) return;
+            if (state->has_saved && l.plan == state->saved && l.tail == state->saved_tail &&
+                l.release_before_batches == state->saved_release)
+                return;
             // The observer hears a const batch; the object is not: announce() only tells observers.
             AdaptiveBatch& b = const_cast<AdaptiveBatch&>(*e.batch);
             std::size_t const before = warnings_.size();
             bool const ok = save(make_entry(state->key, b.options(), l));
             state->saved = l.plan;  // tried once per plan: a file that cannot be written is not retried per batch
             state->saved_tail = l.tail;
+            state->saved_release = l.release_before_batches;
             state->has_saved = true;
             if (ok) b.announce(BatchEventKind::plan_saved, "");
             for (std::size_t i = before; i < warnings_.size(); ++i)
@@ -467,7 +471,7 @@ public:
                  ", \"precision_index\": " + std::to_string(p.precision_index) +
                  ", \"device\": " + std::to_string(p.device < 0 ? 0 : p.device) + "}, \"grow_ceiling\": " +
                  std::to_string(e.learned.grow_ceiling) + ", \"tail\": " + std::to_string(e.learned.tail) +
-                 ",\n     \"model\": {\"points\": " +
+                 ", \"release_before_batches\": " + (e.learned.release_before_batches ? "true" : "false") + ",\n     \"model\": {\"points\": " +
                  points(m.points, m.n_points) + ", \"bounds\": " + points(m.bounds, m.n_bounds) +
                  ", \"low\": " + std::to_string(m.low) + ", \"high\": " + std::to_string(m.high) +
                  ", \"has_base\": " + (m.has_base ? "true" : "false") + ", \"base\": " + std::to_string(m.base) +
@@ -523,6 +527,7 @@ private:
         int device = 0;  // the device the workload starts on, which the key names
         Plan saved;
         std::size_t saved_tail = 0;
+        bool saved_release = false;
         bool has_saved = false;
     };
 
@@ -603,6 +608,10 @@ private:
         model.has_base = has_base->boolean;
         detail::PlanJson const* tail = j.get("tail");  // optional: absent in the first files written
         if (tail != nullptr && !size_of(tail, e.learned.tail)) return (why = "the tail is not a size"), false;
+        detail::PlanJson const* release = j.get("release_before_batches");  // optional, as the tail
+        if (release != nullptr && release->type != detail::PlanJson::Type::boolean)
+            return (why = "release_before_batches is not true or false"), false;
+        e.learned.release_before_batches = release != nullptr && release->boolean;
         return true;
     }
 

@@ -141,6 +141,10 @@ struct LearnedPlan {
     /// The pieces a short remainder runs in under `plan` (0: whole): a
     /// remainder that failed by its own need is not failed again after a restart.
     std::size_t tail = 0;
+    /// Whether the workload empties its caches before each global batch
+    /// (AdaptiveBatch::release_before_batches(): their blocks once cost an
+    /// OOM). The runner's, not the planner's: RecoveryPlanner::learned() leaves it false.
+    bool release_before_batches = false;
 };
 
 /// Two plans are the same when their micro-batch, rung of the precision ladder and device are.
