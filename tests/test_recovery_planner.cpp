@@ -541,12 +541,32 @@ TEST_CASE("predictive: the calibration's second size comes from what the first m
         other.bound(300, 4000 * 1024);  // another size's bound says nothing of this failure
         CHECK(pol.second_calibration(ctx, other, 12, 24) == 40);
     }
-    SUBCASE("never below the floor, which is all there is without a measurement") {
+    SUBCASE("not below the floor, which is all there is without a measurement") {
         CHECK(pol.second_calibration(ctx, m, 12, 41) == 41);
+        CHECK(pol.second_calibration(ctx, m, 12, 54) == 54);
         CHECK(pol.second_calibration(ctx, m, 13, 24) == 24);  // 13 was not measured
         ctx.available_bytes = 0;
         CHECK(pol.second_calibration(ctx, m, 12, 24) == 24);
         CHECK(pol.second_calibration(ctx, StepModel{}, 0, 24) == 24);
+    }
+    SUBCASE("a floor past where c1's peak scaled to the reach fits: that estimate instead") {
+        CHECK(pol.second_calibration(ctx, m, 12, 55) == 54);  // 54.5
+        CHECK(pol.second_calibration(ctx, m, 12, 200) == 54);
+    }
+    SUBCASE("under 1.5 c1 (c1 fills two thirds of the reach): c1 / 2, a point below it") {
+        StepModel near;
+        near.observe(12, 600 * 1024);  // scaled to the reach: 20; 0.75 of it 15
+        CHECK(pol.second_calibration(ctx, near, 12, 18) == 18);  // 1.5 c1 exactly: kept
+        CHECK(pol.second_calibration(ctx, near, 12, 17) == 6);
+        CHECK(pol.second_calibration(ctx, near, 12, 1) == 6);  // 15
+        ctx.minimum = 6;
+        CHECK(pol.second_calibration(ctx, near, 12, 17) == 6);
+        ctx.minimum = 7;  // no room below c1: the larger point, though close
+        CHECK(pol.second_calibration(ctx, near, 12, 17) == 17);
+        CHECK(pol.second_calibration(ctx, near, 12, 1) == 15);
+        StepModel full;
+        full.observe(12, 1000 * 1024);  // c1 fills the reach: nothing above it is measured to fit
+        CHECK(pol.second_calibration(ctx, full, 12, 17) == 17);
     }
 }
 

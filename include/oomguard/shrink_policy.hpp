@@ -434,9 +434,14 @@ public:
     /// fits (a step's fixed costs weigh most at small sizes): the second size
     /// is 0.75 of that, and no more than half the size whose failure (or
     /// request) asked for the calibration, nor than half of what that
-    /// failure's own lower bound allows. Never below `floor` (the size
-    /// wants_calibration chose before anything was measured). Returns `floor`
-    /// when `c1` was not measured or nothing is known of the reach.
+    /// failure's own lower bound allows. Not below `floor` (the size
+    /// wants_calibration chose before anything was measured) unless `floor`
+    /// is past that estimate itself (c1's peak scaled to the reach), which
+    /// then takes its place. When the result is under 1.5 c1 (c1 fills two
+    /// thirds of the reach or more) the second size is c1 / 2 instead, if
+    /// that is at least `ctx.minimum`: two close points give a line with no
+    /// slope to speak of. Returns `floor` when `c1` was not measured or
+    /// nothing is known of the reach.
     std::size_t second_calibration(ShrinkContext const& ctx, StepModel const& model, std::size_t c1,
                                    std::size_t floor) const noexcept {
         std::size_t peak = 0;
@@ -450,10 +455,20 @@ public:
             double const allowed = static_cast<double>(ctx.failed) * reach / static_cast<double>(model.bounds[i].bytes);
             if (allowed / 2 < cap) cap = allowed / 2;
         }
-        double c2 = 0.75 * static_cast<double>(c1) * reach / static_cast<double>(peak);
+        double const edge = static_cast<double>(c1) * reach / static_cast<double>(peak);
+        double c2 = 0.75 * edge;
         if (c2 > cap) c2 = cap;
+        // The size planned before the measurement stays the least, but only up
+        // to the edge: past it, c1's own peak says it would not fit.
+        double const kept = static_cast<double>(floor) < edge ? static_cast<double>(floor) : edge;
+        if (c2 < kept) c2 = kept;
         auto const chosen = static_cast<std::size_t>(c2);
-        return chosen > floor ? chosen : floor;
+        if (chosen > c1 && c2 >= 1.5 * static_cast<double>(c1)) return chosen;
+        // Closer to c1 than that (c1 already fills two thirds of the reach),
+        // the two points would give the line no slope to speak of: the second
+        // one goes below c1 instead, where it fits.
+        if (c1 / 2 >= ctx.minimum && c1 / 2 != 0) return c1 / 2;
+        return chosen > c1 ? chosen : floor;
     }
 
 private:
