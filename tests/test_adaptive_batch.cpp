@@ -13,8 +13,10 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 using namespace oomguard;
@@ -1771,6 +1773,99 @@ TEST_CASE("an OOM of a step that began with cached blocks: the caches go before 
     CHECK(budget.used() == 0);
 }
 
+namespace {
+// Batch 1 at 4 KiB a sample, batch 2 at 5 KiB: an OOM on batch 1's cached
+// block, after which the caches go before each batch; the third batch's
+// release throws what `release_error` makes (nothing: none). Returns what
+// run() threw in batch 3 ("" when it committed) and the sizes batch 3 ran.
+std::pair<std::string, std::vector<std::size_t>> third_batch_release(std::function<void()> release_error,
+                                                                     ThreadConsensus* tc = nullptr) {
+    SimulatedDevices gpus(1, 256 * KiB);
+    Budget budget(gpus, 0, Limit::unlimited());
+    ShapePool pool(budget);
+    CacheRegistry reg;
+    int releases = 0;
+    auto r = reg.add("shape pool", 0, [&] { return pool.held(); }, [&] {
+        if (++releases == 2 && release_error) release_error();
+        return pool.release();
+    });
+    BatchOptions o;
+    o.global_batch = 64;
+    o.micro_batch = 32;
+    o.caches = &reg;
+    o.policy = ShrinkPolicy::bisect();
+    AdaptiveBatch a(o);
+    if (tc != nullptr) a.consensus(tc->hook());
+    std::size_t per_sample = 4 * KiB;
+    std::vector<std::size_t> sizes;
+    auto step = [&](MicroBatch const& mb) {
+        mb.sync();
+        sizes.push_back(mb.size);
+        pool.give(pool.take(mb.size * per_sample));
+    };
+    a.run(step, [] {}, [] {});
+    per_sample = 5 * KiB;
+    a.run(step, [] {}, [] {});
+    REQUIRE(a.release_before_batches());
+    REQUIRE(releases == 1);
+    per_sample = 6 * KiB;
+    sizes.clear();
+    std::string what;
+    try {
+        a.run(step, [] {}, [] {});
+    } catch (recovery_failed const& e) {
+        what = std::string("recovery_failed: ") + e.what();
+    } catch (std::exception const& e) {
+        what = e.what();
+    }
+    pool.release();
+    return {what, sizes};
+}
+}  // namespace
+
+TEST_CASE("the release before a batch: an OOM in it is a courtesy's, anything else passes, on every rank together") {
+    auto ran = third_batch_release(nullptr);
+    CHECK(ran.first.empty());
+    CHECK(ran.second == std::vector<std::size_t>{32, 32});
+    ran = third_batch_release([] { throw out_of_memory(oom_info{}); });
+    CHECK(ran.first.empty());  // the batch runs as if it had not been asked: it fails on the cache, once
+    CHECK(ran.second == std::vector<std::size_t>{32, 32, 32});
+    ran = third_batch_release([] { throw std::runtime_error("the pool's stream is gone"); });
+    CHECK(ran.first == "the pool's stream is gone");  // as thrown, before any step
+    CHECK(ran.second.empty());
+    // With ranks: rank 1's release throws. Rank 0 does not wait for it in
+    // its first step: both leave at the first attempt's agreement.
+    ThreadConsensus tc(2);
+    std::pair<std::string, std::vector<std::size_t>> ranks[2];
+    std::thread r0([&] { ranks[0] = third_batch_release(nullptr, &tc); });
+    std::thread r1([&] { ranks[1] = third_batch_release([] { throw std::runtime_error("the pool's stream is gone"); }, &tc); });
+    r0.join();
+    r1.join();
+    CHECK(ranks[1].first == "the pool's stream is gone");
+    CHECK(ranks[0].first.rfind("recovery_failed: ", 0) == 0);
+    CHECK(ranks[0].second.empty());
+    CHECK(ranks[1].second.empty());
+}
+
+TEST_CASE("a cache that says it holds bytes and frees none teaches nothing by an OOM") {
+    SimulatedDevices gpus(1, 300 * KiB);
+    Budget budget(gpus, 0, Limit::unlimited());
+    CacheRegistry reg;
+    auto r = reg.add("tails of live segments", 0, [] { return 4 * KiB; }, [] { return std::size_t{0}; });
+    BatchOptions o;
+    o.global_batch = 64;
+    o.caches = &reg;
+    o.policy = ShrinkPolicy::halve();
+    AdaptiveBatch a(o);
+    auto step = [&](MicroBatch const& mb) { Buffer b(budget, mb.size * 8 * KiB); };  // 64: 512 KiB
+    a.run(step, [] {}, [] {});
+    CHECK(a.counters().ooms == 1);
+    CHECK_FALSE(a.release_before_batches());
+    std::size_t const releases = a.counters().releases;
+    a.run(step, [] {}, [] {});
+    CHECK(a.counters().releases == releases);
+}
+
 TEST_CASE("an OOM of a step that began with the caches empty teaches nothing about them") {
     // 96 KiB at 64 on 80 KiB: the first micro-batch of the run fails with
     // nothing cached. The 48 KiB blocks of 32 stay cached and are reused.
@@ -1828,6 +1923,13 @@ TEST_CASE("a commit that adds state over 1 MiB: the caches go once, before the n
         CHECK(a.counters().releases == releases + (state > MiB ? 1 : 0));
         CHECK(a.counters().ooms == 0);
         CHECK_FALSE(a.release_before_batches());
+        // reset() forgets a growth not yet answered: a new state's commit, then reset.
+        moments.clear();
+        a.run(step, commit, [] {});
+        std::size_t const before_reset = a.counters().releases;
+        a.reset();
+        a.run(step, commit, [] {});
+        CHECK(a.counters().releases == before_reset);
         pool.release();
     }
 }

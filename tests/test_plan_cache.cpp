@@ -601,18 +601,25 @@ TEST_CASE("the learned cache release: saved when it turns on, restored, and opti
         REQUIRE(entries.size() == 1);
         return entries[0].learned;
     };
+    int saves = 0;
+    auto count_saves = [&saves](BatchEvent const& e) { saves += e.kind == BatchEventKind::plan_saved ? 1 : 0; };
     {
         AdaptiveBatch a(o);
         PlanCache cache(path);
         auto saving = cache.attach(a, key("train", 1 << 20));
+        auto counting = a.observe(count_saves);
         a.run(step, [] {}, [] {});
         CHECK_FALSE(entry().release_before_batches);
+        CHECK(saves == 1);
         fail = true;
         a.run(step, [] {}, [] {});
         CHECK(a.counters().retries_same == 1);
         CHECK(a.plan().micro_batch == 32);
         CHECK(entry().release_before_batches);
         CHECK(entry().plan.micro_batch == 32);
+        CHECK(saves == 2);
+        a.run(step, [] {}, [] {});
+        CHECK(saves == 2);  // nothing changed: not saved again
     }
     std::string const text = read_text(path);
     {
@@ -623,9 +630,13 @@ TEST_CASE("the learned cache release: saved when it turns on, restored, and opti
         CHECK(a.restored());
         CHECK(a.release_before_batches());
         std::size_t const releases = a.counters().releases;
+        saves = 0;
+        auto counting = a.observe(count_saves);
         a.run(step, [] {}, [] {});
         CHECK(a.counters().releases == releases + 1);  // before the batch, with no OOM
         CHECK(a.counters().ooms == 0);
+        a.run(step, [] {}, [] {});
+        CHECK(saves == 0);  // what was loaded is what is learned
     }
     std::vector<PlanCacheEntry> entries;
     std::string error;

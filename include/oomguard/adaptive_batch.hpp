@@ -91,8 +91,10 @@ struct BatchCounters {
                 micro_batches = 0,      ///< micro-batches that completed (kept or not)
                 ooms = 0,               ///< device OOMs this rank caught in a step or a commit, each one
                                         ///< survived or the last before a give-up
-                releases = 0,           ///< cache registry releases run: before a retry, and ahead of a
-                                        ///< calibration or a larger micro-batch the cached memory would crowd
+                releases = 0,           ///< cache registry releases run: before a retry, ahead of a
+                                        ///< calibration or a larger micro-batch the cached memory would crowd,
+                                        ///< and before global batches (release_before_batches(), a commit
+                                        ///< that added state)
                 bytes_released = 0,     ///< bytes those releases freed, as the caches reported them
                 retries_same = 0,       ///< retries at the same plan (after a release that freed memory, or a
                                         ///< transient OOM)
@@ -763,6 +765,7 @@ private:
         // blocks the steps left cached, and the next batch's steps would be
         // fitted around them.
         bool const ahead = planner_.options().start == BatchOptions::Start::calibrate;
+        std::exception_ptr begin_error;
         if (cached_now != 0 && (planner_.attempt().calibration != 0 || release_before_batches_ || state_grew_ ||
                                 (ahead && cached_left_ != unknown_cached && cached_now != cached_left_))) {
             try {
@@ -770,8 +773,13 @@ private:
             } catch (...) {
                 // Ahead of any failure this release is a courtesy: a device OOM in
                 // it (a cache that allocates to let go) leaves the batch to the
-                // ladder as usual; anything else passes.
-                if (!is_device_oom(std::current_exception())) throw;
+                // ladder as usual; anything else passes -- alone at once, with
+                // consensus at the first attempt's agreement, so that every rank
+                // leaves together instead of waiting for this one in its steps.
+                if (!is_device_oom(std::current_exception())) {
+                    if (consensus_.all_min == nullptr) throw;
+                    begin_error = std::current_exception();
+                }
             }
         }
         if (begin.action == PlanAction::grow_back) {
@@ -787,11 +795,14 @@ private:
             ++serial_;
             Local l;
             l.start = done;
-            run_attempt(step, at, l);
+            if (begin_error != nullptr)
+                l.release_error = std::exchange(begin_error, nullptr);  // no step runs: every rank leaves
+            else
+                run_attempt(step, at, l);
             micro_batches += l.micro_batches;
             Ballot t = agree_end(l);
             if (t.any(Ballot::any_error)) {
-                // A rank's cache release before a larger micro-batch threw: what
+                // A rank's cache release before the batch or a larger micro-batch threw: what
                 // this global batch accumulated is undone (the kept micro-batches
                 // too), then every rank leaves together, the one that threw with
                 // its own exception.
@@ -924,12 +935,6 @@ private:
         auto undo_kept = [&] {
             if (keep && kept > 0) roll_back(rollback, at.number);
         };
-        // A step that failed while the caches held blocks it could have
-        // reused: what one batch leaves cached is carved for its own shapes
-        // (a remainder, a commit's temporaries), and it can fail the next batch
-        // where fresh memory would not. From now on the caches go before each
-        // global batch, as users empty them by hand.
-        if (l.oom && l.cached_before != 0) release_before_batches_ = true;
         if (failed_here) {
             note_oom(at, l);
         } else if (l.aborted) {
@@ -943,6 +948,13 @@ private:
         } catch (...) {
             err = std::current_exception();
         }
+        // A step that failed while the caches held bytes, which emptying them
+        // then freed: what one batch leaves cached is carved for its own
+        // shapes (a remainder, a commit's temporaries, a length that varies),
+        // and it can fail the next batch where fresh memory would not. From
+        // now on the caches go before each global batch, as users empty them
+        // by hand (release_before_batches()).
+        if (l.oom && l.cached_before != 0 && released != 0) release_before_batches_ = true;
         history.push_back(AttemptRecord{at.plan, l.samples_done, l.failed_size, released, l.commit_oom,
                                         !failed_here});
         Ballot b(serial_, phase_decide);

@@ -379,8 +379,10 @@ public:
     /// Attaches `batch` under `key`: the batch starts at the entry's plan when
     /// the file has one for this key (a plan_loaded event), and the entry is
     /// saved whenever a global batch commits under a plan other than the one
-    /// last saved, or with a short remainder now cut into other pieces (the
-    /// first commit included: a plan_saved event). A file that
+    /// last saved, or with a short remainder now cut into other pieces, or
+    /// once the caches are emptied before each batch
+    /// (AdaptiveBatch::release_before_batches()), the first commit included:
+    /// a plan_saved event. A file that
     /// cannot be read or written, or an entry that does not fit the batch's
     /// options, is a plan_cache_warning event (each text once per cache) and
     /// otherwise ignored. The cache must outlive the returned registration,

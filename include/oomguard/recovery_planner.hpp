@@ -73,8 +73,9 @@ struct BatchOptions {
     /// micro-batches 1..k-1 and the retry starts at k. Rollback then runs only when
     /// the whole global batch is abandoned (an OOM in commit, a give-up).
     bool resume = false;
-    bool release_caches = true;        ///< release the cache registry before each retry, and before a micro-batch
-                                       ///< larger than any since it was last released (AdaptiveBatch)
+    bool release_caches = true;        ///< release the cache registry before each retry, before a micro-batch
+                                       ///< larger than any since it was last released, and before global
+                                       ///< batches as AdaptiveBatch::release_before_batches() says (AdaptiveBatch)
     /// How to shrink and where to probe: by default predictive when the batch
     /// has a meter (AdaptiveBatch::measure_with), bisect otherwise.
     ShrinkPolicy policy = ShrinkPolicy::automatic();
