@@ -701,11 +701,13 @@ private:
         }
         // Another process saving holds it for milliseconds; one that holds it
         // longer (stopped, hung) must not stop training: 2 s, then no save.
+        // Polled every millisecond, so that a process saving often does not
+        // keep winning the lock between two polls of a slow one.
         int rc = 0;
         for (int tries = 0;; ++tries) {
             rc = ::flock(lock.fd, LOCK_EX | LOCK_NB);
-            if (rc == 0 || (errno != EWOULDBLOCK && errno != EINTR) || tries >= 200) break;
-            ::usleep(10000);
+            if (rc == 0 || (errno != EWOULDBLOCK && errno != EINTR) || tries >= 2000) break;
+            ::usleep(1000);
         }
         if (rc != 0) {
             error = os_error("cannot save: cannot lock (held by another process for over 2 s?)", lock_path);
