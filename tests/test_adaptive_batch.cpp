@@ -1717,6 +1717,34 @@ struct ShapePool {
         return n;
     }
 };
+
+// A GPU of `capacity` bytes whose steps draw from a ShapePool registered as a
+// cache; `before_release` runs at each release (it may throw), after
+// `releases` counts it.
+struct PooledGpu {
+    SimulatedDevices gpus;
+    Budget budget;
+    ShapePool pool;
+    CacheRegistry reg;
+    int releases = 0;
+    std::function<void(int)> before_release;
+    CacheRegistration registration;
+    explicit PooledGpu(std::size_t capacity, std::function<void(int)> hook = nullptr)
+        : gpus(1, capacity), budget(gpus, 0, Limit::unlimited()), pool(budget), before_release(std::move(hook)),
+          registration(reg.add("shape pool", 0, [this] { return pool.held(); }, [this] {
+              ++releases;
+              if (before_release) before_release(releases);
+              return pool.release();
+          })) {}
+    ~PooledGpu() { pool.release(); }
+    BatchOptions options(std::size_t G, ShrinkPolicy policy) {
+        BatchOptions o;
+        o.global_batch = G;
+        o.caches = &reg;
+        o.policy = policy;
+        return o;
+    }
+};
 }  // namespace
 
 TEST_CASE("an OOM of a step that began with cached blocks: the caches go before every later batch") {
@@ -1726,16 +1754,10 @@ TEST_CASE("an OOM of a step that began with cached blocks: the caches go before 
     // OOM, a release, the same size again. From then on the pool is emptied
     // before each batch, and batches 3 and 4 (192 and 224 KiB after 160 and
     // 192 cached) need no OOM to get there. Without it: an OOM every batch.
-    SimulatedDevices gpus(1, 256 * KiB);
-    Budget budget(gpus, 0, Limit::unlimited());
-    ShapePool pool(budget);
-    CacheRegistry reg;
-    auto r = reg.add("shape pool", 0, [&] { return pool.held(); }, [&] { return pool.release(); });
-    BatchOptions o;
-    o.global_batch = 64;
+    PooledGpu gpu(256 * KiB);
+    ShapePool& pool = gpu.pool;
+    BatchOptions o = gpu.options(64, ShrinkPolicy::bisect());
     o.micro_batch = 32;
-    o.caches = &reg;
-    o.policy = ShrinkPolicy::bisect();
     AdaptiveBatch a(o);
     std::size_t per_sample = 4 * KiB;
     std::vector<std::pair<BatchEventKind, unsigned>> events;
@@ -1770,7 +1792,7 @@ TEST_CASE("an OOM of a step that began with cached blocks: the caches go before 
     a.reset();
     CHECK_FALSE(a.release_before_batches());
     pool.release();
-    CHECK(budget.used() == 0);
+    CHECK(gpu.budget.used() == 0);
 }
 
 namespace {
@@ -1780,20 +1802,12 @@ namespace {
 // run() threw in batch 3 ("" when it committed) and the sizes batch 3 ran.
 std::pair<std::string, std::vector<std::size_t>> third_batch_release(std::function<void()> release_error,
                                                                      ThreadConsensus* tc = nullptr) {
-    SimulatedDevices gpus(1, 256 * KiB);
-    Budget budget(gpus, 0, Limit::unlimited());
-    ShapePool pool(budget);
-    CacheRegistry reg;
-    int releases = 0;
-    auto r = reg.add("shape pool", 0, [&] { return pool.held(); }, [&] {
-        if (++releases == 2 && release_error) release_error();
-        return pool.release();
+    PooledGpu gpu(256 * KiB, [&](int n) {
+        if (n == 2 && release_error) release_error();
     });
-    BatchOptions o;
-    o.global_batch = 64;
+    ShapePool& pool = gpu.pool;
+    BatchOptions o = gpu.options(64, ShrinkPolicy::bisect());
     o.micro_batch = 32;
-    o.caches = &reg;
-    o.policy = ShrinkPolicy::bisect();
     AdaptiveBatch a(o);
     if (tc != nullptr) a.consensus(tc->hook());
     std::size_t per_sample = 4 * KiB;
@@ -1807,7 +1821,7 @@ std::pair<std::string, std::vector<std::size_t>> third_batch_release(std::functi
     per_sample = 5 * KiB;
     a.run(step, [] {}, [] {});
     REQUIRE(a.release_before_batches());
-    REQUIRE(releases == 1);
+    REQUIRE(gpu.releases == 1);
     per_sample = 6 * KiB;
     sizes.clear();
     std::string what;
@@ -1818,7 +1832,6 @@ std::pair<std::string, std::vector<std::size_t>> third_batch_release(std::functi
     } catch (std::exception const& e) {
         what = e.what();
     }
-    pool.release();
     return {what, sizes};
 }
 }  // namespace
@@ -1869,16 +1882,9 @@ TEST_CASE("a cache that says it holds bytes and frees none teaches nothing by an
 TEST_CASE("an OOM of a step that began with the caches empty teaches nothing about them") {
     // 96 KiB at 64 on 80 KiB: the first micro-batch of the run fails with
     // nothing cached. The 48 KiB blocks of 32 stay cached and are reused.
-    SimulatedDevices gpus(1, 80 * KiB);
-    Budget budget(gpus, 0, Limit::unlimited());
-    ShapePool pool(budget);
-    CacheRegistry reg;
-    auto r = reg.add("shape pool", 0, [&] { return pool.held(); }, [&] { return pool.release(); });
-    BatchOptions o;
-    o.global_batch = 64;
-    o.caches = &reg;
-    o.policy = ShrinkPolicy::halve();
-    AdaptiveBatch a(o);
+    PooledGpu gpu(80 * KiB);
+    ShapePool& pool = gpu.pool;
+    AdaptiveBatch a(gpu.options(64, ShrinkPolicy::halve()));
     auto step = [&](MicroBatch const& mb) { pool.give(pool.take(mb.size * 3 * KiB / 2)); };
     auto none = [] {};
     a.run(step, none, none);
@@ -1899,15 +1905,10 @@ TEST_CASE("a commit that adds state over 1 MiB: the caches go once, before the n
     constexpr std::size_t MiB = 1024 * KiB;
     for (std::size_t state : {MiB + 1, MiB}) {
         CAPTURE(state);
-        SimulatedDevices gpus(1, 64 * MiB);
-        Budget budget(gpus, 0, Limit::unlimited());
-        ShapePool pool(budget);
-        CacheRegistry reg;
-        auto r = reg.add("shape pool", 0, [&] { return pool.held(); }, [&] { return pool.release(); });
-        BatchOptions o;
-        o.global_batch = 8;
-        o.caches = &reg;
-        AdaptiveBatch a(o);
+        PooledGpu gpu(64 * MiB);
+        ShapePool& pool = gpu.pool;
+        Budget& budget = gpu.budget;
+        AdaptiveBatch a(gpu.options(8, ShrinkPolicy::automatic()));
         a.measure_with(budget);
         std::vector<Buffer> moments;
         auto step = [&](MicroBatch const& mb) { pool.give(pool.take(mb.size * MiB / 2)); };
