@@ -341,6 +341,21 @@ TEST_CASE("planner table: every action for every kind of observation") {
              p.on_attempt(oom(64));  // -> 32
          },
          done(), PlanAction::commit, 48, Precision::fp32},
+        {"bisect: no probe right after a commit that added what stays (an optimizer's first step)", [] {
+             BatchOptions o = options(64);
+             o.policy = ShrinkPolicy::bisect();
+             return o;
+         }(),
+         [](RecoveryPlanner& p) {
+             p.begin_batch();
+             p.on_attempt(oom(64));  // -> 32
+         },
+         [] {
+             Observation o = done();
+             o.commit_growth = 1;
+             return o;
+         }(),
+         PlanAction::commit, 32, Precision::fp32},
         {"bisect, metered: a probe that fails by its own need goes back to the size that held, no release "
          "retry",
          [] {
@@ -615,7 +630,7 @@ TEST_CASE("planner: a transient OOM at the calibration's first size runs it agai
 // A predictive planner that calibrated after an OOM at 256 and committed its
 // first batch at 81, with the commit's observation `c`; the step needs
 // 100 KiB + 10 KiB a sample over what the batch began with, 1000 KiB in all.
-Decision first_commit(Observation c) {
+Decision first_commit(Observation c, StepModel* model = nullptr) {
     RecoveryPlanner p(predictive_256());
     p.begin_batch();
     REQUIRE(p.on_attempt(oom_at_256()).action == PlanAction::shrink);
@@ -624,7 +639,9 @@ Decision first_commit(Observation c) {
     c.full_done = 2;
     c.full_peak = line_kib(81);
     c.full_later = true;
-    return p.on_attempt(over_nothing(c));
+    Decision const d = p.on_attempt(over_nothing(c));
+    if (model != nullptr) *model = p.model();
+    return d;
 }
 
 TEST_CASE("planner: the first commit that adds optimizer state plans the next batch over it, not into an OOM") {
@@ -647,10 +664,17 @@ TEST_CASE("planner: the first commit that adds optimizer state plans the next ba
         CHECK(first_commit(c).to.micro_batch == 78);  // not (980 - 100 - 400) / 10 = 48
     }
     SUBCASE("a size the line still puts within the limit itself is not planned down for a margin") {
-        c.commit_growth = 20 * 1024;  // 20 + 100 + 880 = 1000 KiB at 88: exactly the limit
-        CHECK(first_commit(c).to.micro_batch == 88);
-        c.commit_growth = 21 * 1024;  // 1 KiB over at 88: the raise past 81, which still fits, waits
+        // (Any growth makes the raise to 88 wait a batch: 81 has not run over it yet.)
+        c.commit_growth = 20 * 1024;  // 20 + 100 + 880 = 1000 KiB at 88: the raise waits, 81 stays
+        StepModel after;
+        CHECK(first_commit(c, &after).to.micro_batch == 81);
+        CHECK(after.predicted == 0);  // 81 has run: no prediction is pending
+        CHECK(first_commit(Observation{}, &after).to.micro_batch == 88);
+        CHECK(after.predicted == 88);
+        c.commit_growth = 90 * 1024;  // 90 + 100 + 810 = 1000 KiB at 81: exactly the limit
         CHECK(first_commit(c).to.micro_batch == 81);
+        c.commit_growth = 91 * 1024;  // 1 KiB over at 81: planned down under the margin, (980 - 100 - 91) / 10
+        CHECK(first_commit(c).to.micro_batch == 78);
     }
     SUBCASE("a size the line puts over the limit without any growth is not planned down for one") {
         // A concave step, 100 + 12 m - 0.02 m^2 KiB, measured at 12, 40, 60
@@ -687,7 +711,7 @@ TEST_CASE("planner: the first commit that adds optimizer state plans the next ba
         c.commit_growth = 500 * 1024;
         CHECK(first_commit(c).to.micro_batch == 40);
         c.commit_growth = 1000 * 1024;  // all of the reach: the line cannot plan it; the failure will
-        CHECK(first_commit(c).to.micro_batch == 88);
+        CHECK(first_commit(c).to.micro_batch == 81);  // (and the raise to 88 waits a batch)
     }
 }
 
@@ -930,6 +954,33 @@ TEST_CASE("planner: with resume, bisection's failed search steps inside the batc
         CHECK(p.last_good_plan().micro_batch <= fits);
     }
     CHECK(p.plan().micro_batch >= 16);
+}
+
+TEST_CASE("planner: a probe waits one batch after a commit that added what stays, then goes ahead") {
+    // 64 fails, 32 commits adding state (Adam's moments): 32 has not run over
+    // them yet, so the next batch runs 32 again; after that commit (nothing
+    // added) the probe to 48 comes. An unmeasured growth changes nothing.
+    BatchOptions o = options(64);
+    o.policy = ShrinkPolicy::bisect();
+    RecoveryPlanner p(o);
+    p.begin_batch();
+    REQUIRE(p.on_attempt(oom(64)).to.micro_batch == 32);
+    Observation grew = done();
+    grew.commit_growth = 4096;
+    Decision d = p.on_attempt(grew);
+    REQUIRE(d.action == PlanAction::commit);
+    CHECK(d.to.micro_batch == 32);
+    p.begin_batch();
+    Observation still = done();
+    still.commit_growth = 0;
+    d = p.on_attempt(still);
+    CHECK(d.to.micro_batch == 48);
+    RecoveryPlanner q(o);
+    q.begin_batch();
+    REQUIRE(q.on_attempt(oom(64)).to.micro_batch == 32);
+    Observation unknown = done();
+    unknown.commit_growth = Observation::unknown;
+    CHECK(q.on_attempt(unknown).to.micro_batch == 48);
 }
 
 TEST_CASE("planner: a size raised above one that held (a probe) fails by its own need: back to the size that held") {

@@ -782,8 +782,15 @@ private:
             pending_failure_ = 0;
         } else if (o.full_done > 0) {
             // Bisection and predictive probe upward here, at the start of the next
-            // global batch, where a failure costs no completed micro-batch.
+            // global batch, where a failure costs no completed micro-batch --
+            // but not right after a commit that added what stays: the size
+            // that held has not run over it yet, and a probe would fail on
+            // the state rather than on its own size. It waits one batch.
             next = probe_after(ran.micro_batch);
+            if (next > ran.micro_batch && o.commit_growth != Observation::unknown && o.commit_growth > 0) {
+                next = ran.micro_batch;
+                model_.predicted = 0;
+            }
         }
         // What the commit added stays through the next batch: a size the line
         // puts over the limit on top of it is planned down now, not failed
