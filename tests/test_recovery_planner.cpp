@@ -491,6 +491,24 @@ Observation c2_held() {  // its second, 40, ran once
     return over_nothing(o);
 }
 
+TEST_CASE("planner: a calibration size that held twice is proven: a failure below it with no figure is transient") {
+    // c1 = 12 peaks at 700 KiB of the 1000 a step can reach: the second size
+    // goes below it, to 6. An OOM there with no need measured (libtorch's own
+    // OOMs carry none) is no ceiling under a size that just held twice.
+    RecoveryPlanner p(predictive_256());
+    p.begin_batch();
+    REQUIRE(p.on_attempt(oom_at_256()).to.micro_batch == 24);
+    Observation c1 = c1_held();
+    c1.calibration_peak = 700 * 1024;
+    Decision d = p.on_attempt(c1);
+    REQUIRE(d.to.micro_batch == 6);
+    CHECK(p.proven() == 12);
+    d = p.on_attempt(oom(6));
+    CHECK(d.action == PlanAction::retry_same);
+    CHECK(d.to.micro_batch == 6);
+    CHECK(p.model().high != 6);
+}
+
 TEST_CASE("planner: predictive calibrates inside the retried batch, then jumps at the next") {
     RecoveryPlanner p(predictive_256());
     p.begin_batch();
@@ -581,7 +599,7 @@ TEST_CASE("predictive: the calibration's second size comes from what the first m
         CHECK(pol.second_calibration(ctx, near, 12, 1) == 15);
         StepModel full;
         full.observe(12, 1000 * 1024);  // c1 fills the reach: nothing above it is measured to fit
-        CHECK(pol.second_calibration(ctx, full, 12, 17) == 17);
+        CHECK(pol.second_calibration(ctx, full, 12, 17) == 13);  // the nearest size above, not the floor
     }
 }
 
@@ -975,6 +993,18 @@ TEST_CASE("planner: a probe waits one batch after a commit that added what stays
     still.commit_growth = 0;
     d = p.on_attempt(still);
     CHECK(d.to.micro_batch == 48);
+    // A commit that adds a little every batch (a loss kept for logging): the
+    // probe waits one batch, never two in a row.
+    RecoveryPlanner g(o);
+    g.begin_batch();
+    REQUIRE(g.on_attempt(oom(64)).to.micro_batch == 32);
+    CHECK(g.on_attempt(grew).to.micro_batch == 32);
+    g.begin_batch();
+    CHECK(g.on_attempt(grew).to.micro_batch == 48);
+    g.begin_batch();
+    CHECK(g.on_attempt(grew).to.micro_batch == 48);  // 48 held: its probe waits once
+    g.begin_batch();
+    CHECK(g.on_attempt(grew).to.micro_batch == 56);  // and then goes ahead
     RecoveryPlanner q(o);
     q.begin_batch();
     REQUIRE(q.on_attempt(oom(64)).to.micro_batch == 32);

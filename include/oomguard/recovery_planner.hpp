@@ -89,9 +89,10 @@ struct BatchOptions {
     /// the calibration micro-batches the predictive policy runs after one (two
     /// at c1 = half a sixteenth of `micro_batch`, at least min_micro_batch;
     /// then one at c2, chosen from what c1 measured by
-    /// ShrinkPolicy::second_calibration, at least a sixteenth of `micro_batch`,
-    /// twice min_micro_batch and min_micro_batch + 1; none when that sixteenth
-    /// is not below `micro_batch`), fits the step's line to what the
+    /// ShrinkPolicy::second_calibration: at least a sixteenth of `micro_batch`,
+    /// twice min_micro_batch and min_micro_batch + 1 where c1's peak says that
+    /// fits, else less, and below c1 when c1 already fills two thirds of what
+    /// a step can reach; none when that sixteenth is not below `micro_batch`), fits the step's line to what the
     /// meter measured and runs the rest of the batch at the largest size the
     /// fit allows under the predictive margin: the first OOM then comes only
     /// when the fit is wrong. Their work is kept: the result is the same. It
@@ -497,6 +498,7 @@ public:
         raised_from_ = 0;
         rescue_size_ = 0;
         rescue_streak_ = 0;
+        probe_waited_ = false;
         model_.reset();
         proven_ = 0;
         clean_batches_ = 0;
@@ -581,6 +583,9 @@ private:
         if (attempt_.calibration != 0 && o.calibration_done) {
             if (o.calibration_peak != 0) model_.observe(attempt_.calibration, o.calibration_peak);
             if (attempt_.calibration > model_.low) model_.low = attempt_.calibration;
+            // It completed (twice): a failure at or below it later, with no
+            // figure saying otherwise, is not its own need (c2 may be c1 / 2).
+            if (attempt_.calibration > proven_) proven_ = attempt_.calibration;
         }
         if (o.full_done > 0) {
             if (ran.micro_batch > proven_) proven_ = ran.micro_batch;
@@ -703,7 +708,8 @@ private:
         if (second_pending_ && pending_failure_ != 0 && o.calibration_done) {
             // The calibration's first size held (twice): its second, chosen
             // from what the first measured (no smaller than the one planned
-            // before it), runs as a segment of its own.
+            // before it where the first's peak says that fits), runs as a
+            // segment of its own.
             plan_.micro_batch = policy_.second_calibration(context(pending_failure_, reach(o)), model_,
                                                            attempt_.calibration, plan_.micro_batch);
             second_pending_ = false;
@@ -785,11 +791,17 @@ private:
             // global batch, where a failure costs no completed micro-batch --
             // but not right after a commit that added what stays: the size
             // that held has not run over it yet, and a probe would fail on
-            // the state rather than on its own size. It waits one batch.
+            // the state rather than on its own size. It waits one batch, never
+            // two in a row (a commit that adds a little every batch -- a loss
+            // kept for logging -- would hold every probe back for good).
             next = probe_after(ran.micro_batch);
-            if (next > ran.micro_batch && o.commit_growth != Observation::unknown && o.commit_growth > 0) {
+            bool const grew = o.commit_growth != Observation::unknown && o.commit_growth > 0;
+            if (next > ran.micro_batch && grew && !probe_waited_) {
                 next = ran.micro_batch;
                 model_.predicted = 0;
+                probe_waited_ = true;
+            } else {
+                probe_waited_ = false;
             }
         }
         // What the commit added stays through the next batch: a size the line
@@ -1007,8 +1019,8 @@ private:
     }
 
     // The first global batch measures before it fails: two micro-batches at
-    // c1, one at c2 (at least the sixteenth planned here, chosen once c1 is
-    // measured), then the rest at the fitted size (as after a failure of a
+    // c1, one at c2 (chosen once c1 is measured, from the sixteenth planned
+    // here: see second_calibration), then the rest at the fitted size (as after a failure of a
     // size one above the requested one).
     void begin_calibration() noexcept {
         calibrate_pending_ = false;
@@ -1092,6 +1104,7 @@ private:
         raised_from_ = 0;
         rescue_size_ = 0;
         rescue_streak_ = 0;
+        probe_waited_ = false;
         model_.reset();
         proven_ = 0;
         grow_ceiling_ = 0;
@@ -1129,6 +1142,7 @@ private:
     Attempt attempt_;
     bool failover_ = false;
     std::size_t proven_ = 0;          // largest size that completed at this precision and device
+    bool probe_waited_ = false;       // the last commit held a probe back for what it added (one batch)
     std::size_t clean_batches_ = 0;   // global batches committed since the last failure or grow-back
     std::size_t grow_wait_ = 0;       // clean batches before the next size grow-back
     std::size_t precision_wait_ = 0;  // clean batches before the previous precision is tried again
@@ -1158,7 +1172,7 @@ private:
     std::size_t calibration_ = 0;     // the next attempt's calibration size
     std::size_t segment_ = 0;         // the next attempt's segment (0: to the end of the batch)
     bool calibrate_pending_ = false;  // the next global batch calibrates first (BatchOptions::start)
-    bool second_pending_ = false;     // the calibration's c1 runs now; c2 (at least plan_'s size) is chosen after it
+    bool second_pending_ = false;     // the calibration's c1 runs now; c2 (from plan_'s size) is chosen after it
     std::size_t calibrated_c1_ = 0;   // the calibration's first size, while pending_failure_ (to run it again)
     bool first_fit_ = false;          // the calibration under way was not asked for by a failure
     std::size_t first_fit_size_ = 0;  // the size a calibrated start's fit chose, until it holds or fails

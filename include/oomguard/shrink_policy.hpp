@@ -439,9 +439,10 @@ public:
     /// is past that estimate itself (c1's peak scaled to the reach), which
     /// then takes its place. When the result is under 1.5 c1 (c1 fills two
     /// thirds of the reach or more) the second size is c1 / 2 instead, if
-    /// that is at least `ctx.minimum`: two close points give a line with no
-    /// slope to speak of. Returns `floor` when `c1` was not measured or
-    /// nothing is known of the reach.
+    /// that is at least `ctx.minimum` (else the result, or c1 + 1 when the
+    /// result is not above c1): two close points give a line with no slope
+    /// to speak of. Returns `floor` when `c1` was not measured or nothing is
+    /// known of the reach.
     std::size_t second_calibration(ShrinkContext const& ctx, StepModel const& model, std::size_t c1,
                                    std::size_t floor) const noexcept {
         std::size_t peak = 0;
@@ -468,7 +469,7 @@ public:
         // the two points would give the line no slope to speak of: the second
         // one goes below c1 instead, where it fits.
         if (c1 / 2 >= ctx.minimum && c1 / 2 != 0) return c1 / 2;
-        return chosen > c1 ? chosen : floor;
+        return chosen > c1 ? chosen : c1 + 1;  // no room below: the nearest size above
     }
 
 private:
