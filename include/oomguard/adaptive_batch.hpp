@@ -626,10 +626,11 @@ public:
     /// Whether the registered caches are emptied before each global batch
     /// (when they hold anything, and BatchOptions::release_caches is on). It
     /// turns on, for the rest of this workload's life (or until reset()), at
-    /// the first OOM of a step that began while the caches held bytes it could
-    /// have reused: blocks one batch left cached are carved for its shapes (a
-    /// short remainder, a commit's temporaries, an optimizer's state placed
-    /// among them) and can fail the next batch where fresh memory would not.
+    /// the first OOM of a step that began while the caches held bytes, which
+    /// the release after it then freed: blocks one batch left cached are
+    /// carved for its shapes (a short remainder, a commit's temporaries, an
+    /// optimizer's state placed among them) and can fail the next batch where
+    /// fresh memory would not.
     /// restore() brings it back from a PlanCache entry, so that a restart does
     /// not pay that OOM again. Each rank decides alone; the steps every rank
     /// runs are the same either way.

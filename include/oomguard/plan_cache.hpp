@@ -473,7 +473,8 @@ public:
                  ", \"precision_index\": " + std::to_string(p.precision_index) +
                  ", \"device\": " + std::to_string(p.device < 0 ? 0 : p.device) + "}, \"grow_ceiling\": " +
                  std::to_string(e.learned.grow_ceiling) + ", \"tail\": " + std::to_string(e.learned.tail) +
-                 ", \"release_before_batches\": " + (e.learned.release_before_batches ? "true" : "false") + ",\n     \"model\": {\"points\": " +
+                 ", \"release_before_batches\": " + (e.learned.release_before_batches ? "true" : "false") +
+                 ",\n     \"model\": {\"points\": " +
                  points(m.points, m.n_points) + ", \"bounds\": " + points(m.bounds, m.n_bounds) +
                  ", \"low\": " + std::to_string(m.low) + ", \"high\": " + std::to_string(m.high) +
                  ", \"has_base\": " + (m.has_base ? "true" : "false") + ", \"base\": " + std::to_string(m.base) +

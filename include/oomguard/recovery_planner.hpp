@@ -92,8 +92,8 @@ struct BatchOptions {
     /// ShrinkPolicy::second_calibration: at least a sixteenth of `micro_batch`,
     /// twice min_micro_batch and min_micro_batch + 1 where c1's peak says that
     /// fits, else less, and below c1 when c1 already fills two thirds of what
-    /// a step can reach; none when that sixteenth is not below `micro_batch`), fits the step's line to what the
-    /// meter measured and runs the rest of the batch at the largest size the
+    /// a step can reach; none when that sixteenth is not below `micro_batch`),
+    /// fits the step's line to what the meter measured and runs the rest of the batch at the largest size the
     /// fit allows under the predictive margin: the first OOM then comes only
     /// when the fit is wrong. Their work is kept: the result is the same. It
     /// needs a meter: AdaptiveBatch::run() throws std::invalid_argument naming
@@ -1020,8 +1020,8 @@ private:
 
     // The first global batch measures before it fails: two micro-batches at
     // c1, one at c2 (chosen once c1 is measured, from the sixteenth planned
-    // here: see second_calibration), then the rest at the fitted size (as after a failure of a
-    // size one above the requested one).
+    // here: see second_calibration), then the rest at the fitted size (as
+    // after a failure of a size one above the requested one).
     void begin_calibration() noexcept {
         calibrate_pending_ = false;
         if (model_.distinct_sizes() >= 2) return;
