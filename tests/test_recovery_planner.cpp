@@ -117,6 +117,15 @@ TEST_CASE("planner table: every action for every kind of observation") {
         clean_batch(p);
         p.begin_batch();
     };
+    BatchOptions const bisect_64 = [] {
+        BatchOptions o = options(64);
+        o.policy = ShrinkPolicy::bisect();
+        return o;
+    }();
+    auto failed_64 = [](RecoveryPlanner& p) {  // under bisect_64: -> 32
+        p.begin_batch();
+        p.on_attempt(oom(64));
+    };
     std::vector<Row> rows = {
         {"completed: commit, same plan", options(64), nothing, done(), PlanAction::commit, 64, Precision::fp32},
         {"OOM above the minimum, never completed: shrink by the policy (halve)", options(64), nothing, oom(64),
@@ -331,25 +340,10 @@ TEST_CASE("planner table: every action for every kind of observation") {
          Precision::fp32},
         {"halving an odd size rounds down: 63 -> 31", options(63), nothing, oom(63), PlanAction::shrink, 31,
          Precision::fp32},
-        {"bisect: a success probes upward at the next batch", [] {
-             BatchOptions o = options(64);
-             o.policy = ShrinkPolicy::bisect();
-             return o;
-         }(),
-         [](RecoveryPlanner& p) {
-             p.begin_batch();
-             p.on_attempt(oom(64));  // -> 32
-         },
-         done(), PlanAction::commit, 48, Precision::fp32},
-        {"bisect: no probe right after a commit that added what stays (an optimizer's first step)", [] {
-             BatchOptions o = options(64);
-             o.policy = ShrinkPolicy::bisect();
-             return o;
-         }(),
-         [](RecoveryPlanner& p) {
-             p.begin_batch();
-             p.on_attempt(oom(64));  // -> 32
-         },
+        {"bisect: a success probes upward at the next batch", bisect_64, failed_64, done(), PlanAction::commit, 48,
+         Precision::fp32},
+        {"bisect: no probe right after a commit that added what stays (an optimizer's first step)", bisect_64,
+         failed_64,
          [] {
              Observation o = done();
              o.commit_growth = 1;
@@ -974,15 +968,23 @@ TEST_CASE("planner: with resume, bisection's failed search steps inside the batc
     CHECK(p.plan().micro_batch >= 16);
 }
 
-TEST_CASE("planner: a probe waits one batch after a commit that added what stays, then goes ahead") {
-    // 64 fails, 32 commits adding state (Adam's moments): 32 has not run over
-    // them yet, so the next batch runs 32 again; after that commit (nothing
-    // added) the probe to 48 comes. An unmeasured growth changes nothing.
+namespace {
+// Bisection over a global batch of 64 whose first size, 64, failed: the plan is 32.
+RecoveryPlanner bisect_after_64_failed() {
     BatchOptions o = options(64);
     o.policy = ShrinkPolicy::bisect();
     RecoveryPlanner p(o);
     p.begin_batch();
     REQUIRE(p.on_attempt(oom(64)).to.micro_batch == 32);
+    return p;
+}
+}  // namespace
+
+TEST_CASE("planner: a probe waits one batch after a commit that added what stays, then goes ahead") {
+    // 64 fails, 32 commits adding state (Adam's moments): 32 has not run over
+    // them yet, so the next batch runs 32 again; after that commit (nothing
+    // added) the probe to 48 comes. An unmeasured growth changes nothing.
+    RecoveryPlanner p = bisect_after_64_failed();
     Observation grew = done();
     grew.commit_growth = 4096;
     Decision d = p.on_attempt(grew);
@@ -995,9 +997,7 @@ TEST_CASE("planner: a probe waits one batch after a commit that added what stays
     CHECK(d.to.micro_batch == 48);
     // A commit that adds a little every batch (a loss kept for logging): the
     // probe waits one batch, never two in a row.
-    RecoveryPlanner g(o);
-    g.begin_batch();
-    REQUIRE(g.on_attempt(oom(64)).to.micro_batch == 32);
+    RecoveryPlanner g = bisect_after_64_failed();
     CHECK(g.on_attempt(grew).to.micro_batch == 32);
     g.begin_batch();
     CHECK(g.on_attempt(grew).to.micro_batch == 48);
@@ -1005,9 +1005,7 @@ TEST_CASE("planner: a probe waits one batch after a commit that added what stays
     CHECK(g.on_attempt(grew).to.micro_batch == 48);  // 48 held: its probe waits once
     g.begin_batch();
     CHECK(g.on_attempt(grew).to.micro_batch == 56);  // and then goes ahead
-    RecoveryPlanner q(o);
-    q.begin_batch();
-    REQUIRE(q.on_attempt(oom(64)).to.micro_batch == 32);
+    RecoveryPlanner q = bisect_after_64_failed();
     Observation unknown = done();
     unknown.commit_growth = Observation::unknown;
     CHECK(q.on_attempt(unknown).to.micro_batch == 48);
@@ -1017,11 +1015,7 @@ TEST_CASE("planner: a size raised above one that held (a probe) fails by its own
     // Bisection: 64 fails, 32 commits and the next batch probes 48. When 48
     // fails, the plan goes back to 32 (one failure per raise), not down
     // through the gap to 40, 36, ... each of which fails when 32 was the best.
-    BatchOptions o = options(64);
-    o.policy = ShrinkPolicy::bisect();
-    RecoveryPlanner p(o);
-    p.begin_batch();
-    REQUIRE(p.on_attempt(oom(64)).to.micro_batch == 32);
+    RecoveryPlanner p = bisect_after_64_failed();
     Decision d = p.on_attempt(done());
     REQUIRE(d.action == PlanAction::commit);
     REQUIRE(d.to.micro_batch == 48);  // the probe, at the next batch's start
@@ -1034,9 +1028,7 @@ TEST_CASE("planner: a size raised above one that held (a probe) fails by its own
     d = p.on_attempt(done());
     CHECK(d.to.micro_batch == 40);
     // A size that was not raised (the first failure of the search) still bisects.
-    RecoveryPlanner q(o);
-    q.begin_batch();
-    REQUIRE(q.on_attempt(oom(64)).to.micro_batch == 32);
+    RecoveryPlanner q = bisect_after_64_failed();
     CHECK(q.on_attempt(oom(32)).to.micro_batch == 16);
 }
 
