@@ -405,10 +405,7 @@ public:
         } else if (found.learned.plan.micro_batch != 0) {
             try {
                 batch.restore(found.learned);
-                state->saved = found.learned.plan;
-                state->saved_tail = found.learned.tail;
-                state->saved_release = found.learned.release_before_batches;
-                state->has_saved = true;
+                state->remember(found.learned);
             } catch (std::invalid_argument const& e) {
                 warn(std::string("the entry for ") + state->key.workload + " does not fit its options (" + e.what() +
                      "); it is ignored and will be rewritten");
@@ -421,17 +418,12 @@ public:
             LearnedPlan const l = e.batch->learned();
             // After a failover the plan is another device's: the key names the one it started on.
             if (l.plan.device != state->device) return;
-            if (state->has_saved && l.plan == state->saved && l.tail == state->saved_tail &&
-                l.release_before_batches == state->saved_release)
-                return;
+            if (state->saved(l)) return;
             // The observer hears a const batch; the object is not: announce() only tells observers.
             AdaptiveBatch& b = const_cast<AdaptiveBatch&>(*e.batch);
             std::size_t const before = warnings_.size();
             bool const ok = save(make_entry(state->key, b.options(), l));
-            state->saved = l.plan;  // tried once per plan: a file that cannot be written is not retried per batch
-            state->saved_tail = l.tail;
-            state->saved_release = l.release_before_batches;
-            state->has_saved = true;
+            state->remember(l);  // tried once per plan: a file that cannot be written is not retried per batch
             if (ok) b.announce(BatchEventKind::plan_saved, "");
             for (std::size_t i = before; i < warnings_.size(); ++i)
                 b.announce(BatchEventKind::plan_cache_warning, warnings_[i].c_str());
@@ -528,10 +520,21 @@ private:
     struct Attached {
         PlanKey key;
         int device = 0;  // the device the workload starts on, which the key names
-        Plan saved;
-        std::size_t saved_tail = 0;
-        bool saved_release = false;
+        // What the entry last saved (or loaded) holds of what a save compares:
+        // the plan, the remainder's pieces, the release before batches.
+        Plan plan;
+        std::size_t tail = 0;
+        bool release = false;
         bool has_saved = false;
+        void remember(LearnedPlan const& l) noexcept {
+            plan = l.plan;
+            tail = l.tail;
+            release = l.release_before_batches;
+            has_saved = true;
+        }
+        bool saved(LearnedPlan const& l) const noexcept {
+            return has_saved && l.plan == plan && l.tail == tail && l.release_before_batches == release;
+        }
     };
 
     void warn(std::string const& what) {
